@@ -1,0 +1,147 @@
+"""Typed containers for one rollout batch.
+
+Shape legend used throughout the project:
+
+- ``B``: number of completions in the batch (prompts × G rollouts);
+- ``P``: padded prompt length (prompts are **left**-padded);
+- ``T``: padded completion length (completions are **right**-padded);
+- ``S``: maximum number of segments (steps) of any completion in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prpo_lightning.verifier import Verdict
+
+Span = tuple[int, int]
+
+
+@dataclass
+class RolloutBatch:
+    """Everything known about B sampled completions, filled in stage by stage.
+
+    Every per-sample field is indexed by the same row ``i``; rows may be in any order. Group statistics
+    must use ``group_ids``, never row positions.
+
+    Attributes:
+        prompt_ids: ``(B, P)`` long, left-padded prompt token ids.
+        prompt_mask: ``(B, P)`` long/bool, 1 on real prompt tokens.
+        completion_ids: ``(B, T)`` long, right-padded completion token ids (EOS included when generated).
+        completion_mask: ``(B, T)`` bool, True on valid completion tokens (EOS counts as valid).
+        group_ids: ``(B,)`` long, the prompt id of each row; rows with equal ids form a group.
+        problems: ``B`` problem texts (the question, without chat formatting), used by PRMs.
+        answers: ``B`` gold answers; ``answers[i]`` is row i's **own** answer.
+        completions: ``B`` decoded completion texts (special tokens removed).
+        truncated: ``(B,)`` bool, True when generation hit ``max_new_tokens`` without EOS.
+        old_logprobs: ``(B, T)`` float, log π_old of each sampled token (0 on padding).
+        entropies: ``(B, T)`` float, full-vocabulary entropy (nats) of the distribution that produced
+            each token (0 on padding).
+        ref_logprobs: ``(B, T)`` float or None, log π_ref of each sampled token.
+        verdicts: ``B`` verifier verdicts.
+        outcome_rewards: ``(B,)`` float, the verifier reward of each row.
+        segment_spans: ``B`` lists of half-open token spans ``(start, end)`` that tile ``[0, L_i)``.
+        step_scores: ``(B, S)`` float, PRM score of each segment (0 where ``step_mask`` is False).
+        step_mask: ``(B, S)`` bool, True where row i has a segment j.
+        token_scores: ``(B, T)`` float or None, dense per-token process rewards (e.g. implicit PRM).
+        advantages: ``(B, T)`` float, token advantages (0 on padding).
+        extras: free-form per-batch data for user components.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    group_ids: Tensor
+    problems: list[str]
+    answers: list[str]
+    completions: list[str] = field(default_factory=list)
+    truncated: Tensor | None = None
+    old_logprobs: Tensor | None = None
+    entropies: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
+    outcome_rewards: Tensor | None = None
+    segment_spans: list[list[Span]] = field(default_factory=list)
+    step_scores: Tensor | None = None
+    step_mask: Tensor | None = None
+    token_scores: Tensor | None = None
+    advantages: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        b = self.completion_ids.shape[0]
+        for name in ("prompt_ids", "prompt_mask", "completion_mask", "group_ids"):
+            if getattr(self, name).shape[0] != b:
+                raise ValueError(f"RolloutBatch.{name} has {getattr(self, name).shape[0]} rows, expected {b}")
+        if len(self.problems) != b or len(self.answers) != b:
+            raise ValueError(f"RolloutBatch needs one problem and one answer per row ({b} rows)")
+        self.completion_mask = self.completion_mask.bool()
+
+    @property
+    def size(self) -> int:
+        """Number of completions B."""
+        return int(self.completion_ids.shape[0])
+
+    @property
+    def lengths(self) -> Tensor:
+        """``(B,)`` long, the number of valid completion tokens ``L_i``."""
+        return self.completion_mask.sum(dim=1)
+
+    def segment_ids(self) -> Tensor:
+        """``(B, T)`` long: the segment index of every token, -1 on padding."""
+        return spans_to_segment_ids(self.segment_spans, self.completion_mask)
+
+    def select(self, index: Tensor) -> RolloutBatch:
+        """Return the rows ``index`` (a ``(b,)`` long tensor) as a new batch; tensors are indexed, lists gathered."""
+        rows = index.tolist()
+        updates: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                updates[f.name] = value[index]
+            elif isinstance(value, list) and len(value) == self.size:
+                updates[f.name] = [value[r] for r in rows]
+        return replace(self, **updates)
+
+
+def spans_to_segment_ids(spans: list[list[Span]], mask: Tensor) -> Tensor:
+    """Turn per-row segment spans into a ``(B, T)`` segment-index tensor (-1 on padding).
+
+    Args:
+        spans: ``B`` lists of half-open ``(start, end)`` spans.
+        mask: ``(B, T)`` bool completion mask.
+
+    Raises:
+        ValueError: if the spans of a row do not tile exactly its valid tokens ``[0, L_i)``.
+    """
+    b, t = mask.shape
+    out = torch.full((b, t), -1, dtype=torch.long, device=mask.device)
+    lengths = mask.sum(dim=1).tolist()
+    for i, row in enumerate(spans):
+        check_spans_tile(row, int(lengths[i]), row_index=i)
+        for j, (s, e) in enumerate(row):
+            out[i, s:e] = j
+    return out
+
+
+def check_spans_tile(spans: list[Span], length: int, row_index: int = 0) -> None:
+    """Raise ``ValueError`` unless ``spans`` are contiguous, non-empty and cover exactly ``[0, length)``.
+
+    A completion of length 0 must have no spans.
+    """
+    if length == 0:
+        if spans:
+            raise ValueError(f"row {row_index}: empty completion must have no segments, got {spans}")
+        return
+    pos = 0
+    for s, e in spans:
+        if s != pos or e <= s:
+            raise ValueError(f"row {row_index}: segments {spans} do not tile [0, {length})")
+        pos = e
+    if pos != length:
+        raise ValueError(f"row {row_index}: segments {spans} do not tile [0, {length})")

@@ -1,0 +1,64 @@
+"""Abstract process reward model: scores each segment of each completion."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prpo_lightning.batch import RolloutBatch
+
+
+@dataclass
+class ProcessScores:
+    """PRM output for one batch.
+
+    Attributes:
+        step_scores: ``(B, S)`` float, the score of segment j of row i, conventionally P(step correct) in
+            ``[0, 1]``; 0 where ``step_mask`` is False.
+        step_mask: ``(B, S)`` bool, True where row i has a scored segment j.
+        token_scores: ``(B, T)`` float or None, optional dense per-token process rewards.
+    """
+
+    step_scores: Tensor
+    step_mask: Tensor
+    token_scores: Tensor | None = None
+
+
+class ProcessRewardModel(ABC):
+    """Scores the segments (``batch.segment_spans``) of every completion.
+
+    PRMs run without gradient, in eval mode, in micro-batches, on the policy's device. A PRM that cannot
+    score an input (e.g. it is too long) must follow a documented rule and never silently return 0.
+    """
+
+    #: Whether the PRM needs ``batch.ref_logprobs`` (the module then creates a reference model).
+    requires_reference: bool = False
+
+    def setup(self, device: torch.device) -> None:  # noqa: B027 - optional hook
+        """Load weights / move to ``device``. Called once by the module before the first rollout."""
+
+    @abstractmethod
+    def score(self, batch: RolloutBatch, tokenizer: Any) -> ProcessScores:
+        """Score every segment of every row.
+
+        Args:
+            batch: rollout batch with ``problems``, ``completion_ids``, ``completions`` and ``segment_spans``.
+            tokenizer: the policy's tokenizer, to decode segment texts.
+        """
+
+
+def pad_step_scores(scores: list[list[float]], device: torch.device | None = None) -> ProcessScores:
+    """Pack ragged per-row step scores into ``(B, S)`` tensors with a mask."""
+    b = len(scores)
+    s = max((len(r) for r in scores), default=0)
+    step_scores = torch.zeros(b, max(s, 1), dtype=torch.float32, device=device)
+    step_mask = torch.zeros(b, max(s, 1), dtype=torch.bool, device=device)
+    for i, row in enumerate(scores):
+        if row:
+            step_scores[i, : len(row)] = torch.tensor(row, dtype=torch.float32, device=device)
+            step_mask[i, : len(row)] = True
+    return ProcessScores(step_scores=step_scores, step_mask=step_mask)

@@ -1,0 +1,29 @@
+"""Abstract segmenter: cuts every completion into steps (segments) of tokens."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from prpo_lightning.batch import RolloutBatch, Span
+
+
+class Segmenter(ABC):
+    """Cuts completions into contiguous token spans that tile their valid tokens.
+
+    Implementations read whatever they need from the batch (entropies for entropy-spike segmentation,
+    ``completion_ids`` plus the tokenizer for delimiter-based segmentation).
+    """
+
+    @abstractmethod
+    def segment(self, batch: RolloutBatch, tokenizer: Any) -> list[list[Span]]:
+        """Return, for each row i, half-open spans ``(start, end)`` tiling ``[0, L_i)``.
+
+        Args:
+            batch: the rollout batch; ``completion_ids``/``completion_mask`` ``(B, T)`` and, when
+                available, ``entropies`` ``(B, T)``.
+            tokenizer: the policy's tokenizer (Hugging Face ``PreTrainedTokenizerBase``).
+
+        Returns:
+            ``B`` lists of spans. A row with ``L_i = 0`` gets ``[]``.
+        """
