@@ -1,0 +1,1 @@
+"""The offline embedded demo: a synthetic arithmetic task and builtin warm-started policies."""
