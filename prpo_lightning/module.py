@@ -1,0 +1,328 @@
+"""``PRPOModule``: critic-free policy optimisation with pluggable segmenter, PRM, verifier and aligner.
+
+One training step (one batch of N prompts):
+
+1. sample G completions per prompt with HF ``generate`` (no grad);
+2. one no-grad forward pass gives old log-probs and full-vocabulary entropies ``(B, T)``, ``B = N·G``;
+   a frozen reference model gives reference log-probs when needed;
+3. the components grade, segment, score and align (:mod:`prpo_lightning.scoring`) → advantages ``(B, T)``;
+4. manual optimisation: ``ppo_epochs`` × mini-batches of PPO-clip (+ KL) loss, gradient clipping, LR schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from prpo_lightning.aligner import AdvantageAligner
+from prpo_lightning.batch import RolloutBatch
+from prpo_lightning.config import LossConfig, OptimConfig
+from prpo_lightning.losses import aggregate_loss, kl_penalty, masked_mean, ppo_clip_loss
+from prpo_lightning.models import load_causal_lm, load_tokenizer
+from prpo_lightning.prm import ProcessRewardModel
+from prpo_lightning.rollout import (
+    SamplingConfig,
+    batched_logprobs,
+    completion_logprobs,
+    generate_completions,
+    tokenize_prompts,
+)
+from prpo_lightning.scoring import compute_advantages
+from prpo_lightning.segmenter import Segmenter
+from prpo_lightning.verifier import OutcomeVerifier, Verdict
+
+DEFAULT_PROMPT = "{problem}\nLet's think step by step and put the final answer in the \\boxed{{}} tag."
+
+
+class PRPOModule(L.LightningModule):
+    """RL post-training of a causal LM with process-aware, outcome-anchored advantages.
+
+    Args:
+        verifier: grades each completion against its own gold answer.
+        aligner: turns rewards and step scores into ``(B, T)`` token advantages.
+        segmenter: cuts completions into steps (needed when ``aligner.uses_process_scores``).
+        prm: scores the steps (needed when ``aligner.uses_process_scores``).
+        policy: Hugging Face id, local path or builtin name of the policy (loaded with ``AutoModelForCausalLM``).
+        policy_config: instead of ``policy``, a config dict (with ``model_type``) for a randomly
+            initialised model (tests).
+        tokenizer: tokenizer id/path; defaults to ``policy``.
+        dtype: policy parameter dtype (``float32``, ``bfloat16``, ``float16``).
+        gradient_checkpointing: enable activation checkpointing on the policy.
+        sampling: rollout sampling settings (G, temperature, top_p, lengths).
+        loss: PPO-clip, KL and aggregation settings.
+        optim: optimizer, schedule and PPO update structure.
+        prompt_template: format string with ``{problem}``.
+        system_prompt: system message when a chat template is used.
+        use_chat_template: apply the tokenizer's chat template (None: when the tokenizer has one).
+        seed: seed for mini-batch shuffling and random initialisation from ``policy_config``.
+
+    Raises:
+        ValueError: if the aligner needs process scores and no segmenter/PRM is given, or the policy is
+            specified twice or not at all.
+    """
+
+    def __init__(
+        self,
+        verifier: OutcomeVerifier,
+        aligner: AdvantageAligner,
+        segmenter: Segmenter | None = None,
+        prm: ProcessRewardModel | None = None,
+        policy: str | None = None,
+        policy_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        sampling: SamplingConfig = SamplingConfig(),
+        loss: LossConfig = LossConfig(),
+        optim: OptimConfig = OptimConfig(),
+        prompt_template: str = DEFAULT_PROMPT,
+        system_prompt: str | None = "Please reason step by step, and put your final answer within \\boxed{}.",
+        use_chat_template: bool | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if (policy is None) == (policy_config is None):
+            raise ValueError("give exactly one of model.policy (name/path) or model.policy_config (config dict)")
+        if aligner.uses_process_scores and (segmenter is None or prm is None):
+            raise ValueError(f"{type(aligner).__name__} uses process scores: set model.segmenter and model.prm")
+        if policy_config is not None and tokenizer is None:
+            raise ValueError("a policy built from policy_config needs model.tokenizer (a local tokenizer path)")
+        self.save_hyperparameters(ignore=["verifier", "aligner", "segmenter", "prm"])
+        self.verifier, self.aligner, self.segmenter, self.prm = verifier, aligner, segmenter, prm
+        self.sampling, self.loss_cfg, self.optim_cfg = sampling, loss, optim
+        self.automatic_optimization = False
+        self.policy: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+        self._reference: torch.nn.Module | None = None  # frozen, kept outside the module's parameters
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def needs_reference(self) -> bool:
+        """A reference model is created only when the KL coefficient is > 0 or a component requires it."""
+        comps = (self.aligner, self.prm)
+        return self.loss_cfg.kl_coef > 0 or any(getattr(c, "requires_reference", False) for c in comps)
+
+    def configure_model(self) -> None:
+        """Load tokenizer, policy and (if needed) the frozen reference model. Idempotent."""
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer or hp.policy)
+        self.policy = load_causal_lm(hp.policy, hp.policy_config, dtype=hp.dtype, seed=hp.seed)
+        if hp.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+            self.policy.config.use_cache = False
+        if self.needs_reference:
+            ref = copy.deepcopy(self.policy).eval()
+            ref.requires_grad_(False)
+            object.__setattr__(self, "_reference", ref)
+
+    def _place_frozen_models(self) -> None:
+        if self._reference is not None:
+            self._reference.to(self.device)
+        if self.prm is not None:
+            self.prm.setup(self.device)
+
+    def on_fit_start(self) -> None:
+        self._place_frozen_models()
+
+    def on_validation_start(self) -> None:
+        self._place_frozen_models()
+
+    def on_test_start(self) -> None:
+        self._place_frozen_models()
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.optim_cfg
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+        total = cfg.total_steps or max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg.warmup_steps, total, cfg.schedule))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ prompts and rollouts
+    def format_prompt(self, problem: str) -> str:
+        """Prompt text for one problem: the template, wrapped by the chat template when enabled."""
+        text = self.hparams.prompt_template.format(problem=problem)
+        use_chat = self.hparams.use_chat_template
+        if use_chat is None:
+            use_chat = getattr(self.tokenizer, "chat_template", None) is not None
+        if not use_chat:
+            return text
+        messages = [{"role": "system", "content": self.hparams.system_prompt}] if self.hparams.system_prompt else []
+        messages.append({"role": "user", "content": text})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def make_rollout(self, batch: dict[str, Any], greedy: bool = False, num_generations: int | None = None) -> tuple[RolloutBatch | None, dict[str, float]]:
+        """Sample completions for a prompt batch and compute old (and reference) log-probs and entropies.
+
+        Prompts longer than ``sampling.max_prompt_length`` tokens are skipped and counted.
+
+        Returns:
+            ``(rollout, metrics)``; ``rollout`` lives on the CPU and is None when every prompt was skipped.
+        """
+        g = num_generations or (1 if greedy else self.sampling.num_generations)
+        texts = [self.format_prompt(p) for p in batch["problem"]]
+        lens = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        keep = [i for i, n in enumerate(lens) if n <= self.sampling.max_prompt_length]
+        metrics = {"data/skipped_long_prompts": float(len(texts) - len(keep))}
+        if not keep:
+            return None, metrics
+        rows = torch.tensor(keep).repeat_interleave(g)  # (B,) prompt row of each completion
+        prompt_ids, prompt_mask = tokenize_prompts(self.tokenizer, [texts[i] for i in keep], self.device)
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)  # (B, P)
+        comp, comp_mask, truncated = generate_completions(
+            self.policy, self.tokenizer, prompt_ids, prompt_mask, self.sampling, greedy=greedy,
+            synced_gpus=self._synced_generation(),
+        )
+        rollout = RolloutBatch(
+            prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
+            completion_ids=comp.cpu(), completion_mask=comp_mask.cpu(),
+            group_ids=batch["id"].cpu()[rows],
+            problems=[batch["problem"][i] for i in rows.tolist()],
+            answers=[batch["answer"][i] for i in rows.tolist()],
+            completions=self.tokenizer.batch_decode(comp, skip_special_tokens=True),
+            truncated=truncated.cpu(),
+        )
+        if not greedy:
+            self._add_logprobs(rollout, prompt_ids, prompt_mask, comp, comp_mask)
+        return rollout, metrics
+
+    def _add_logprobs(self, rollout: RolloutBatch, p_ids: Tensor, p_mask: Tensor, c_ids: Tensor, c_mask: Tensor) -> None:
+        mb = self.optim_cfg.micro_batch_size
+        temp = self.sampling.temperature
+        old, ent = batched_logprobs(self.policy, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=True)
+        rollout.old_logprobs, rollout.entropies = old.cpu(), ent.cpu()
+        if self._reference is not None:
+            ref, _ = batched_logprobs(self._reference, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=False)
+            rollout.ref_logprobs = ref.cpu()
+
+    def _synced_generation(self) -> bool:
+        strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
+        zero_stage = getattr(strategy, "zero_stage_3", False)
+        return bool(zero_stage) and self.trainer.world_size > 1
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        rollout, metrics = self.make_rollout(batch)
+        if rollout is None:
+            self.log_dict({f"train/{k}": v for k, v in metrics.items()})
+            return None
+        t1 = time.perf_counter()
+        metrics.update(compute_advantages(rollout, self.verifier, self.aligner, self.segmenter, self.prm, self.tokenizer))
+        t2 = time.perf_counter()
+        metrics.update(self.update_policy(rollout))
+        t3 = time.perf_counter()
+        metrics.update({"time/rollout_s": t1 - t0, "time/scoring_s": t2 - t1, "time/update_s": t3 - t2})
+        self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False)
+        self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False)
+        self.log("acc", metrics["accuracy"], prog_bar=True, logger=False)
+        return None
+
+    def update_policy(self, rollout: RolloutBatch) -> dict[str, float]:
+        """PPO-clip updates over ``ppo_epochs`` × mini-batches of the rollout; returns loss statistics."""
+        cfg, lcfg = self.optim_cfg, self.loss_cfg
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        n = rollout.size
+        mb = min(cfg.mini_batch_size or n, n)
+        gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        sums: dict[str, float] = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+        n_updates = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n, generator=gen) if (mb < n or cfg.ppo_epochs > 1) else torch.arange(n)
+            for start in range(0, n, mb):
+                idx = order[start : start + mb]
+                opt.zero_grad()
+                stats = self._accumulate_gradients(rollout, idx)
+                if cfg.grad_clip is not None:
+                    stats["grad_norm"] = grad_norm(self.policy)
+                    self.clip_gradients(opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
+                opt.step()
+                sched.step()
+                for k, v in stats.items():
+                    sums[k] += v
+                n_updates += 1
+        out = {k: v / max(n_updates, 1) for k, v in sums.items()}
+        out["lr"] = float(sched.get_last_lr()[0])
+        return out
+
+    def _accumulate_gradients(self, rollout: RolloutBatch, idx: Tensor) -> dict[str, float]:
+        """Backward the mini-batch ``idx`` in micro-batches; the summed gradient equals the full mini-batch loss."""
+        lcfg = self.loss_cfg
+        mask_all = rollout.completion_mask[idx]  # (b, T)
+        n_tok = float(mask_all.sum().clamp(min=1))
+        n_seq = float(idx.numel())
+        norm_c = lcfg.norm_constant or float(self.sampling.max_new_tokens)
+        stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+        for micro in idx.split(self.optim_cfg.micro_batch_size):
+            mb = rollout.select(micro)
+            t_len = int(mb.completion_mask.sum(dim=1).max().clamp(min=1))  # trim right padding
+            dev = self.device
+            c_ids, c_mask = mb.completion_ids[:, :t_len].to(dev), mb.completion_mask[:, :t_len].to(dev)
+            logp, _ = completion_logprobs(
+                self.policy, mb.prompt_ids.to(dev), mb.prompt_mask.to(dev), c_ids, c_mask, self.sampling.temperature
+            )  # (b, t)
+            old = mb.old_logprobs[:, :t_len].to(dev)  # (b, t)
+            adv = mb.advantages[:, :t_len].to(dev)  # (b, t)
+            pg, clipped = ppo_clip_loss(logp, old, adv, lcfg.eps_low, lcfg.eps_high, lcfg.dual_clip)  # (b, t)
+            agg = dict(mode=lcfg.aggregation, norm_constant=norm_c, num_tokens=n_tok, num_sequences=n_seq)
+            pg_loss = aggregate_loss(pg, c_mask, **agg)
+            loss = pg_loss
+            if self._reference is not None and lcfg.kl_coef > 0:
+                kl = kl_penalty(logp, mb.ref_logprobs[:, :t_len].to(dev), lcfg.kl_estimator)  # (b, t)
+                kl_loss = aggregate_loss(kl, c_mask, **agg)
+                loss = loss + lcfg.kl_coef * kl_loss
+                stats["kl"] += float(kl_loss.detach())
+            self.manual_backward(loss)
+            stats["loss"] += float(loss.detach())
+            stats["pg_loss"] += float(pg_loss.detach())
+            stats["clip_frac"] += float((clipped & c_mask).sum()) / n_tok
+        return stats
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def generate_and_grade(self, batch: dict[str, Any], greedy: bool = True, num_samples: int = 1) -> RolloutBatch | None:
+        """Sample (or greedily decode) completions for an evaluation batch and grade them."""
+        rollout, _ = self.make_rollout(batch, greedy=greedy, num_generations=num_samples)
+        if rollout is not None:
+            rollout.verdicts = self.verifier.verify_batch(rollout.completions, rollout.answers)
+        return rollout
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        rollout = self.generate_and_grade(batch, greedy=True)
+        verdicts: list[Verdict] = rollout.verdicts if rollout is not None else []
+        acc = sum(v.is_correct for v in verdicts) / max(len(verdicts), 1)
+        self.log(f"{stage}/accuracy", acc, batch_size=max(len(verdicts), 1), on_epoch=True, prog_bar=True, sync_dist=True)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (linear warm-up, then constant/linear/cosine)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown LR schedule {schedule!r}; use constant, linear or cosine")
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    """Global L2 norm of the gradients of ``model`` (before clipping)."""
+    norms = [p.grad.detach().norm(2) for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0

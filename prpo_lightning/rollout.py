@@ -1,0 +1,195 @@
+"""Sampling completions with HF ``generate`` and scoring them with one no-grad forward pass.
+
+Shapes: ``B`` completions, ``P`` padded prompt length (left padding), ``T`` padded completion length
+(right padding), ``V`` vocabulary size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled.
+
+    Args:
+        num_generations: G, completions sampled per prompt.
+        temperature: sampling temperature (also divides the logits for log-probs and entropies).
+        top_p: nucleus sampling threshold (1.0 disables it).
+        top_k: top-k sampling (0 disables it; the paper samples with top-k off).
+        max_new_tokens: completion budget; a completion that reaches it without EOS is *truncated*.
+        max_prompt_length: prompts longer than this many tokens are skipped and counted.
+        generation_batch_size: sequences per ``generate`` call (None: all at once).
+    """
+
+    num_generations: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 2048
+    max_prompt_length: int = 2048
+    generation_batch_size: int | None = None
+
+
+def tokenize_prompts(tokenizer: Any, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Tokenize prompts with **left** padding.
+
+    Returns:
+        ``(ids, mask)``, each ``(N, P)``.
+    """
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = old_side
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    """``(B, L)`` positions that start at 0 on the first real token (left padding aware)."""
+    pos = attention_mask.long().cumsum(dim=1) - 1  # (B, L)
+    return pos.clamp(min=0)
+
+
+@torch.no_grad()
+def generate_completions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    sampling: SamplingConfig,
+    greedy: bool = False,
+    synced_gpus: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample one completion per prompt row (repeat rows beforehand for G rollouts).
+
+    Args:
+        model: a Hugging Face causal LM.
+        tokenizer: its tokenizer (EOS and PAD ids are read from it).
+        prompt_ids: ``(B, P)`` left-padded prompt ids.
+        prompt_mask: ``(B, P)`` prompt attention mask.
+        sampling: sampling settings.
+        greedy: decode greedily instead of sampling (evaluation).
+        synced_gpus: keep all ranks in lock-step (needed under DeepSpeed ZeRO-3).
+
+    Returns:
+        ``(completion_ids, completion_mask, truncated)``: ``(B, T)`` long ids with PAD after EOS, ``(B, T)``
+        bool mask that is True up to and including the first EOS, ``(B,)`` bool True when no EOS was produced.
+    """
+    from transformers import GenerationConfig
+
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    gen_cfg = GenerationConfig(
+        do_sample=not greedy,
+        temperature=sampling.temperature if not greedy else None,
+        top_p=sampling.top_p if not greedy else None,
+        top_k=sampling.top_k if not greedy else None,
+        max_new_tokens=sampling.max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    was_training = model.training
+    model.eval()
+    chunk = sampling.generation_batch_size or prompt_ids.shape[0]
+    pieces = []
+    for start in range(0, prompt_ids.shape[0], chunk):
+        ids = prompt_ids[start : start + chunk]  # (b, P)
+        mask = prompt_mask[start : start + chunk]  # (b, P)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=gen_cfg, synced_gpus=synced_gpus
+        )  # (b, P + T_b)
+        pieces.append(out[:, ids.shape[1] :])  # (b, T_b)
+    if was_training:
+        model.train()
+    t = max(p.shape[1] for p in pieces)
+    completion = torch.full((prompt_ids.shape[0], max(t, 1)), pad_id, dtype=torch.long, device=prompt_ids.device)
+    row = 0
+    for p in pieces:
+        completion[row : row + p.shape[0], : p.shape[1]] = p
+        row += p.shape[0]
+    is_eos = completion == eos_id  # (B, T)
+    has_eos = is_eos.any(dim=1)  # (B,)
+    first_eos = torch.where(has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, t, dtype=torch.long))
+    positions = torch.arange(completion.shape[1], device=completion.device)[None, :]  # (1, T)
+    mask = positions <= first_eos[:, None]  # (B, T): up to and including EOS
+    if t == 0:
+        mask = torch.zeros_like(completion, dtype=torch.bool)
+    completion = torch.where(mask, completion, torch.full_like(completion, pad_id))
+    lengths = mask.sum(dim=1)  # (B,)
+    truncated = ~has_eos & (lengths >= sampling.max_new_tokens)
+    return completion, mask, truncated
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and optionally full-vocabulary entropies) of the completion tokens.
+
+    The distribution at completion position t comes from the logits at sequence position ``P + t − 1``,
+    divided by ``temperature`` (as the sampler did). Entropy in nats: ``H = logsumexp(z) − Σ_v softmax(z)_v z_v``.
+
+    Args:
+        model: causal LM (gradients flow if enabled by the caller).
+        prompt_ids: ``(B, P)``; prompt_mask: ``(B, P)``.
+        completion_ids: ``(B, T)``; completion_mask: ``(B, T)``.
+        temperature: logits are divided by it.
+        with_entropy: also return entropies.
+
+    Returns:
+        ``(logprobs, entropies)``: ``(B, T)`` float32 (0 on padding) and ``(B, T)`` float32 or None.
+    """
+    t = completion_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
+    attn = torch.cat([prompt_mask.long(), completion_mask.long()], dim=1)  # (B, P + T)
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=_position_ids(attn), logits_to_keep=t + 1)
+    logits = out.logits[:, :-1, :].float() / temperature  # (B, T, V)
+    log_z = torch.logsumexp(logits, dim=-1)  # (B, T)
+    token_logits = torch.gather(logits, 2, completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    mask = completion_mask.to(logits.dtype)  # (B, T)
+    logprobs = (token_logits - log_z) * mask  # (B, T)
+    entropies = None
+    if with_entropy:
+        probs = torch.softmax(logits, dim=-1)  # (B, T, V)
+        entropies = (log_z - (probs * logits).sum(dim=-1)) * mask  # (B, T)
+    return logprobs, entropies
+
+
+@torch.no_grad()
+def batched_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float,
+    micro_batch_size: int,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """No-grad :func:`completion_logprobs` in micro-batches of ``micro_batch_size`` rows (eval mode)."""
+    was_training = model.training
+    model.eval()
+    logps, ents = [], []
+    for s in range(0, completion_ids.shape[0], micro_batch_size):
+        sl = slice(s, s + micro_batch_size)
+        lp, ent = completion_logprobs(
+            model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], completion_mask[sl], temperature, with_entropy
+        )
+        logps.append(lp)
+        if ent is not None:
+            ents.append(ent)
+    if was_training:
+        model.train()
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
