@@ -17,6 +17,7 @@ DEFAULT_KEYS = (
     "train/frac_zero_std_groups",
     "train/completion/length_mean",
     "train/completion/truncated_frac",
+    "train/completion/no_boxed_frac",
     "train/entropy",
     "train/kl",
     "train/clip_frac",

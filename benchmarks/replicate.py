@@ -1,0 +1,263 @@
+"""Small-scale replication on the offline arithmetic task: aligners × seeds with identical budgets.
+
+Does PRPO beat GRPO here, and does process-only reward collapse (Hypothesis 1: shorter, truncated outputs
+without an answer)? Every run is ``prpo-fit fit --config configs/demo.yaml`` with the method's components swapped
+in and the same budget. Runs are resumable: a run whose ``result.json`` exists is skipped.
+
+Usage::
+
+    .venv/bin/python benchmarks/replicate.py --seeds 0 1 2 3 4 --max-steps 20 --eval-every 5
+    .venv/bin/python benchmarks/replicate.py --report-only     # re-aggregate finished runs
+
+Outputs: ``runs/replicate/<method>/seed<k>/`` (logs, ``result.json``), ``docs/replication.md``,
+``docs/_static/replication_accuracy.png``, ``docs/_static/replication_collapse.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EQ_PRM = "components.prms.EquationCheckPRM"
+METHODS: dict[str, list[str]] = {
+    "grpo": ["--model.aligner=components.aligners.GRPOAligner"],
+    "prpo_rule_prm": ["--model.aligner=components.aligners.PRPOAligner", f"--model.prm={EQ_PRM}"],
+    "prpo_implicit_prm": ["--model.aligner=components.aligners.PRPOAligner", "--model.prm=components.prms.ImplicitPRM"],
+    "process_only": ["--model.aligner=components.aligners.ProcessOnlyAligner", f"--model.prm={EQ_PRM}"],
+    "prm_avg": ["--model.aligner=components.aligners.PRMAvgAligner", f"--model.prm={EQ_PRM}"],
+    "spro": ["--model.aligner=components.aligners.SPROAligner"],
+    "pure": ["--model.aligner=components.aligners.PUREAligner", f"--model.prm={EQ_PRM}"],
+}
+CURVE_KEYS = ("eval/accuracy", "train/completion/length_mean", "train/completion/no_boxed_frac",
+              "train/completion/truncated_frac", "train/reward/mean")
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / method / f"seed{seed}"
+
+
+def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, extra: list[str]) -> dict:
+    """Train one (method, seed) and write ``result.json``; skip if it already exists."""
+    rd = run_dir(out, method, seed)
+    done = rd / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    rd.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        str(REPO / ".venv/bin/prpo-fit"), "fit", "--config", str(REPO / "configs/demo.yaml"),
+        *METHODS[method],
+        f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
+        f"--trainer.max_steps={max_steps}",
+        f"--trainer.default_root_dir={rd}",
+        f"--trainer.logger.init_args.save_dir={rd}", "--trainer.logger.init_args.name=logs",
+        "--trainer.logger.init_args.version=0",
+        *extra,
+    ]
+    callbacks = [
+        {"class_path": "prpo_lightning.callbacks.MathEvalCallback", "init_args": {"every_n_steps": eval_every}},
+        {"class_path": "prpo_lightning.callbacks.TrainingCurves"},
+    ]
+    cmd.append(f"--trainer.callbacks={json.dumps(callbacks)}")
+    t0 = time.time()
+    with (rd / "stdout.log").open("w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} seed {seed} failed (exit {proc.returncode}); see {rd / 'stdout.log'}")
+    curves = read_curves(rd / "logs" / "version_0" / "training_curves.csv")
+    result = {"method": method, "seed": seed, "max_steps": max_steps, "seconds": time.time() - t0, "curves": curves}
+    done.write_text(json.dumps(result))
+    return result
+
+
+def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{metric: [(step, value), ...]}`` from a TrainingCurves CSV."""
+    out: dict[str, list[tuple[int, float]]] = {k: [] for k in CURVE_KEYS}
+    with path.open() as fh:
+        for row in csv.DictReader(fh):
+            for k in CURVE_KEYS:
+                if row.get(k) not in (None, ""):
+                    out[k].append((int(row["step"]), float(row[k])))
+    return out
+
+
+# ---------------------------------------------------------------- statistics (no scipy: mpmath ships with sympy)
+def t_two_sided_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t: ``I_{df/(df+t²)}(df/2, 1/2)``."""
+    import mpmath
+
+    if df <= 0 or math.isnan(t):
+        return float("nan")
+    return float(mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True))
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF)."""
+    lo, hi = 0.0, 100.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 0.05 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t confidence interval."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, 0.0
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return m, t_quantile_975(n - 1) * sd / math.sqrt(n)
+
+
+def paired_tests(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Mean paired difference a−b, paired t-test p and exact sign-flip permutation p (two-sided)."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    t_p = 1.0 if sd == 0 and mean == 0 else (0.0 if sd == 0 else t_two_sided_p(mean / (sd / math.sqrt(n)), n - 1))
+    extreme = 0
+    for mask in range(2**n):
+        s = sum(x if (mask >> i) & 1 == 0 else -x for i, x in enumerate(d))
+        extreme += abs(s) >= abs(sum(d)) - 1e-12
+    return mean, t_p, extreme / 2**n
+
+
+# ---------------------------------------------------------------- report
+def aggregate(results: list[dict], threshold: float) -> tuple[dict, list[str]]:
+    by_method: dict[str, list[dict]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], []).append(r)
+    table = {}
+    grpo = {r["seed"]: r for r in by_method.get("grpo", [])}
+    for method, runs in by_method.items():
+        finals = [r["curves"]["eval/accuracy"][-1][1] for r in runs]
+        starts = [r["curves"]["eval/accuracy"][0][1] for r in runs]
+        hits = [next((s for s, v in r["curves"]["eval/accuracy"] if v >= threshold), None) for r in runs]
+        row = {
+            "seeds": len(runs),
+            "start_mean": sum(starts) / len(starts),
+            "final_mean": sum(finals) / len(finals),
+            "final_std": math.sqrt(sum((f - sum(finals) / len(finals)) ** 2 for f in finals) / max(len(finals) - 1, 1)),
+            "steps_to_threshold": [h for h in hits],
+            "final_length": sum(r["curves"]["train/completion/length_mean"][-1][1] for r in runs) / len(runs),
+            "final_no_boxed": sum(r["curves"]["train/completion/no_boxed_frac"][-1][1] for r in runs) / len(runs),
+            "minutes_per_run": sum(r["seconds"] for r in runs) / len(runs) / 60,
+        }
+        paired = [(r["curves"]["eval/accuracy"][-1][1], grpo[r["seed"]]["curves"]["eval/accuracy"][-1][1])
+                  for r in runs if r["seed"] in grpo]
+        if method != "grpo" and len(paired) >= 2:
+            row["vs_grpo"] = paired_tests([a for a, _ in paired], [b for _, b in paired])
+        table[method] = row
+    return table, sorted(by_method)
+
+
+def plot(results: list[dict], methods: list[str], static: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    static.mkdir(parents=True, exist_ok=True)
+
+    def band(ax, method: str, key: str) -> None:
+        runs = [r for r in results if r["method"] == method]
+        steps = sorted({s for r in runs for s, _ in r["curves"][key]})
+        xs, ms, los, his = [], [], [], []
+        for s in steps:
+            vals = [v for r in runs for st, v in r["curves"][key] if st == s]
+            if len(vals) == len(runs):
+                m, h = mean_ci(vals)
+                xs.append(s), ms.append(m), los.append(m - h), his.append(m + h)
+        ax.plot(xs, ms, label=method)
+        ax.fill_between(xs, los, his, alpha=0.15)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        band(ax, m, "eval/accuracy")
+    ax.set(xlabel="optimizer step", ylabel="held-out accuracy (greedy)", title="Held-out accuracy, mean and 95% CI over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(static / "replication_accuracy.png", dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m in methods:
+        band(axes[0], m, "train/completion/length_mean")
+        band(axes[1], m, "train/completion/no_boxed_frac")
+    axes[0].set(xlabel="optimizer step", ylabel="tokens", title="Completion length (sampled)")
+    axes[1].set(xlabel="optimizer step", ylabel="fraction", title="Completions without \\boxed{} (collapse check)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(static / "replication_collapse.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(table: dict, methods: list[str], args: argparse.Namespace, path: Path) -> None:
+    cmd = (f".venv/bin/python benchmarks/replicate.py --seeds {' '.join(map(str, args.seeds))} "
+           f"--max-steps {args.max_steps} --eval-every {args.eval_every} --methods {' '.join(args.methods)}")
+    lines = [
+        "# Small-scale replication on the offline arithmetic task",
+        "",
+        f"Regenerate with `{cmd}` (finished runs are skipped; `--report-only` re-aggregates).",
+        "",
+        f"Budget per run: {args.max_steps} optimizer steps of `configs/demo.yaml` (same prompts per step, G, lengths, "
+        f"lr and warm-started policy for every method); held-out greedy accuracy every {args.eval_every} steps.",
+        "",
+        "![held-out accuracy](_static/replication_accuracy.png)",
+        "",
+        "![collapse check](_static/replication_collapse.png)",
+        "",
+        f"| method | seeds | acc. before | final acc. mean ± std | steps to {args.threshold:.0%} (per seed) | final length | no-`\\boxed` frac. | Δ vs GRPO | paired t p | sign-flip p | min/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        r = table[m]
+        vs = r.get("vs_grpo")
+        lines.append(
+            f"| {m} | {r['seeds']} | {r['start_mean']:.1%} | {r['final_mean']:.1%} ± {r['final_std']:.1%} | "
+            f"{', '.join('—' if h is None else str(h) for h in r['steps_to_threshold'])} | {r['final_length']:.1f} | "
+            f"{r['final_no_boxed']:.2f} | "
+            + (f"{vs[0] * 100:+.1f} pts | {vs[1]:.3f} | {vs[2]:.3f}" if vs else "— | — | —")
+            + f" | {r['minutes_per_run']:.1f} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--max-steps", type=int, default=20)
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--threshold", type=float, default=0.6, help="accuracy threshold for steps-to-threshold")
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "replicate")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more prpo-fit overrides for every run")
+    args = ap.parse_args()
+    results = []
+    for seed in args.seeds:  # seed-major order: partial grids are balanced across methods
+        for method in args.methods:
+            if args.report_only:
+                done = run_dir(args.out, method, seed) / "result.json"
+                if done.exists():
+                    results.append(json.loads(done.read_text()))
+                continue
+            print(f"[replicate] {method} seed {seed}", flush=True)
+            results.append(run_one(args.out, method, seed, args.max_steps, args.eval_every, args.extra))
+    if not results:
+        sys.exit("no finished runs")
+    table, methods = aggregate(results, args.threshold)
+    plot(results, methods, REPO / "docs" / "_static")
+    write_report(table, methods, args, REPO / "docs" / "replication.md")
+    print((REPO / "docs" / "replication.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
