@@ -1,0 +1,1 @@
+"""Pluggable components (verifiers, reward models, advantage estimators) assembled by the PRPO trainer."""

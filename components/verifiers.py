@@ -1,0 +1,259 @@
+"""Outcome verifiers: grade a completion's final answer against its gold answer.
+
+:class:`SympyMathVerifier` is the default math verifier. A pair is graded in three steps:
+
+1. **Extraction** -- the last complete ``\\boxed{...}``/``\\fbox{...}`` (any nesting depth); optionally an explicit
+   "the answer is ..." sentence. Never the last number in the text.
+2. **Fast path (in-process, microseconds)** -- normalised strings, exact rationals (``fractions.Fraction``),
+   decimals within a relative tolerance, and answer structure (tuples, intervals, sets, matrices, equations,
+   multiple-choice letters, text), all read through the *gold* answer's shape.
+3. **Symbolic path (worker processes)** -- pairs the fast path cannot decide go to a pool of worker processes that
+   parse LaTeX with a grammar parser behind size guards and compare with sympy. Each check has a hard wall-clock
+   timeout; a worker that overruns is killed and replaced and its verdict is ``UNPARSABLE`` with ``timed_out=True``.
+
+Model output never reaches ``eval``, ``exec``, ``sympify`` or ``parse_expr``.
+
+Example::
+
+    verifier = SympyMathVerifier()
+    verdict = verifier.verify("... so the answer is $\\boxed{\\dfrac{1}{2}}$.", "0.5")
+    assert verdict.is_correct and verdict.reward == 1.0
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Sequence
+
+from components.math_answer.compare import WARMUP_PAYLOAD, CompareConfig, Outcome, compare_answers
+from components.math_answer.extract import extract_answer
+from components.math_answer.pool import TaskResult, TimeoutPool
+from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
+
+__all__ = ["SympyMathVerifier"]
+
+log = logging.getLogger(__name__)
+
+_MAX_STORED_EXTRACT = 1000
+_WORKER_HANDLER = "components.math_answer.compare:symbolic_task"
+
+
+class SympyMathVerifier(OutcomeVerifier):
+    """Rule-based math answer verifier with a sympy fallback running under a hard timeout.
+
+    Args:
+        correct_reward: reward for a correct answer (the paper uses +1).
+        incorrect_reward: reward for a wrong answer (the paper uses -1).
+        unparsable_reward: reward when no answer could be extracted or read, or the check timed out or failed.
+        timeout_seconds: hard wall-clock limit for the symbolic check of one answer.
+        num_workers: number of worker processes for symbolic checks (started lazily on first need).
+        float_rel_tol: relative tolerance when a decimal is involved (exact values are compared exactly).
+        answer_is_fallback: when there is no ``\\boxed{}``, also accept "the answer is ..." (off for rewards).
+        worker_memory_mb: address-space limit of each worker process in MiB (0 disables it).
+
+    Raises:
+        ValueError: for a non-positive timeout or worker count, or a negative tolerance.
+    """
+
+    def __init__(
+        self,
+        correct_reward: float = 1.0,
+        incorrect_reward: float = -1.0,
+        unparsable_reward: float = -1.0,
+        timeout_seconds: float = 5.0,
+        num_workers: int = 2,
+        float_rel_tol: float = 1e-6,
+        answer_is_fallback: bool = False,
+        worker_memory_mb: int = 2048,
+    ) -> None:
+        if timeout_seconds <= 0:
+            raise ValueError(f"timeout_seconds must be positive, got {timeout_seconds}")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if float_rel_tol < 0:
+            raise ValueError(f"float_rel_tol must be >= 0, got {float_rel_tol}")
+        self.correct_reward = float(correct_reward)
+        self.incorrect_reward = float(incorrect_reward)
+        self.unparsable_reward = float(unparsable_reward)
+        self.timeout_seconds = float(timeout_seconds)
+        self.num_workers = int(num_workers)
+        self.float_rel_tol = float(float_rel_tol)
+        self.answer_is_fallback = bool(answer_is_fallback)
+        self.worker_memory_mb = int(worker_memory_mb)
+        self._config = CompareConfig(float_rel_tol=self.float_rel_tol)
+        self._pool: TimeoutPool | None = None
+        self._lock = threading.Lock()
+        self._stats: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ public API
+
+    def verify(self, completion: str, gold: str) -> Verdict:
+        """Grades one completion against its gold answer.
+
+        Args:
+            completion: the model's full response text (untrusted).
+            gold: the reference answer.
+
+        Returns:
+            The verdict, carrying the configured reward.
+        """
+        return self.verify_batch([completion], [gold])[0]
+
+    def verify_batch(self, completions: Sequence[str], golds: Sequence[str]) -> list[Verdict]:
+        """Grades ``completions[i]`` against ``golds[i]``; symbolic checks run in parallel in the workers.
+
+        Args:
+            completions: model responses (untrusted).
+            golds: reference answers, one per completion.
+
+        Returns:
+            One verdict per completion, in order.
+
+        Raises:
+            ValueError: if the two sequences differ in length.
+        """
+        if len(completions) != len(golds):
+            raise ValueError(f"verify_batch got {len(completions)} completions but {len(golds)} gold answers")
+        verdicts: list[Verdict | None] = [None] * len(completions)
+        pending: list[tuple[int, str, str]] = []
+        for i, (completion, gold) in enumerate(zip(completions, golds)):
+            try:
+                verdict, extracted = self._fast(completion, gold)
+            except Exception as exc:  # noqa: BLE001 - counted and logged, never silently scored
+                log.exception("verifier fast path failed")
+                verdicts[i] = self._verdict(VerdictStatus.UNPARSABLE, None, error=f"{type(exc).__name__}: {exc}")
+                continue
+            if verdict is None:
+                pending.append((i, str(gold), extracted))
+            else:
+                verdicts[i] = verdict
+        if pending:
+            results = self._get_pool().run(
+                [(gold, extracted, self._config) for _, gold, extracted in pending], self.timeout_seconds
+            )
+            for (i, _gold, extracted), result in zip(pending, results):
+                verdicts[i] = self._from_worker(result, extracted)
+        out = [v for v in verdicts if v is not None]
+        self._record(out, symbolic=len(pending))
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Running counts since construction or :meth:`reset_stats`.
+
+        Returns:
+            Counts of ``total``, ``correct``, ``incorrect``, ``unparsable``, ``timeouts``, ``errors`` and
+            ``symbolic`` (pairs that needed a worker).
+        """
+        with self._lock:
+            keys = ("total", "correct", "incorrect", "unparsable", "timeouts", "errors", "symbolic")
+            return {key: int(self._stats[key]) for key in keys}
+
+    def reset_stats(self) -> None:
+        """Zeroes the running counts."""
+        with self._lock:
+            self._stats.clear()
+
+    def close(self) -> None:
+        """Stops the worker processes (they are restarted lazily if the verifier is used again)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def __enter__(self) -> SympyMathVerifier:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_pool"] = None
+        state["_lock"] = None
+        state["_stats"] = Counter()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(correct_reward={self.correct_reward}, incorrect_reward={self.incorrect_reward}, "
+            f"unparsable_reward={self.unparsable_reward}, timeout_seconds={self.timeout_seconds}, "
+            f"num_workers={self.num_workers}, float_rel_tol={self.float_rel_tol}, "
+            f"answer_is_fallback={self.answer_is_fallback})"
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _get_pool(self) -> TimeoutPool:
+        with self._lock:
+            if self._pool is None:
+                self._pool = TimeoutPool(
+                    _WORKER_HANDLER,
+                    num_workers=self.num_workers,
+                    memory_limit_mb=self.worker_memory_mb,
+                    warmup=WARMUP_PAYLOAD,
+                )
+            return self._pool
+
+    def _verdict(
+        self, status: VerdictStatus, extracted: str | None, timed_out: bool = False, error: str | None = None
+    ) -> Verdict:
+        reward = {
+            VerdictStatus.CORRECT: self.correct_reward,
+            VerdictStatus.INCORRECT: self.incorrect_reward,
+            VerdictStatus.UNPARSABLE: self.unparsable_reward,
+        }[status]
+        if extracted is not None and len(extracted) > _MAX_STORED_EXTRACT:
+            extracted = extracted[:_MAX_STORED_EXTRACT] + "..."
+        return Verdict(status=status, reward=reward, extracted=extracted, timed_out=timed_out, error=error)
+
+    def _from_outcome(self, outcome: Outcome, detail: str | None, extracted: str) -> Verdict:
+        if outcome is Outcome.EQUAL:
+            return self._verdict(VerdictStatus.CORRECT, extracted)
+        if outcome is Outcome.DIFFERENT:
+            return self._verdict(VerdictStatus.INCORRECT, extracted)
+        if outcome is Outcome.GOLD_ERROR:
+            return self._verdict(VerdictStatus.UNPARSABLE, extracted, error=f"gold answer unreadable: {detail}")
+        return self._verdict(VerdictStatus.UNPARSABLE, extracted)
+
+    def _fast(self, completion: str, gold: str) -> tuple[Verdict | None, str]:
+        """In-process grading; returns ``(None, extracted)`` when the pair needs the symbolic path."""
+        extracted = extract_answer(str(completion), answer_is_fallback=self.answer_is_fallback)
+        if extracted is None:
+            return self._verdict(VerdictStatus.UNPARSABLE, None), ""
+        outcome, detail = compare_answers(str(gold), extracted, self._config, symbolic=False)
+        if outcome is Outcome.UNKNOWN:
+            return None, extracted
+        return self._from_outcome(outcome, detail, extracted), extracted
+
+    def _from_worker(self, result: TaskResult, extracted: str) -> Verdict:
+        if result.timed_out:
+            return self._verdict(VerdictStatus.UNPARSABLE, extracted, timed_out=True)
+        if result.error is not None:
+            log.warning("verifier worker error: %s", result.error)
+            return self._verdict(VerdictStatus.UNPARSABLE, extracted, error=result.error)
+        outcome_value, detail = result.value
+        return self._from_outcome(Outcome(outcome_value), detail, extracted)
+
+    def _record(self, verdicts: list[Verdict], symbolic: int) -> None:
+        with self._lock:
+            self._stats["total"] += len(verdicts)
+            self._stats["symbolic"] += symbolic
+            for verdict in verdicts:
+                self._stats[verdict.status.value] += 1
+                self._stats["timeouts"] += int(verdict.timed_out)
+                self._stats["errors"] += int(verdict.error is not None)
+        timeouts = sum(v.timed_out for v in verdicts)
+        errors = sum(v.error is not None for v in verdicts)
+        if timeouts or errors:
+            log.warning("verifier batch of %d: %d timed out, %d errors", len(verdicts), timeouts, errors)
