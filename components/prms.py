@@ -1,0 +1,33 @@
+"""Concrete process reward models, each selectable from YAML by ``class_path``.
+
+Re-exports the implementations:
+
+* :class:`~components.prm_qwen.QwenMathPRM`: Qwen2.5-Math-PRM checkpoints, native head (no remote code);
+* :class:`~components.prm_shepherd.MathShepherdPRM`: Math-Shepherd causal LM with " ки" step tags;
+* :class:`~components.prm_implicit.ImplicitPRM`: β·(log π_old − log π_ref), no extra model;
+* :class:`~components.equation_check.EquationCheckPRM`: offline rule-based arithmetic checker (the demo's PRM).
+
+Every PRM returns ``ProcessScores(step_scores (B, S), step_mask (B, S), token_scores (B, T) | None)`` with
+step scores conventionally P(step correct) in [0, 1]. Model PRMs run without grad, in eval mode, in
+micro-batches, on the device given to ``setup`` (the policy's). Example::
+
+    prm:
+      class_path: components.prms.QwenMathPRM
+      init_args: {model_name_or_path: Qwen/Qwen2.5-Math-PRM-7B, max_length: 4096, micro_batch_size: 4}
+"""
+
+from components.prm_common import TaggedStepPRM, segment_texts, truncate_keep_first_tag
+from components.prm_implicit import ImplicitPRM
+from components.prm_qwen import QwenMathPRM, Qwen2ForProcessRewardModel, qwen_prm_text
+from components.prm_shepherd import MathShepherdPRM
+
+__all__ = [
+    "ImplicitPRM",
+    "MathShepherdPRM",
+    "Qwen2ForProcessRewardModel",
+    "QwenMathPRM",
+    "TaggedStepPRM",
+    "qwen_prm_text",
+    "segment_texts",
+    "truncate_keep_first_tag",
+]
