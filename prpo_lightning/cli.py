@@ -8,14 +8,29 @@ Components are injected by ``class_path``/``init_args``::
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from prpo_lightning.checkpoint import AtomicCheckpointIO
 from prpo_lightning.module import PRPOModule
 
 
 class PRPOCLI(LightningCLI):
-    """LightningCLI with PRPOModule as the model and any LightningDataModule subclass as data."""
+    """LightningCLI with PRPOModule as the model and any LightningDataModule subclass as data.
+
+    Checkpoints are written atomically (:class:`~prpo_lightning.checkpoint.AtomicCheckpointIO`) unless the
+    config installs another ``CheckpointIO`` plugin. Resume with ``prpo-fit fit --config ... --ckpt_path last``.
+    """
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        strategy = trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: make it crash-safe
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> PRPOCLI:

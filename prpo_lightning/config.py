@@ -21,6 +21,9 @@ class LossConfig:
         kl_estimator: ``k1``, ``k2`` or ``k3`` (verl's ``low_var_kl``).
         aggregation: ``token-mean`` | ``seq-mean-token-mean`` | ``seq-mean-token-sum`` | ``seq-mean-token-sum-norm``.
         norm_constant: C of ``seq-mean-token-sum-norm`` (Dr. GRPO); default: ``max_new_tokens``.
+        mask_truncated_completions: leave completions that hit ``max_new_tokens`` without EOS out of the loss
+            (and out of its token/sequence counts), as TRL's option of the same name; they are still graded,
+            take part in group statistics and are counted under ``completion/truncated_frac``.
     """
 
     eps_low: float = 0.2
@@ -30,6 +33,7 @@ class LossConfig:
     kl_estimator: KLEstimator = "k3"
     aggregation: LossAggregation = "token-mean"
     norm_constant: float | None = None
+    mask_truncated_completions: bool = False
 
 
 @dataclass

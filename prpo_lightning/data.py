@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class DataFileError(ValueError):
@@ -90,11 +90,90 @@ def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class ResumableDistributedSampler(DistributedSampler):
+    """Seeded per-epoch shuffle, sharded over ranks, that can resume in the middle of an epoch.
+
+    Epoch ``e`` uses the permutation ``randperm(n, seed + e)``; the tail that does not divide evenly by the
+    number of ranks is dropped (each rank gets the same number of prompts); rank ``r`` takes positions
+    ``r, r + R, r + 2R, …``. Ranks therefore see **disjoint prompts**, and a prompt's G rollouts are generated
+    on the rank that drew it. Lightning leaves :class:`DistributedSampler` subclasses in place, so this sharding
+    is used as is under DDP/DeepSpeed.
+
+    Args:
+        dataset: the prompt dataset.
+        num_replicas: number of ranks (world size).
+        rank: this process's global rank.
+        seed: shuffle seed.
+        shuffle: shuffle each epoch (False: file order).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self._skip = 0  # samples to skip once, at the start of the next iteration (mid-epoch resume)
+        self._skip_epoch = -1
+
+    def epoch_indices(self) -> list[int]:
+        """This rank's dataset indices for the current epoch, in order (before any resume skip)."""
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=gen).tolist()
+        else:
+            order = list(range(n))
+        return order[: self.total_size][self.rank : self.total_size : self.num_replicas]
+
+    def skip_next(self, num_samples: int, epoch: int) -> None:
+        """Skip the first ``num_samples`` of epoch ``epoch`` the next time the sampler is iterated."""
+        self._skip, self._skip_epoch = int(num_samples), int(epoch)
+
+    def __iter__(self):
+        indices = self.epoch_indices()
+        if self._skip and self._skip_epoch == self.epoch:
+            indices = indices[self._skip :]
+        self._skip, self._skip_epoch = 0, -1
+        return iter(indices)
+
+
+class ResumableDataLoader(DataLoader):
+    """A training ``DataLoader`` whose position Lightning saves in checkpoints and restores on resume.
+
+    Lightning stores ``state_dict()`` of every loader that has one under ``loops.fit_loop.combined_loader``
+    and calls ``load_state_dict`` when fit resumes. The state is the epoch and the number of batches the fit
+    loop has processed in it (read through ``progress``, the loop's own counter, which is exact even though
+    Lightning prefetches a batch ahead); on resume the sampler skips exactly those batches, so a resumed run
+    sees the same prompts in the same order as an uninterrupted one.
+
+    Args:
+        progress: a callable returning ``(epoch, batches processed in that epoch)``.
+        Everything else: as :class:`~torch.utils.data.DataLoader`; the sampler must be a
+        :class:`ResumableDistributedSampler` and ``batch_size`` is per rank.
+    """
+
+    def __init__(self, *args: Any, progress: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, done = self.progress() if self.progress is not None else (self.sampler.epoch, 0)
+        return {"epoch": int(epoch), "batches_done": int(done), "batch_size": int(self.batch_size or 1)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if int(state_dict.get("batch_size", self.batch_size)) != self.batch_size:
+            raise ValueError(
+                f"cannot resume mid-epoch: the checkpoint was written with data.batch_size "
+                f"{state_dict['batch_size']}, this run uses {self.batch_size}"
+            )
+        done = int(state_dict["batches_done"])
+        if 0 < done < len(self):
+            self.sampler.skip_next(done * int(self.batch_size), int(state_dict["epoch"]))
+
+
 class PromptDataModule(L.LightningDataModule):
     """Shared loader logic: seeded shuffled training prompts, ordered evaluation prompts.
 
     Args:
-        batch_size: prompts per training step (each gets G rollouts).
+        batch_size: prompts per training step **per rank** (each gets G rollouts); the global batch is
+            ``world_size × batch_size`` prompts.
         eval_batch_size: prompts per evaluation batch.
         seed: seed of the training-order shuffle.
         max_eval_samples: evaluate on the first N evaluation problems only (None: all).
@@ -122,14 +201,29 @@ class PromptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.train_rows:
             raise ValueError(f"{type(self).__name__} has no training rows")
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            PromptDataset(self.train_rows),
+        dataset = PromptDataset(self.train_rows)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if len(dataset) < world * self.batch_size:
+            raise ValueError(
+                f"{len(dataset)} training prompts cannot fill one batch of {self.batch_size} prompts on each of "
+                f"{world} ranks"
+            )
+        sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, seed=self.seed)
+
+        def progress() -> tuple[int, int]:
+            if trainer is None:
+                return sampler.epoch, 0
+            loop = trainer.fit_loop
+            return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
+        return ResumableDataLoader(
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=gen,
+            sampler=sampler,
             drop_last=True,
             collate_fn=collate_prompts,
+            progress=progress,
         )
 
     def eval_dataloader(self) -> DataLoader:

@@ -12,9 +12,10 @@ One training step (one batch of N prompts):
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -22,15 +23,18 @@ from torch import Tensor
 
 from prpo_lightning.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
+from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
 from prpo_lightning.config import LossConfig, OptimConfig
+from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, group_seed, is_distributed
 from prpo_lightning.losses import aggregate_loss, kl_penalty, masked_mean, ppo_clip_loss
 from prpo_lightning.models import load_causal_lm, load_tokenizer
-from prpo_lightning.prm import ProcessRewardModel
+from prpo_lightning.prm import ProcessRewardModel, ProcessScores
 from prpo_lightning.rollout import (
     SamplingConfig,
     batched_logprobs,
     completion_logprobs,
     generate_completions,
+    generate_groups,
     tokenize_prompts,
 )
 from prpo_lightning.scoring import compute_advantages
@@ -60,7 +64,11 @@ class PRPOModule(L.LightningModule):
         prompt_template: format string with ``{problem}``.
         system_prompt: system message when a chat template is used.
         use_chat_template: apply the tokenizer's chat template (None: when the tokenizer has one).
-        seed: seed for mini-batch shuffling and random initialisation from ``policy_config``.
+        seed: seed for mini-batch shuffling, rollout sampling (per prompt group and step, see
+            ``sampling.seed_per_group``) and random initialisation from ``policy_config``.
+        on_prm_error: what an exception (or a timeout raised as an exception) in ``prm.score`` does: ``raise``
+            stops training with a :class:`PRMError` naming the PRM; ``skip`` drops that batch's update and
+            counts it under ``train/faults/prm_errors`` (logged as a warning).
 
     Raises:
         ValueError: if the aligner needs process scores and no segmenter/PRM is given, or the policy is
@@ -85,12 +93,15 @@ class PRPOModule(L.LightningModule):
         system_prompt: str | None = "Please reason step by step, and put your final answer within \\boxed{}.",
         use_chat_template: bool | None = None,
         seed: int = 0,
+        on_prm_error: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
         if (policy is None) == (policy_config is None):
             raise ValueError("give exactly one of model.policy (name/path) or model.policy_config (config dict)")
         if aligner.uses_process_scores and (segmenter is None or prm is None):
             raise ValueError(f"{type(aligner).__name__} uses process scores: set model.segmenter and model.prm")
+        if on_prm_error not in ("raise", "skip"):
+            raise ValueError(f"on_prm_error must be 'raise' or 'skip', got {on_prm_error!r}")
         if policy_config is not None and tokenizer is None:
             raise ValueError("a policy built from policy_config needs model.tokenizer (a local tokenizer path)")
         self.save_hyperparameters(ignore=["verifier", "aligner", "segmenter", "prm"])
@@ -138,6 +149,18 @@ class PRPOModule(L.LightningModule):
     def on_test_start(self) -> None:
         self._place_frozen_models()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the global RNG states (torch, CUDA, numpy, python) of this rank with the checkpoint.
+
+        Rollout sampling does not depend on them (it is seeded per group and step); they are kept so that
+        user components that draw from the global RNG also resume exactly in single-process runs.
+        """
+        checkpoint["prpo_rng_states"] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("prpo_rng_states") is not None:
+            restore_rng_states(checkpoint["prpo_rng_states"])
+
     def configure_optimizers(self) -> Any:
         cfg = self.optim_cfg
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -162,25 +185,49 @@ class PRPOModule(L.LightningModule):
     def make_rollout(self, batch: dict[str, Any], greedy: bool = False, num_generations: int | None = None) -> tuple[RolloutBatch | None, dict[str, float]]:
         """Sample completions for a prompt batch and compute old (and reference) log-probs and entropies.
 
-        Prompts longer than ``sampling.max_prompt_length`` tokens are skipped and counted.
+        Prompts longer than ``sampling.max_prompt_length`` tokens are skipped and counted. Sampling is seeded
+        from ``(seed, global_step, prompt id)`` per group (or ``(seed, global_step, rank)`` per batch when
+        ``sampling.seed_per_group`` is False), so reruns and resumed runs draw the same completions. Under
+        ZeRO-3 every rank makes the same number of ``generate`` calls and forward passes (ranks that skipped
+        prompts make throw-away calls), so no rank waits forever for another.
 
         Returns:
             ``(rollout, metrics)``; ``rollout`` lives on the CPU and is None when every prompt was skipped.
         """
         g = num_generations or (1 if greedy else self.sampling.num_generations)
         texts = [self.format_prompt(p) for p in batch["problem"]]
-        lens = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        keep = [i for i, n in enumerate(lens) if n <= self.sampling.max_prompt_length]
+        token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        keep = [i for i, ids in enumerate(token_ids) if len(ids) <= self.sampling.max_prompt_length]
         metrics = {"data/skipped_long_prompts": float(len(texts) - len(keep))}
+        synced = self._synced_generation()
+        if self.sampling.seed_per_group:
+            seeds = [group_seed(self.hparams.seed, self.global_step, int(batch["id"][i])) for i in keep]
+            extra = all_reduce_max(len(keep)) - len(keep) if synced else 0
+            prompts = [torch.tensor(token_ids[i], dtype=torch.long) for i in keep]
+            comp, comp_mask, truncated = generate_groups(
+                self.policy, self.tokenizer, prompts, g, self.sampling, seeds, greedy, synced, extra
+            )
+        else:
+            chunk = self.sampling.generation_batch_size or len(keep) * g or 1
+            n_calls = math.ceil(len(keep) * g / chunk)
+            extra = all_reduce_max(n_calls) - n_calls if synced else 0
+            if extra:  # throw-away calls so that every rank calls generate equally often under ZeRO-3
+                generate_groups(self.policy, self.tokenizer, [], g, self.sampling, None, greedy, True, extra)
         if not keep:
+            if synced:
+                self._lockstep_forwards(0)
             return None, metrics
         rows = torch.tensor(keep).repeat_interleave(g)  # (B,) prompt row of each completion
         prompt_ids, prompt_mask = tokenize_prompts(self.tokenizer, [texts[i] for i in keep], self.device)
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)  # (B, P)
-        comp, comp_mask, truncated = generate_completions(
-            self.policy, self.tokenizer, prompt_ids, prompt_mask, self.sampling, greedy=greedy,
-            synced_gpus=self._synced_generation(),
-        )
+        if not self.sampling.seed_per_group:
+            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(group_seed(self.hparams.seed, self.global_step, -1 - self.global_rank))
+                comp, comp_mask, truncated = generate_completions(
+                    self.policy, self.tokenizer, prompt_ids, prompt_mask, self.sampling, greedy=greedy,
+                    synced_gpus=synced,
+                )
         rollout = RolloutBatch(
             prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
             completion_ids=comp.cpu(), completion_mask=comp_mask.cpu(),
@@ -192,6 +239,8 @@ class PRPOModule(L.LightningModule):
         )
         if not greedy:
             self._add_logprobs(rollout, prompt_ids, prompt_mask, comp, comp_mask)
+        elif synced:
+            self._lockstep_forwards(0)
         return rollout, metrics
 
     def _add_logprobs(self, rollout: RolloutBatch, p_ids: Tensor, p_mask: Tensor, c_ids: Tensor, c_mask: Tensor) -> None:
@@ -199,9 +248,23 @@ class PRPOModule(L.LightningModule):
         temp = self.sampling.temperature
         old, ent = batched_logprobs(self.policy, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=True)
         rollout.old_logprobs, rollout.entropies = old.cpu(), ent.cpu()
+        if self._synced_generation():
+            self._lockstep_forwards(math.ceil(c_ids.shape[0] / mb))
         if self._reference is not None:
             ref, _ = batched_logprobs(self._reference, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=False)
             rollout.ref_logprobs = ref.cpu()
+
+    def _lockstep_forwards(self, num_calls: int) -> None:
+        """ZeRO-3: make up the difference to the most policy forward passes any rank made (parameters are
+        gathered collectively in every forward, so all ranks must make the same number)."""
+        extra = all_reduce_max(num_calls) - num_calls
+        for _ in range(extra):
+            with torch.no_grad():
+                self.policy(input_ids=self._dummy_ids())
+
+    def _dummy_ids(self) -> Tensor:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return torch.full((1, 1), int(pad), dtype=torch.long, device=self.device)
 
     def _synced_generation(self) -> bool:
         strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
@@ -212,11 +275,24 @@ class PRPOModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         t0 = time.perf_counter()
         rollout, metrics = self.make_rollout(batch)
+        t1 = time.perf_counter()
+        if rollout is not None:
+            prm = _GuardedPRM(self.prm) if self.prm is not None else None
+            try:
+                metrics.update(compute_advantages(rollout, self.verifier, self.aligner, self.segmenter, prm, self.tokenizer))
+                metrics["faults/prm_errors"] = 0.0
+            except PRMError as err:
+                if self.hparams.on_prm_error == "raise":
+                    raise
+                logging.getLogger(__name__).warning("rank %d, step %d: skipping the batch's update: %s",
+                                                    self.global_rank, self.global_step, err)
+                rollout, metrics["faults/prm_errors"] = None, 1.0
         if rollout is None:
+            # Other ranks may still update: join their collective backward passes with zero gradients.
+            if is_distributed():
+                self.update_policy(None)
             self.log_dict({f"train/{k}": v for k, v in metrics.items()})
             return None
-        t1 = time.perf_counter()
-        metrics.update(compute_advantages(rollout, self.verifier, self.aligner, self.segmenter, self.prm, self.tokenizer))
         t2 = time.perf_counter()
         metrics.update(self.update_policy(rollout))
         t3 = time.perf_counter()
@@ -226,21 +302,31 @@ class PRPOModule(L.LightningModule):
         self.log("acc", metrics["accuracy"], prog_bar=True, logger=False)
         return None
 
-    def update_policy(self, rollout: RolloutBatch) -> dict[str, float]:
-        """PPO-clip updates over ``ppo_epochs`` × mini-batches of the rollout; returns loss statistics."""
-        cfg, lcfg = self.optim_cfg, self.loss_cfg
+    def update_policy(self, rollout: RolloutBatch | None) -> dict[str, float]:
+        """PPO-clip updates over ``ppo_epochs`` × mini-batches of the rollout; returns loss statistics.
+
+        With several ranks, ``mini_batch_size`` is per rank, loss normalisers are global (summed over ranks)
+        and every rank makes the same number of backward passes and optimizer steps: a rank with fewer rows
+        (skipped prompts, or ``rollout=None``) backpropagates zero-weighted dummy passes. The returned loss
+        statistics are summed over ranks, i.e. they are the loss of the global batch.
+        """
+        cfg = self.optim_cfg
         opt, sched = self.optimizers(), self.lr_schedulers()
-        n = rollout.size
-        mb = min(cfg.mini_batch_size or n, n)
+        n = rollout.size if rollout is not None else 0
+        n_max = all_reduce_max(n)  # rows of the largest rank: sets the loop structure on every rank
+        if n_max == 0:
+            return {}
+        mb = min(cfg.mini_batch_size or n_max, n_max)
         gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
         sums: dict[str, float] = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
         n_updates = 0
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(n, generator=gen) if (mb < n or cfg.ppo_epochs > 1) else torch.arange(n)
-            for start in range(0, n, mb):
-                idx = order[start : start + mb]
+            order = torch.randperm(n, generator=gen) if (mb < n_max or cfg.ppo_epochs > 1) else torch.arange(n)
+            for start in range(0, n_max, mb):
+                idx = order[start : start + mb]  # (b,), possibly empty on a rank with fewer rows
+                n_micro = math.ceil(min(mb, n_max - start) / self.optim_cfg.micro_batch_size)
                 opt.zero_grad()
-                stats = self._accumulate_gradients(rollout, idx)
+                stats = self._accumulate_gradients(rollout, idx, n_micro)
                 if cfg.grad_clip is not None:
                     stats["grad_norm"] = grad_norm(self.policy)
                     self.clip_gradients(opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
@@ -253,21 +339,46 @@ class PRPOModule(L.LightningModule):
         out["lr"] = float(sched.get_last_lr()[0])
         return out
 
-    def _accumulate_gradients(self, rollout: RolloutBatch, idx: Tensor) -> dict[str, float]:
-        """Backward the mini-batch ``idx`` in micro-batches; the summed gradient equals the full mini-batch loss."""
+    def _loss_mask(self, batch: RolloutBatch) -> Tensor:
+        """``(b, T)`` tokens that enter the loss: the completion mask, minus truncated completions when
+        ``loss.mask_truncated_completions`` is set."""
+        mask = batch.completion_mask
+        if self.loss_cfg.mask_truncated_completions and batch.truncated is not None:
+            mask = mask & ~batch.truncated.bool()[:, None]
+        return mask
+
+    def _accumulate_gradients(self, rollout: RolloutBatch | None, idx: Tensor, n_micro: int | None = None) -> dict[str, float]:
+        """Backward the mini-batch ``idx`` in micro-batches; the summed gradient equals the full mini-batch loss.
+
+        Token and sequence counts are summed over ranks and each rank's loss is multiplied by the world size,
+        so the gradient that DDP/DeepSpeed average over ranks is the gradient of the global mini-batch loss.
+        ``n_micro`` (the same on every rank) pads this rank's micro-batches with zero-weighted dummy passes.
+        """
         lcfg = self.loss_cfg
-        mask_all = rollout.completion_mask[idx]  # (b, T)
-        n_tok = float(mask_all.sum().clamp(min=1))
+        rows = rollout.select(idx) if rollout is not None and idx.numel() else None
+        loss_mask = self._loss_mask(rows) if rows is not None else torch.zeros(0, 1, dtype=torch.bool)  # (b, T)
         n_seq = float(idx.numel())
+        if rows is not None and lcfg.mask_truncated_completions and rows.truncated is not None:
+            n_seq -= float(rows.truncated.sum())
+        n_tok, n_seq = all_reduce_sum([float(loss_mask.sum()), n_seq])
+        n_tok, n_seq = max(n_tok, 1.0), max(n_seq, 1.0)
+        scale = float(torch.distributed.get_world_size()) if is_distributed() else 1.0
         norm_c = lcfg.norm_constant or float(self.sampling.max_new_tokens)
         stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
-        for micro in idx.split(self.optim_cfg.micro_batch_size):
+        pieces: list[Tensor | None] = list(idx.split(self.optim_cfg.micro_batch_size)) if rows is not None else []
+        pieces += [None] * max((n_micro or len(pieces)) - len(pieces), 0)
+        for micro in pieces:
+            if micro is None:  # lock-step dummy pass: all parameters take part, zero gradient
+                logits = self.policy(input_ids=self._dummy_ids()).logits
+                self.manual_backward(logits.float().sum() * 0.0)
+                continue
             mb = rollout.select(micro)
             t_len = int(mb.completion_mask.sum(dim=1).max().clamp(min=1))  # trim right padding
             dev = self.device
-            c_ids, c_mask = mb.completion_ids[:, :t_len].to(dev), mb.completion_mask[:, :t_len].to(dev)
+            c_ids, c_attn = mb.completion_ids[:, :t_len].to(dev), mb.completion_mask[:, :t_len].to(dev)
+            c_mask = self._loss_mask(mb)[:, :t_len].to(dev)  # (b, t) tokens in the loss
             logp, _ = completion_logprobs(
-                self.policy, mb.prompt_ids.to(dev), mb.prompt_mask.to(dev), c_ids, c_mask, self.sampling.temperature
+                self.policy, mb.prompt_ids.to(dev), mb.prompt_mask.to(dev), c_ids, c_attn, self.sampling.temperature
             )  # (b, t)
             old = mb.old_logprobs[:, :t_len].to(dev)  # (b, t)
             adv = mb.advantages[:, :t_len].to(dev)  # (b, t)
@@ -280,10 +391,12 @@ class PRPOModule(L.LightningModule):
                 kl_loss = aggregate_loss(kl, c_mask, **agg)
                 loss = loss + lcfg.kl_coef * kl_loss
                 stats["kl"] += float(kl_loss.detach())
-            self.manual_backward(loss)
+            self.manual_backward(loss * scale)
             stats["loss"] += float(loss.detach())
             stats["pg_loss"] += float(pg_loss.detach())
             stats["clip_frac"] += float((clipped & c_mask).sum()) / n_tok
+        if is_distributed():  # each rank holds its share of the global loss: sum them
+            stats = dict(zip(stats, all_reduce_sum(list(stats.values()))))
         return stats
 
     # ------------------------------------------------------------------ evaluation
@@ -306,6 +419,25 @@ class PRPOModule(L.LightningModule):
         verdicts: list[Verdict] = rollout.verdicts if rollout is not None else []
         acc = sum(v.is_correct for v in verdicts) / max(len(verdicts), 1)
         self.log(f"{stage}/accuracy", acc, batch_size=max(len(verdicts), 1), on_epoch=True, prog_bar=True, sync_dist=True)
+
+
+class PRMError(RuntimeError):
+    """A process reward model raised (or timed out) while scoring a batch; the message names the PRM."""
+
+
+class _GuardedPRM(ProcessRewardModel):
+    """Wraps a PRM so that any exception from ``score`` becomes a :class:`PRMError` naming the PRM."""
+
+    def __init__(self, prm: ProcessRewardModel) -> None:
+        self.inner = prm
+        self.requires_reference = prm.requires_reference
+
+    def score(self, batch: RolloutBatch, tokenizer: Any) -> ProcessScores:
+        try:
+            return self.inner.score(batch, tokenizer)
+        except Exception as err:  # noqa: BLE001 - re-raised with the PRM's name
+            raise PRMError(f"PRM {type(self.inner).__name__} failed on {batch.size} completions: "
+                           f"{type(err).__name__}: {err}") from err
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:

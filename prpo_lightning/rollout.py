@@ -25,6 +25,10 @@ class SamplingConfig:
         max_new_tokens: completion budget; a completion that reaches it without EOS is *truncated*.
         max_prompt_length: prompts longer than this many tokens are skipped and counted.
         generation_batch_size: sequences per ``generate`` call (None: all at once).
+        seed_per_group: generate each prompt's G completions in their own ``generate`` call with the RNG seeded
+            from ``(seed, global_step, prompt id)``: completions do not depend on batch composition, rank or
+            world size, and resumed runs repeat them exactly. False: one batched call per rank seeded from
+            ``(seed, global_step, rank)``, faster on GPUs, reproducible for a fixed number of ranks only.
     """
 
     num_generations: int = 8
@@ -34,6 +38,7 @@ class SamplingConfig:
     max_new_tokens: int = 2048
     max_prompt_length: int = 2048
     generation_batch_size: int | None = None
+    seed_per_group: bool = True
 
 
 def tokenize_prompts(tokenizer: Any, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -125,6 +130,64 @@ def generate_completions(
     lengths = mask.sum(dim=1)  # (B,)
     truncated = ~has_eos & (lengths >= sampling.max_new_tokens)
     return completion, mask, truncated
+
+
+def generate_groups(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[Tensor],
+    num_generations: int,
+    sampling: SamplingConfig,
+    seeds: list[int] | None = None,
+    greedy: bool = False,
+    synced_gpus: bool = False,
+    lockstep_calls: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample the G completions of each prompt group in its own ``generate`` call(s), seeded per group.
+
+    The RNG of group ``j`` is reset to ``seeds[j]`` (inside :func:`torch.random.fork_rng`, so the caller's RNG
+    streams are untouched) and the group's prompt is generated without padding. A group's completions then
+    depend only on the weights, its prompt and its seed, not on the other prompts of the batch, on the rank
+    that drew it or on the number of ranks.
+
+    Args:
+        model: a Hugging Face causal LM.
+        tokenizer: its tokenizer.
+        prompts: one ``(P_j,)`` unpadded prompt-id tensor per group.
+        num_generations: G, completions per prompt.
+        sampling: sampling settings (``generation_batch_size`` splits a group into several calls).
+        seeds: one seed per group (None: the current RNG state is used).
+        greedy: greedy decoding.
+        synced_gpus: keep ranks in lock-step inside ``generate`` (DeepSpeed ZeRO-3).
+        lockstep_calls: extra throw-away ``generate`` calls on a one-token prompt, so that every rank makes the
+            same number of calls under ZeRO-3 (ranks that skipped prompts make up the difference).
+
+    Returns:
+        ``(completion_ids, completion_mask, truncated)`` of shapes ``(N·G, T)``, ``(N·G, T)``, ``(N·G,)``; rows
+        ``j·G … j·G + G − 1`` belong to group ``j``.
+    """
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    device = next(model.parameters()).device
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    outs = []
+    for j, prompt in enumerate(prompts):
+        ids = prompt.to(device)[None, :].repeat(num_generations, 1)  # (G, P_j)
+        with torch.random.fork_rng(devices=devices):
+            if seeds is not None:
+                torch.manual_seed(seeds[j])
+            outs.append(generate_completions(model, tokenizer, ids, torch.ones_like(ids), sampling, greedy, synced_gpus))
+    dummy = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+    for _ in range(lockstep_calls):
+        generate_completions(model, tokenizer, dummy, torch.ones_like(dummy), sampling, greedy, synced_gpus)
+    if not outs:
+        empty = torch.zeros(0, 1, dtype=torch.long, device=device)
+        return empty, empty.bool(), torch.zeros(0, dtype=torch.bool, device=device)
+    t = max(c.shape[1] for c, _, _ in outs)
+    comp = torch.cat([torch.nn.functional.pad(c, (0, t - c.shape[1]), value=pad_id) for c, _, _ in outs])  # (B, T)
+    mask = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1]), value=False) for _, m, _ in outs])  # (B, T)
+    truncated = torch.cat([tr for _, _, tr in outs])  # (B,)
+    return comp, mask, truncated
 
 
 def completion_logprobs(
