@@ -21,6 +21,15 @@ _COMPLEX_GOLD = re.compile(r"[0-9.+\-\\{}a-z]*i[0-9.+\-\\{}a-z]*")
 _LETTER = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z](?![a-zA-Z])")
 
 
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_LIST_COMMA = re.compile(r"\d\s*,\s+[+-]?\d")
+
+
+def _explicit_thousands(raw: str) -> str:
+    """``11,\\! 111`` and ``11{,}111`` mark thousands explicitly: drop the space that follows them."""
+    return re.sub(r",\\!\s*", ",", raw.replace("{,}", ","))
+
+
 class Outcome(str, enum.Enum):
     """Result of comparing a candidate with a gold answer."""
 
@@ -216,6 +225,9 @@ def compare_answers(gold: str, candidate: str, config: CompareConfig, symbolic: 
         return Outcome.UNPARSABLE, str(exc)
     if not cand_norm:
         return Outcome.UNPARSABLE, "empty answer"
+    if _THOUSANDS.fullmatch(gold_norm) and _LIST_COMMA.search(_explicit_thousands(candidate)):
+        if not _LIST_COMMA.search(_explicit_thousands(gold)):
+            return Outcome.DIFFERENT, None  # ``58, 500`` is a list of two numbers, not 58500
     if gold_norm == cand_norm:
         return Outcome.EQUAL, None
     try:

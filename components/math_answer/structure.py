@@ -151,7 +151,7 @@ def _interval(s: str) -> tuple[str, str, str, str] | None:
 
 def _relation_to_interval(s: str) -> tuple[str, str, str, str] | None:
     """``a<x\\le b``, ``x>a``, ``x\\le b`` ... -> an interval; anything else -> ``None``."""
-    pieces = _RELATION.split(s)
+    pieces = [p.strip() for p in _RELATION.split(s)]
     ops = _RELATION.findall(s)
     if not 1 <= len(ops) <= 2 or any(not p for p in pieces):
         return None
@@ -161,9 +161,12 @@ def _relation_to_interval(s: str) -> tuple[str, str, str, str] | None:
     where = var_positions[0]
     inf, ninf = "\\infty", "-\\infty"
     if len(ops) == 2:
-        if where != 1 or ops[0][0] != ops[1][0] or ops[0] in (">", "\\ge"):
-            return None  # only ``a < x < b`` style chains
-        return ("[" if ops[0] == "\\le" else "(", pieces[0], pieces[2], "]" if ops[1] == "\\le" else ")")
+        less = {"<", "\\le"}
+        if where != 1 or (ops[0] in less) != (ops[1] in less):
+            return None  # only monotone chains ``a < x \le b`` or ``a > x > b``
+        if ops[0] in less:
+            return ("[" if ops[0] == "\\le" else "(", pieces[0], pieces[2], "]" if ops[1] == "\\le" else ")")
+        return ("[" if ops[1] == "\\ge" else "(", pieces[2], pieces[0], "]" if ops[0] == "\\ge" else ")")
     op = ops[0]
     bound = pieces[1 - where]
     upper = (op in ("<", "\\le")) == (where == 0)  # ``x < b`` or ``b > x``: ``b`` is the upper bound
