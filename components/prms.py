@@ -16,12 +16,14 @@ micro-batches, on the device given to ``setup`` (the policy's). Example::
       init_args: {model_name_or_path: Qwen/Qwen2.5-Math-PRM-7B, max_length: 4096, micro_batch_size: 4}
 """
 
+from components.equation_check import EquationCheckPRM
 from components.prm_common import TaggedStepPRM, segment_texts, truncate_keep_first_tag
 from components.prm_implicit import ImplicitPRM
 from components.prm_qwen import QwenMathPRM, Qwen2ForProcessRewardModel, qwen_prm_text
 from components.prm_shepherd import MathShepherdPRM
 
 __all__ = [
+    "EquationCheckPRM",
     "ImplicitPRM",
     "MathShepherdPRM",
     "Qwen2ForProcessRewardModel",
