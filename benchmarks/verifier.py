@@ -1,0 +1,224 @@
+"""Benchmark: ``SympyMathVerifier`` against math-verify on the same inputs.
+
+Inputs are the pair table ``tests/data/verifier_pairs.jsonl`` (gold, candidate, equivalent) and the 500 MATH500 gold
+answers checked against themselves. Every candidate is wrapped in the same typical completion text. Reported per
+verifier: precision and recall on the pair table, MATH500 self-agreement, throughput (answers/s) and per-answer
+latency p50/p99. Ours is timed twice: one ``verify()`` call at a time (latency and sequential throughput) and one
+``verify_batch()`` over everything (its parallel throughput). Worker start-up is paid before timing starts and
+reported separately. math-verify runs in-process on the main thread with its default settings.
+
+Run from the repository root::
+
+    python benchmarks/verifier.py            # writes benchmarks/results/verifier.{json,md}
+    python benchmarks/verifier.py --show-errors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from components.verifiers import SympyMathVerifier  # noqa: E402
+
+PAIRS = ROOT / "tests" / "data" / "verifier_pairs.jsonl"
+MATH500 = ROOT.parent / "shared" / "data" / "math500" / "test.jsonl"
+RESULTS = ROOT / "benchmarks" / "results"
+TEMPLATE = "Let me work through this step by step.\n\nPutting it together, the final answer is $\\boxed{{{}}}$."
+
+
+def load_inputs() -> tuple[list[dict], list[str]]:
+    pairs = [json.loads(line) for line in PAIRS.read_text().splitlines() if line.strip()]
+    golds = []
+    if MATH500.exists():
+        golds = [json.loads(line)["answer"] for line in MATH500.read_text().splitlines() if line.strip()]
+    return pairs, golds
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def score(predictions: list[bool], labels: list[bool]) -> dict[str, float]:
+    tp = sum(p and y for p, y in zip(predictions, labels))
+    fp = sum(p and not y for p, y in zip(predictions, labels))
+    fn = sum(not p and y for p, y in zip(predictions, labels))
+    return {
+        "precision": tp / (tp + fp) if tp + fp else 1.0,
+        "recall": tp / (tp + fn) if tp + fn else 1.0,
+        "true_positives": tp,
+        "false_positives": fp,
+        "false_negatives": fn,
+    }
+
+
+def run_ours(items: list[tuple[str, str]], timeout: float, workers: int) -> dict:
+    verifier = SympyMathVerifier(timeout_seconds=timeout, num_workers=workers)
+    start = time.perf_counter()
+    verifier.verify("\\boxed{\\sqrt{2}}", "\\sqrt{2}+0")  # starts the workers
+    startup = time.perf_counter() - start
+    latencies, predictions = [], []
+    start = time.perf_counter()
+    for completion, gold in items:
+        t0 = time.perf_counter()
+        verdict = verifier.verify(completion, gold)
+        latencies.append(time.perf_counter() - t0)
+        predictions.append(verdict.is_correct)
+    sequential = time.perf_counter() - start
+    start = time.perf_counter()
+    batch = verifier.verify_batch([c for c, _ in items], [g for _, g in items])
+    batched = time.perf_counter() - start
+    stats = verifier.stats()
+    verifier.close()
+    if [v.is_correct for v in batch] != predictions:
+        print("warning: batch and sequential verdicts differ", file=sys.stderr)
+    return {
+        "predictions": predictions,
+        "latencies": latencies,
+        "seconds_sequential": sequential,
+        "seconds_batch": batched,
+        "startup_seconds": startup,
+        "stats": stats,
+    }
+
+
+def run_math_verify(items: list[tuple[str, str]]) -> dict:
+    from math_verify import parse, verify
+
+    parse("$\\frac{1}{2}$")  # first-use imports
+    latencies, predictions = [], []
+    start = time.perf_counter()
+    for completion, gold in items:
+        t0 = time.perf_counter()
+        try:
+            ok = bool(verify(parse("$" + gold + "$"), parse(completion)))
+        except Exception:  # noqa: BLE001 - counted as not verified, like its own raise_on_error=False
+            ok = False
+        latencies.append(time.perf_counter() - t0)
+        predictions.append(ok)
+    return {"predictions": predictions, "latencies": latencies, "seconds_sequential": time.perf_counter() - start}
+
+
+def summarise(name: str, run: dict, pairs: list[dict], n_golds: int) -> dict:
+    n_pairs = len(pairs)
+    preds = run["predictions"]
+    table = score(preds[:n_pairs], [p["equivalent"] for p in pairs])
+    total = len(preds)
+    out = {
+        "verifier": name,
+        **table,
+        "math500_self_correct": sum(preds[n_pairs:]),
+        "math500_total": n_golds,
+        "answers": total,
+        "throughput_sequential": total / run["seconds_sequential"],
+        "latency_p50_ms": 1000 * statistics.median(run["latencies"]),
+        "latency_p99_ms": 1000 * percentile(run["latencies"], 99),
+    }
+    if "seconds_batch" in run:
+        out["throughput_batch"] = total / run["seconds_batch"]
+        out["startup_seconds"] = run["startup_seconds"]
+        out["stats"] = run["stats"]
+    return out
+
+
+def write_markdown(path: Path, results: list[dict], meta: dict) -> None:
+    lines = [
+        "# Verifier benchmark: SympyMathVerifier vs math-verify",
+        "",
+        f"Inputs: {meta['pairs']} pairs from `tests/data/verifier_pairs.jsonl` ({meta['equivalent']} equivalent, "
+        f"{meta['pairs'] - meta['equivalent']} non-equivalent) + {meta['golds']} MATH500 golds checked against "
+        "themselves; every candidate wrapped in the same completion text.",
+        f"Machine: {meta['machine']}, Python {meta['python']}. Ours: {meta['workers']} worker processes, "
+        f"{meta['timeout']} s timeout.",
+        "",
+        "| verifier | precision | recall | MATH500 self | answers/s (sequential) | answers/s (batch) "
+        "| p50 latency ms | p99 latency ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        batch = f"{r['throughput_batch']:.0f}" if "throughput_batch" in r else "n/a"
+        lines.append(
+            f"| {r['verifier']} | {100 * r['precision']:.2f}% ({r['false_positives']} FP) | "
+            f"{100 * r['recall']:.2f}% ({r['false_negatives']} FN) | {r['math500_self_correct']}/{r['math500_total']} "
+            f"| {r['throughput_sequential']:.0f} | {batch} | {r['latency_p50_ms']:.3f} | {r['latency_p99_ms']:.2f} |"
+        )
+    ours = results[0]
+    lines += [
+        "",
+        f"Ours: worker start-up {ours['startup_seconds']:.2f} s (paid once, before timing); over both timed passes "
+        f"{ours['stats']['symbolic']} of {ours['stats']['total']} answers needed a sympy worker (the rest were "
+        f"decided in-process), {ours['stats']['timeouts']} timed out, {ours['stats']['errors']} errors.",
+        "",
+        "Caveats: the pair table was written alongside this verifier and its misses were fixed as they were found, so "
+        "our score on it is an upper bound, while math-verify runs out of the box (default `parse`/`verify`, gold "
+        "wrapped in `$...$`). math-verify's false positives here are the relative-precision cases from its tracker "
+        "(issue 14) and a 6-decimal rounding match; its false negatives are inequality-for-interval answers, a "
+        "factored complex number and `14.0 - 1.0i`. Throughput and latency come from one run on a shared 2-core "
+        "machine and move by tens of percent between runs; sequential mode calls `verify()` once per answer, batch "
+        "mode is one `verify_batch()` call using both workers.",
+        "",
+        "Reproduce from the repository root (needs `math-verify`, installed by the `dev` extra):",
+        "",
+        "```",
+        "python benchmarks/verifier.py",
+        "```",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--show-errors", action="store_true", help="print the pairs each verifier gets wrong")
+    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results")
+    args = parser.parse_args()
+    pairs, golds = load_inputs()
+    items = [(TEMPLATE.format(p["candidate"]), p["gold"]) for p in pairs]
+    items += [(TEMPLATE.format(g), g) for g in golds]
+    ours = run_ours(items, args.timeout, args.workers)
+    theirs = run_math_verify(items)
+    results = [
+        summarise("SympyMathVerifier (ours)", ours, pairs, len(golds)),
+        summarise("math-verify", theirs, pairs, len(golds)),
+    ]
+    if args.show_errors:
+        for name, run in (("ours", ours), ("math-verify", theirs)):
+            for p, pred in zip(pairs, run["predictions"]):
+                if pred != p["equivalent"]:
+                    print(f"[{name}] {'FP' if pred else 'FN'} {p['category']}: {p['gold']!r} vs {p['candidate']!r}")
+            for g, pred in zip(golds, run["predictions"][len(pairs) :]):
+                if not pred:
+                    print(f"[{name}] MATH500 self-check failed: {g!r}")
+    meta = {
+        "pairs": len(pairs),
+        "equivalent": sum(p["equivalent"] for p in pairs),
+        "golds": len(golds),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "python": platform.python_version(),
+        "workers": args.workers,
+        "timeout": args.timeout,
+    }
+    for r in results:
+        print(json.dumps(r))
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "verifier.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        write_markdown(RESULTS / "verifier.md", results, meta)
+        print(f"wrote {RESULTS / 'verifier.json'} and {RESULTS / 'verifier.md'}")
+
+
+if __name__ == "__main__":
+    main()
