@@ -76,6 +76,8 @@ def _check(x: Fraction) -> Fraction:
 
 
 class _Parser:
+    """Recursive-descent evaluator of the module grammar over tokens (whitespace dropped), depth-bounded."""
+
     def __init__(self, tokens: list[Token]) -> None:
         self.toks = [t for t in tokens if t.kind not in ("skip", "nl")]
         self.i = 0
