@@ -154,6 +154,18 @@ def test_qwen_prm_text_matches_model_card_format():
     )
 
 
+def test_qwen_prm_uses_the_tokenizer_chat_template_when_present(qwen_tokenizer):
+    prm = QwenMathPRM("unused-path")
+    prm.tokenizer = qwen_tokenizer
+    assert prm.build_text("Q?", ["a", "b"]) == qwen_prm_text(SYSTEM, "Q?", ["a", "b"])  # no template: built-in
+    chatml = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    qwen_tokenizer.chat_template = chatml
+    try:
+        assert prm.build_text("Q?", ["a", "b"]) == qwen_prm_text(SYSTEM, "Q?", ["a", "b"])
+    finally:
+        qwen_tokenizer.chat_template = None
+
+
 def test_qwen_prm_scores_equal_model_card_reference_and_batching(qwen_tokenizer, qwen_prm_dir):
     tok = qwen_tokenizer
     batch = qwen_policy_batch(tok)
