@@ -278,8 +278,9 @@ class PRPOModule(L.LightningModule):
         t1 = time.perf_counter()
         if rollout is not None:
             prm = _GuardedPRM(self.prm) if self.prm is not None else None
+            verifier = _GuardedVerifier(self.verifier)
             try:
-                metrics.update(compute_advantages(rollout, self.verifier, self.aligner, self.segmenter, prm, self.tokenizer))
+                metrics.update(compute_advantages(rollout, verifier, self.aligner, self.segmenter, prm, self.tokenizer))
                 metrics["faults/prm_errors"] = 0.0
             except PRMError as err:
                 if self.hparams.on_prm_error == "raise":
@@ -438,6 +439,31 @@ class _GuardedPRM(ProcessRewardModel):
         except Exception as err:  # noqa: BLE001 - re-raised with the PRM's name
             raise PRMError(f"PRM {type(self.inner).__name__} failed on {batch.size} completions: "
                            f"{type(err).__name__}: {err}") from err
+
+
+class VerifierError(RuntimeError):
+    """An outcome verifier raised instead of returning a verdict; the message names the verifier.
+
+    Verifiers report per-sample problems in the verdict (``timed_out`` → UNPARSABLE, counted under
+    ``verifier/timeouts``; ``error`` → counted under ``verifier/errors``); an exception is a bug and stops training.
+    """
+
+
+class _GuardedVerifier(OutcomeVerifier):
+    """Wraps a verifier so that an exception from ``verify_batch`` becomes a :class:`VerifierError`."""
+
+    def __init__(self, verifier: OutcomeVerifier) -> None:
+        self.inner = verifier
+
+    def verify(self, completion: str, gold: str) -> Verdict:
+        return self.verify_batch([completion], [gold])[0]
+
+    def verify_batch(self, completions: Any, golds: Any) -> list[Verdict]:
+        try:
+            return self.inner.verify_batch(completions, golds)
+        except Exception as err:  # noqa: BLE001 - re-raised with the verifier's name
+            raise VerifierError(f"verifier {type(self.inner).__name__} failed on {len(completions)} completions: "
+                                f"{type(err).__name__}: {err}") from err
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
