@@ -111,6 +111,11 @@ class PRPOModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self._reference: torch.nn.Module | None = None  # frozen, kept outside the module's parameters
+        # --- evaluation state (validate/test): one BenchmarkEvaluator per running stage, holding the
+        # deduplicating torchmetrics metrics (created at the first batch, when the benchmarks are known)
+        self._evaluators: dict[str, Any] = {}
+        self.eval_results: dict[str, dict[str, Any]] = {}  # last finished evaluation per stage
+        # --- end of evaluation state
 
     # ------------------------------------------------------------------ setup
     @property
@@ -402,24 +407,111 @@ class PRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def generate_and_grade(self, batch: dict[str, Any], greedy: bool = True, num_samples: int = 1) -> RolloutBatch | None:
-        """Sample (or greedily decode) completions for an evaluation batch and grade them."""
-        rollout, _ = self.make_rollout(batch, greedy=greedy, num_generations=num_samples)
-        if rollout is not None:
-            rollout.verdicts = self.verifier.verify_batch(rollout.completions, rollout.answers)
+    def generate_and_grade(
+        self,
+        batch: dict[str, Any],
+        greedy: bool = True,
+        num_samples: int = 1,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> RolloutBatch | None:
+        """Greedily decode (or sample ``num_samples`` completions) for an evaluation batch and grade them.
+
+        Generation goes through :meth:`make_rollout` (same seeding and ZeRO-3 lock-step): greedy decoding is
+        batched; samples are seeded per problem (``sampling.seed_per_group``), so a problem's samples do not depend
+        on the rank or the number of ranks that drew it. A row's own
+        ``prompt_template`` (a batch field, e.g. the AMC/AIME prompt) replaces the model's template; the chat
+        template is applied as in training.
+
+        Args:
+            batch: collated problems (``id``, ``problem``, ``answer``; optional ``prompt_template``).
+            greedy: greedy decoding; otherwise sampling at ``temperature``/``top_p`` with top-k off.
+            num_samples: completions per problem.
+            temperature / top_p / max_new_tokens: overrides of the model's ``sampling`` settings.
+
+        Returns:
+            The graded rollout (``verdicts`` set; ``extras["batch_rows"]`` gives each row's position in
+            ``batch``), or None when every prompt was longer than ``max_prompt_length``.
+        """
+        import dataclasses
+
+        templates = batch.get("prompt_template") or [None] * len(batch["problem"])
+        texts = [(t or self.hparams.prompt_template).format(problem=p) for p, t in zip(batch["problem"], templates)]
+        overrides: dict[str, Any] = {} if max_new_tokens is None else {"max_new_tokens": int(max_new_tokens)}
+        if greedy:  # no RNG involved: decode the whole batch in batched generate calls, not one call per problem
+            overrides["seed_per_group"] = False
+        else:
+            overrides["top_k"] = 0
+            if temperature is not None:
+                overrides["temperature"] = float(temperature)
+            if top_p is not None:
+                overrides["top_p"] = float(top_p)
+        def no_logprobs(*args: Any) -> None:  # evaluation needs no log-probs: keep only the ZeRO-3 lock-step
+            if self._synced_generation():
+                self._lockstep_forwards(0)
+
+        saved = self.sampling, self.hparams.prompt_template
+        self.sampling = dataclasses.replace(self.sampling, **overrides)
+        self.hparams.prompt_template = "{problem}"  # texts are already formatted
+        self.__dict__["_add_logprobs"] = no_logprobs
+        try:
+            rollout, _ = self.make_rollout({**batch, "problem": texts}, greedy=greedy, num_generations=num_samples)
+        finally:
+            self.sampling, self.hparams.prompt_template = saved
+            self.__dict__.pop("_add_logprobs", None)
+        if rollout is None:
+            return None
+        g = max(int(num_samples), 1)
+        ids, gids = batch["id"].tolist(), rollout.group_ids.tolist()
+        rows, j = [], 0
+        for k in range(0, len(gids), g):  # kept rows appear in batch order, each repeated g times
+            while ids[j] != gids[k]:
+                j += 1
+            rows += [j] * g
+            j += 1
+        rollout.extras["batch_rows"] = rows
+        rollout.problems = [batch["problem"][r] for r in rows]
+        rollout.verdicts = self.verifier.verify_batch(rollout.completions, rollout.answers)
         return rollout
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "test")
 
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        rollout = self.generate_and_grade(batch, greedy=True)
-        verdicts: list[Verdict] = rollout.verdicts if rollout is not None else []
-        acc = sum(v.is_correct for v in verdicts) / max(len(verdicts), 1)
-        self.log(f"{stage}/accuracy", acc, batch_size=max(len(verdicts), 1), on_epoch=True, prog_bar=True, sync_dist=True)
+        """Generate and grade one batch into the stage's evaluator (greedy pass@1; pass@k when configured)."""
+        from prpo_lightning.evaluation.runner import evaluator_for_trainer
+
+        if stage not in self._evaluators:
+            self._evaluators[stage] = evaluator_for_trainer(self.trainer, self.device, stage)
+        self._evaluators[stage].run_batch(self, batch)
+
+    def _finish_eval(self, stage: str) -> None:
+        """Merge ranks (deduplicating padded repeats), log ``<stage>/<benchmark>/<metric>`` and write the outputs."""
+        from prpo_lightning.evaluation.runner import output_dir_for
+
+        evaluator = self._evaluators.pop(stage, None)
+        if evaluator is None:
+            return
+        trainer = self.trainer
+        out_dir = None if trainer.sanity_checking else output_dir_for(trainer, evaluator.config, stage, self.global_step)
+        result = evaluator.finalize(
+            step=self.global_step, stage=stage, output_dir=out_dir, loggers=trainer.loggers,
+            is_global_zero=trainer.is_global_zero,
+        )
+        self.eval_results[stage] = result
+        metrics = {f"{stage}/{k}": float(v) for k, v in result["metrics"].items() if k != "accuracy"}
+        self.log_dict(metrics, sync_dist=False)  # already identical on every rank
+        self.log(f"{stage}/accuracy", float(result["metrics"]["accuracy"]), prog_bar=True, sync_dist=False)
 
 
 class PRMError(RuntimeError):

@@ -1,4 +1,12 @@
-"""Held-out accuracy during ``fit``: before RL, every N optimizer steps, and after RL."""
+"""Task accuracy during ``fit``: before RL, every N optimizer steps, and after RL.
+
+Greedy pass@1 (and, when ``n_samples > 0``, unbiased pass@k and mean@n at T 0.7 / top-p 0.9) on the datamodule's
+evaluation problems or on named benchmarks (``math500``, ``amc23``, ``aime24``, JSONL paths), with per-subject and
+per-level breakdowns. Every evaluation writes ``completions.jsonl``, ``summary.csv``, ``summary.txt``,
+``breakdown.png`` and ``samples.md`` under ``<output_dir>/fit-step<step>/`` and logs a sample of completions as a
+table. On several ranks each rank decodes a ``DistributedSampler`` shard (padded, so every rank makes the same
+``generate`` calls, as ZeRO-3 needs) and the deduplicating metric counts every problem once.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +15,86 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
+
+from prpo_lightning.data import PromptDataset, collate_prompts
+from prpo_lightning.evaluation.benchmarks import load_benchmark, resolve_benchmark
+from prpo_lightning.evaluation.runner import BenchmarkEvaluator, EvalConfig, output_dir_for
+
+DEFAULT_SET = "heldout"
+"""Benchmark name of the datamodule's own evaluation problems (used when no ``benchmarks`` are given)."""
 
 
 class MathEvalCallback(L.Callback):
-    """Greedy pass@1 on the datamodule's evaluation problems during training.
+    """Evaluate task accuracy during training and write per-problem outputs.
 
-    The evaluation set is ``trainer.datamodule.eval_dataloader()``. Results are logged as
-    ``eval/accuracy`` against ``trainer.global_step`` and kept in :attr:`history`.
+    Results are logged as ``eval/accuracy`` (headline metric of the first benchmark) and
+    ``eval/<benchmark>/<metric>`` against ``trainer.global_step``, put in ``trainer.callback_metrics`` (so
+    ``ModelCheckpoint(monitor="eval/math500/pass@1")`` works) and kept in :attr:`history` as dicts with ``step``,
+    ``accuracy``, ``num_problems`` and the per-benchmark metrics.
 
     Args:
         every_n_steps: evaluate after every N optimizer steps (0 disables periodic evaluation).
         eval_at_start: evaluate before the first RL step (the "before" number).
         eval_at_end: evaluate when fit ends (the "after" number).
+        benchmarks: benchmark names or JSONL paths (None: ``trainer.datamodule``'s evaluation problems).
+        max_problems: first N problems of each benchmark only (None: all).
+        batch_size: prompts per generation batch (None: the datamodule's ``eval_batch_size``, else 32).
+        prompt_template: prompt for every benchmark (None: the benchmark's own, else the model's).
+        greedy: report greedy pass@1.
+        n_samples: samples per problem for pass@k and mean@n (0: none).
+        ks: k values of pass@k (default: powers of two from 2, and n).
+        temperature / top_p: sampling settings for pass@k (paper: 0.7 / 0.9).
+        max_new_tokens: completion budget (None: the model's ``sampling.max_new_tokens``).
+        seed: pass@k sampling seed.
+        output_dir: output root (None: ``<log_dir>/eval``).
+        write_outputs: write the output files.
+        num_logged_completions: completions logged to the logger as a table.
 
     Raises:
-        ValueError: if ``every_n_steps`` is negative.
+        ValueError: if ``every_n_steps`` is negative or the sampling settings are inconsistent.
     """
 
-    def __init__(self, every_n_steps: int = 0, eval_at_start: bool = True, eval_at_end: bool = True) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        eval_at_start: bool = True,
+        eval_at_end: bool = True,
+        benchmarks: list[str] | None = None,
+        max_problems: int | None = None,
+        batch_size: int | None = None,
+        prompt_template: str | None = None,
+        greedy: bool = True,
+        n_samples: int = 0,
+        ks: list[int] | None = None,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        max_new_tokens: int | None = None,
+        seed: int = 42,
+        output_dir: str | None = None,
+        write_outputs: bool = True,
+        num_logged_completions: int = 8,
+    ) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.eval_at_start = eval_at_start
         self.eval_at_end = eval_at_end
+        self.benchmarks = [resolve_benchmark(b).name for b in benchmarks] if benchmarks else None
+        self._benchmark_args = list(benchmarks or [])
+        self.max_problems = max_problems
+        self.batch_size = batch_size
+        self.prompt_template = prompt_template
+        self.config = EvalConfig(
+            greedy=greedy, n_samples=n_samples, ks=ks, temperature=temperature, top_p=top_p,
+            max_new_tokens=max_new_tokens, seed=seed, output_dir=output_dir, write_outputs=write_outputs,
+            num_logged_completions=num_logged_completions,
+        )
         self.history: list[dict[str, float]] = []
+        self.last_result: dict[str, Any] | None = None
         self._last_step = -1
+        self._rows: list[dict[str, Any]] | None = None
 
     @property
     def state_key(self) -> str:
@@ -45,25 +107,69 @@ class MathEvalCallback(L.Callback):
         self.history = list(state_dict["history"])
         self._last_step = int(state_dict["last_step"])
 
+    # ------------------------------------------------------------------ data
+    def problems(self, trainer: L.Trainer) -> list[dict[str, Any]]:
+        """The evaluation rows: the configured benchmarks, or the datamodule's evaluation problems."""
+        if self._rows is None:
+            if self._benchmark_args:
+                rows: list[dict[str, Any]] = []
+                for name in self._benchmark_args:
+                    for r in load_benchmark(name, self.max_problems, self.prompt_template):
+                        r["id"] = len(rows)
+                        rows.append(r)
+            else:
+                dm = trainer.datamodule
+                if dm is None:
+                    raise ValueError("MathEvalCallback needs `benchmarks` or a datamodule with eval_dataloader()")
+                loader = dm.eval_dataloader()
+                base = getattr(loader.dataset, "rows", None) or [loader.dataset[i] for i in range(len(loader.dataset))]
+                rows = [dict(r) for r in base[: self.max_problems]]
+                for r in rows:
+                    r.setdefault("index", int(r["id"]))
+                    r.setdefault("benchmark", DEFAULT_SET)
+                    if self.prompt_template is not None:
+                        r["prompt_template"] = self.prompt_template
+            self._rows = rows
+        return self._rows
+
+    def _loader(self, trainer: L.Trainer) -> DataLoader:
+        dataset = PromptDataset(self.problems(trainer))
+        bs = self.batch_size or getattr(trainer.datamodule, "eval_batch_size", None) or 32
+        sampler = None
+        if trainer.world_size > 1:  # padded shards: equal generate calls on every rank; the metric dedups
+            sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+        return DataLoader(dataset, batch_size=bs, sampler=sampler, collate_fn=collate_prompts)
+
+    # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: Any) -> float:
-        """Greedy-decode every evaluation problem, grade it and return the accuracy."""
-        loader = trainer.datamodule.eval_dataloader()
-        correct = total = 0
-        bar = tqdm(loader, desc=f"eval @ step {trainer.global_step}", leave=False, disable=not trainer.is_global_zero)
-        for batch in bar:
-            rollout = pl_module.generate_and_grade(batch, greedy=True)
-            if rollout is None:
-                continue
-            correct += sum(v.is_correct for v in rollout.verdicts)
-            total += len(rollout.verdicts)
-        acc = correct / max(total, 1)
+        """Evaluate every configured benchmark, write outputs, log, and return the headline accuracy."""
+        names = self.benchmarks or [DEFAULT_SET]
+        evaluator = BenchmarkEvaluator(names, self.config, pl_module.device, default_benchmark=names[0])
         step = trainer.global_step
-        self.history.append({"step": float(step), "accuracy": acc, "num_problems": float(total)})
+        bar = tqdm(self._loader(trainer), desc=f"eval @ step {step}", leave=False, disable=not trainer.is_global_zero)
+        for batch in bar:
+            evaluator.run_batch(pl_module, batch)
+        out_dir = output_dir_for(trainer, self.config, "fit", step)
+        result = evaluator.finalize(step=step, stage="eval", output_dir=out_dir, loggers=trainer.loggers,
+                                    is_global_zero=trainer.is_global_zero)
+        self.last_result = result
+        metrics = {f"eval/{k}": float(v) for k, v in result["metrics"].items() if k not in ("accuracy", "num_problems")}
+        acc = float(result["metrics"]["accuracy"])
+        metrics["eval/accuracy"] = acc
+        entry = {"step": float(step), "accuracy": acc, "num_problems": float(result["metrics"]["num_problems"])}
+        entry.update({k[len("eval/"):]: v for k, v in metrics.items() if k != "eval/accuracy"})
+        self.history.append(entry)
         self._last_step = step
         for logger in trainer.loggers:
-            logger.log_metrics({"eval/accuracy": acc}, step=step)
+            logger.log_metrics(metrics, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         return acc
+
+    @property
+    def output_files(self) -> dict[str, str]:
+        """Paths written by the last evaluation (rank zero)."""
+        return dict(self.last_result["files"]) if self.last_result else {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self.eval_at_start and not any(h["step"] == trainer.global_step for h in self.history):
@@ -86,3 +192,4 @@ class MathEvalCallback(L.Callback):
             f"[prpo] held-out accuracy: before RL {before:.1%} -> after RL {after:.1%} "
             f"({(after - before) * 100:+.1f} points, {int(self.history[-1]['num_problems'])} problems)"
         )
+
