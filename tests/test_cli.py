@@ -17,6 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml"))
 
 
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    """LightningCLI reads sys.argv too; keep pytest's own arguments out of it."""
+    monkeypatch.setattr("sys.argv", ["prpo-fit"])
+
+
 @pytest.fixture(scope="module")
 def char_tokenizer(tmp_path_factory) -> str:
     return build_char_tokenizer(tmp_path_factory.mktemp("tok"))
@@ -68,9 +74,8 @@ def test_fit_two_steps_through_cli(tmp_path, char_tokenizer, method):
             "--model.segmenter.min_gap=4",
             "--model.prm=components.prms.EquationCheckPRM",
         ]
-    before = PRPOModule  # the CLI builds its own instance; we inspect it after the run
     cli = cli_main(args)
-    assert isinstance(cli.model, before)
+    assert isinstance(cli.model, PRPOModule)
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics
     for key in ("train/reward/mean", "train/accuracy", "train/frac_zero_std_groups", "train/clip_frac",
