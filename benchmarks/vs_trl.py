@@ -1,0 +1,510 @@
+"""Benchmark 1: our GRPO step against TRL's ``GRPOTrainer`` on the same tiny Qwen2 model.
+
+Both frameworks train the same randomly initialised Qwen2 (saved once with ``save_pretrained`` and loaded by
+both), with the same character-level tokenizer, the same prompts (the demo's arithmetic problems in the demo
+prompt format, no chat template), the same G, completion budget, sampling settings (temperature 1, top-p 1,
+top-k off), reward function (boxed-answer match), loss (PPO-clip ε = 0.2, no dual clip, token-mean = TRL
+``dapo``), optimizer (AdamW, constant LR, no weight decay, grad-clip 1.0), no KL (``beta = 0``, no reference
+model), no vLLM, one optimizer step per generation batch and one forward/backward over the whole batch.
+A random model never emits EOS, so every completion has exactly ``max_new_tokens`` tokens in both frameworks and
+they do the same amount of work.
+
+Each (framework, round) runs in a fresh subprocess, alternating ours / TRL to spread machine-load drift evenly.
+Time per optimizer step is the wall time between consecutive optimizer-step ends (generation, log-prob passes,
+reward, loss, backward, optimizer, logging and data loading included), median over the measured steps after
+warm-up. Memory is the process's peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``), reported both whole and as the
+increase over the RSS just before training starts (which excludes each library's import footprint).
+
+Run::
+
+    python benchmarks/vs_trl.py                    # writes benchmarks/results/vs_trl.json and docs/benchmarks.md
+    python benchmarks/vs_trl.py --steps 3 --no-docs  # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS_MD = ROOT / "docs" / "benchmarks.md"
+sys.path.insert(0, str(ROOT))
+
+TEMPLATE = "Q: {problem}\nA:\n"  # the demo prompt format (prpo_lightning.demo.policy.DEMO_PROMPT_TEMPLATE)
+
+
+# ------------------------------------------------------------------------------------------- shared helpers
+def machine_info() -> dict[str, Any]:
+    """CPU, core count, load average and library versions, recorded next to every number."""
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def write_docs_section(name: str, markdown: str, path: Path = DOCS_MD) -> None:
+    """Replace (or append) the section between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def build_model_dir(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
+    """Save the demo character tokenizer and a randomly initialised Qwen2 of the given width to ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prpo_lightning.demo.policy import build_tokenizer, model_config
+
+    tok = build_tokenizer()
+    heads = max(hidden // 64, 2)
+    cfg = model_config(
+        tok,
+        {
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 3,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": max(heads // 2, 1),
+            "max_position_embeddings": 4096,
+        },
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def prompt_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` arithmetic problems (training split of the demo task) as ``{"id", "problem", "answer"}`` rows."""
+    from prpo_lightning.demo.arithmetic import generate_problems
+
+    return [{"id": i, "problem": p["problem"], "answer": p["answer"]} for i, p in enumerate(generate_problems(seed, n))]
+
+
+def reward_value(completion: str, answer: str) -> float:
+    """The one reward both frameworks use: 1 for a correct boxed answer, 0 otherwise."""
+    from prpo_lightning.demo.arithmetic import is_correct
+
+    return 1.0 if is_correct(completion, answer) else 0.0
+
+
+def make_verifier() -> Any:
+    from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
+
+    class BoxedMatchVerifier(OutcomeVerifier):
+        """Boxed-answer match with rewards 1/0 (the same function TRL's reward gets)."""
+
+        def verify(self, completion: str, gold: str) -> Verdict:
+            r = reward_value(completion, gold)
+            return Verdict(VerdictStatus.CORRECT if r > 0 else VerdictStatus.INCORRECT, r)
+
+    return BoxedMatchVerifier()
+
+
+class PromptData:
+    """A minimal Lightning data module over fixed prompt rows (N prompts per step, shuffled with a seed)."""
+
+    def __new__(cls, rows: list[dict[str, Any]], batch_size: int, seed: int = 0) -> Any:
+        from prpo_lightning.data import PromptDataModule
+
+        class _Data(PromptDataModule):
+            def load_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                return list(rows), list(rows[:batch_size])
+
+        return _Data(batch_size=batch_size, eval_batch_size=batch_size, seed=seed)
+
+
+def step_timer_callback() -> Any:
+    """A Lightning callback recording the time of every optimizer-step end and the module's stage timings."""
+    import lightning as L
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.start: float | None = None
+            self.ends: list[float] = []
+            self.stages: list[dict[str, float]] = []
+            self.rss_before: float | None = None
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.rss_before = current_rss_mb()
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if self.start is None:
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.ends.append(time.perf_counter())
+            m = trainer.callback_metrics
+            self.stages.append({k.split("/")[-1]: float(m[k]) for k in m if k.startswith("train/time/")})
+
+        def step_times(self) -> list[float]:
+            marks = [self.start, *self.ends]
+            return [b - a for a, b in zip(marks, marks[1:])]
+
+    return StepTimer()
+
+
+# ------------------------------------------------------------------------------------------- workers
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    import lightning as L
+    import torch
+
+    from components.aligners import GRPOAligner
+    from prpo_lightning.config import LossConfig, OptimConfig
+    from prpo_lightning.module import PRPOModule
+    from prpo_lightning.rollout import SamplingConfig
+
+    b = args.prompts * args.G
+    sampling_kwargs: dict[str, Any] = dict(
+        num_generations=args.G, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.max_new_tokens,
+        max_prompt_length=512,
+    )
+    if args.seed_per_group is not None:
+        sampling_kwargs["seed_per_group"] = args.seed_per_group == "true"
+    module = PRPOModule(
+        verifier=make_verifier(),
+        aligner=GRPOAligner(),
+        policy=args.model_dir,
+        tokenizer=args.model_dir,
+        sampling=SamplingConfig(**sampling_kwargs),
+        loss=LossConfig(eps_low=0.2, eps_high=0.2, dual_clip=None, kl_coef=0.0, aggregation="token-mean"),
+        optim=OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0, micro_batch_size=b),
+        prompt_template=TEMPLATE,
+        use_chat_template=False,
+        seed=0,
+    )
+    timer = step_timer_callback()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[timer],
+    )
+    data = PromptData(prompt_rows(args.n_rows), batch_size=args.prompts)
+    trainer.fit(module, datamodule=data)
+    times = timer.step_times()
+    return {
+        "framework": "ours",
+        "seed_per_group": sampling_kwargs.get("seed_per_group", "default"),
+        "step_times_s": times,
+        "stage_times_s": timer.stages,
+        "rss_before_train_mb": timer.rss_before,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_trl(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    b = args.prompts * args.G
+    rows = prompt_rows(args.n_rows)
+    ds = Dataset.from_list([{"prompt": TEMPLATE.format(problem=r["problem"]), "answer": r["answer"]} for r in rows])
+
+    def boxed_reward(completions: list[str], answer: list[str], **_: Any) -> list[float]:
+        return [reward_value(c, a) for c, a in zip(completions, answer)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.start: float | None = None
+            self.ends: list[float] = []
+            self.rss_before: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.rss_before = current_rss_mb()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+    tmp = tempfile.mkdtemp(prefix="trl_bench_")
+    cfg = GRPOConfig(
+        output_dir=tmp,
+        per_device_train_batch_size=b,
+        gradient_accumulation_steps=1,
+        num_generations=args.G,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        epsilon=0.2,
+        loss_type="dapo",
+        scale_rewards="group",
+        num_iterations=1,
+        learning_rate=1e-6,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        max_steps=args.warmup + args.steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        log_completions=False,
+    )
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    timer = StepTimer()
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=boxed_reward, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[timer]
+    )
+    trainer.train()
+    marks = [timer.start, *timer.ends]
+    return {
+        "framework": "trl",
+        "step_times_s": [b_ - a for a, b_ in zip(marks, marks[1:])],
+        "rss_before_train_mb": timer.rss_before,
+        "torch_threads": torch.get_num_threads(),
+        "trl_version": __import__("trl").__version__,
+    }
+
+
+def worker_main(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    t0 = time.perf_counter()
+    out = run_ours(args) if args.worker == "ours" else run_trl(args)
+    out["wall_s"] = time.perf_counter() - t0
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["warmup"] = args.warmup
+    Path(args.out).write_text(json.dumps(out), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- driver
+def spawn(kind: str, args: argparse.Namespace, model_dir: Path, extra: list[str] | None = None) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as fh:
+        out = fh.name
+    cmd = [
+        sys.executable, __file__, "--worker", kind, "--model-dir", str(model_dir), "--out", out,
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--G", str(args.G),
+        "--max-new-tokens", str(args.max_new_tokens), "--n-rows", str(args.n_rows), "--threads", str(args.threads),
+        "--hidden", str(args.hidden), "--layers", str(args.layers), *(extra or []),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore",
+               TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-5000:]}")
+    res = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return res
+
+
+def summarize(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
+    measured = [t for r in runs for t in r["step_times_s"][warmup:]]
+    peak = max(r["peak_rss_mb"] for r in runs)
+    delta = max(r["peak_rss_mb"] - r["rss_before_train_mb"] for r in runs)
+    out: dict[str, Any] = {
+        "median_step_s": median(measured),
+        "min_step_s": min(measured) if measured else float("nan"),
+        "max_step_s": max(measured) if measured else float("nan"),
+        "n_measured_steps": len(measured),
+        "peak_rss_mb": peak,
+        "train_rss_increase_mb": delta,
+        "rss_before_train_mb": max(r["rss_before_train_mb"] for r in runs),
+    }
+    stages = [s for r in runs for s in r.get("stage_times_s", [])[warmup:]]
+    if stages:
+        out["median_stage_s"] = {k: median([s[k] for s in stages if k in s]) for k in stages[0]}
+    return out
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    s, o, t = res["settings"], res["ours"], res["trl"]
+    r = res["ratios"]
+    lines = [
+        "## 1. Our GRPO against TRL's `GRPOTrainer`",
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Measured {res['date']} on {res['machine'].get('cpu', '?')} ({res['machine']['cpu_count']} cores, "
+        f"torch {res['machine']['torch']}, {s['torch_threads']} torch threads, TRL {t.get('trl_version', '?')}); "
+        f"load average before / after: {res['load_before']} / {res['load_after']}.",
+        "",
+        f"Setup: the same randomly initialised Qwen2 (hidden {s['hidden']}, {s['layers']} layers, "
+        f"{s['n_params'] / 1e6:.2f}M parameters, character tokenizer, vocab {s['vocab']}), {s['prompts']} prompts × "
+        f"G = {s['G']} = {s['prompts'] * s['G']} completions of exactly {s['max_new_tokens']} tokens per step "
+        "(a random model never samples EOS), temperature 1, top-p 1, top-k off, PPO-clip ε = 0.2 with token-mean "
+        "loss (TRL `dapo`), AdamW lr 1e-6 constant, grad-clip 1, β = 0 (no reference model), one optimizer step "
+        "and one forward/backward over the whole batch per generation batch, no vLLM. "
+        f"{s['rounds']} rounds per framework alternating in fresh processes, {s['warmup']} warm-up steps dropped per "
+        f"round, median over {o['n_measured_steps']} measured steps each.",
+        "",
+        "| | ours | TRL | ours / TRL |",
+        "|---|---:|---:|---:|",
+        f"| seconds per optimizer step (median) | {o['median_step_s']:.3f} | {t['median_step_s']:.3f} | "
+        f"**{r['step_time']:.2f}×** |",
+        f"| step-time range (min–max) | {o['min_step_s']:.3f}–{o['max_step_s']:.3f} | "
+        f"{t['min_step_s']:.3f}–{t['max_step_s']:.3f} | |",
+        f"| peak RSS of the process (MiB) | {o['peak_rss_mb']:.0f} | {t['peak_rss_mb']:.0f} | "
+        f"**{r['peak_rss']:.2f}×** |",
+        f"| peak RSS increase during training (MiB) | {o['train_rss_increase_mb']:.0f} | "
+        f"{t['train_rss_increase_mb']:.0f} | {r['train_rss_increase']:.2f}× |",
+    ]
+    if "ours_batched" in res:
+        ob = res["ours_batched"]
+        lines.append(
+            f"| ours with `sampling.seed_per_group: false` (one batched `generate`), s/step | "
+            f"{ob['median_step_s']:.3f} | {t['median_step_s']:.3f} | {ob['median_step_s'] / t['median_step_s']:.2f}× |"
+        )
+    if "median_stage_s" in o:
+        st = o["median_stage_s"]
+        lines += [
+            "",
+            "Where our step time goes (module's own `train/time/*`, median): "
+            + ", ".join(f"{k} {v:.3f} s" for k, v in st.items())
+            + ".",
+        ]
+    target = "met" if r["step_time"] <= 0.8 and r["peak_rss"] <= 1.0 else "missed"
+    lines += [
+        "",
+        f"Target (ours ≤ 0.8× TRL's time at equal or lower memory): **{target}** "
+        f"(time {r['step_time']:.2f}×, peak memory {r['peak_rss']:.2f}×).",
+    ]
+    if res.get("notes"):
+        lines += ["", *res["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--seed-per-group", choices=["true", "false"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=6, help="measured optimizer steps per round")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps dropped per round")
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per framework (alternating)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    p.add_argument("--G", type=int, default=8, help="completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--n-rows", type=int, default=256, help="prompt pool size")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads per worker (1: robust on a shared machine, where oversubscribed OpenMP threads spin)",
+    )
+    p.add_argument("--batched-variant", action="store_true", help="also time ours with seed_per_group=False")
+    p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    args = p.parse_args(argv)
+    if args.worker:
+        worker_main(args)
+        return
+
+    import torch
+
+    cmd = "python benchmarks/vs_trl.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    with tempfile.TemporaryDirectory(prefix="vs_trl_model_") as tmp:
+        model_dir = build_model_dir(Path(tmp) / "model", args.hidden, args.layers)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        from transformers import AutoModelForCausalLM
+
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": [], "ours_batched": []}
+        for rnd in range(args.rounds):
+            order = ["ours", "trl"] if rnd % 2 == 0 else ["trl", "ours"]
+            for kind in order:
+                print(f"[vs_trl] round {rnd + 1}/{args.rounds}: {kind} ...", flush=True)
+                runs[kind].append(spawn(kind, args, model_dir))
+                print(f"[vs_trl]   steps: {[round(t, 3) for t in runs[kind][-1]['step_times_s']]}", flush=True)
+            if args.batched_variant:
+                print(f"[vs_trl] round {rnd + 1}/{args.rounds}: ours (seed_per_group=False) ...", flush=True)
+                runs["ours_batched"].append(spawn("ours", args, model_dir, ["--seed-per-group", "false"]))
+    res: dict[str, Any] = {
+        "command": cmd,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine_info(),
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "settings": {
+            "hidden": args.hidden, "layers": args.layers, "vocab": cfg["vocab_size"], "n_params": n_params,
+            "prompts": args.prompts, "G": args.G, "max_new_tokens": args.max_new_tokens, "steps": args.steps,
+            "warmup": args.warmup, "rounds": args.rounds, "torch_threads": args.threads,
+        },
+        "ours": summarize(runs["ours"], args.warmup),
+        "trl": summarize(runs["trl"], args.warmup),
+        "raw": runs,
+    }
+    res["trl"]["trl_version"] = runs["trl"][0].get("trl_version")
+    if runs["ours_batched"]:
+        res["ours_batched"] = summarize(runs["ours_batched"], args.warmup)
+    o, t = res["ours"], res["trl"]
+    res["ratios"] = {
+        "step_time": o["median_step_s"] / t["median_step_s"],
+        "peak_rss": o["peak_rss_mb"] / t["peak_rss_mb"],
+        "train_rss_increase": o["train_rss_increase_mb"] / max(t["train_rss_increase_mb"], 1e-9),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "vs_trl.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
+    md = render_markdown(res)
+    print(md)
+    if not args.no_docs:
+        write_docs_section("vs_trl", md)
+
+
+if __name__ == "__main__":
+    main()
