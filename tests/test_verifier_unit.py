@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from components.math_answer.compare import CompareConfig, Outcome, compare_answers, symbolic_task
+from components.math_answer.compare import WARMUP_PAYLOAD, CompareConfig, Outcome, compare_answers, symbolic_task
 from components.math_answer.extract import extract_answer, extract_last_boxed
 from components.math_answer.normalize import normalize
 from components.math_answer.numeric import parse_number
@@ -174,6 +174,10 @@ def test_float_tolerance_is_relative_and_configurable():
     assert compare_answers("3.14159265", "3.1415927", CompareConfig(1e-6), False)[0] is Outcome.EQUAL
     assert compare_answers("3.14159265", "3.1415927", CompareConfig(0.0), False)[0] is Outcome.DIFFERENT
     assert compare_answers("0.0000672", "0.0000673", CompareConfig(1e-6), False)[0] is Outcome.DIFFERENT
+    assert compare_answers("\\frac{1}{3}", "0.333333", CompareConfig(1e-6), False)[0] is Outcome.EQUAL
+    assert compare_answers("1000000", "1000001.0", CompareConfig(1e-6), False)[0] is Outcome.DIFFERENT
+    assert compare_answers("6", "6.0000001", CompareConfig(1e-6), False)[0] is Outcome.DIFFERENT  # not a rounding
+    assert compare_answers("0.3", "0.30000000000000004", CompareConfig(1e-6), False)[0] is Outcome.EQUAL
 
 
 # ----------------------------------------------------------------------------- verdicts, rewards, safety nets
@@ -218,8 +222,9 @@ def test_unreadable_gold_is_counted_as_error(verifier):
 
 def test_timeout_kills_worker_and_is_never_scored_wrong():
     with SympyMathVerifier(timeout_seconds=1.0, num_workers=2, unparsable_reward=-7.0) as v:
-        v._pool = TimeoutPool("test_verifier_unit:slow_task", num_workers=2, warmup=None)
-        v.verify("\\boxed{\\sqrt{4}}", "2")  # workers started and warm
+        v._pool = TimeoutPool("test_verifier_unit:slow_task", num_workers=2, warmup=WARMUP_PAYLOAD)
+        warm = v.verify_batch(["\\boxed{\\sqrt{4}}", "\\boxed{\\sqrt{25}}"], ["2", "5"])  # both workers up
+        assert all(x.is_correct for x in warm)
         start = time.perf_counter()
         verdicts = v.verify_batch(["\\boxed{\\sqrt{4}}", "\\boxed{\\sqrt{9}}", "\\boxed{\\sqrt{4}}"], ["2", "3", "2"])
         elapsed = time.perf_counter() - start

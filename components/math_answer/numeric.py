@@ -15,6 +15,7 @@ __all__ = ["ParsedNumber", "parse_number", "numbers_equal"]
 
 MAX_DIGITS = 300
 MAX_TEN_EXPONENT = 400
+_ARTEFACT_REL = Fraction(1, 10**9)
 
 _NUM = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _SIGNED = r"[+-]?" + _NUM
@@ -32,10 +33,13 @@ class ParsedNumber:
     Attributes:
         value: the exact value.
         inexact: ``True`` when written with a decimal point, i.e. possibly a rounded value.
+        half_unit: for an inexact number, half a unit in its last written decimal place (the largest error a
+            correctly rounded value can have); ``0`` for exact numbers.
     """
 
     value: Fraction
     inexact: bool
+    half_unit: Fraction = Fraction(0)
 
 
 def _to_fraction(token: str) -> Fraction | None:
@@ -43,6 +47,14 @@ def _to_fraction(token: str) -> Fraction | None:
     if digits == 0 or digits > MAX_DIGITS:
         return None
     return Fraction(token)
+
+
+def _half_unit(token: str, ten_exponent: int = 0) -> Fraction:
+    """Half a unit in the last place of a decimal literal (times ``10**ten_exponent``)."""
+    if "." not in token:
+        return Fraction(0)
+    places = len(token.split(".", 1)[1])
+    return Fraction(1, 2) * Fraction(10) ** (ten_exponent - places)
 
 
 def _strip_outer_braces(s: str) -> str:
@@ -65,20 +77,20 @@ def parse_number(s: str) -> ParsedNumber | None:
         return None
     if _RE_NUMBER.fullmatch(s):
         value = _to_fraction(s)
-        return None if value is None else ParsedNumber(value, "." in s)
+        return None if value is None else ParsedNumber(value, "." in s, _half_unit(s))
     match = _RE_FRAC.fullmatch(s)
     if match:
         num, den = _to_fraction(match.group(2)), _to_fraction(match.group(3))
         if num is None or den is None or den == 0:
             return None
         sign = -1 if match.group(1) == "-" else 1
-        return ParsedNumber(sign * num / den, "." in s)
+        return ParsedNumber(sign * num / den, "." in s, _half_unit(match.group(2)) / abs(den) if "." in s else 0)
     match = _RE_SLASH.fullmatch(s)
     if match:
         num, den = _to_fraction(match.group(1)), _to_fraction(match.group(2))
         if num is None or den is None or den == 0:
             return None
-        return ParsedNumber(num / den, "." in s)
+        return ParsedNumber(num / den, "." in s, _half_unit(match.group(1)) / abs(den) if "." in s else 0)
     match = _RE_MIXED.fullmatch(s)
     if match:
         whole, num, den = (_to_fraction(match.group(i)) for i in (2, 3, 4))
@@ -92,12 +104,18 @@ def parse_number(s: str) -> ParsedNumber | None:
         exponent = int(match.group(2) if match.group(2) is not None else match.group(3))
         if mantissa is None or abs(exponent) > MAX_TEN_EXPONENT:
             return None
-        return ParsedNumber(mantissa * Fraction(10) ** exponent, "." in match.group(1))
+        token = match.group(1)
+        return ParsedNumber(mantissa * Fraction(10) ** exponent, "." in token, _half_unit(token, exponent))
     return None
 
 
 def numbers_equal(gold: ParsedNumber, candidate: ParsedNumber, rel_tol: float) -> bool:
-    """Compares two parsed numbers: exactly, or within ``rel_tol`` when either was written as a decimal.
+    """Compares two parsed numbers: exactly, or as a rounded decimal when either was written as a decimal.
+
+    A decimal matches when the difference is both within ``rel_tol`` (relative) and no more than half a unit in
+    the last written place of the coarser decimal, i.e. when it could be a correct rounding, or (floating-point
+    artefacts such as ``0.30000000000000004``) within a relative ``1e-9``. So ``0.333333`` matches ``1/3`` but
+    ``0.33`` does not, and ``1000001.0`` never matches ``1000000``.
 
     Args:
         gold: the gold number.
@@ -111,5 +129,9 @@ def numbers_equal(gold: ParsedNumber, candidate: ParsedNumber, rel_tol: float) -
         return True
     if not (gold.inexact or candidate.inexact) or rel_tol <= 0:
         return False
+    diff = abs(gold.value - candidate.value)
     scale = max(abs(gold.value), abs(candidate.value))
-    return abs(gold.value - candidate.value) <= Fraction(rel_tol) * scale
+    rounding = max(gold.half_unit, candidate.half_unit)
+    if diff > Fraction(repr(float(rel_tol))) * scale:
+        return False
+    return diff <= rounding or diff <= _ARTEFACT_REL * scale
