@@ -187,3 +187,25 @@ def test_long_prompts_count_as_wrong_not_dropped(tmp_path, char_tokenizer):
     out = Path(records["files"]["completions_jsonl"])
     verdicts = {r["problem_id"]: r["verdict"] for r in _read_jsonl(out)}
     assert verdicts["p1"] == "skipped"
+
+
+@needs_math500
+def test_prpo_fit_test_command_with_eval_config(tmp_path, char_tokenizer, monkeypatch):
+    """The README's one command, ``prpo-fit test --config configs/eval_math500.yaml``, with a tiny local model."""
+    from prpo_lightning.cli import cli_main
+
+    monkeypatch.setenv(DATA_DIR_ENV, str(DATA_DIR))
+    cli = cli_main([
+        "test", "--config", str(REPO / "configs" / "eval_math500.yaml"),
+        "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--model.policy=null", f"--model.policy_config={json.dumps(tiny_qwen2_config(vocab_size=128))}",
+        f"--model.tokenizer={char_tokenizer}", "--model.dtype=float32", "--model.sampling.max_new_tokens=4",
+        "--data.max_problems=4", "--data.eval_batch_size=4",
+    ])
+    result = cli.model.eval_results["test"]
+    assert result["metrics"]["math500/num_problems"] == 4.0
+    out = Path(result["files"]["summary_csv"]).parent
+    assert out == tmp_path / "eval" / "version_0" / "eval" / "test-step000000"
+    for name in OUTPUT_FILES:
+        assert (out / name).is_file(), name
