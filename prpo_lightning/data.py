@@ -144,9 +144,10 @@ class ResumableDataLoader(DataLoader):
     sees the same prompts in the same order as an uninterrupted one.
 
     Args:
+        *args: as for :class:`~torch.utils.data.DataLoader`.
         progress: a callable returning ``(epoch, batches processed in that epoch)``.
-        Everything else: as :class:`~torch.utils.data.DataLoader`; the sampler must be a
-        :class:`ResumableDistributedSampler` and ``batch_size`` is per rank.
+        **kwargs: as for :class:`~torch.utils.data.DataLoader`; the sampler must be a
+            :class:`ResumableDistributedSampler` and ``batch_size`` is per rank.
     """
 
     def __init__(self, *args: Any, progress: Any = None, **kwargs: Any) -> None:
