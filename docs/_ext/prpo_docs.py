@@ -288,6 +288,9 @@ class OptionalToctreeDirective(SphinxDirective):
     option_spec = {"caption": directives.unchanged, "maxdepth": directives.positive_int}
 
     def run(self) -> list[nodes.Node]:
+        users = getattr(self.env, "prpo_optional_toctree_docs", set())
+        users.add(self.env.docname)
+        self.env.prpo_optional_toctree_docs = users
         present = [name.strip() for name in self.content if name.strip() in self.env.found_docs]
         if not present:
             return []
@@ -317,7 +320,21 @@ def escape_bars(app: Sphinx, what: str, name: str, obj: Any, options: Any, lines
         lines[i] = "".join(p if k % 2 else re.sub(r"(?<!\\)\|", r"\\|", p) for k, p in enumerate(parts))
 
 
+def reread_optional_toctrees(app: Sphinx, env: Any, added: set[str], changed: set[str], removed: set[str]) -> list[str]:
+    """Incremental builds: re-read pages with an ``optional-toctree`` when documents appear or disappear."""
+    if not (added or removed):
+        return []
+    return sorted(getattr(env, "prpo_optional_toctree_docs", set()) - removed)
+
+
+def merge_optional_toctrees(app: Sphinx, env: Any, docnames: set[str], other: Any) -> None:
+    users = getattr(env, "prpo_optional_toctree_docs", set())
+    env.prpo_optional_toctree_docs = users | getattr(other, "prpo_optional_toctree_docs", set())
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
+    app.connect("env-get-outdated", reread_optional_toctrees)
+    app.connect("env-merge-info", merge_optional_toctrees)
     app.connect("autodoc-process-docstring", escape_bars)
     app.add_directive("optional-toctree", OptionalToctreeDirective)
     app.add_directive("config-table", ConfigTableDirective)
