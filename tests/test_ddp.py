@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir  # noqa: E402
 
 from prpo_lightning.module import PRPOModule  # noqa: E402
+from prpo_lightning.rollout import SamplingConfig  # noqa: E402
 
 LONG = "9" * 40 + "="  # over max_prompt_length=32
 SCENARIOS = {
@@ -67,7 +68,10 @@ def run(scenario: str, out: Path, devices: int, tok: str) -> RecordingModule:
     spec = SCENARIOS[scenario]
     rows = [{"id": i, "problem": p, "answer": "0"} for i, p in enumerate(spec["rows"])]
     data = ToyPrompts(rows=rows, batch_size=spec["batch_size"] // devices, seed=1)
-    module = make_module(tok, RecordingModule)
+    # per-group seeding makes completions independent of the rank a prompt lands on (the default, batched
+    # generation, is reproducible only for a fixed number of ranks)
+    sampling = SamplingConfig(num_generations=4, max_new_tokens=8, max_prompt_length=32, seed_per_group=True)
+    module = make_module(tok, RecordingModule, sampling=sampling)
     kw: dict[str, Any] = {"strategy": "ddp", "devices": devices} if devices > 1 else {}
     trainer = make_trainer(out, STEPS, **kw)
     trainer.fit(module, data)
