@@ -20,10 +20,7 @@ from tqdm.auto import tqdm
 
 from prpo_lightning.data import PromptDataset, collate_prompts
 from prpo_lightning.evaluation.benchmarks import load_benchmark, resolve_benchmark
-from prpo_lightning.evaluation.runner import BenchmarkEvaluator, EvalConfig, output_dir_for
-
-DEFAULT_SET = "heldout"
-"""Benchmark name of the datamodule's own evaluation problems (used when no ``benchmarks`` are given)."""
+from prpo_lightning.evaluation.runner import DEFAULT_SET, BenchmarkEvaluator, EvalConfig, output_dir_for
 
 
 class MathEvalCallback(L.Callback):

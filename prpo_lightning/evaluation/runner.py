@@ -29,6 +29,8 @@ from prpo_lightning.evaluation.metrics import (
 )
 
 BREAKDOWN_KEYS = ("subject", "level")
+DEFAULT_SET = "heldout"
+"""Name of an evaluation set without a ``benchmark`` field (e.g. the offline demo's held-out split)."""
 
 
 @dataclass
@@ -306,10 +308,10 @@ def config_from(obj: Any) -> EvalConfig:
 
 def evaluator_for_trainer(trainer: Any, device: torch.device, stage: str) -> BenchmarkEvaluator:
     """The evaluator for ``validate``/``test``: benchmarks and :class:`EvalConfig` from the datamodule when it has
-    them (:class:`~prpo_lightning.evaluation.datamodule.MathBenchmarkDataModule`), else greedy pass@1 over one
-    set named after the stage."""
+    them (:class:`~prpo_lightning.evaluation.datamodule.MathBenchmarkDataModule`), else greedy pass@1 over the
+    datamodule's evaluation set, named :data:`DEFAULT_SET`."""
     dm = getattr(trainer, "datamodule", None)
-    names = list(getattr(dm, "benchmark_names", None) or [stage])
+    names = list(getattr(dm, "benchmark_names", None) or [DEFAULT_SET])
     return BenchmarkEvaluator(names, config_from(getattr(dm, "eval_config", None)), device, default_benchmark=names[0])
 
 
