@@ -185,13 +185,40 @@ def step_timer_callback() -> Any:
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             self.ends.append(time.perf_counter())
             m = trainer.callback_metrics
-            self.stages.append({k.split("/")[-1]: float(m[k]) for k in m if k.startswith("train/time/")})
+            row = {k.split("/")[-1]: float(m[k]) for k in m if k.startswith("train/time/")}
+            row.update(PHASES)
+            PHASES.clear()
+            self.stages.append(row)
 
         def step_times(self) -> list[float]:
             marks = [self.start, *self.ends]
             return [b - a for a, b in zip(marks, marks[1:])]
 
     return StepTimer()
+
+
+PHASES: dict[str, float] = {}
+
+
+def _timed(name: str, fn: Any) -> Any:
+    def wrapper(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - t
+
+    return wrapper
+
+
+def instrument_module_phases() -> None:
+    """Time generation and the no-grad log-prob pass of ``PRPOModule`` (wraps the names it imported)."""
+    import prpo_lightning.module as m
+
+    for name, phase in (("generate_groups", "generate_s"), ("generate_completions", "generate_s"),
+                        ("batched_logprobs", "logprob_pass_s")):
+        if hasattr(m, name):
+            setattr(m, name, _timed(phase, getattr(m, name)))
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -211,6 +238,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.seed_per_group is not None:
         sampling_kwargs["seed_per_group"] = args.seed_per_group == "true"
+    instrument_module_phases()
     module = PRPOModule(
         verifier=make_verifier(),
         aligner=GRPOAligner(),
@@ -221,6 +249,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         optim=OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0, micro_batch_size=b),
         prompt_template=TEMPLATE,
         use_chat_template=False,
+        gradient_checkpointing=args.grad_ckpt == "on",
         seed=0,
     )
     timer = step_timer_callback()
@@ -259,6 +288,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         def __init__(self) -> None:
             self.start: float | None = None
             self.ends: list[float] = []
+            self.stages: list[dict[str, float]] = []
             self.rss_before: float | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -267,6 +297,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.ends.append(time.perf_counter())
+            self.stages.append(dict(PHASES))
+            PHASES.clear()
 
     tmp = tempfile.mkdtemp(prefix="trl_bench_")
     cfg = GRPOConfig(
@@ -301,6 +333,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         dataloader_num_workers=0,
         disable_tqdm=True,
         log_completions=False,
+        gradient_checkpointing=args.grad_ckpt == "on",  # TRL's GRPOConfig defaults to True; ours to False
     )
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
@@ -308,11 +341,14 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     trainer = GRPOTrainer(
         model=model, reward_funcs=boxed_reward, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[timer]
     )
+    model.generate = _timed("generate_s", model.generate)
+    trainer._generate_and_score_completions = _timed("generate_and_score_s", trainer._generate_and_score_completions)
     trainer.train()
     marks = [timer.start, *timer.ends]
     return {
         "framework": "trl",
         "step_times_s": [b_ - a for a, b_ in zip(marks, marks[1:])],
+        "stage_times_s": timer.stages,
         "rss_before_train_mb": timer.rss_before,
         "torch_threads": torch.get_num_threads(),
         "trl_version": __import__("trl").__version__,
@@ -341,7 +377,7 @@ def spawn(kind: str, args: argparse.Namespace, model_dir: Path, extra: list[str]
         sys.executable, __file__, "--worker", kind, "--model-dir", str(model_dir), "--out", out,
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--G", str(args.G),
         "--max-new-tokens", str(args.max_new_tokens), "--n-rows", str(args.n_rows), "--threads", str(args.threads),
-        "--hidden", str(args.hidden), "--layers", str(args.layers), *(extra or []),
+        "--hidden", str(args.hidden), "--layers", str(args.layers), "--grad-ckpt", args.grad_ckpt, *(extra or []),
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore",
                TOKENIZERS_PARALLELISM="false")
@@ -368,7 +404,8 @@ def summarize(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     }
     stages = [s for r in runs for s in r.get("stage_times_s", [])[warmup:]]
     if stages:
-        out["median_stage_s"] = {k: median([s[k] for s in stages if k in s]) for k in stages[0]}
+        keys = sorted({k for s in stages for k in s})
+        out["median_stage_s"] = {k: median([s.get(k, 0.0) for s in stages]) for k in keys}
     return out
 
 
@@ -387,7 +424,8 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"{s['n_params'] / 1e6:.2f}M parameters, character tokenizer, vocab {s['vocab']}), {s['prompts']} prompts × "
         f"G = {s['G']} = {s['prompts'] * s['G']} completions of exactly {s['max_new_tokens']} tokens per step "
         "(a random model never samples EOS), temperature 1, top-p 1, top-k off, PPO-clip ε = 0.2 with token-mean "
-        "loss (TRL `dapo`), AdamW lr 1e-6 constant, grad-clip 1, β = 0 (no reference model), one optimizer step "
+        f"loss (TRL `dapo`), AdamW lr 1e-6 constant, grad-clip 1, gradient checkpointing {s.get('gradient_checkpointing', 'off')} in "
+        "both (TRL's `GRPOConfig` defaults to on), β = 0 (no reference model), one optimizer step "
         "and one forward/backward over the whole batch per generation batch, no vLLM. "
         f"{s['rounds']} rounds per framework alternating in fresh processes, {s['warmup']} warm-up steps dropped per "
         f"round, median over {o['n_measured_steps']} measured steps each.",
@@ -413,9 +451,16 @@ def render_markdown(res: dict[str, Any]) -> str:
         st = o["median_stage_s"]
         lines += [
             "",
-            "Where our step time goes (module's own `train/time/*`, median): "
+            "Where our step time goes (medians; `rollout_s`/`scoring_s`/`update_s` are the module's `train/time/*`, "
+            "`generate_s` and `logprob_pass_s` are timed around its calls): "
             + ", ".join(f"{k} {v:.3f} s" for k, v in st.items())
             + ".",
+        ]
+    if "median_stage_s" in t:
+        lines += [
+            "TRL (medians, timed around its calls): "
+            + ", ".join(f"{k} {v:.3f} s" for k, v in t["median_stage_s"].items())
+            + "; the rest of its step is the loss forward, backward and optimizer.",
         ]
     target = "met" if r["step_time"] <= 0.8 and r["peak_rss"] <= 1.0 else "missed"
     lines += [
@@ -447,6 +492,8 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=1,
         help="torch threads per worker (1: robust on a shared machine, where oversubscribed OpenMP threads spin)",
     )
+    p.add_argument("--grad-ckpt", choices=["off", "on"], default="off",
+                   help="gradient checkpointing in both frameworks (TRL's GRPOConfig default is on, ours off)")
     p.add_argument("--batched-variant", action="store_true", help="also time ours with seed_per_group=False")
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = p.parse_args(argv)
@@ -484,6 +531,7 @@ def main(argv: list[str] | None = None) -> None:
             "hidden": args.hidden, "layers": args.layers, "vocab": cfg["vocab_size"], "n_params": n_params,
             "prompts": args.prompts, "G": args.G, "max_new_tokens": args.max_new_tokens, "steps": args.steps,
             "warmup": args.warmup, "rounds": args.rounds, "torch_threads": args.threads,
+            "gradient_checkpointing": args.grad_ckpt,
         },
         "ours": summarize(runs["ours"], args.warmup),
         "trl": summarize(runs["trl"], args.warmup),

@@ -49,7 +49,8 @@ def test_docs_build_without_warnings(built_docs: Path) -> None:
 
 
 def test_every_public_class_is_documented(built_docs: Path) -> None:
-    documented = set(_inventory(built_docs).get("py:class", {}))
+    inv = _inventory(built_docs)
+    documented = set(inv.get("py:class", {})) | set(inv.get("py:exception", {}))
     missing = [
         f"{cls.__module__}.{cls.__qualname__}"
         for package in ("prpo_lightning", "components")

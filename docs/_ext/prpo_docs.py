@@ -215,6 +215,17 @@ def component_classes(base: type, package: str = "components") -> list[type]:
     return [found[k] for k in sorted(found)]
 
 
+def public_path(cls: type, package: str = "components") -> str:
+    """The import path to show in YAML: a re-exporting facade module (``components.aligners``) if there is one."""
+    facades = [
+        m.__name__
+        for m in iter_modules(package)
+        if getattr(m, cls.__name__, None) is cls and "_" not in m.__name__.rsplit(".", 1)[-1]
+    ]
+    module = min(facades, key=len) if facades else cls.__module__
+    return f"{module}.{cls.__qualname__}"
+
+
 def summary_line(obj: Any) -> str:
     doc = inspect.getdoc(obj) or ""
     return doc.split("\n\n", 1)[0].replace("\n", " ").strip()
@@ -253,11 +264,12 @@ class ConfigComponentsDirective(_GeneratedDirective):
         if not classes:
             return self.parse_generated([f"*(no {base.__name__} implementation in the components package yet)*", ""])
         lines: list[str] = []
-        for cls in classes:
+        package = self.options.get("package", "components")
+        for cls in sorted(classes, key=lambda c: c.__qualname__):
             path = f"{cls.__module__}.{cls.__qualname__}"
             self.env.note_dependency(inspect.getsourcefile(cls) or "")
             lines += [cls.__qualname__, "~" * len(cls.__qualname__), ""]
-            lines += [f"``class_path: {path}`` — see :class:`{path}`", ""]
+            lines += [f"``class_path: {public_path(cls, package)}`` — API: :class:`{path}`", ""]
             summary = summary_line(cls)
             if summary:
                 lines += [summary, ""]

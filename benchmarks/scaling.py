@@ -1,0 +1,318 @@
+"""Benchmark 3: scaling of generation throughput with batch size and of step time with completion length.
+
+* **Generation throughput.** :func:`prpo_lightning.rollout.generate_completions` (HF ``generate`` with KV cache,
+  sampling at temperature 1) on the benchmark's random Qwen2 for batch sizes 1 … 64; tokens/s = generated tokens
+  / wall time, median of ``--repeats`` calls after one warm-up call.
+* **Step time against completion length.** A full GRPO training step of :class:`~prpo_lightning.module.PRPOModule`
+  (generation, log-prob pass, scoring, PPO update) for ``max_new_tokens`` 128 → 1024; a random policy never samples
+  EOS, so every completion has exactly that many tokens. Each length runs in a fresh process; the module's
+  ``train/time/*`` split is recorded too.
+
+Both are plotted to ``docs/_static/bench_scaling.png``. On a GPU machine pass ``--device cuda`` and a realistic
+width, e.g. ``--hidden 896 --layers 24 --heads 14 --kv-heads 2 --intermediate 4864`` (the Qwen2.5-0.5B shape).
+
+Run::
+
+    python benchmarks/scaling.py    # writes benchmarks/results/scaling.json, docs/_static/bench_scaling.png, docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_trl import (  # noqa: E402  (sibling script: shared benchmark helpers)
+    RESULTS,
+    ROOT,
+    TEMPLATE,
+    PromptData,
+    machine_info,
+    make_verifier,
+    median,
+    peak_rss_mb,
+    prompt_rows,
+    step_timer_callback,
+    write_docs_section,
+)
+
+PLOT = ROOT / "docs" / "_static" / "bench_scaling.png"
+
+
+def build_model(out: Path, args: argparse.Namespace) -> Path:
+    """Save the demo character tokenizer and a random Qwen2 of the requested shape."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from prpo_lightning.demo.policy import build_tokenizer, model_config
+
+    tok = build_tokenizer()
+    heads = args.heads or max(args.hidden // 64, 2)
+    cfg = model_config(tok, {
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate or args.hidden * 3,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": args.kv_heads or max(heads // 2, 1),
+        "max_position_embeddings": 4096,
+    })
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- workers
+def gen_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prpo_lightning.rollout import SamplingConfig, generate_completions, tokenize_prompts
+
+    device = torch.device(args.device)
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
+    rows = prompt_rows(max(args.batch_sizes))
+    sampling = SamplingConfig(num_generations=1, temperature=1.0, top_p=1.0, top_k=0,
+                              max_new_tokens=args.gen_tokens)
+    out = []
+    for b in args.batch_sizes:
+        ids, mask = tokenize_prompts(tok, [TEMPLATE.format(problem=r["problem"]) for r in rows[:b]], device)
+        times = []
+        for rep in range(args.repeats + 1):
+            torch.manual_seed(rep)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            comp, cmask, _ = generate_completions(model, tok, ids, mask, sampling)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep > 0:  # the first call is a warm-up
+                times.append(time.perf_counter() - t)
+        n_tok = int(cmask.sum())
+        sec = median(times)
+        out.append({"batch_size": b, "tokens": n_tok, "seconds": sec, "tokens_per_s": n_tok / sec})
+        print(f"[scaling] generate B={b}: {n_tok / sec:.0f} tok/s", flush=True)
+    return {"generation": out}
+
+
+def step_time(args: argparse.Namespace) -> dict[str, Any]:
+    import lightning as L
+
+    from components.aligners import GRPOAligner
+    from prpo_lightning.config import LossConfig, OptimConfig
+    from prpo_lightning.module import PRPOModule
+    from prpo_lightning.rollout import SamplingConfig
+
+    b = args.prompts * args.G
+    module = PRPOModule(
+        verifier=make_verifier(), aligner=GRPOAligner(), policy=args.model_dir, tokenizer=args.model_dir,
+        dtype=args.dtype,
+        sampling=SamplingConfig(num_generations=args.G, temperature=1.0, top_p=1.0, top_k=0,
+                                max_new_tokens=args.length, max_prompt_length=512),
+        loss=LossConfig(dual_clip=None, aggregation="token-mean"),
+        optim=OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0, micro_batch_size=args.micro_batch or b),
+        prompt_template=TEMPLATE, use_chat_template=False, seed=0,
+    )
+    timer = step_timer_callback()
+    trainer = L.Trainer(
+        accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
+        max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer],
+    )
+    trainer.fit(module, datamodule=PromptData(prompt_rows(64), batch_size=args.prompts))
+    return {"length": args.length, "step_times_s": timer.step_times(), "stage_times_s": timer.stages,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+# ------------------------------------------------------------------------------------------- driver
+def spawn(args: argparse.Namespace, model_dir: Path, extra: list[str]) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as fh:
+        out = fh.name
+    cmd = [sys.executable, __file__, "--model-dir", str(model_dir), "--out", out, "--threads", str(args.threads),
+           "--device", args.device, "--dtype", args.dtype, "--prompts", str(args.prompts), "--G", str(args.G),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--gen-tokens", str(args.gen_tokens),
+           "--repeats", str(args.repeats), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
+           "--micro-batch", str(args.micro_batch), *extra]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore",
+               TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {extra} failed:\n{proc.stderr[-5000:]}")
+    res = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return res
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (ax_g, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
+    gen = res["generation"]
+    ax_g.plot([g["batch_size"] for g in gen], [g["tokens_per_s"] for g in gen], "o-")
+    ax_g.set_xscale("log", base=2)
+    ax_g.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax_g.set(xlabel="batch size (sequences per generate call)", ylabel="generated tokens / s",
+             title=f"Generation throughput ({res['settings']['gen_tokens']} new tokens)")
+    ax_g.set_xticks([g["batch_size"] for g in gen], [str(g["batch_size"]) for g in gen])
+    ax_g.grid(alpha=0.3)
+    steps = res["steps"]
+    xs = [s["length"] for s in steps]
+    bottom = [0.0] * len(xs)
+    for key, label in (("rollout_s", "rollout (generate + log-prob pass)"), ("scoring_s", "scoring"),
+                       ("update_s", "PPO update")):
+        vals = [s["median_stage_s"].get(key, 0.0) for s in steps]
+        ax_s.bar([str(x) for x in xs], vals, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax_s.plot([str(x) for x in xs], [s["median_step_s"] for s in steps], "ko-", label="whole step (median)")
+    ax_s.set(xlabel="completion length (tokens)", ylabel="seconds per optimizer step",
+             title=f"GRPO step time, {res['settings']['prompts'] * res['settings']['G']} completions per step")
+    ax_s.legend(fontsize=8)
+    ax_s.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{res['settings']['device']} — random Qwen2, hidden {res['settings']['hidden']}, "
+                 f"{res['settings']['layers']} layers ({res['settings']['n_params'] / 1e6:.1f}M params)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    s = res["settings"]
+    lines = [
+        "## 3. Scaling",
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Measured {res['date']} on {res['machine'].get('cpu', '?')} ({res['machine']['cpu_count']} cores, "
+        f"{s['threads']} torch thread per process, device `{s['device']}`); load average before / after: "
+        f"{res['load_before']} / {res['load_after']}.",
+        "",
+        f"Model: random Qwen2, hidden {s['hidden']}, {s['layers']} layers, {s['n_params'] / 1e6:.2f}M parameters, "
+        f"{s['dtype']}, character tokenizer.",
+        "",
+        f"**Generation throughput** ({s['gen_tokens']} new tokens per sequence, sampling, KV cache; median of "
+        f"{s['repeats']} calls after a warm-up):",
+        "",
+        "| batch size | " + " | ".join(str(g["batch_size"]) for g in res["generation"]) + " |",
+        "|---|" + "---:|" * len(res["generation"]),
+        "| tokens / s | " + " | ".join(f"{g['tokens_per_s']:.0f}" for g in res["generation"]) + " |",
+        "",
+        f"**Step time against completion length** (GRPO, {s['prompts']} prompts × G = {s['G']}, one optimizer step "
+        f"per rollout, {s['warmup']} warm-up step dropped, median of {s['steps']} steps, fresh process per length):",
+        "",
+        "| completion tokens | s / step | rollout | scoring | update | peak RSS (MiB) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for st in res["steps"]:
+        m = st["median_stage_s"]
+        lines.append(f"| {st['length']} | {st['median_step_s']:.2f} | {m.get('rollout_s', 0):.2f} | "
+                     f"{m.get('scoring_s', 0):.3f} | {m.get('update_s', 0):.2f} | {st['peak_rss_mb']:.0f} |")
+    first, last = res["steps"][0], res["steps"][-1]
+    growth = last["median_step_s"] / first["median_step_s"]
+    lines += [
+        "",
+        f"From {first['length']} to {last['length']} tokens ({last['length'] / first['length']:.0f}× longer) the "
+        f"step takes {growth:.1f}× longer.",
+        "",
+        "![Generation throughput and step time](_static/bench_scaling.png)",
+    ]
+    if res.get("gpu_note"):
+        lines += ["", res["gpu_note"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["gen", "step"], help=argparse.SUPPRESS)
+    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=0)
+    p.add_argument("--kv-heads", type=int, default=0)
+    p.add_argument("--intermediate", type=int, default=0)
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[128, 256, 512, 1024])
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--G", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=0, help="0: the whole rollout batch")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-docs", action="store_true")
+    args = p.parse_args(argv)
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        res = gen_throughput(args) if args.worker == "gen" else step_time(args)
+        Path(args.out).write_text(json.dumps(res), encoding="utf-8")
+        return
+
+    cmd = "python benchmarks/scaling.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
+        model_dir = build_model(Path(tmp) / "model", args)
+        from transformers import AutoModelForCausalLM
+
+        n_params = sum(q.numel() for q in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+        print("[scaling] generation throughput ...", flush=True)
+        gen = spawn(args, model_dir, ["--worker", "gen"])["generation"]
+        steps = []
+        for length in args.lengths:
+            print(f"[scaling] step time at {length} tokens ...", flush=True)
+            r = spawn(args, model_dir, ["--worker", "step", "--length", str(length)])
+            meas = r["step_times_s"][args.warmup:]
+            stages = r["stage_times_s"][args.warmup:]
+            steps.append({
+                "length": length, "median_step_s": median(meas), "step_times_s": r["step_times_s"],
+                "median_stage_s": {k: median([s[k] for s in stages if k in s]) for k in (stages[0] if stages else {})},
+                "peak_rss_mb": r["peak_rss_mb"],
+            })
+            print(f"[scaling]   {median(meas):.2f} s/step", flush=True)
+    res: dict[str, Any] = {
+        "command": cmd,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine_info(),
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "settings": {**{k: getattr(args, k) for k in ("device", "dtype", "threads", "hidden", "layers", "gen_tokens",
+                                                      "repeats", "prompts", "G", "steps", "warmup")},
+                     "n_params": n_params},
+        "generation": gen,
+        "steps": steps,
+    }
+    if args.device == "cpu":
+        res["gpu_note"] = ("GPU: no GPU was available to this run, so there are no GPU numbers here. On a GPU machine "
+                           "run `python benchmarks/scaling.py --device cuda --dtype bfloat16 --hidden 896 --layers 24 "
+                           "--heads 14 --kv-heads 2 --intermediate 4864` (the Qwen2.5-0.5B shape).")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = "" if args.device == "cpu" else "_gpu"
+    (RESULTS / f"scaling{tag}.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
+    plot(res, PLOT if not tag else PLOT.with_name("bench_scaling_gpu.png"))
+    md = render_markdown(res)
+    print(md)
+    if not args.no_docs and not tag:
+        write_docs_section("scaling", md)
+
+
+if __name__ == "__main__":
+    main()
