@@ -415,12 +415,12 @@ class PRPOModule(L.LightningModule):
         temperature: float | None = None,
         top_p: float | None = None,
         max_new_tokens: int | None = None,
+        seed_per_group: bool | None = None,
     ) -> RolloutBatch | None:
         """Greedily decode (or sample ``num_samples`` completions) for an evaluation batch and grade them.
 
-        Generation goes through :meth:`make_rollout` (same seeding and ZeRO-3 lock-step): greedy decoding is
-        batched; samples are seeded per problem (``sampling.seed_per_group``), so a problem's samples do not depend
-        on the rank or the number of ranks that drew it. A row's own
+        Generation goes through :meth:`make_rollout` (same seeding and ZeRO-3 lock-step, no log-probs); greedy
+        decoding is batched. A row's own
         ``prompt_template`` (a batch field, e.g. the AMC/AIME prompt) replaces the model's template; the chat
         template is applied as in training.
 
@@ -429,6 +429,8 @@ class PRPOModule(L.LightningModule):
             greedy: greedy decoding; otherwise sampling at ``temperature``/``top_p`` with top-k off.
             num_samples: completions per problem.
             temperature / top_p / max_new_tokens: overrides of the model's ``sampling`` settings.
+            seed_per_group: override ``sampling.seed_per_group`` for sampling: True seeds each problem's samples
+                from ``(seed, global_step, problem id)``, so they do not depend on the rank or the number of ranks.
 
         Returns:
             The graded rollout (``verdicts`` set; ``extras["batch_rows"]`` gives each row's position in
@@ -447,6 +449,8 @@ class PRPOModule(L.LightningModule):
                 overrides["temperature"] = float(temperature)
             if top_p is not None:
                 overrides["top_p"] = float(top_p)
+            if seed_per_group is not None:
+                overrides["seed_per_group"] = bool(seed_per_group)
         def no_logprobs(*args: Any) -> None:  # evaluation needs no log-probs: keep only the ZeRO-3 lock-step
             if self._synced_generation():
                 self._lockstep_forwards(0)

@@ -44,7 +44,7 @@ class MathEvalCallback(L.Callback):
         ks: k values of pass@k (default: powers of two from 2, and n).
         temperature / top_p: sampling settings for pass@k (paper: 0.7 / 0.9).
         max_new_tokens: completion budget (None: the model's ``sampling.max_new_tokens``).
-        seed: pass@k sampling seed.
+        seed_per_problem: seed each problem's samples by problem id (rank-independent pass@k; see ``EvalConfig``).
         output_dir: output root (None: ``<log_dir>/eval``).
         write_outputs: write the output files.
         num_logged_completions: completions logged to the logger as a table.
@@ -68,7 +68,7 @@ class MathEvalCallback(L.Callback):
         temperature: float = 0.7,
         top_p: float = 0.9,
         max_new_tokens: int | None = None,
-        seed: int = 42,
+        seed_per_problem: bool = True,
         output_dir: str | None = None,
         write_outputs: bool = True,
         num_logged_completions: int = 8,
@@ -85,7 +85,7 @@ class MathEvalCallback(L.Callback):
         self.prompt_template = prompt_template
         self.config = EvalConfig(
             greedy=greedy, n_samples=n_samples, ks=ks, temperature=temperature, top_p=top_p,
-            max_new_tokens=max_new_tokens, seed=seed, output_dir=output_dir, write_outputs=write_outputs,
+            max_new_tokens=max_new_tokens, seed_per_problem=seed_per_problem, output_dir=output_dir, write_outputs=write_outputs,
             num_logged_completions=num_logged_completions,
         )
         self.history: list[dict[str, float]] = []

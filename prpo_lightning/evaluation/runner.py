@@ -44,7 +44,9 @@ class EvalConfig:
         temperature: sampling temperature for pass@k (paper: 0.7).
         top_p: nucleus threshold for pass@k (paper: 0.9).
         max_new_tokens: completion budget (None: the model's ``sampling.max_new_tokens``).
-        seed: seed of the pass@k sampling (offset by rank and batch; the training RNG is left untouched).
+        seed_per_problem: seed each problem's samples from ``(model seed, global step, problem id)`` (one
+            ``generate`` call per problem), so pass@k does not depend on the number of ranks; False: one batched
+            call per batch, seeded per rank (faster, statistically equivalent). The training RNG is never touched.
         output_dir: directory for outputs (None: ``<log_dir>/eval``); each evaluation writes a sub-directory.
         write_outputs: write the JSONL/CSV/PNG/Markdown files.
         num_logged_completions: completions sent to the logger as a table (0: none).
@@ -56,7 +58,7 @@ class EvalConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int | None = None
-    seed: int = 42
+    seed_per_problem: bool = True
     output_dir: str | None = None
     write_outputs: bool = True
     num_logged_completions: int = 8
@@ -106,7 +108,6 @@ class BenchmarkEvaluator:
         self.states: dict[str, _BenchState] = {}
         for name in benchmarks:
             self._state(name, declared=True)
-        self._batches = 0
 
     def _state(self, name: str, declared: bool = False) -> _BenchState:
         if name not in self.states:
@@ -124,16 +125,11 @@ class BenchmarkEvaluator:
             rollout = module.generate_and_grade(batch, greedy=True, max_new_tokens=cfg.max_new_tokens)
             self.add_rollout(batch, rollout, "greedy", 1)
         if cfg.n_samples > 0:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            devices = [module.device] if module.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * self._batches)
-                rollout = module.generate_and_grade(
-                    batch, greedy=False, num_samples=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                    max_new_tokens=cfg.max_new_tokens,
-                )
+            rollout = module.generate_and_grade(
+                batch, greedy=False, num_samples=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens, seed_per_group=cfg.seed_per_problem,
+            )
             self.add_rollout(batch, rollout, "sample", cfg.n_samples)
-        self._batches += 1
 
     def add_rollout(self, batch: dict[str, Any], rollout: Any, mode: str, per_problem: int) -> None:
         """Record the graded completions of ``rollout`` for the problems of ``batch``.
@@ -234,7 +230,6 @@ class BenchmarkEvaluator:
             if self.config.write_outputs and output_dir is not None:
                 files = write_outputs(Path(output_dir), step, all_records, summary, sample)
                 rank_zero_info(f"[prpo] {stage} evaluation outputs: {Path(files['summary_csv']).parent}")
-        self._batches = 0
         return {"metrics": flat, "summary": summary, "files": files}
 
     def _sampled_metrics(self, counts: Sequence[tuple[int, int]]) -> dict[str, float]:
