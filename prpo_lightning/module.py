@@ -25,10 +25,12 @@ from prpo_lightning.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
 from prpo_lightning.config import LossConfig, OptimConfig
+from prpo_lightning.faults import GuardedPRM, GuardedVerifier, PRMError, VerifierError
+from prpo_lightning.optim import grad_norm, lr_factor
 from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, group_seed, is_distributed
 from prpo_lightning.losses import aggregate_loss, kl_penalty, masked_mean, ppo_clip_loss
 from prpo_lightning.models import load_causal_lm, load_tokenizer
-from prpo_lightning.prm import ProcessRewardModel, ProcessScores
+from prpo_lightning.prm import ProcessRewardModel
 from prpo_lightning.rollout import (
     SamplingConfig,
     batched_logprobs,
@@ -282,8 +284,8 @@ class PRPOModule(L.LightningModule):
         rollout, metrics = self.make_rollout(batch)
         t1 = time.perf_counter()
         if rollout is not None:
-            prm = _GuardedPRM(self.prm) if self.prm is not None else None
-            verifier = _GuardedVerifier(self.verifier)
+            prm = GuardedPRM(self.prm) if self.prm is not None else None
+            verifier = GuardedVerifier(self.verifier)
             try:
                 metrics.update(compute_advantages(rollout, verifier, self.aligner, self.segmenter, prm, self.tokenizer))
                 metrics["faults/prm_errors"] = 0.0
@@ -516,67 +518,3 @@ class PRPOModule(L.LightningModule):
         metrics = {f"{stage}/{k}": float(v) for k, v in result["metrics"].items() if k != "accuracy"}
         self.log_dict(metrics, sync_dist=False)  # already identical on every rank
         self.log(f"{stage}/accuracy", float(result["metrics"]["accuracy"]), prog_bar=True, sync_dist=False)
-
-
-class PRMError(RuntimeError):
-    """A process reward model raised (or timed out) while scoring a batch; the message names the PRM."""
-
-
-class _GuardedPRM(ProcessRewardModel):
-    """Wraps a PRM so that any exception from ``score`` becomes a :class:`PRMError` naming the PRM."""
-
-    def __init__(self, prm: ProcessRewardModel) -> None:
-        self.inner = prm
-        self.requires_reference = prm.requires_reference
-
-    def score(self, batch: RolloutBatch, tokenizer: Any) -> ProcessScores:
-        try:
-            return self.inner.score(batch, tokenizer)
-        except Exception as err:  # noqa: BLE001 - re-raised with the PRM's name
-            raise PRMError(f"PRM {type(self.inner).__name__} failed on {batch.size} completions: "
-                           f"{type(err).__name__}: {err}") from err
-
-
-class VerifierError(RuntimeError):
-    """An outcome verifier raised instead of returning a verdict; the message names the verifier.
-
-    Verifiers report per-sample problems in the verdict (``timed_out`` → UNPARSABLE, counted under
-    ``verifier/timeouts``; ``error`` → counted under ``verifier/errors``); an exception is a bug and stops training.
-    """
-
-
-class _GuardedVerifier(OutcomeVerifier):
-    """Wraps a verifier so that an exception from ``verify_batch`` becomes a :class:`VerifierError`."""
-
-    def __init__(self, verifier: OutcomeVerifier) -> None:
-        self.inner = verifier
-
-    def verify(self, completion: str, gold: str) -> Verdict:
-        return self.verify_batch([completion], [gold])[0]
-
-    def verify_batch(self, completions: Any, golds: Any) -> list[Verdict]:
-        try:
-            return self.inner.verify_batch(completions, golds)
-        except Exception as err:  # noqa: BLE001 - re-raised with the verifier's name
-            raise VerifierError(f"verifier {type(self.inner).__name__} failed on {len(completions)} completions: "
-                                f"{type(err).__name__}: {err}") from err
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the peak LR at optimizer step ``step`` (linear warm-up, then constant/linear/cosine)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown LR schedule {schedule!r}; use constant, linear or cosine")
-
-
-def grad_norm(model: torch.nn.Module) -> float:
-    """Global L2 norm of the gradients of ``model`` (before clipping)."""
-    norms = [p.grad.detach().norm(2) for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
