@@ -7,6 +7,7 @@ import re
 import pytest
 
 from prpo_lightning.demo.arithmetic import (
+    DEFAULT_SPEC,
     TaskSpec,
     check_equation,
     extract_boxed,
@@ -69,12 +70,22 @@ def test_solutions_are_true_equation_chains_ending_in_boxed_answer(seed):
             if prev is not None:
                 assert a == prev  # each line continues from the previous result
             prev = c
-            assert 0 <= int(c) <= 200
+            assert 0 <= int(c) <= DEFAULT_SPEC.max_value
         assert prev == p["answer"]
-        # the statement names the start and one clause per operation
-        assert p["problem"].startswith(f"Start with {eqs[0].split(' ')[0]},")
-        assert len(re.findall(r", (add|subtract|multiply by|divide by) \d+", p["problem"])) == len(eqs)
+        # the statement is the left-to-right chain as a parenthesised expression
+        expr = eqs[0].split(" = ")[0]
+        for line in eqs[1:]:
+            expr = f"({expr}) {line.split(' = ')[0].split(' ', 1)[1]}"
+        assert p["problem"] == expr
     assert n_ops_seen == {2, 3, 4}
+
+
+def test_words_style():
+    probs = generate_problems(0, 20, "train", TaskSpec(style="words"))
+    for p in probs:
+        n = p["solution"].count("\n")
+        assert p["problem"].startswith("Start with ") and p["problem"].endswith(".")
+        assert len(re.findall(r", (add|subtract|multiply by|divide by) \d+", p["problem"])) == n
 
 
 def test_division_is_exact_and_all_operators_occur():
@@ -90,10 +101,10 @@ def test_division_is_exact_and_all_operators_occur():
 
 
 def test_spec_knobs():
-    probs = generate_problems(0, 50, "train", TaskSpec(min_ops=2, max_ops=2, max_value=50))
+    probs = generate_problems(0, 50, "train", TaskSpec(min_ops=2, max_ops=2, max_value=30))
     for p in probs:
         assert p["solution"].count("\n") == 2
-        assert int(p["answer"]) <= 50
+        assert int(p["answer"]) <= 30
 
 
 def test_jsonl_round_trip(tmp_path):

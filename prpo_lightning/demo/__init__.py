@@ -1,1 +1,8 @@
-"""The offline embedded demo: a synthetic arithmetic task and builtin warm-started policies."""
+"""The offline embedded demo: a synthetic arithmetic task and builtin warm-started policies.
+
+Importing this package registers the builtin model ``prpo-demo/arith-qwen2-tiny`` (see :mod:`.policy`).
+"""
+
+from prpo_lightning.demo import policy as policy  # noqa: F401  (registers the builtin model)
+from prpo_lightning.demo.arithmetic import make_split as make_split, write_jsonl as write_jsonl  # noqa: F401
+from prpo_lightning.demo.policy import DEMO_PROMPT_TEMPLATE as DEMO_PROMPT_TEMPLATE  # noqa: F401

@@ -52,14 +52,16 @@ class TaskSpec:
         add_range: inclusive range of added / subtracted operands.
         mul_range: inclusive range of multipliers and divisors.
         max_value: upper bound on every intermediate value.
+        style: ``"words"`` (``Start with 3, add 4, multiply by 5.``) or ``"expr"`` (``(3 + 4) * 5``).
     """
 
     min_ops: int = 2
     max_ops: int = 4
-    start_range: tuple[int, int] = (2, 20)
-    add_range: tuple[int, int] = (1, 20)
-    mul_range: tuple[int, int] = (2, 9)
-    max_value: int = 200
+    start_range: tuple[int, int] = (1, 12)
+    add_range: tuple[int, int] = (1, 9)
+    mul_range: tuple[int, int] = (2, 4)
+    max_value: int = 50
+    style: str = "expr"
 
 
 DEFAULT_SPEC = TaskSpec()
@@ -104,13 +106,20 @@ def _random_chain(rng: random.Random, spec: TaskSpec) -> tuple[int, list[tuple[s
     return start, steps
 
 
-def render(start: int, steps: list[tuple[str, int]]) -> tuple[str, str, str]:
+def render(start: int, steps: list[tuple[str, int]], style: str = "words") -> tuple[str, str, str]:
     """Return ``(problem, solution, answer)`` text for a chain.
 
     The solution is one equation ``a op b = c`` per line, then ``\\boxed{answer}`` on the last line.
     """
-    parts = [f"Start with {start}"] + [_WORDS[op].format(b=b) for op, b in steps]
-    problem = ", ".join(parts) + "."
+    if style == "words":
+        parts = [f"Start with {start}"] + [_WORDS[op].format(b=b) for op, b in steps]
+        problem = ", ".join(parts) + "."
+    elif style == "expr":
+        problem = str(start)
+        for i, (op, b) in enumerate(steps):
+            problem = f"({problem} {op} {b})" if i < len(steps) - 1 else f"{problem} {op} {b}"
+    else:
+        raise ValueError(f"unknown style {style!r}")
     lines = []
     cur = start
     for op, b in steps:
@@ -139,7 +148,7 @@ def iter_problems(seed: int, split: str, spec: TaskSpec = DEFAULT_SPEC) -> Itera
     idx = 0
     misses = 0
     while True:
-        problem, solution, answer = render(*_random_chain(rng, spec))
+        problem, solution, answer = render(*_random_chain(rng, spec), style=spec.style)
         if problem in seen or split_of(problem) != split:
             misses += 1
             if misses > 1_000_000:
