@@ -12,8 +12,9 @@ optimizer as ``benchmarks/vs_trl.py``) is trained with
 
 The verifier, segmenter, PRM and aligner are wrapped in timing proxies, so each step's time is split into
 verification, segmentation, PRM scoring and alignment exactly (the module's own ``train/time/*`` split gives
-rollout / scoring / update). Each configuration runs in fresh processes, alternating, and the random policy
-never samples EOS, so every configuration generates exactly the same number of tokens.
+rollout / scoring / update). Each configuration runs in fresh processes, alternating; EOS is suppressed through the
+policy's ``generation_config`` (as in ``vs_trl.py``), so every configuration generates exactly the same number of
+tokens.
 
 Run::
 

@@ -4,8 +4,8 @@
   sampling at temperature 1) on the benchmark's random Qwen2 for batch sizes 1 … 64; tokens/s = generated tokens
   / wall time, median of ``--repeats`` calls after one warm-up call.
 * **Step time against completion length.** A full GRPO training step of :class:`~prpo_lightning.module.PRPOModule`
-  (generation, log-prob pass, scoring, PPO update) for ``max_new_tokens`` 128 → 1024; a random policy never samples
-  EOS, so every completion has exactly that many tokens. Each length runs in a fresh process; the module's
+  (generation, log-prob pass, scoring, PPO update) for ``max_new_tokens`` 128 → 1024; EOS is suppressed through the
+  model's ``generation_config``, so every completion has exactly that many tokens. Each length runs in a fresh process; the module's
   ``train/time/*`` split is recorded too.
 
 Both are plotted to ``docs/_static/bench_scaling.png``. On a GPU machine pass ``--device cuda`` and a realistic
@@ -40,6 +40,7 @@ from vs_trl import (  # noqa: E402  (sibling script: shared benchmark helpers)
     peak_rss_mb,
     prompt_rows,
     step_timer_callback,
+    suppress_eos,
     write_docs_section,
 )
 
@@ -65,6 +66,7 @@ def build_model(out: Path, args: argparse.Namespace) -> Path:
     })
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
+    suppress_eos(model, tok)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)

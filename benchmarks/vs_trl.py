@@ -6,8 +6,9 @@ prompt format, no chat template), the same G, completion budget, sampling settin
 top-k off), reward function (boxed-answer match), loss (PPO-clip ε = 0.2, no dual clip, token-mean = TRL
 ``dapo``), optimizer (AdamW, constant LR, no weight decay, grad-clip 1.0), no KL (``beta = 0``, no reference
 model), no vLLM, one optimizer step per generation batch and one forward/backward over the whole batch.
-A random model never emits EOS, so every completion has exactly ``max_new_tokens`` tokens in both frameworks and
-they do the same amount of work.
+EOS is suppressed through the saved model's ``generation_config`` (inherited by both frameworks' ``generate``), so
+every completion has exactly ``max_new_tokens`` tokens in both and they do the same amount of work (the recorded
+mean completion lengths show it).
 
 Each (framework, round) runs in a fresh subprocess, alternating ours / TRL to spread machine-load drift evenly.
 Time per optimizer step is the wall time between consecutive optimizer-step ends (generation, log-prob passes,
@@ -118,10 +119,22 @@ def build_model_dir(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
+    suppress_eos(model, tok)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def suppress_eos(model: Any, tok: Any) -> None:
+    """Make every completion exactly ``max_new_tokens`` long, in every framework.
+
+    A random model samples EOS with probability ≈ 1/V per token, so lengths would differ between runs. The model's
+    ``generation_config.suppress_tokens`` is inherited by every ``generate`` call that passes its own
+    ``GenerationConfig`` (ours and TRL's), so both do exactly the same amount of work. Completion lengths are
+    recorded with the results to check it.
+    """
+    model.generation_config.suppress_tokens = [int(tok.eos_token_id)]
 
 
 def prompt_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -186,6 +199,8 @@ def step_timer_callback() -> Any:
             self.ends.append(time.perf_counter())
             m = trainer.callback_metrics
             row = {k.split("/")[-1]: float(m[k]) for k in m if k.startswith("train/time/")}
+            if "train/completion/length_mean" in m:
+                row["completion_length_mean"] = float(m["train/completion/length_mean"])
             row.update(PHASES)
             PHASES.clear()
             self.stages.append(row)
@@ -221,6 +236,30 @@ def instrument_module_phases() -> None:
             setattr(m, name, _timed(phase, getattr(m, name)))
 
 
+def prototype_onpolicy_update() -> None:
+    """Prototype of the proposed on-policy shortcut, for measurement only (``PRPOModule`` is not changed).
+
+    With one PPO epoch and one mini-batch, π_old = π_θ at the update, so the separate no-grad log-prob pass can be
+    skipped and ``old = logp.detach()`` used in the loss (ratio ≡ 1, identical gradient; TRL and verl do this).
+    Valid only for that setting and for components that need no entropies (GRPO); the logged entropy reads 0.
+    """
+    import torch
+
+    import prpo_lightning.module as m
+
+    clip = m.ppo_clip_loss
+
+    def skip_pass(model: Any, p_ids: Any, p_mask: Any, c_ids: Any, c_mask: Any, *a: Any, **k: Any) -> Any:
+        zeros = torch.zeros(c_ids.shape, dtype=torch.float32)
+        return zeros, zeros.clone()  # placeholders: old log-probs are replaced in the loss, entropies unused
+
+    def onpolicy_clip(logp: Any, old: Any, adv: Any, *a: Any, **k: Any) -> Any:
+        return clip(logp, logp.detach(), adv, *a, **k)
+
+    m.batched_logprobs = _timed("logprob_pass_s", skip_pass)
+    m.ppo_clip_loss = onpolicy_clip
+
+
 # ------------------------------------------------------------------------------------------- workers
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
@@ -239,6 +278,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     if args.seed_per_group is not None:
         sampling_kwargs["seed_per_group"] = args.seed_per_group == "true"
     instrument_module_phases()
+    if args.prototype_onpolicy:
+        prototype_onpolicy_update()
     module = PRPOModule(
         verifier=make_verifier(),
         aligner=GRPOAligner(),
@@ -299,6 +340,10 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
             self.ends.append(time.perf_counter())
             self.stages.append(dict(PHASES))
             PHASES.clear()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "completions/mean_length" in logs and self.stages:
+                self.stages[-1]["completion_length_mean"] = float(logs["completions/mean_length"])
 
     tmp = tempfile.mkdtemp(prefix="trl_bench_")
     cfg = GRPOConfig(
@@ -363,6 +408,7 @@ def worker_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     t0 = time.perf_counter()
     out = run_ours(args) if args.worker == "ours" else run_trl(args)
+    out["prototype_onpolicy"] = bool(getattr(args, "prototype_onpolicy", False))
     out["wall_s"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
     out["warmup"] = args.warmup
@@ -423,7 +469,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"Setup: the same randomly initialised Qwen2 (hidden {s['hidden']}, {s['layers']} layers, "
         f"{s['n_params'] / 1e6:.2f}M parameters, character tokenizer, vocab {s['vocab']}), {s['prompts']} prompts × "
         f"G = {s['G']} = {s['prompts'] * s['G']} completions of exactly {s['max_new_tokens']} tokens per step "
-        "(a random model never samples EOS), temperature 1, top-p 1, top-k off, PPO-clip ε = 0.2 with token-mean "
+        "(EOS suppressed for both through the model's `generation_config`), temperature 1, top-p 1, top-k off, PPO-clip ε = 0.2 with token-mean "
         f"loss (TRL `dapo`), AdamW lr 1e-6 constant, grad-clip 1, gradient checkpointing {s.get('gradient_checkpointing', 'off')} in "
         "both (TRL's `GRPOConfig` defaults to on), β = 0 (no reference model), one optimizer step "
         "and one forward/backward over the whole batch per generation batch, no vLLM. "
@@ -440,6 +486,9 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"**{r['peak_rss']:.2f}×** |",
         f"| peak RSS increase during training (MiB) | {o['train_rss_increase_mb']:.0f} | "
         f"{t['train_rss_increase_mb']:.0f} | {r['train_rss_increase']:.2f}× |",
+        f"| mean completion length (tokens, equal work check) | "
+        f"{o.get('median_stage_s', {}).get('completion_length_mean', float('nan')):.1f} | "
+        f"{t.get('median_stage_s', {}).get('completion_length_mean', float('nan')):.1f} | |",
     ]
     if "ours_batched" in res:
         ob = res["ours_batched"]
@@ -447,19 +496,26 @@ def render_markdown(res: dict[str, Any]) -> str:
             f"| ours with `sampling.seed_per_group: false` (one batched `generate`), s/step | "
             f"{ob['median_step_s']:.3f} | {t['median_step_s']:.3f} | {ob['median_step_s'] / t['median_step_s']:.2f}× |"
         )
+    if "ours_prototype" in res:
+        op = res["ours_prototype"]
+        lines.append(
+            f"| ours, **prototype** of the proposed fixes (one batched `generate`, no separate log-prob pass; "
+            f"benchmark-local, not in `PRPOModule`), s/step | {op['median_step_s']:.3f} | {t['median_step_s']:.3f} | "
+            f"{op['median_step_s'] / t['median_step_s']:.2f}× |"
+        )
     if "median_stage_s" in o:
         st = o["median_stage_s"]
         lines += [
             "",
             "Where our step time goes (medians; `rollout_s`/`scoring_s`/`update_s` are the module's `train/time/*`, "
             "`generate_s` and `logprob_pass_s` are timed around its calls): "
-            + ", ".join(f"{k} {v:.3f} s" for k, v in st.items())
+            + ", ".join(f"{k} {v:.3f} s" for k, v in st.items() if k != "completion_length_mean")
             + ".",
         ]
     if "median_stage_s" in t:
         lines += [
             "TRL (medians, timed around its calls): "
-            + ", ".join(f"{k} {v:.3f} s" for k, v in t["median_stage_s"].items())
+            + ", ".join(f"{k} {v:.3f} s" for k, v in t["median_stage_s"].items() if k != "completion_length_mean")
             + "; the rest of its step is the loss forward, backward and optimizer.",
         ]
     target = "met" if r["step_time"] <= 0.8 and r["peak_rss"] <= 1.0 else "missed"
@@ -494,6 +550,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--grad-ckpt", choices=["off", "on"], default="off",
                    help="gradient checkpointing in both frameworks (TRL's GRPOConfig default is on, ours off)")
+    p.add_argument("--prototype-onpolicy", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prototype-variant", action="store_true",
+                   help="also time ours with a benchmark-local prototype of the proposed fixes (one batched generate "
+                        "+ no separate log-prob pass); PRPOModule itself is not changed")
     p.add_argument("--batched-variant", action="store_true", help="also time ours with seed_per_group=False")
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = p.parse_args(argv)
@@ -511,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
-        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": [], "ours_batched": []}
+        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": [], "ours_batched": [], "ours_prototype": []}
         for rnd in range(args.rounds):
             order = ["ours", "trl"] if rnd % 2 == 0 else ["trl", "ours"]
             for kind in order:
@@ -521,6 +581,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.batched_variant:
                 print(f"[vs_trl] round {rnd + 1}/{args.rounds}: ours (seed_per_group=False) ...", flush=True)
                 runs["ours_batched"].append(spawn("ours", args, model_dir, ["--seed-per-group", "false"]))
+            if args.prototype_variant:
+                print(f"[vs_trl] round {rnd + 1}/{args.rounds}: ours (prototype of the proposed fixes) ...", flush=True)
+                runs["ours_prototype"].append(
+                    spawn("ours", args, model_dir, ["--seed-per-group", "false", "--prototype-onpolicy"])
+                )
     res: dict[str, Any] = {
         "command": cmd,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -540,6 +605,8 @@ def main(argv: list[str] | None = None) -> None:
     res["trl"]["trl_version"] = runs["trl"][0].get("trl_version")
     if runs["ours_batched"]:
         res["ours_batched"] = summarize(runs["ours_batched"], args.warmup)
+    if runs["ours_prototype"]:
+        res["ours_prototype"] = summarize(runs["ours_prototype"], args.warmup)
     o, t = res["ours"], res["trl"]
     res["ratios"] = {
         "step_time": o["median_step_s"] / t["median_step_s"],
