@@ -116,6 +116,8 @@ class EntropySpikeSegmenter(Segmenter):
         mode: ``"paper"`` or ``"reference"``.
     """
 
+    requires_entropies = True
+
     def __init__(self, k: int = 5, min_gap: int = 10, mode: Literal["paper", "reference"] = "paper") -> None:
         if k < 1 or min_gap < 1:
             raise ValueError(f"k and min_gap must be >= 1, got k={k}, min_gap={min_gap}")

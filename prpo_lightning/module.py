@@ -126,6 +126,21 @@ class PRPOModule(L.LightningModule):
         comps = (self.aligner, self.prm)
         return self.loss_cfg.kl_coef > 0 or any(getattr(c, "requires_reference", False) for c in comps)
 
+    @property
+    def needs_rollout_logprobs(self) -> bool:
+        """Whether old log-probs/entropies must be computed in a separate no-grad pass right after sampling.
+
+        They are not needed when the update is on-policy (one PPO epoch over one mini-batch: π_old = π_θ, so
+        the update's own forward pass gives ``log π_old = log π_θ.detach()``, ratio ≡ 1, as verl does), no
+        segmenter reads entropies and no component reads log-probs before the update (``requires_reference``).
+        Skipping the pass saves one forward over every completion per step.
+        """
+        cfg = self.optim_cfg
+        off_policy = cfg.ppo_epochs > 1 or cfg.mini_batch_size is not None
+        uses_entropy = self.aligner.uses_process_scores and getattr(self.segmenter, "requires_entropies", False)
+        reads_logprobs = any(getattr(c, "requires_reference", False) for c in (self.aligner, self.prm))
+        return off_policy or uses_entropy or reads_logprobs
+
     def configure_model(self) -> None:
         """Load tokenizer, policy and (if needed) the frozen reference model. Idempotent."""
         if self.policy is not None:
@@ -253,10 +268,11 @@ class PRPOModule(L.LightningModule):
     def _add_logprobs(self, rollout: RolloutBatch, p_ids: Tensor, p_mask: Tensor, c_ids: Tensor, c_mask: Tensor) -> None:
         mb = self.optim_cfg.micro_batch_size
         temp = self.sampling.temperature
-        old, ent = batched_logprobs(self.policy, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=True)
-        rollout.old_logprobs, rollout.entropies = old.cpu(), ent.cpu()
-        if self._synced_generation():
-            self._lockstep_forwards(math.ceil(c_ids.shape[0] / mb))
+        if self.needs_rollout_logprobs:
+            old, ent = batched_logprobs(self.policy, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=True)
+            rollout.old_logprobs, rollout.entropies = old.cpu(), ent.cpu()
+            if self._synced_generation():
+                self._lockstep_forwards(math.ceil(c_ids.shape[0] / mb))
         if self._reference is not None:
             ref, _ = batched_logprobs(self._reference, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=False)
             rollout.ref_logprobs = ref.cpu()
@@ -341,7 +357,7 @@ class PRPOModule(L.LightningModule):
                 opt.step()
                 sched.step()
                 for k, v in stats.items():
-                    sums[k] += v
+                    sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
         out = {k: v / max(n_updates, 1) for k, v in sums.items()}
         out["lr"] = float(sched.get_last_lr()[0])
@@ -372,7 +388,10 @@ class PRPOModule(L.LightningModule):
         n_tok, n_seq = max(n_tok, 1.0), max(n_seq, 1.0)
         scale = float(torch.distributed.get_world_size()) if is_distributed() else 1.0
         norm_c = lcfg.norm_constant or float(self.sampling.max_new_tokens)
+        on_policy = not self.needs_rollout_logprobs  # old log-probs come from this forward pass
         stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+        if on_policy:
+            stats["entropy"] = 0.0
         pieces: list[Tensor | None] = list(idx.split(self.optim_cfg.micro_batch_size)) if rows is not None else []
         pieces += [None] * max((n_micro or len(pieces)) - len(pieces), 0)
         for micro in pieces:
@@ -385,10 +404,13 @@ class PRPOModule(L.LightningModule):
             dev = self.device
             c_ids, c_attn = mb.completion_ids[:, :t_len].to(dev), mb.completion_mask[:, :t_len].to(dev)
             c_mask = self._loss_mask(mb)[:, :t_len].to(dev)  # (b, t) tokens in the loss
-            logp, _ = completion_logprobs(
-                self.policy, mb.prompt_ids.to(dev), mb.prompt_mask.to(dev), c_ids, c_attn, self.sampling.temperature
-            )  # (b, t)
-            old = mb.old_logprobs[:, :t_len].to(dev)  # (b, t)
+            logp, ent = completion_logprobs(
+                self.policy, mb.prompt_ids.to(dev), mb.prompt_mask.to(dev), c_ids, c_attn, self.sampling.temperature,
+                with_entropy=on_policy,
+            )  # (b, t), (b, t) | None
+            old = logp.detach() if on_policy else mb.old_logprobs[:, :t_len].to(dev)  # (b, t)
+            if ent is not None:
+                stats["entropy"] += float((ent * c_mask).sum()) / n_tok
             adv = mb.advantages[:, :t_len].to(dev)  # (b, t)
             pg, clipped = ppo_clip_loss(logp, old, adv, lcfg.eps_low, lcfg.eps_high, lcfg.dual_clip)  # (b, t)
             agg = dict(mode=lcfg.aggregation, norm_constant=norm_c, num_tokens=n_tok, num_sequences=n_seq)

@@ -226,9 +226,10 @@ def completion_logprobs(
     mask = completion_mask.to(logits.dtype)  # (B, T)
     logprobs = (token_logits - log_z) * mask  # (B, T)
     entropies = None
-    if with_entropy:
-        probs = torch.softmax(logits, dim=-1)  # (B, T, V)
-        entropies = (log_z - (probs * logits).sum(dim=-1)) * mask  # (B, T)
+    if with_entropy:  # a statistic, never differentiated
+        with torch.no_grad():
+            z = logits.detach()  # (B, T, V)
+            entropies = (log_z.detach() - (torch.softmax(z, dim=-1) * z).sum(dim=-1)) * mask  # (B, T)
     return logprobs, entropies
 
 

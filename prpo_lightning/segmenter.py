@@ -15,6 +15,9 @@ class Segmenter(ABC):
     ``completion_ids`` plus the tokenizer for delimiter-based segmentation).
     """
 
+    #: Whether :meth:`segment` reads ``batch.entropies`` (the module then computes them before scoring).
+    requires_entropies: bool = False
+
     @abstractmethod
     def segment(self, batch: RolloutBatch, tokenizer: Any) -> list[list[Span]]:
         """Return, for each row i, half-open spans ``(start, end)`` tiling ``[0, L_i)``.
