@@ -41,12 +41,14 @@ def rl_step(model, tok, opt, problems, args) -> dict[str, float]:
     tok.padding_side = "left"
     enc = tok([format_prompt(p["problem"]) for p in problems], return_tensors="pt", padding=True,
               add_special_tokens=False)
+    tg = clock()
     with torch.no_grad():
         out = model.generate(
             **enc, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
             num_return_sequences=args.group_size, max_new_tokens=args.max_new_tokens,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         )
+    gen_time = since(tg)
     plen = enc["input_ids"].shape[1]
     comp = out[:, plen:]
     # completion mask: tokens up to and including the first EOS
@@ -61,7 +63,8 @@ def rl_step(model, tok, opt, problems, args) -> dict[str, float]:
     adv = ((rg - rg.mean(-1, keepdim=True)) / (rg.std(-1, keepdim=True) + 1e-4)).view(-1)
     keep = adv != 0 if args.skip_zero_groups else torch.ones_like(adv, dtype=torch.bool)
     stats = {"reward_mean": float(correct.mean()), "frac_zero_adv": float((adv == 0).float().mean()),
-             "completion_len": float(cmask.sum(-1).float().mean())}
+             "completion_len": float(cmask.sum(-1).float().mean()), "gen_cpu_s": gen_time["cpu_s"],
+             "gen_tokens": int(cmask.sum())}
     if keep.sum() == 0:
         return stats | {"loss": 0.0}
     prompt_mask = enc["attention_mask"].repeat_interleave(args.group_size, 0)
