@@ -96,6 +96,8 @@ def timed_components(clock: StageClock, verifier: Any, aligner: Any, segmenter: 
             return out
 
     class TimedSegmenter(Segmenter):
+        requires_entropies = getattr(segmenter, "requires_entropies", False)
+
         def segment(self, batch: Any, tokenizer: Any) -> Any:
             t = time.perf_counter()
             out = segmenter.segment(batch, tokenizer)

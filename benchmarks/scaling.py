@@ -4,7 +4,7 @@
   sampling at temperature 1) on the benchmark's random Qwen2 for batch sizes 1 … 64; tokens/s = generated tokens
   / wall time, median of ``--repeats`` calls after one warm-up call.
 * **Step time against completion length.** A full GRPO training step of :class:`~prpo_lightning.module.PRPOModule`
-  (generation, log-prob pass, scoring, PPO update) for ``max_new_tokens`` 128 → 1024; EOS is suppressed through the
+  (generation, scoring, PPO update; on-policy GRPO needs no separate log-prob pass) for ``max_new_tokens`` 128 → 1024; EOS is suppressed through the
   model's ``generation_config``, so every completion has exactly that many tokens. Each length runs in a fresh process; the module's
   ``train/time/*`` split is recorded too.
 
@@ -174,7 +174,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     steps = res["steps"]
     xs = [s["length"] for s in steps]
     bottom = [0.0] * len(xs)
-    for key, label in (("rollout_s", "rollout (generate + log-prob pass)"), ("scoring_s", "scoring"),
+    for key, label in (("rollout_s", "rollout (generation, + log-prob pass if needed)"), ("scoring_s", "scoring"),
                        ("update_s", "PPO update")):
         vals = [s["median_stage_s"].get(key, 0.0) for s in steps]
         ax_s.bar([str(x) for x in xs], vals, bottom=bottom, label=label)

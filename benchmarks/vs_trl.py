@@ -18,7 +18,7 @@ increase over the RSS just before training starts (which excludes each library's
 
 Run::
 
-    python benchmarks/vs_trl.py                    # writes benchmarks/results/vs_trl.json and docs/benchmarks.md
+    python benchmarks/vs_trl.py --per-group-variant   # writes benchmarks/results/vs_trl.json and docs/benchmarks.md
     python benchmarks/vs_trl.py --steps 3 --no-docs  # quick check
 """
 
@@ -236,30 +236,6 @@ def instrument_module_phases() -> None:
             setattr(m, name, _timed(phase, getattr(m, name)))
 
 
-def prototype_onpolicy_update() -> None:
-    """Prototype of the proposed on-policy shortcut, for measurement only (``PRPOModule`` is not changed).
-
-    With one PPO epoch and one mini-batch, π_old = π_θ at the update, so the separate no-grad log-prob pass can be
-    skipped and ``old = logp.detach()`` used in the loss (ratio ≡ 1, identical gradient; TRL and verl do this).
-    Valid only for that setting and for components that need no entropies (GRPO); the logged entropy reads 0.
-    """
-    import torch
-
-    import prpo_lightning.module as m
-
-    clip = m.ppo_clip_loss
-
-    def skip_pass(model: Any, p_ids: Any, p_mask: Any, c_ids: Any, c_mask: Any, *a: Any, **k: Any) -> Any:
-        zeros = torch.zeros(c_ids.shape, dtype=torch.float32)
-        return zeros, zeros.clone()  # placeholders: old log-probs are replaced in the loss, entropies unused
-
-    def onpolicy_clip(logp: Any, old: Any, adv: Any, *a: Any, **k: Any) -> Any:
-        return clip(logp, logp.detach(), adv, *a, **k)
-
-    m.batched_logprobs = _timed("logprob_pass_s", skip_pass)
-    m.ppo_clip_loss = onpolicy_clip
-
-
 # ------------------------------------------------------------------------------------------- workers
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
@@ -278,8 +254,6 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     if args.seed_per_group is not None:
         sampling_kwargs["seed_per_group"] = args.seed_per_group == "true"
     instrument_module_phases()
-    if args.prototype_onpolicy:
-        prototype_onpolicy_update()
     module = PRPOModule(
         verifier=make_verifier(),
         aligner=GRPOAligner(),
@@ -408,7 +382,6 @@ def worker_main(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     t0 = time.perf_counter()
     out = run_ours(args) if args.worker == "ours" else run_trl(args)
-    out["prototype_onpolicy"] = bool(getattr(args, "prototype_onpolicy", False))
     out["wall_s"] = time.perf_counter() - t0
     out["peak_rss_mb"] = peak_rss_mb()
     out["warmup"] = args.warmup
@@ -490,25 +463,19 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"{o.get('median_stage_s', {}).get('completion_length_mean', float('nan')):.1f} | "
         f"{t.get('median_stage_s', {}).get('completion_length_mean', float('nan')):.1f} | |",
     ]
-    if "ours_batched" in res:
-        ob = res["ours_batched"]
+    if "ours_per_group" in res:
+        ob = res["ours_per_group"]
         lines.append(
-            f"| ours with `sampling.seed_per_group: false` (one batched `generate`), s/step | "
+            f"| ours with `sampling.seed_per_group: true` (one `generate` call per prompt group), s/step | "
             f"{ob['median_step_s']:.3f} | {t['median_step_s']:.3f} | {ob['median_step_s'] / t['median_step_s']:.2f}× |"
-        )
-    if "ours_prototype" in res:
-        op = res["ours_prototype"]
-        lines.append(
-            f"| ours, **prototype** of the proposed fixes (one batched `generate`, no separate log-prob pass; "
-            f"benchmark-local, not in `PRPOModule`), s/step | {op['median_step_s']:.3f} | {t['median_step_s']:.3f} | "
-            f"{op['median_step_s'] / t['median_step_s']:.2f}× |"
         )
     if "median_stage_s" in o:
         st = o["median_stage_s"]
         lines += [
             "",
             "Where our step time goes (medians; `rollout_s`/`scoring_s`/`update_s` are the module's `train/time/*`, "
-            "`generate_s` and `logprob_pass_s` are timed around its calls): "
+            "`generate_s` and `logprob_pass_s` (the separate no-grad pass, skipped on-policy) are timed around its "
+            "calls): "
             + ", ".join(f"{k} {v:.3f} s" for k, v in st.items() if k != "completion_length_mean")
             + ".",
         ]
@@ -550,11 +517,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--grad-ckpt", choices=["off", "on"], default="off",
                    help="gradient checkpointing in both frameworks (TRL's GRPOConfig default is on, ours off)")
-    p.add_argument("--prototype-onpolicy", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--prototype-variant", action="store_true",
-                   help="also time ours with a benchmark-local prototype of the proposed fixes (one batched generate "
-                        "+ no separate log-prob pass); PRPOModule itself is not changed")
-    p.add_argument("--batched-variant", action="store_true", help="also time ours with seed_per_group=False")
+    p.add_argument("--per-group-variant", action="store_true",
+                   help="also time ours with sampling.seed_per_group=True (one generate call per prompt group)")
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = p.parse_args(argv)
     if args.worker:
@@ -571,21 +535,16 @@ def main(argv: list[str] | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
-        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": [], "ours_batched": [], "ours_prototype": []}
+        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": [], "ours_per_group": []}
         for rnd in range(args.rounds):
             order = ["ours", "trl"] if rnd % 2 == 0 else ["trl", "ours"]
             for kind in order:
                 print(f"[vs_trl] round {rnd + 1}/{args.rounds}: {kind} ...", flush=True)
                 runs[kind].append(spawn(kind, args, model_dir))
                 print(f"[vs_trl]   steps: {[round(t, 3) for t in runs[kind][-1]['step_times_s']]}", flush=True)
-            if args.batched_variant:
-                print(f"[vs_trl] round {rnd + 1}/{args.rounds}: ours (seed_per_group=False) ...", flush=True)
-                runs["ours_batched"].append(spawn("ours", args, model_dir, ["--seed-per-group", "false"]))
-            if args.prototype_variant:
-                print(f"[vs_trl] round {rnd + 1}/{args.rounds}: ours (prototype of the proposed fixes) ...", flush=True)
-                runs["ours_prototype"].append(
-                    spawn("ours", args, model_dir, ["--seed-per-group", "false", "--prototype-onpolicy"])
-                )
+            if args.per_group_variant:
+                print(f"[vs_trl] round {rnd + 1}/{args.rounds}: ours (seed_per_group=True) ...", flush=True)
+                runs["ours_per_group"].append(spawn("ours", args, model_dir, ["--seed-per-group", "true"]))
     res: dict[str, Any] = {
         "command": cmd,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -603,10 +562,8 @@ def main(argv: list[str] | None = None) -> None:
         "raw": runs,
     }
     res["trl"]["trl_version"] = runs["trl"][0].get("trl_version")
-    if runs["ours_batched"]:
-        res["ours_batched"] = summarize(runs["ours_batched"], args.warmup)
-    if runs["ours_prototype"]:
-        res["ours_prototype"] = summarize(runs["ours_prototype"], args.warmup)
+    if runs["ours_per_group"]:
+        res["ours_per_group"] = summarize(runs["ours_per_group"], args.warmup)
     o, t = res["ours"], res["trl"]
     res["ratios"] = {
         "step_time": o["median_step_s"] / t["median_step_s"],

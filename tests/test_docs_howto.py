@@ -48,12 +48,13 @@ def test_custom_segmenter_caps_segments_and_handles_empty_rows() -> None:
     assert mod.LineSegmenter(max_segments=2).segment(batch, tok) == [[(0, 2), (2, 7)], []]
 
 
-def test_custom_prm_scores_are_confidences() -> None:
+def test_custom_prm_scores_distinct_token_fractions() -> None:
     mod = _load("custom_prm")
     out = mod.demo()
-    expected = torch.tensor([[torch.exp(torch.tensor(-0.2)), torch.exp(torch.tensor(-2.0))], [torch.exp(torch.tensor(-0.5)), 0.0]])
-    assert torch.allclose(out.step_scores, expected, atol=1e-6)
+    assert torch.allclose(out.step_scores, torch.tensor([[1.0, 0.25], [1.0, 0.0]]))
     assert out.token_scores is None
+    with pytest.raises(ValueError):
+        mod.DistinctTokenPRM(min_tokens=0)
 
 
 def test_custom_verifier_grades_each_row_against_its_own_gold() -> None:

@@ -11,23 +11,24 @@ from prpo_lightning.prm import pad_step_scores
 
 
 # [prm-class]
-class ConfidencePRM(ProcessRewardModel):
-    """Scores a step by the policy's own confidence in it: ``exp(mean log π_old)`` over the step's tokens.
+class DistinctTokenPRM(ProcessRewardModel):
+    """Scores a step by how little it repeats itself: the fraction of distinct tokens among its tokens.
 
-    A model-free PRM (no weights, nothing to load) that only reads ``batch.old_logprobs`` ``(B, T)`` and
-    ``batch.segment_spans``. The score is in ``(0, 1]`` like P(step correct). An empty step cannot occur
-    (segmenters must produce non-empty spans), so no score is ever a silent default.
+    A model-free PRM (no weights, nothing to load) that reads only ``batch.completion_ids`` ``(B, T)`` and
+    ``batch.segment_spans``: a step that loops on the same few tokens (a common degenerate output under RL)
+    scores near 0, varied text near 1, like P(step correct) in [0, 1]. Segmenters never produce empty spans, so
+    every step gets a real score (no silent default).
 
     Args:
-        temperature: scores are ``exp(mean log-prob / temperature)``; > 1 flattens them towards 1.
+        min_tokens: steps shorter than this score 1.0 (too short to judge repetition).
     """
 
-    requires_reference = False  # set True to receive batch.ref_logprobs (the module then keeps a reference model)
+    requires_reference = False  # True would make the module keep a reference model and fill batch.ref_logprobs
 
-    def __init__(self, temperature: float = 1.0) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+    def __init__(self, min_tokens: int = 4) -> None:
+        if min_tokens < 1:
+            raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+        self.min_tokens = min_tokens
 
     def setup(self, device: torch.device) -> None:
         """Called once before the first rollout: load weights and move them to ``device`` here."""
@@ -35,12 +36,15 @@ class ConfidencePRM(ProcessRewardModel):
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, tokenizer: Any) -> ProcessScores:
-        if batch.old_logprobs is None:
-            raise ValueError("ConfidencePRM needs batch.old_logprobs")
-        logp = batch.old_logprobs.float()  # (B, T)
+        ids = batch.completion_ids  # (B, T)
         scores: list[list[float]] = []
         for i, spans in enumerate(batch.segment_spans):
-            scores.append([float(torch.exp(logp[i, s:e].mean() / self.temperature)) for s, e in spans])
+            row = []
+            for s, e in spans:
+                step = ids[i, s:e]
+                n = e - s
+                row.append(1.0 if n < self.min_tokens else float(torch.unique(step).numel()) / n)
+            scores.append(row)
         return pad_step_scores(scores)  # step_scores (B, S), step_mask (B, S)
 # [prm-class-end]
 
@@ -50,17 +54,16 @@ def demo() -> ProcessScores:
     """Score a two-row batch whose segments are given by hand."""
     batch = RolloutBatch(
         prompt_ids=torch.zeros(2, 1, dtype=torch.long), prompt_mask=torch.ones(2, 1, dtype=torch.long),
-        completion_ids=torch.zeros(2, 4, dtype=torch.long),
-        completion_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool),
+        completion_ids=torch.tensor([[5, 6, 7, 8, 9, 9, 9, 9], [3, 4, 5, 6, 0, 0, 0, 0]]),
+        completion_mask=torch.tensor([[1] * 8, [1] * 4 + [0] * 4], dtype=torch.bool),
         group_ids=torch.tensor([7, 7]), problems=["p", "p"], answers=["1", "1"],
-        old_logprobs=torch.tensor([[-0.1, -0.3, -2.0, -2.0], [-0.5, -0.5, 0.0, 0.0]]),
     )
-    batch.segment_spans = [[(0, 2), (2, 4)], [(0, 2)]]
-    out = ConfidencePRM().score(batch, tokenizer=None)
+    batch.segment_spans = [[(0, 4), (4, 8)], [(0, 4)]]
+    out = DistinctTokenPRM().score(batch, tokenizer=None)
     assert out.step_mask.tolist() == [[True, True], [True, False]]
     return out
 
 
 if __name__ == "__main__":
-    print(demo().step_scores)  # tensor([[0.8187, 0.1353], [0.6065, 0.0000]])
+    print(demo().step_scores)  # tensor([[1.0000, 0.2500], [1.0000, 0.0000]])
 # [prm-usage-end]

@@ -13,7 +13,7 @@ from prpo_lightning.module import PRPOModule
 from prpo_lightning.rollout import SamplingConfig
 
 from custom_aligner import StepBonusAligner  # the classes of the other guides (any importable module works)
-from custom_prm import ConfidencePRM
+from custom_prm import DistinctTokenPRM
 from custom_segmenter import LineSegmenter
 from custom_verifier import LastIntegerVerifier
 
@@ -25,7 +25,7 @@ def train(policy: str | None = None, policy_config: dict | None = None, tokenize
         verifier=LastIntegerVerifier(),
         aligner=StepBonusAligner(bonus=0.5),
         segmenter=LineSegmenter(),
-        prm=ConfidencePRM(),
+        prm=DistinctTokenPRM(),
         policy=policy,
         policy_config=policy_config,
         tokenizer=tokenizer,
