@@ -52,5 +52,10 @@ def cli_main(args: ArgsType = None, run: bool = True) -> PRPOCLI:
     )
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Console-script entry point ``prpo-fit``: runs the CLI and exits with status 0 on success."""
     cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -110,3 +110,15 @@ def test_every_config_parses_and_instantiates(config, char_tokenizer, tmp_path):
     if model.aligner.uses_process_scores:
         assert model.segmenter is not None and model.prm is not None
     assert cli.datamodule is not None
+
+
+def test_console_script_exits_zero(monkeypatch):
+    """The ``prpo-fit`` entry point must return None: setuptools wraps it as ``sys.exit(main())``."""
+    import tomllib
+
+    from prpo_lightning import cli
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["prpo-fit"] == "prpo_lightning.cli:main"
+    monkeypatch.setattr(cli, "cli_main", lambda: object())
+    assert cli.main() is None
