@@ -41,7 +41,7 @@ from prpo_lightning.rollout import (
 )
 from prpo_lightning.scoring import compute_advantages
 from prpo_lightning.segmenter import Segmenter
-from prpo_lightning.verifier import OutcomeVerifier, Verdict
+from prpo_lightning.verifier import OutcomeVerifier
 
 DEFAULT_PROMPT = "{problem}\nLet's think step by step and put the final answer in the \\boxed{{}} tag."
 
@@ -192,9 +192,10 @@ class PRPOModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ prompts and rollouts
-    def format_prompt(self, problem: str) -> str:
-        """Prompt text for one problem: the template, wrapped by the chat template when enabled."""
-        text = self.hparams.prompt_template.format(problem=problem)
+    def format_prompt(self, problem: str, template: str | None = None) -> str:
+        """Prompt text for one problem: ``template`` (default: the model's ``prompt_template``), wrapped by the
+        chat template when enabled."""
+        text = (template or self.hparams.prompt_template).format(problem=problem)
         use_chat = self.hparams.use_chat_template
         if use_chat is None:
             use_chat = getattr(self.tokenizer, "chat_template", None) is not None
@@ -204,7 +205,14 @@ class PRPOModule(L.LightningModule):
         messages.append({"role": "user", "content": text})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def make_rollout(self, batch: dict[str, Any], greedy: bool = False, num_generations: int | None = None) -> tuple[RolloutBatch | None, dict[str, float]]:
+    def make_rollout(
+        self,
+        batch: dict[str, Any],
+        greedy: bool = False,
+        num_generations: int | None = None,
+        sampling: SamplingConfig | None = None,
+        with_logprobs: bool | None = None,
+    ) -> tuple[RolloutBatch | None, dict[str, float]]:
         """Sample completions for a prompt batch and compute old (and reference) log-probs and entropies.
 
         Prompts longer than ``sampling.max_prompt_length`` tokens are skipped and counted. Sampling is seeded
@@ -213,28 +221,38 @@ class PRPOModule(L.LightningModule):
         ZeRO-3 every rank makes the same number of ``generate`` calls and forward passes (ranks that skipped
         prompts make throw-away calls), so no rank waits forever for another.
 
+        Args:
+            batch: collated prompts (``id``, ``problem``, ``answer``; an optional per-row ``prompt_template``
+                replaces the model's template for that row).
+            greedy: greedy decoding (evaluation).
+            num_generations: completions per prompt (default: ``sampling.num_generations``, or 1 when greedy).
+            sampling: overrides the module's sampling settings for this call (evaluation).
+            with_logprobs: compute old/reference log-probs and entropies (default: when not greedy).
+
         Returns:
             ``(rollout, metrics)``; ``rollout`` lives on the CPU and is None when every prompt was skipped.
         """
-        g = num_generations or (1 if greedy else self.sampling.num_generations)
-        texts = [self.format_prompt(p) for p in batch["problem"]]
+        sampling = sampling or self.sampling
+        g = num_generations or (1 if greedy else sampling.num_generations)
+        templates = batch.get("prompt_template") or [None] * len(batch["problem"])
+        texts = [self.format_prompt(p, t) for p, t in zip(batch["problem"], templates)]
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        keep = [i for i, ids in enumerate(token_ids) if len(ids) <= self.sampling.max_prompt_length]
+        keep = [i for i, ids in enumerate(token_ids) if len(ids) <= sampling.max_prompt_length]
         metrics = {"data/skipped_long_prompts": float(len(texts) - len(keep))}
         synced = self._synced_generation()
-        if self.sampling.seed_per_group:
+        if sampling.seed_per_group:
             seeds = [group_seed(self.hparams.seed, self.global_step, int(batch["id"][i])) for i in keep]
             extra = all_reduce_max(len(keep)) - len(keep) if synced else 0
             prompts = [torch.tensor(token_ids[i], dtype=torch.long) for i in keep]
             comp, comp_mask, truncated = generate_groups(
-                self.policy, self.tokenizer, prompts, g, self.sampling, seeds, greedy, synced, extra
+                self.policy, self.tokenizer, prompts, g, sampling, seeds, greedy, synced, extra
             )
         else:
-            chunk = self.sampling.generation_batch_size or len(keep) * g or 1
+            chunk = sampling.generation_batch_size or len(keep) * g or 1
             n_calls = math.ceil(len(keep) * g / chunk)
             extra = all_reduce_max(n_calls) - n_calls if synced else 0
             if extra:  # throw-away calls so that every rank calls generate equally often under ZeRO-3
-                generate_groups(self.policy, self.tokenizer, [], g, self.sampling, None, greedy, True, extra)
+                generate_groups(self.policy, self.tokenizer, [], g, sampling, None, greedy, True, extra)
         if not keep:
             if synced:
                 self._lockstep_forwards(0)
@@ -242,12 +260,12 @@ class PRPOModule(L.LightningModule):
         rows = torch.tensor(keep).repeat_interleave(g)  # (B,) prompt row of each completion
         prompt_ids, prompt_mask = tokenize_prompts(self.tokenizer, [texts[i] for i in keep], self.device)
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)  # (B, P)
-        if not self.sampling.seed_per_group:
+        if not sampling.seed_per_group:
             cuda = [self.device.index or 0] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(group_seed(self.hparams.seed, self.global_step, -1 - self.global_rank))
                 comp, comp_mask, truncated = generate_completions(
-                    self.policy, self.tokenizer, prompt_ids, prompt_mask, self.sampling, greedy=greedy,
+                    self.policy, self.tokenizer, prompt_ids, prompt_mask, sampling, greedy=greedy,
                     synced_gpus=synced,
                 )
         rollout = RolloutBatch(
@@ -259,7 +277,7 @@ class PRPOModule(L.LightningModule):
             completions=self.tokenizer.batch_decode(comp, skip_special_tokens=True),
             truncated=truncated.cpu(),
         )
-        if not greedy:
+        if (not greedy) if with_logprobs is None else with_logprobs:
             self._add_logprobs(rollout, prompt_ids, prompt_mask, comp, comp_mask)
         elif synced:
             self._lockstep_forwards(0)
@@ -462,8 +480,6 @@ class PRPOModule(L.LightningModule):
         """
         import dataclasses
 
-        templates = batch.get("prompt_template") or [None] * len(batch["problem"])
-        texts = [(t or self.hparams.prompt_template).format(problem=p) for p, t in zip(batch["problem"], templates)]
         overrides: dict[str, Any] = {} if max_new_tokens is None else {"max_new_tokens": int(max_new_tokens)}
         if greedy:  # no RNG involved: decode the whole batch in batched generate calls, not one call per problem
             overrides["seed_per_group"] = False
@@ -475,19 +491,8 @@ class PRPOModule(L.LightningModule):
                 overrides["top_p"] = float(top_p)
             if seed_per_group is not None:
                 overrides["seed_per_group"] = bool(seed_per_group)
-        def no_logprobs(*args: Any) -> None:  # evaluation needs no log-probs: keep only the ZeRO-3 lock-step
-            if self._synced_generation():
-                self._lockstep_forwards(0)
-
-        saved = self.sampling, self.hparams.prompt_template
-        self.sampling = dataclasses.replace(self.sampling, **overrides)
-        self.hparams.prompt_template = "{problem}"  # texts are already formatted
-        self.__dict__["_add_logprobs"] = no_logprobs
-        try:
-            rollout, _ = self.make_rollout({**batch, "problem": texts}, greedy=greedy, num_generations=num_samples)
-        finally:
-            self.sampling, self.hparams.prompt_template = saved
-            self.__dict__.pop("_add_logprobs", None)
+        sampling = dataclasses.replace(self.sampling, **overrides)
+        rollout, _ = self.make_rollout(batch, greedy, num_samples, sampling=sampling, with_logprobs=False)
         if rollout is None:
             return None
         g = max(int(num_samples), 1)
@@ -499,7 +504,6 @@ class PRPOModule(L.LightningModule):
             rows += [j] * g
             j += 1
         rollout.extras["batch_rows"] = rows
-        rollout.problems = [batch["problem"][r] for r in rows]
         rollout.verdicts = self.verifier.verify_batch(rollout.completions, rollout.answers)
         return rollout
 
