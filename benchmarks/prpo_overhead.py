@@ -37,10 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vs_trl import (  # noqa: E402  (sibling script: shared benchmark helpers)
     RESULTS,
     ROOT,
+    PHASES,
     TEMPLATE,
     PromptData,
     build_model_dir,
     machine_info,
+    instrument_module_phases,
     make_verifier,
     median,
     peak_rss_mb,
@@ -50,7 +52,8 @@ from vs_trl import (  # noqa: E402  (sibling script: shared benchmark helpers)
 )
 
 CONFIGS = ("grpo", "prpo_rule", "prpo_qwen")
-STAGES = ("verify", "segment", "prm", "align")
+STAGES = ("logprob_pass", "verify", "segment", "prm", "align")
+EXTRA = ("logprob_pass", "segment", "prm", "align")  # what PRPO may add over GRPO
 
 
 # ------------------------------------------------------------------------------------------- timing proxies
@@ -177,6 +180,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
             prm = EquationCheckPRM()
         else:
             prm = QwenMathPRM(args.prm_dir, dtype="float32", micro_batch_size=args.prm_micro_batch, max_length=4096)
+    instrument_module_phases()  # times the module's separate no-grad log-prob/entropy pass (run only when needed)
     clock = StageClock()
     verifier, aligner_t, segmenter_t, prm_t = timed_components(clock, make_verifier(), aligner, segmenter, prm)
     module = PRPOModule(
@@ -194,14 +198,19 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         def __init__(self) -> None:
             self.rows: list[dict[str, float]] = []
 
+        def on_train_batch_start(self, *a: Any, **k: Any) -> None:
+            self.pass_before = PHASES.get("logprob_pass_s", 0.0)
+
         def on_train_batch_end(self, *a: Any, **k: Any) -> None:
-            self.rows.append(clock.pop())
+            row = clock.pop()
+            row["logprob_pass"] = PHASES.get("logprob_pass_s", 0.0) - getattr(self, "pass_before", 0.0)
+            self.rows.append(row)
 
     rec = StageRecorder()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[timer, rec],
+        callbacks=[rec, timer],
     )
     trainer.fit(module, datamodule=PromptData(prompt_rows(args.n_rows), batch_size=args.prompts))
     return {
@@ -252,7 +261,7 @@ def summarize(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
                 shares[s].append(c.get(s, 0.0) / t)
     out["median_share"] = {s: median(v) for s, v in shares.items()}
     out["median_process_share"] = median(
-        [sum(c.get(s, 0.0) for s in ("segment", "prm", "align")) / t
+        [sum(c.get(s, 0.0) for s in EXTRA) / t
          for r in runs for t, c in zip(r["step_times_s"][warmup:], r["component_times_s"][warmup:])]
     )
     return out
@@ -279,9 +288,9 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"{g['n_measured_steps']} steps each. Component times come from timing proxies around the component "
         "calls.",
         "",
-        "| configuration | s / step (median) | vs GRPO | verify | segmentation | PRM scoring | alignment | "
-        "seg + PRM + align share |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | s / step (median) | vs GRPO | log-prob/entropy pass | verify | segmentation | PRM scoring | "
+        "alignment | pass + seg + PRM + align share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     names = {"grpo": "GRPO", "prpo_rule": "PRPO, rule-based PRM (EquationCheckPRM)",
              "prpo_qwen": "PRPO, tiny QwenMathPRM"}
@@ -301,8 +310,8 @@ def render_markdown(res: dict[str, Any]) -> str:
         "",
         f"PRPO with the rule-based PRM / GRPO step time: **{r['prpo_rule_vs_grpo']:.3f}×** measured "
         f"(ratio of medians across processes) and **{r['prpo_rule_attributed']:.3f}×** attributed "
-        "(GRPO's median step plus the median time of segmentation, PRM scoring and PRPO alignment, which is "
-        "immune to load drift between processes). Target ≤ 1.10×: "
+        "(GRPO's median step plus the median extra time of the log-prob/entropy pass, segmentation, PRM scoring and "
+        "alignment, each timed inside the step, which is immune to load drift between processes). Target ≤ 1.10×: "
         f"**{'met' if max(r['prpo_rule_vs_grpo'], r['prpo_rule_attributed']) <= 1.10 else 'missed'}**.",
     ]
     if "prpo_qwen_vs_grpo" in r:
@@ -370,8 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("prpo_rule", "prpo_qwen"):
         if key in res["configs"]:
             c = res["configs"][key]
-            extra = sum(c["median_component_s"][s] for s in ("segment", "prm", "align"))
-            extra -= g["median_component_s"]["align"]  # GRPO aligns too
+            extra = sum(c["median_component_s"][s] for s in EXTRA)
+            extra -= sum(g["median_component_s"][s] for s in EXTRA)  # GRPO aligns too (and may run the pass)
             res["ratios"][f"{key}_vs_grpo"] = c["median_step_s"] / g["median_step_s"]
             res["ratios"][f"{key}_attributed"] = (g["median_step_s"] + extra) / g["median_step_s"]
     RESULTS.mkdir(parents=True, exist_ok=True)
