@@ -19,9 +19,11 @@ import argparse
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +45,7 @@ def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / method / f"seed{seed}"
 
 
-def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, extra: list[str]) -> dict:
+def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, extra: list[str], threads: int = 1) -> dict:
     """Train one (method, seed) and write ``result.json``; skip if it already exists."""
     rd = run_dir(out, method, seed)
     done = rd / "result.json"
@@ -66,8 +68,9 @@ def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, 
     ]
     cmd.append(f"--trainer.callbacks={json.dumps(callbacks)}")
     t0 = time.time()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     with (rd / "stdout.log").open("w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} seed {seed} failed (exit {proc.returncode}); see {rd / 'stdout.log'}")
     curves = read_curves(rd / "logs" / "version_0" / "training_curves.csv")
@@ -239,18 +242,30 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.6, help="accuracy threshold for steps-to-threshold")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "replicate")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each a separate process)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more prpo-fit overrides for every run")
     args = ap.parse_args()
+    grid = [(m, seed) for seed in args.seeds for m in args.methods]  # seed-major: partial grids stay balanced
     results = []
-    for seed in args.seeds:  # seed-major order: partial grids are balanced across methods
-        for method in args.methods:
-            if args.report_only:
-                done = run_dir(args.out, method, seed) / "result.json"
-                if done.exists():
-                    results.append(json.loads(done.read_text()))
-                continue
-            print(f"[replicate] {method} seed {seed}", flush=True)
-            results.append(run_one(args.out, method, seed, args.max_steps, args.eval_every, args.extra))
+    if args.report_only:
+        for m, seed in grid:
+            done = run_dir(args.out, m, seed) / "result.json"
+            if done.exists():
+                results.append(json.loads(done.read_text()))
+    else:
+        def job(item: tuple[str, int]) -> dict | None:
+            print(f"[replicate] start {item[0]} seed {item[1]}", flush=True)
+            try:
+                res = run_one(args.out, item[0], item[1], args.max_steps, args.eval_every, args.extra, args.threads)
+            except RuntimeError as err:  # a failed run is reported, the others go on
+                print(f"[replicate] FAILED {err}", flush=True)
+                return None
+            print(f"[replicate] done {item[0]} seed {item[1]} ({res['seconds']:.0f}s)", flush=True)
+            return res
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = [r for r in pool.map(job, grid) if r is not None]
     if not results:
         sys.exit("no finished runs")
     table, methods = aggregate(results, args.threshold)
