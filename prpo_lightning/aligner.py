@@ -19,6 +19,9 @@ class AdvantageAligner(ABC):
 
     #: Whether the aligner needs ``batch.ref_logprobs`` (the module then creates a reference model).
     requires_reference: bool = False
+    #: Whether the aligner reads ``batch.old_logprobs``/``batch.entropies`` (the module then computes them in a
+    #: separate no-grad pass even for on-policy updates).
+    requires_rollout_logprobs: bool = False
     #: Whether the aligner reads PRM step scores (if False the module skips segmentation and PRM scoring).
     uses_process_scores: bool = False
 

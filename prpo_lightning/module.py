@@ -132,15 +132,23 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         """Whether old log-probs/entropies must be computed in a separate no-grad pass right after sampling.
 
         They are not needed when the update is on-policy (one PPO epoch over one mini-batch: π_old = π_θ, so
-        the update's own forward pass gives ``log π_old = log π_θ.detach()``, ratio ≡ 1, as verl does), no
-        segmenter reads entropies and no component reads log-probs before the update (``requires_reference``).
-        Skipping the pass saves one forward over every completion per step.
+        the update's own forward pass gives ``log π_old = log π_θ.detach()``, ratio ≡ 1, as verl does) and no
+        component reads log-probs before the update (``requires_reference`` or ``requires_rollout_logprobs``).
+        Entropies for an entropy-spike segmenter then come from generation itself
+        (:attr:`records_generation_entropies`). Skipping the pass saves one forward over every completion.
         """
         cfg = self.optim_cfg
         off_policy = cfg.ppo_epochs > 1 or cfg.mini_batch_size is not None
+        flags = ("requires_reference", "requires_rollout_logprobs")
+        reads_logprobs = any(getattr(c, f, False) for c in (self.aligner, self.prm) for f in flags)
+        return off_policy or reads_logprobs
+
+    @property
+    def records_generation_entropies(self) -> bool:
+        """Whether entropies are recorded during sampling (:class:`~prpo_lightning.rollout.EntropyRecorder`):
+        the segmenter needs them and no separate log-prob pass computes them."""
         uses_entropy = self.aligner.uses_process_scores and getattr(self.segmenter, "requires_entropies", False)
-        reads_logprobs = any(getattr(c, "requires_reference", False) for c in (self.aligner, self.prm))
-        return off_policy or uses_entropy or reads_logprobs
+        return uses_entropy and not self.needs_rollout_logprobs
 
     def configure_model(self) -> None:
         """Load tokenizer, policy and (if needed) the frozen reference model. Idempotent."""
@@ -234,6 +242,8 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             ``(rollout, metrics)``; ``rollout`` lives on the CPU and is None when every prompt was skipped.
         """
         sampling = sampling or self.sampling
+        with_logprobs = (not greedy) if with_logprobs is None else with_logprobs
+        entropies: list[Tensor] | None = [] if with_logprobs and self.records_generation_entropies else None
         g = num_generations or (1 if greedy else sampling.num_generations)
         templates = batch.get("prompt_template") or [None] * len(batch["problem"])
         texts = [self.format_prompt(p, t) for p, t in zip(batch["problem"], templates)]
@@ -246,7 +256,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             extra = all_reduce_max(len(keep)) - len(keep) if synced else 0
             prompts = [torch.tensor(token_ids[i], dtype=torch.long) for i in keep]
             comp, comp_mask, truncated = generate_groups(
-                self.policy, self.tokenizer, prompts, g, sampling, seeds, greedy, synced, extra
+                self.policy, self.tokenizer, prompts, g, sampling, seeds, greedy, synced, extra, entropies
             )
         else:
             chunk = sampling.generation_batch_size or len(keep) * g or 1
@@ -267,7 +277,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
                 torch.manual_seed(group_seed(self.hparams.seed, self.global_step, -1 - self.global_rank))
                 comp, comp_mask, truncated = generate_completions(
                     self.policy, self.tokenizer, prompt_ids, prompt_mask, sampling, greedy=greedy,
-                    synced_gpus=synced,
+                    synced_gpus=synced, entropies_out=entropies,
                 )
         rollout = RolloutBatch(
             prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
@@ -277,8 +287,9 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             answers=[batch["answer"][i] for i in rows.tolist()],
             completions=self.tokenizer.batch_decode(comp, skip_special_tokens=True),
             truncated=truncated.cpu(),
+            entropies=entropies[0].cpu() if entropies else None,
         )
-        if (not greedy) if with_logprobs is None else with_logprobs:
+        if with_logprobs:
             self._add_logprobs(rollout, prompt_ids, prompt_mask, comp, comp_mask)
         elif synced:
             self._lockstep_forwards(0)

@@ -37,6 +37,9 @@ class ProcessRewardModel(ABC):
 
     #: Whether the PRM needs ``batch.ref_logprobs`` (the module then creates a reference model).
     requires_reference: bool = False
+    #: Whether the PRM reads ``batch.old_logprobs``/``batch.entropies`` (the module then computes them in a
+    #: separate no-grad pass even for on-policy updates).
+    requires_rollout_logprobs: bool = False
 
     def setup(self, device: torch.device) -> None:  # noqa: B027 - optional hook
         """Load weights / move to ``device``. Called once by the module before the first rollout."""

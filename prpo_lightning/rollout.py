@@ -65,6 +65,30 @@ def _position_ids(attention_mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+class EntropyRecorder:
+    """A ``generate`` logits processor that records the full-vocabulary entropy of every row at every step.
+
+    Hugging Face applies custom logits processors before its temperature/top-k/top-p warpers, so ``scores``
+    are the model's raw next-token logits: the recorded value is ``H(softmax(logits / T))`` in nats, the same
+    quantity :func:`completion_logprobs` computes with a separate forward pass, obtained here for free.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        z = scores.detach().float() / self.temperature  # (b, V)
+        log_z = torch.logsumexp(z, dim=-1, keepdim=True)  # (b, 1)
+        p = torch.exp(z - log_z)  # (b, V)
+        self.steps.append(log_z.squeeze(-1) - torch.where(p > 0, p * z, torch.zeros_like(z)).sum(dim=-1))  # (b,)
+        return scores
+
+    def entropies(self) -> Tensor:
+        """``(b, T_b)`` entropies of the recorded steps."""
+        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(0, 0)
+
+
 def generate_completions(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -73,6 +97,7 @@ def generate_completions(
     sampling: SamplingConfig,
     greedy: bool = False,
     synced_gpus: bool = False,
+    entropies_out: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sample one completion per prompt row (repeat rows beforehand for G rollouts).
 
@@ -84,12 +109,14 @@ def generate_completions(
         sampling: sampling settings.
         greedy: decode greedily instead of sampling (evaluation).
         synced_gpus: keep all ranks in lock-step (needed under DeepSpeed ZeRO-3).
+        entropies_out: if a list is given, the ``(B, T)`` float32 entropies of the sampling distributions
+            (:class:`EntropyRecorder`, 0 on padding) are appended to it.
 
     Returns:
         ``(completion_ids, completion_mask, truncated)``: ``(B, T)`` long ids with PAD after EOS, ``(B, T)``
         bool mask that is True up to and including the first EOS, ``(B,)`` bool True when no EOS was produced.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
@@ -105,14 +132,17 @@ def generate_completions(
     was_training = model.training
     model.eval()
     chunk = sampling.generation_batch_size or prompt_ids.shape[0]
-    pieces = []
+    pieces, recorders = [], []
     for start in range(0, prompt_ids.shape[0], chunk):
         ids = prompt_ids[start : start + chunk]  # (b, P)
         mask = prompt_mask[start : start + chunk]  # (b, P)
+        recorder = EntropyRecorder(sampling.temperature) if entropies_out is not None else None
         out = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=gen_cfg, synced_gpus=synced_gpus
+            input_ids=ids, attention_mask=mask, generation_config=gen_cfg, synced_gpus=synced_gpus,
+            logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None,
         )  # (b, P + T_b)
         pieces.append(out[:, ids.shape[1] :])  # (b, T_b)
+        recorders.append(recorder)
     if was_training:
         model.train()
     t = max(p.shape[1] for p in pieces)
@@ -131,6 +161,14 @@ def generate_completions(
     completion = torch.where(mask, completion, torch.full_like(completion, pad_id))
     lengths = mask.sum(dim=1)  # (B,)
     truncated = ~has_eos & (lengths >= sampling.max_new_tokens)
+    if entropies_out is not None:
+        ent = torch.zeros(completion.shape, dtype=torch.float32, device=completion.device)  # (B, T)
+        row = 0
+        for p, rec in zip(pieces, recorders):
+            e = rec.entropies().to(ent.device)  # (b, T_b)
+            ent[row : row + p.shape[0], : min(e.shape[1], p.shape[1])] = e[:, : p.shape[1]]
+            row += p.shape[0]
+        entropies_out.append(ent * mask)
     return completion, mask, truncated
 
 
@@ -144,6 +182,7 @@ def generate_groups(
     greedy: bool = False,
     synced_gpus: bool = False,
     lockstep_calls: int = 0,
+    entropies_out: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sample the G completions of each prompt group in its own ``generate`` call(s), seeded per group.
 
@@ -161,6 +200,8 @@ def generate_groups(
         seeds: one seed per group (None: the current RNG state is used).
         greedy: greedy decoding.
         synced_gpus: keep ranks in lock-step inside ``generate`` (DeepSpeed ZeRO-3).
+        entropies_out: if a list is given, the ``(N·G, T)`` entropies of the sampling distributions are
+            appended to it (see :func:`generate_completions`).
         lockstep_calls: extra throw-away ``generate`` calls on a one-token prompt, so that every rank makes the
             same number of calls under ZeRO-3 (ranks that skipped prompts make up the difference).
 
@@ -173,12 +214,16 @@ def generate_groups(
     device = next(model.parameters()).device
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     outs = []
+    group_entropies: list[Tensor] | None = [] if entropies_out is not None else None
     for j, prompt in enumerate(prompts):
         ids = prompt.to(device)[None, :].repeat(num_generations, 1)  # (G, P_j)
         with torch.random.fork_rng(devices=devices):
             if seeds is not None:
                 torch.manual_seed(seeds[j])
-            outs.append(generate_completions(model, tokenizer, ids, torch.ones_like(ids), sampling, greedy, synced_gpus))
+            outs.append(generate_completions(
+                model, tokenizer, ids, torch.ones_like(ids), sampling, greedy, synced_gpus,
+                entropies_out=group_entropies,
+            ))
     dummy = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
     for _ in range(lockstep_calls):
         generate_completions(model, tokenizer, dummy, torch.ones_like(dummy), sampling, greedy, synced_gpus)
@@ -189,6 +234,8 @@ def generate_groups(
     comp = torch.cat([torch.nn.functional.pad(c, (0, t - c.shape[1]), value=pad_id) for c, _, _ in outs])  # (B, T)
     mask = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1]), value=False) for _, m, _ in outs])  # (B, T)
     truncated = torch.cat([tr for _, _, tr in outs])  # (B,)
+    if entropies_out is not None and group_entropies is not None:
+        entropies_out.append(torch.cat([torch.nn.functional.pad(e, (0, t - e.shape[1])) for e in group_entropies]))
     return comp, mask, truncated
 
 

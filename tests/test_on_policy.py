@@ -43,3 +43,21 @@ def test_on_policy_shortcut_matches_explicit_old_logprob_pass(tmp_path):
     assert fast["train/clip_frac"] == 0.0
     assert abs(fast["train/entropy"] - slow["train/entropy"]) < 1e-4
     assert abs(fast["train/loss"] - slow["train/loss"]) < 1e-6
+
+
+def test_entropy_spike_prpo_records_entropies_during_generation(tmp_path):
+    """PRPO with an entropy-spike segmenter needs entropies but, on-policy, no separate pass computes them."""
+    from components.aligners import PRPOAligner
+    from components.prms import EquationCheckPRM, ImplicitPRM
+    from components.segmenters import EntropySpikeSegmenter
+
+    tok = tokenizer_dir(tmp_path)
+    module = make_module(tok, aligner=PRPOAligner(), segmenter=EntropySpikeSegmenter(min_gap=2), prm=EquationCheckPRM(),
+                         loss=LossConfig(kl_coef=0.0), optim=OptimConfig(micro_batch_size=4))
+    assert module.records_generation_entropies and not module.needs_rollout_logprobs
+    trainer = make_trainer(tmp_path, 1)
+    trainer.fit(module, ToyPrompts(n=4, batch_size=2, seed=1))
+    assert trainer.callback_metrics["train/segments/per_completion"] >= 1
+    assert float(trainer.callback_metrics["train/entropy"]) > 0
+    implicit = make_module(tok, aligner=PRPOAligner(), segmenter=EntropySpikeSegmenter(), prm=ImplicitPRM())
+    assert implicit.needs_rollout_logprobs and not implicit.records_generation_entropies

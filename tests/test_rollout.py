@@ -89,3 +89,27 @@ def test_temperature_divides_logits():
     c = torch.zeros(1, 1, dtype=torch.long)
     logp, _ = completion_logprobs(model, p, torch.ones_like(p), c, torch.ones_like(c, dtype=torch.bool), temperature=2.0)
     assert float(logp) == pytest.approx(-math.log1p(math.exp(-1.0)), abs=1e-6)
+
+
+@pytest.mark.parametrize("per_group", [False, True])
+def test_generation_entropies_match_forward_pass(tiny, per_group):
+    """EntropyRecorder gives, for free, the entropies a separate forward pass computes (left padding too)."""
+    from prpo_lightning.rollout import generate_groups
+
+    model, tok = tiny
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.8)
+    texts = ["Q: 1+1\nA:", "Q: a longer prompt 12*7\nA:"]
+    recorded: list[torch.Tensor] = []
+    torch.manual_seed(3)
+    if per_group:
+        prompts = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        comp, cmask, _ = generate_groups(model, tok, prompts, 2, sampling, seeds=[1, 2], entropies_out=recorded)
+        ids, mask = tokenize_prompts(tok, texts, torch.device("cpu"))
+        ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
+    else:
+        ids, mask = tokenize_prompts(tok, texts, torch.device("cpu"))
+        comp, cmask, _ = generate_completions(model, tok, ids, mask, sampling, entropies_out=recorded)
+    _, ent = completion_logprobs(model, ids, mask, comp, cmask, temperature=0.8, with_entropy=True)
+    assert recorded[0].shape == ent.shape
+    assert torch.allclose(recorded[0], ent, atol=1e-4)
+    assert bool((recorded[0][~cmask] == 0).all())
