@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from vs_trl import (  # noqa: E402  (sibling script: shared benchmark helpers)
     median,
     peak_rss_mb,
     prompt_rows,
+    run_worker,
     step_timer_callback,
     write_docs_section,
 )
@@ -224,22 +224,13 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- driver
 def spawn(config: str, args: argparse.Namespace, model_dir: Path, prm_dir: Path) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as fh:
-        out = fh.name
     cmd = [
         sys.executable, __file__, "--worker", "--config", config, "--model-dir", str(model_dir), "--prm-dir",
-        str(prm_dir), "--out", out, "--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts",
+        str(prm_dir), "--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts",
         str(args.prompts), "--G", str(args.G), "--max-new-tokens", str(args.max_new_tokens), "--n-rows",
         str(args.n_rows), "--threads", str(args.threads), "--prm-micro-batch", str(args.prm_micro_batch),
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore",
-               TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{config} worker failed:\n{proc.stderr[-5000:]}")
-    res = json.loads(Path(out).read_text())
-    os.unlink(out)
-    return res
+    return run_worker(cmd, f"{config} worker")
 
 
 def summarize(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from vs_trl import (  # noqa: E402  (sibling script: shared benchmark helpers)
     median,
     peak_rss_mb,
     prompt_rows,
+    run_worker,
     step_timer_callback,
     suppress_eos,
     write_docs_section,
@@ -138,21 +138,12 @@ def step_time(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- driver
 def spawn(args: argparse.Namespace, model_dir: Path, extra: list[str]) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as fh:
-        out = fh.name
-    cmd = [sys.executable, __file__, "--model-dir", str(model_dir), "--out", out, "--threads", str(args.threads),
+    cmd = [sys.executable, __file__, "--model-dir", str(model_dir), "--threads", str(args.threads),
            "--device", args.device, "--dtype", args.dtype, "--prompts", str(args.prompts), "--G", str(args.G),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--gen-tokens", str(args.gen_tokens),
            "--repeats", str(args.repeats), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
            "--micro-batch", str(args.micro_batch), *extra]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore",
-               TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {extra} failed:\n{proc.stderr[-5000:]}")
-    res = json.loads(Path(out).read_text())
-    os.unlink(out)
-    return res
+    return run_worker(cmd, f"worker {extra}")
 
 
 def plot(res: dict[str, Any], path: Path) -> None:

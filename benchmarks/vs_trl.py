@@ -389,23 +389,33 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def spawn(kind: str, args: argparse.Namespace, model_dir: Path, extra: list[str] | None = None) -> dict[str, Any]:
+def run_worker(cmd: list[str], label: str) -> dict[str, Any]:
+    """Run a benchmark worker process (offline, quiet) with ``--out FILE`` appended; return its JSON result.
+
+    Raises:
+        RuntimeError: with the tail of the worker's stderr when it fails.
+    """
     with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as fh:
         out = fh.name
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore",
+               TOKENIZERS_PARALLELISM="false")
+    try:
+        proc = subprocess.run([*cmd, "--out", out], cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{label} failed:\n{proc.stderr[-5000:]}")
+        return json.loads(Path(out).read_text())
+    finally:
+        os.unlink(out)
+
+
+def spawn(kind: str, args: argparse.Namespace, model_dir: Path, extra: list[str] | None = None) -> dict[str, Any]:
     cmd = [
-        sys.executable, __file__, "--worker", kind, "--model-dir", str(model_dir), "--out", out,
+        sys.executable, __file__, "--worker", kind, "--model-dir", str(model_dir),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--G", str(args.G),
         "--max-new-tokens", str(args.max_new_tokens), "--n-rows", str(args.n_rows), "--threads", str(args.threads),
         "--hidden", str(args.hidden), "--layers", str(args.layers), "--grad-ckpt", args.grad_ckpt, *(extra or []),
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore",
-               TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-5000:]}")
-    res = json.loads(Path(out).read_text())
-    os.unlink(out)
-    return res
+    return run_worker(cmd, f"{kind} worker")
 
 
 def summarize(runs: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
