@@ -37,6 +37,9 @@ METHODS: dict[str, list[str]] = {
     "spro": ["--model.aligner=components.aligners.SPROAligner"],
     "pure": ["--model.aligner=components.aligners.PUREAligner", f"--model.prm={EQ_PRM}"],
 }
+# The replication budget is pinned here (not taken from demo.yaml, which may be retuned): 16 prompts x G=8 per
+# step, AdamW at a constant lr of 3e-4, every method the same.
+BUDGET = ["--data.init_args.batch_size=16", "--model.optim.lr=3e-4", "--model.optim.schedule=constant"]
 CURVE_KEYS = ("eval/accuracy", "train/completion/length_mean", "train/completion/no_boxed_frac",
               "train/completion/truncated_frac", "train/reward/mean")
 
@@ -54,6 +57,7 @@ def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, 
     rd.mkdir(parents=True, exist_ok=True)
     cmd = [
         str(REPO / ".venv/bin/prpo-fit"), "fit", "--config", str(REPO / "configs/demo.yaml"),
+        *BUDGET,
         *METHODS[method],
         f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
         f"--trainer.max_steps={max_steps}",
@@ -210,8 +214,9 @@ def write_report(table: dict, methods: list[str], args: argparse.Namespace, path
         "",
         f"Regenerate with `{cmd}` (finished runs are skipped; `--report-only` re-aggregates).",
         "",
-        f"Budget per run: {args.max_steps} optimizer steps of `configs/demo.yaml` (same prompts per step, G, lengths, "
-        f"lr and warm-started policy for every method); held-out greedy accuracy every {args.eval_every} steps.",
+        f"Budget per run: {args.max_steps} optimizer steps of `configs/demo.yaml` with `{' '.join(BUDGET)}` (16 prompts "
+        f"x G=8 per step, constant lr 3e-4; the same prompts per step, G, lengths, lr and warm-started policy for every "
+        f"method); held-out greedy accuracy (200 problems) every {args.eval_every} steps.",
         "",
         "![held-out accuracy](_static/replication_accuracy.png)",
         "",
