@@ -208,7 +208,8 @@ def plot(results: list[dict], methods: list[str], static: Path) -> None:
 
 def write_report(table: dict, methods: list[str], args: argparse.Namespace, path: Path) -> None:
     cmd = (f".venv/bin/python benchmarks/replicate.py --seeds {' '.join(map(str, args.seeds))} "
-           f"--max-steps {args.max_steps} --eval-every {args.eval_every} --methods {' '.join(args.methods)}")
+           f"--max-steps {args.max_steps} --eval-every {args.eval_every} --threshold {args.threshold} "
+           f"--methods {' '.join(args.methods)}")
     lines = [
         "# Small-scale replication on the offline arithmetic task",
         "",
@@ -235,7 +236,12 @@ def write_report(table: dict, methods: list[str], args: argparse.Namespace, path
             + (f"{vs[0] * 100:+.1f} pts | {vs[1]:.3f} | {vs[2]:.3f}" if vs else "— | — | —")
             + f" | {r['minutes_per_run']:.1f} |"
         )
-    path.write_text("\n".join(lines) + "\n")
+    block = "<!-- BEGIN replication -->\n" + "\n".join(lines[2:]) + "\n<!-- END replication -->"
+    text = path.read_text() if path.exists() else lines[0] + "\n\n" + block + "\n"
+    if "<!-- BEGIN replication -->" in text:  # keep hand-written findings outside the generated block
+        head, rest = text.split("<!-- BEGIN replication -->", 1)
+        text = head + block + rest.split("<!-- END replication -->", 1)[1]
+    path.write_text(text)
 
 
 def main() -> None:
@@ -276,6 +282,9 @@ def main() -> None:
     table, methods = aggregate(results, args.threshold)
     plot(results, methods, REPO / "docs" / "_static")
     write_report(table, methods, args, REPO / "docs" / "replication.md")
+    raw = REPO / "benchmarks" / "results" / "replication.json"
+    raw.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
+                               "budget": BUDGET, "table": table, "runs": results}, indent=1, default=str))
     print((REPO / "docs" / "replication.md").read_text())
 
 
