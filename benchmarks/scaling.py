@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_trl import (  # noqa: E402  (sibling script: shared benchmark helpers)
+from bench_common import (  # noqa: E402  (shared benchmark helpers)
     RESULTS,
     ROOT,
     TEMPLATE,

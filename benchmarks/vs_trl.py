@@ -27,213 +27,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-DOCS_MD = ROOT / "docs" / "benchmarks.md"
-sys.path.insert(0, str(ROOT))
-
-TEMPLATE = "Q: {problem}\nA:\n"  # the demo prompt format (prpo_lightning.demo.policy.DEMO_PROMPT_TEMPLATE)
-
-
-# ------------------------------------------------------------------------------------------- shared helpers
-def machine_info() -> dict[str, Any]:
-    """CPU, core count, load average and library versions, recorded next to every number."""
-    import torch
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
-
-
-def write_docs_section(name: str, markdown: str, path: Path = DOCS_MD) -> None:
-    """Replace (or append) the section between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` markers."""
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{markdown.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def current_rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def build_model_dir(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
-    """Save the demo character tokenizer and a randomly initialised Qwen2 of the given width to ``out``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from prpo_lightning.demo.policy import build_tokenizer, model_config
-
-    tok = build_tokenizer()
-    heads = max(hidden // 64, 2)
-    cfg = model_config(
-        tok,
-        {
-            "hidden_size": hidden,
-            "intermediate_size": hidden * 3,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": max(heads // 2, 1),
-            "max_position_embeddings": 4096,
-        },
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    suppress_eos(model, tok)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def suppress_eos(model: Any, tok: Any) -> None:
-    """Make every completion exactly ``max_new_tokens`` long, in every framework.
-
-    A random model samples EOS with probability ≈ 1/V per token, so lengths would differ between runs. The model's
-    ``generation_config.suppress_tokens`` is inherited by every ``generate`` call that passes its own
-    ``GenerationConfig`` (ours and TRL's), so both do exactly the same amount of work. Completion lengths are
-    recorded with the results to check it.
-    """
-    model.generation_config.suppress_tokens = [int(tok.eos_token_id)]
-
-
-def prompt_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` arithmetic problems (training split of the demo task) as ``{"id", "problem", "answer"}`` rows."""
-    from prpo_lightning.demo.arithmetic import generate_problems
-
-    return [{"id": i, "problem": p["problem"], "answer": p["answer"]} for i, p in enumerate(generate_problems(seed, n))]
-
-
-def reward_value(completion: str, answer: str) -> float:
-    """The one reward both frameworks use: 1 for a correct boxed answer, 0 otherwise."""
-    from prpo_lightning.demo.arithmetic import is_correct
-
-    return 1.0 if is_correct(completion, answer) else 0.0
-
-
-def make_verifier() -> Any:
-    from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
-
-    class BoxedMatchVerifier(OutcomeVerifier):
-        """Boxed-answer match with rewards 1/0 (the same function TRL's reward gets)."""
-
-        def verify(self, completion: str, gold: str) -> Verdict:
-            r = reward_value(completion, gold)
-            return Verdict(VerdictStatus.CORRECT if r > 0 else VerdictStatus.INCORRECT, r)
-
-    return BoxedMatchVerifier()
-
-
-class PromptData:
-    """A minimal Lightning data module over fixed prompt rows (N prompts per step, shuffled with a seed)."""
-
-    def __new__(cls, rows: list[dict[str, Any]], batch_size: int, seed: int = 0) -> Any:
-        from prpo_lightning.data import PromptDataModule
-
-        class _Data(PromptDataModule):
-            def load_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-                return list(rows), list(rows[:batch_size])
-
-        return _Data(batch_size=batch_size, eval_batch_size=batch_size, seed=seed)
-
-
-def step_timer_callback() -> Any:
-    """A Lightning callback recording the time of every optimizer-step end and the module's stage timings."""
-    import lightning as L
-
-    class StepTimer(L.Callback):
-        def __init__(self) -> None:
-            self.start: float | None = None
-            self.ends: list[float] = []
-            self.stages: list[dict[str, float]] = []
-            self.rss_before: float | None = None
-
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            self.rss_before = current_rss_mb()
-
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            if self.start is None:
-                self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            self.ends.append(time.perf_counter())
-            m = trainer.callback_metrics
-            row = {k.split("/")[-1]: float(m[k]) for k in m if k.startswith("train/time/")}
-            if "train/completion/length_mean" in m:
-                row["completion_length_mean"] = float(m["train/completion/length_mean"])
-            row.update(PHASES)
-            PHASES.clear()
-            self.stages.append(row)
-
-        def step_times(self) -> list[float]:
-            marks = [self.start, *self.ends]
-            return [b - a for a, b in zip(marks, marks[1:])]
-
-    return StepTimer()
-
-
-PHASES: dict[str, float] = {}
-
-
-def _timed(name: str, fn: Any) -> Any:
-    def wrapper(*a: Any, **k: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - t
-
-    return wrapper
-
-
-def instrument_module_phases() -> None:
-    """Time generation and the no-grad log-prob pass of ``PRPOModule`` (wraps the names it imported)."""
-    import prpo_lightning.module as m
-
-    for name, phase in (("generate_groups", "generate_s"), ("generate_completions", "generate_s"),
-                        ("batched_logprobs", "logprob_pass_s")):
-        if hasattr(m, name):
-            setattr(m, name, _timed(phase, getattr(m, name)))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import (  # noqa: E402  (shared benchmark helpers)
+    RESULTS,
+    TEMPLATE,
+    timed,
+    PHASES,
+    PromptData,
+    build_model_dir,
+    current_rss_mb,
+    instrument_module_phases,
+    machine_info,
+    make_verifier,
+    median,
+    peak_rss_mb,
+    prompt_rows,
+    reward_value,
+    run_worker,
+    step_timer_callback,
+    write_docs_section,
+)
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -360,8 +179,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     trainer = GRPOTrainer(
         model=model, reward_funcs=boxed_reward, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[timer]
     )
-    model.generate = _timed("generate_s", model.generate)
-    trainer._generate_and_score_completions = _timed("generate_and_score_s", trainer._generate_and_score_completions)
+    model.generate = timed("generate_s", model.generate)
+    trainer._generate_and_score_completions = timed("generate_and_score_s", trainer._generate_and_score_completions)
     trainer.train()
     marks = [timer.start, *timer.ends]
     return {
@@ -389,25 +208,6 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def run_worker(cmd: list[str], label: str) -> dict[str, Any]:
-    """Run a benchmark worker process (offline, quiet) with ``--out FILE`` appended; return its JSON result.
-
-    Raises:
-        RuntimeError: with the tail of the worker's stderr when it fails.
-    """
-    with tempfile.NamedTemporaryFile("r", suffix=".json", delete=False) as fh:
-        out = fh.name
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore",
-               TOKENIZERS_PARALLELISM="false")
-    try:
-        proc = subprocess.run([*cmd, "--out", out], cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{label} failed:\n{proc.stderr[-5000:]}")
-        return json.loads(Path(out).read_text())
-    finally:
-        os.unlink(out)
-
-
 def spawn(kind: str, args: argparse.Namespace, model_dir: Path, extra: list[str] | None = None) -> dict[str, Any]:
     cmd = [
         sys.executable, __file__, "--worker", kind, "--model-dir", str(model_dir),
@@ -534,8 +334,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker_main(args)
         return
-
-    import torch
 
     cmd = "python benchmarks/vs_trl.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     load_before = [round(x, 2) for x in os.getloadavg()]

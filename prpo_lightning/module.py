@@ -26,10 +26,10 @@ from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
 from prpo_lightning.config import LossConfig, OptimConfig
 from prpo_lightning.evaluation.hooks import EvaluationHooks
-from prpo_lightning.faults import GuardedPRM, GuardedVerifier, PRMError, VerifierError
+from prpo_lightning.faults import GuardedPRM, GuardedVerifier, PRMError
 from prpo_lightning.optim import grad_norm, lr_factor
 from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, group_seed, is_distributed
-from prpo_lightning.losses import aggregate_loss, kl_penalty, masked_mean, ppo_clip_loss
+from prpo_lightning.losses import aggregate_loss, kl_penalty, ppo_clip_loss
 from prpo_lightning.models import load_causal_lm, load_tokenizer
 from prpo_lightning.prm import ProcessRewardModel
 from prpo_lightning.rollout import (
