@@ -231,3 +231,23 @@ def run_worker(cmd: list[str], label: str) -> dict[str, Any]:
         return json.loads(Path(out).read_text())
     finally:
         os.unlink(out)
+
+
+def run_header(cmd: str, load_before: list[float]) -> dict[str, Any]:
+    """The provenance fields every benchmark result starts with: command, date, machine and load."""
+    return {
+        "command": cmd,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine_info(),
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def publish(name: str, res: dict[str, Any], markdown: str, to_docs: bool = True) -> None:
+    """Write ``benchmarks/results/<name>.json``, print the markdown and (optionally) its docs section."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
+    print(markdown)
+    if to_docs:
+        write_docs_section(name, markdown)

@@ -34,20 +34,19 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402  (shared benchmark helpers)
-    RESULTS,
     PHASES,
     TEMPLATE,
     PromptData,
     build_model_dir,
-    machine_info,
     instrument_module_phases,
     make_verifier,
     median,
     peak_rss_mb,
     prompt_rows,
+    publish,
+    run_header,
     run_worker,
     step_timer_callback,
-    write_docs_section,
 )
 
 CONFIGS = ("grpo", "prpo_rule", "prpo_qwen")
@@ -354,11 +353,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[c].append(spawn(c, args, model_dir, prm_dir))
                 print(f"[prpo_overhead]   steps: {[round(t, 3) for t in runs[c][-1]['step_times_s']]}", flush=True)
     res: dict[str, Any] = {
-        "command": cmd,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine_info(),
-        "load_before": load_before,
-        "load_after": [round(x, 2) for x in os.getloadavg()],
+        **run_header(cmd, load_before),
         "settings": {k: getattr(args, k) for k in ("prompts", "G", "max_new_tokens", "hidden", "layers", "steps",
                                                    "warmup", "rounds", "threads", "prm_micro_batch")},
         "configs": {c: summarize(runs[c], args.warmup) for c in configs},
@@ -373,12 +368,7 @@ def main(argv: list[str] | None = None) -> None:
             extra -= sum(g["median_component_s"][s] for s in EXTRA)  # GRPO aligns too (and may run the pass)
             res["ratios"][f"{key}_vs_grpo"] = c["median_step_s"] / g["median_step_s"]
             res["ratios"][f"{key}_attributed"] = (g["median_step_s"] + extra) / g["median_step_s"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "prpo_overhead.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
-    md = render_markdown(res)
-    print(md)
-    if not args.no_docs:
-        write_docs_section("prpo_overhead", md)
+    publish("prpo_overhead", res, render_markdown(res), to_docs=not args.no_docs)
 
 
 if __name__ == "__main__":

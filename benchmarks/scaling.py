@@ -29,19 +29,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402  (shared benchmark helpers)
-    RESULTS,
     ROOT,
     TEMPLATE,
     PromptData,
-    machine_info,
     make_verifier,
     median,
     peak_rss_mb,
     prompt_rows,
+    publish,
+    run_header,
     run_worker,
     step_timer_callback,
     suppress_eos,
-    write_docs_section,
 )
 
 PLOT = ROOT / "docs" / "_static" / "bench_scaling.png"
@@ -282,11 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             })
             print(f"[scaling]   {median(meas):.2f} s/step", flush=True)
     res: dict[str, Any] = {
-        "command": cmd,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine_info(),
-        "load_before": load_before,
-        "load_after": [round(x, 2) for x in os.getloadavg()],
+        **run_header(cmd, load_before),
         "settings": {**{k: getattr(args, k) for k in ("device", "dtype", "threads", "hidden", "layers", "gen_tokens",
                                                       "repeats", "prompts", "G", "steps", "warmup")},
                      "n_params": n_params},
@@ -297,14 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         res["gpu_note"] = ("GPU: no GPU was available to this run, so there are no GPU numbers here. On a GPU machine "
                            "run `python benchmarks/scaling.py --device cuda --dtype bfloat16 --hidden 896 --layers 24 "
                            "--heads 14 --kv-heads 2 --intermediate 4864` (the Qwen2.5-0.5B shape).")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "" if args.device == "cpu" else "_gpu"
-    (RESULTS / f"scaling{tag}.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
     plot(res, PLOT if not tag else PLOT.with_name("bench_scaling_gpu.png"))
-    md = render_markdown(res)
-    print(md)
-    if not args.no_docs and not tag:
-        write_docs_section("scaling", md)
+    publish(f"scaling{tag}", res, render_markdown(res), to_docs=not args.no_docs and not tag)
 
 
 if __name__ == "__main__":

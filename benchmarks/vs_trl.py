@@ -35,7 +35,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402  (shared benchmark helpers)
-    RESULTS,
     TEMPLATE,
     timed,
     PHASES,
@@ -43,15 +42,15 @@ from bench_common import (  # noqa: E402  (shared benchmark helpers)
     build_model_dir,
     current_rss_mb,
     instrument_module_phases,
-    machine_info,
     make_verifier,
     median,
     peak_rss_mb,
     prompt_rows,
+    publish,
+    run_header,
     reward_value,
     run_worker,
     step_timer_callback,
-    write_docs_section,
 )
 
 
@@ -354,11 +353,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[vs_trl] round {rnd + 1}/{args.rounds}: ours (seed_per_group=True) ...", flush=True)
                 runs["ours_per_group"].append(spawn("ours", args, model_dir, ["--seed-per-group", "true"]))
     res: dict[str, Any] = {
-        "command": cmd,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine_info(),
-        "load_before": load_before,
-        "load_after": [round(x, 2) for x in os.getloadavg()],
+        **run_header(cmd, load_before),
         "settings": {
             "hidden": args.hidden, "layers": args.layers, "vocab": cfg["vocab_size"], "n_params": n_params,
             "prompts": args.prompts, "G": args.G, "max_new_tokens": args.max_new_tokens, "steps": args.steps,
@@ -378,12 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_rss": o["peak_rss_mb"] / t["peak_rss_mb"],
         "train_rss_increase": o["train_rss_increase_mb"] / max(t["train_rss_increase_mb"], 1e-9),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vs_trl.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
-    md = render_markdown(res)
-    print(md)
-    if not args.no_docs:
-        write_docs_section("vs_trl", md)
+    publish("vs_trl", res, render_markdown(res), to_docs=not args.no_docs)
 
 
 if __name__ == "__main__":
