@@ -38,7 +38,7 @@ from prpo_lightning.rollout import (
     completion_logprobs,
     generate_completions,
     generate_groups,
-    tokenize_prompts,
+    left_pad,
 )
 from prpo_lightning.scoring import compute_advantages
 from prpo_lightning.segmenter import Segmenter
@@ -269,7 +269,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
                 self._lockstep_forwards(0)
             return None, metrics
         rows = torch.tensor(keep).repeat_interleave(g)  # (B,) prompt row of each completion
-        prompt_ids, prompt_mask = tokenize_prompts(self.tokenizer, [texts[i] for i in keep], self.device)
+        prompt_ids, prompt_mask = left_pad([token_ids[i] for i in keep], self.tokenizer.pad_token_id, self.device)
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)  # (B, P)
         if not sampling.seed_per_group:
             cuda = [self.device.index or 0] if self.device.type == "cuda" else []

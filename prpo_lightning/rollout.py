@@ -44,18 +44,32 @@ class SamplingConfig:
 
 
 def tokenize_prompts(tokenizer: Any, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Tokenize prompts with **left** padding.
+    """Tokenize prompts (no special tokens added) with **left** padding.
 
     Returns:
         ``(ids, mask)``, each ``(N, P)``.
     """
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = old_side
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    return left_pad(tokenizer(texts, add_special_tokens=False)["input_ids"], _pad_id(tokenizer), device)
+
+
+def left_pad(token_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Left-pad already tokenized prompts.
+
+    Returns:
+        ``(ids, mask)``, each ``(N, P)`` with ``P`` the longest prompt.
+    """
+    p = max((len(t) for t in token_ids), default=0)
+    ids = torch.full((len(token_ids), p), pad_id, dtype=torch.long)  # (N, P)
+    mask = torch.zeros((len(token_ids), p), dtype=torch.long)  # (N, P)
+    for i, t in enumerate(token_ids):
+        if t:
+            ids[i, p - len(t) :] = torch.tensor(t, dtype=torch.long)
+            mask[i, p - len(t) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _position_ids(attention_mask: Tensor) -> Tensor:
