@@ -1,4 +1,5 @@
-"""Sampling completions with HF ``generate`` and scoring them with one no-grad forward pass.
+"""Sampling completions (HF ``generate`` or :class:`~prpo_lightning.decoding.StaticCacheDecoder`) and scoring
+them with one forward pass.
 
 Shapes: ``B`` completions, ``P`` padded prompt length (left padding), ``T`` padded completion length
 (right padding), ``V`` vocabulary size.
@@ -6,12 +7,16 @@ Shapes: ``B`` completions, ``P`` padded prompt length (left padding), ``T`` padd
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from prpo_lightning.decoding import StaticCacheDecoder, unsupported_reason
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class SamplingConfig:
@@ -31,6 +36,11 @@ class SamplingConfig:
             ``(seed, global_step, prompt id)``, so completions do not depend on batch composition, rank or world
             size (exact 1-process vs N-process equality), at the cost of batching (about 4x slower on CPU for 16
             prompts x 8 samples).
+        engine: the sampler. ``static``: :class:`~prpo_lightning.decoding.StaticCacheDecoder`, a preallocated-KV
+            loop over the policy's own weights for Qwen2/Qwen3/Llama/Mistral (token-identical to ``hf`` for the
+            same RNG state and logits; about 1.6x faster on CPU); it raises for any other model. ``hf``:
+            Hugging Face ``generate``. ``auto`` (default): ``static`` when the model is supported and ranks need
+            not run in lock-step (ZeRO-3), else ``hf``; the choice and its reason are logged once per model.
     """
 
     num_generations: int = 8
@@ -41,6 +51,35 @@ class SamplingConfig:
     max_prompt_length: int = 2048
     generation_batch_size: int | None = None
     seed_per_group: bool = False
+    engine: Literal["auto", "hf", "static"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("auto", "hf", "static"):
+            raise ValueError(f"sampling.engine must be 'auto', 'hf' or 'static', got {self.engine!r}")
+
+
+_ENGINE_LOGGED: set[tuple[int, str]] = set()
+
+
+def resolve_engine(model: torch.nn.Module, sampling: SamplingConfig, synced_gpus: bool) -> str:
+    """The sampler ``generate_completions`` uses: ``"static"`` or ``"hf"`` (see ``SamplingConfig.engine``).
+
+    Raises:
+        ValueError: ``engine`` is ``static`` and the model is not supported, or ranks must run in lock-step.
+    """
+    if sampling.engine == "hf":
+        return "hf"
+    reason = "ranks generate in lock-step (synced_gpus, ZeRO-3)" if synced_gpus else unsupported_reason(model)
+    if sampling.engine == "static":
+        if reason is not None:
+            raise ValueError(f"sampling.engine 'static' cannot run here: {reason}. Use 'hf' or 'auto'.")
+        return "static"
+    choice = "static" if reason is None else "hf"
+    if (id(model), choice) not in _ENGINE_LOGGED:
+        _ENGINE_LOGGED.add((id(model), choice))
+        why = "" if reason is None else f" ({reason})"
+        log.info("sampling.engine 'auto': sampling %s with %s%s", type(model).__name__, choice, why)
+    return choice
 
 
 def tokenize_prompts(tokenizer: Any, texts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -134,6 +173,7 @@ def generate_completions(
 
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    engine = resolve_engine(model, sampling, synced_gpus)
     gen_cfg = GenerationConfig(
         do_sample=not greedy,
         temperature=sampling.temperature if not greedy else None,
@@ -146,17 +186,26 @@ def generate_completions(
     was_training = model.training
     model.eval()
     chunk = sampling.generation_batch_size or prompt_ids.shape[0]
-    pieces, recorders = [], []
+    pieces, piece_entropies = [], []
     for start in range(0, prompt_ids.shape[0], chunk):
         ids = prompt_ids[start : start + chunk]  # (b, P)
         mask = prompt_mask[start : start + chunk]  # (b, P)
+        if engine == "static":
+            out, ent = StaticCacheDecoder(model).generate(
+                ids, mask, sampling.max_new_tokens, eos_id, pad_id, greedy=greedy,
+                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                record_entropies=entropies_out is not None,
+            )  # (b, T_b), (b, T_b) | None
+            pieces.append(out)
+            piece_entropies.append(ent)
+            continue
         recorder = EntropyRecorder(sampling.temperature) if entropies_out is not None else None
         out = model.generate(
             input_ids=ids, attention_mask=mask, generation_config=gen_cfg, synced_gpus=synced_gpus,
             logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None,
         )  # (b, P + T_b)
         pieces.append(out[:, ids.shape[1] :])  # (b, T_b)
-        recorders.append(recorder)
+        piece_entropies.append(recorder.entropies() if recorder is not None else None)
     if was_training:
         model.train()
     t = max(p.shape[1] for p in pieces)
@@ -178,8 +227,8 @@ def generate_completions(
     if entropies_out is not None:
         ent = torch.zeros(completion.shape, dtype=torch.float32, device=completion.device)  # (B, T)
         row = 0
-        for p, rec in zip(pieces, recorders):
-            e = rec.entropies().to(ent.device)  # (b, T_b)
+        for p, e in zip(pieces, piece_entropies):
+            e = e.to(ent.device)  # (b, T_b)
             ent[row : row + p.shape[0], : min(e.shape[1], p.shape[1])] = e[:, : p.shape[1]]
             row += p.shape[0]
         entropies_out.append(ent * mask)

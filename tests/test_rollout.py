@@ -40,12 +40,13 @@ def test_logprobs_match_generate_scores_with_left_padding(tiny):
     assert bool((ent > 0).all())
 
 
-def test_generate_masks_after_eos_and_flags_truncation(tiny):
+@pytest.mark.parametrize("engine", ["hf", "static"])
+def test_generate_masks_after_eos_and_flags_truncation(tiny, engine):
     model, tok = tiny
     eos = tok.eos_token_id
     ids, mask = tokenize_prompts(tok, ["Q: 1\nA:"] * 6, torch.device("cpu"))
     torch.manual_seed(1)
-    comp, cmask, truncated = generate_completions(model, tok, ids, mask, SamplingConfig(max_new_tokens=8))
+    comp, cmask, truncated = generate_completions(model, tok, ids, mask, SamplingConfig(max_new_tokens=8, engine=engine))
     for row, m, tr in zip(comp, cmask, truncated):
         length = int(m.sum())
         assert bool(m[:length].all()) and not bool(m[length:].any())
@@ -91,13 +92,15 @@ def test_temperature_divides_logits():
     assert float(logp) == pytest.approx(-math.log1p(math.exp(-1.0)), abs=1e-6)
 
 
+@pytest.mark.parametrize("engine", ["hf", "static"])
 @pytest.mark.parametrize("per_group", [False, True])
-def test_generation_entropies_match_forward_pass(tiny, per_group):
-    """EntropyRecorder gives, for free, the entropies a separate forward pass computes (left padding too)."""
+def test_generation_entropies_match_forward_pass(tiny, per_group, engine):
+    """Both samplers (HF ``generate`` + EntropyRecorder, StaticCacheDecoder) give, for free, the entropies a
+    separate forward pass computes (left padding too)."""
     from prpo_lightning.rollout import generate_groups
 
     model, tok = tiny
-    sampling = SamplingConfig(max_new_tokens=10, temperature=0.8)
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.8, engine=engine)
     texts = ["Q: 1+1\nA:", "Q: a longer prompt 12*7\nA:"]
     recorded: list[torch.Tensor] = []
     torch.manual_seed(3)
