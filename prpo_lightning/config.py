@@ -51,6 +51,14 @@ class OptimConfig:
         ppo_epochs: passes over each rollout batch.
         mini_batch_size: completions per optimizer step (None: the whole rollout batch, i.e. on-policy).
         micro_batch_size: completions per forward/backward (gradient accumulation inside a mini-batch).
+        share_prompt_prefix: in every log-prob forward pass (training, old and reference log-probs), run each
+            distinct prompt of a micro-batch once and let its completions attend to the shared KV cache, instead of
+            recomputing the prompt for each of its G completions. Exact: the same log-probs and gradients up to
+            float rounding (``tests/test_share_prompts.py``). Not applied under gradient checkpointing (Hugging
+            Face disables the KV cache there) or DeepSpeed ZeRO-3 (ranks must make equal numbers of forward
+            calls). On-policy, micro-batches hold consecutive rows and a prompt's G completions are consecutive, so
+            a ``micro_batch_size`` that is a multiple of G computes each prompt once; with mini-batches rows are
+            shuffled and prompts share only within a micro-batch.
     """
 
     lr: float = 1e-6
@@ -63,3 +71,4 @@ class OptimConfig:
     ppo_epochs: int = 1
     mini_batch_size: int | None = None
     micro_batch_size: int = 8
+    share_prompt_prefix: bool = True

@@ -144,6 +144,14 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         return off_policy or reads_logprobs
 
     @property
+    def shares_prompt_prefix(self) -> bool:
+        """Whether forward passes compute each distinct prompt once per micro-batch (``optim.share_prompt_prefix``;
+        off under gradient checkpointing, which disables the KV cache, and under ZeRO-3, whose ranks must make
+        equal numbers of forward calls)."""
+        cfg_on = self.optim_cfg.share_prompt_prefix and not self.hparams.gradient_checkpointing
+        return cfg_on and not self._synced_generation()
+
+    @property
     def records_generation_entropies(self) -> bool:
         """Whether entropies are recorded during sampling (:class:`~prpo_lightning.rollout.EntropyRecorder`):
         the segmenter needs them and no separate log-prob pass computes them."""
@@ -299,12 +307,16 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         mb = self.optim_cfg.micro_batch_size
         temp = self.sampling.temperature
         if self.needs_rollout_logprobs:
-            old, ent = batched_logprobs(self.policy, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=True)
+            old, ent = batched_logprobs(
+                self.policy, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=True, share_prompts=self.shares_prompt_prefix
+            )
             rollout.old_logprobs, rollout.entropies = old.cpu(), ent.cpu()
             if self._synced_generation():
                 self._lockstep_forwards(math.ceil(c_ids.shape[0] / mb))
         if self._reference is not None:
-            ref, _ = batched_logprobs(self._reference, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=False)
+            ref, _ = batched_logprobs(
+                self._reference, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=False, share_prompts=self.shares_prompt_prefix
+            )
             rollout.ref_logprobs = ref.cpu()
 
     def _lockstep_forwards(self, num_calls: int) -> None:
@@ -436,7 +448,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             c_mask = self._loss_mask(mb)[:, :t_len].to(dev)  # (b, t) tokens in the loss
             logp, ent = completion_logprobs(
                 self.policy, mb.prompt_ids.to(dev), mb.prompt_mask.to(dev), c_ids, c_attn, self.sampling.temperature,
-                with_entropy=on_policy,
+                with_entropy=on_policy, share_prompts=self.shares_prompt_prefix,
             )  # (b, t), (b, t) | None
             old = logp.detach() if on_policy else mb.old_logprobs[:, :t_len].to(dev)  # (b, t)
             if ent is not None:
