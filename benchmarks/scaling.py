@@ -1,8 +1,10 @@
 """Benchmark 3: scaling of generation throughput with batch size and of step time with completion length.
 
-* **Generation throughput.** :func:`prpo_lightning.rollout.generate_completions` (HF ``generate`` with KV cache,
-  sampling at temperature 1) on the benchmark's random Qwen2 for batch sizes 1 … 64; tokens/s = generated tokens
-  / wall time, median of ``--repeats`` calls after one warm-up call.
+* **Generation throughput.** :func:`prpo_lightning.rollout.generate_completions` with each sampler
+  (``sampling.engine``: ``hf`` = HF ``generate`` with its dynamic KV cache, ``static`` = the
+  :class:`~prpo_lightning.decoding.StaticCacheDecoder`; sampling at temperature 1) on the benchmark's random Qwen2
+  for batch sizes 1 … 64 of distinct prompts; tokens/s = generated tokens / wall time, median of ``--repeats``
+  calls after one warm-up call.
 * **Step time against completion length.** A full GRPO training step of :class:`~prpo_lightning.module.PRPOModule`
   (generation, scoring, PPO update; on-policy GRPO needs no separate log-prob pass) for ``max_new_tokens`` 128 → 1024; EOS is suppressed through the
   model's ``generation_config``, so every completion has exactly that many tokens. Each length runs in a fresh process; the module's
@@ -83,10 +85,10 @@ def gen_throughput(args: argparse.Namespace) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).to(device).eval()
     rows = prompt_rows(max(args.batch_sizes))
-    sampling = SamplingConfig(num_generations=1, temperature=1.0, top_p=1.0, top_k=0,
-                              max_new_tokens=args.gen_tokens)
     out = []
-    for b in args.batch_sizes:
+    for b, engine in [(b, e) for b in args.batch_sizes for e in ("hf", "static")]:
+        sampling = SamplingConfig(num_generations=1, temperature=1.0, top_p=1.0, top_k=0,
+                                  max_new_tokens=args.gen_tokens, engine=engine)
         ids, mask = tokenize_prompts(tok, [TEMPLATE.format(problem=r["problem"]) for r in rows[:b]], device)
         times = []
         for rep in range(args.repeats + 1):
@@ -101,8 +103,8 @@ def gen_throughput(args: argparse.Namespace) -> dict[str, Any]:
                 times.append(time.perf_counter() - t)
         n_tok = int(cmask.sum())
         sec = median(times)
-        out.append({"batch_size": b, "tokens": n_tok, "seconds": sec, "tokens_per_s": n_tok / sec})
-        print(f"[scaling] generate B={b}: {n_tok / sec:.0f} tok/s", flush=True)
+        out.append({"batch_size": b, "engine": engine, "tokens": n_tok, "seconds": sec, "tokens_per_s": n_tok / sec})
+        print(f"[scaling] generate B={b} ({engine}): {n_tok / sec:.0f} tok/s", flush=True)
     return {"generation": out}
 
 
@@ -153,8 +155,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.ticker
 
     fig, (ax_g, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
-    gen = res["generation"]
-    ax_g.plot([g["batch_size"] for g in gen], [g["tokens_per_s"] for g in gen], "o-")
+    gen = [g for g in res["generation"] if g.get("engine", "hf") == "static"]
+    for engine, label in (("hf", "HF generate (engine: hf)"), ("static", "StaticCacheDecoder (engine: static)")):
+        pts = [g for g in res["generation"] if g.get("engine", "hf") == engine]
+        ax_g.plot([g["batch_size"] for g in pts], [g["tokens_per_s"] for g in pts], "o-", label=label)
+    ax_g.legend(fontsize=8)
     ax_g.set_xscale("log", base=2)
     ax_g.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax_g.set(xlabel="batch size (sequences per generate call)", ylabel="generated tokens / s",
@@ -184,6 +189,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 def render_markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
+    sizes = sorted({g["batch_size"] for g in res["generation"]})
+    tps = {e: {g["batch_size"]: g["tokens_per_s"] for g in res["generation"] if g["engine"] == e} for e in ("hf", "static")}
     lines = [
         "## 3. Scaling",
         "",
@@ -195,12 +202,14 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"Model: random Qwen2, hidden {s['hidden']}, {s['layers']} layers, {s['n_params'] / 1e6:.2f}M parameters, "
         f"{s['dtype']}, character tokenizer.",
         "",
-        f"**Generation throughput** ({s['gen_tokens']} new tokens per sequence, sampling, KV cache; median of "
-        f"{s['repeats']} calls after a warm-up):",
+        f"**Generation throughput** ({s['gen_tokens']} new tokens per sequence, distinct prompts, sampling, KV "
+        f"cache; median of {s['repeats']} calls after a warm-up), per sampler (`sampling.engine`):",
         "",
-        "| batch size | " + " | ".join(str(g["batch_size"]) for g in res["generation"]) + " |",
-        "|---|" + "---:|" * len(res["generation"]),
-        "| tokens / s | " + " | ".join(f"{g['tokens_per_s']:.0f}" for g in res["generation"]) + " |",
+        "| batch size | " + " | ".join(str(b) for b in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+        "| tokens / s, `hf` (HF `generate`) | " + " | ".join(f"{tps['hf'][b]:.0f}" for b in sizes) + " |",
+        "| tokens / s, `static` (StaticCacheDecoder) | " + " | ".join(f"{tps['static'][b]:.0f}" for b in sizes) + " |",
+        "| static / hf | " + " | ".join(f"{tps['static'][b] / tps['hf'][b]:.2f}×" for b in sizes) + " |",
         "",
         f"**Step time against completion length** (GRPO, {s['prompts']} prompts × G = {s['G']}, one optimizer step "
         f"per rollout, {s['warmup']} warm-up step dropped, median of {s['steps']} steps, fresh process per length):",

@@ -18,7 +18,7 @@ increase over the RSS just before training starts (which excludes each library's
 
 Run::
 
-    python benchmarks/vs_trl.py --per-group-variant   # writes benchmarks/results/vs_trl.json and docs/benchmarks.md
+    python benchmarks/vs_trl.py --variants   # writes benchmarks/results/vs_trl.json and docs/benchmarks.md
     python benchmarks/vs_trl.py --steps 3 --no-docs  # quick check
 """
 
@@ -71,6 +71,9 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.seed_per_group is not None:
         sampling_kwargs["seed_per_group"] = args.seed_per_group == "true"
+    if args.engine is not None:
+        sampling_kwargs["engine"] = args.engine
+    share = args.share_prompts != "false"
     instrument_module_phases()
     module = PRPOModule(
         verifier=make_verifier(),
@@ -79,7 +82,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer=args.model_dir,
         sampling=SamplingConfig(**sampling_kwargs),
         loss=LossConfig(eps_low=0.2, eps_high=0.2, dual_clip=None, kl_coef=0.0, aggregation="token-mean"),
-        optim=OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0, micro_batch_size=b),
+        optim=OptimConfig(lr=1e-6, weight_decay=0.0, grad_clip=1.0, micro_batch_size=b, share_prompt_prefix=share),
         prompt_template=TEMPLATE,
         use_chat_template=False,
         gradient_checkpointing=args.grad_ckpt == "on",
@@ -97,6 +100,8 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "framework": "ours",
         "seed_per_group": sampling_kwargs.get("seed_per_group", "default"),
+        "engine": sampling_kwargs.get("engine", "auto"),
+        "share_prompt_prefix": share,
         "step_times_s": times,
         "stage_times_s": timer.stages,
         "rss_before_train_mb": timer.rss_before,
@@ -171,6 +176,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         disable_tqdm=True,
         log_completions=False,
         gradient_checkpointing=args.grad_ckpt == "on",  # TRL's GRPOConfig defaults to True; ours to False
+        cache_implementation=args.trl_cache,
     )
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
@@ -189,6 +195,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
         "rss_before_train_mb": timer.rss_before,
         "torch_threads": torch.get_num_threads(),
         "trl_version": __import__("trl").__version__,
+        "cache_implementation": args.trl_cache,
     }
 
 
@@ -207,6 +214,16 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------- driver
+# ablations run with --variants: name -> (worker, extra worker args, table label)
+VARIANTS: dict[str, tuple[str, list[str], str]] = {
+    "ours_hf_generate": ("ours", ["--engine", "hf"], "ours with `sampling.engine: hf` (HF `generate`) vs TRL"),
+    "ours_no_prefix_sharing": ("ours", ["--share-prompts", "false"],
+                               "ours with `optim.share_prompt_prefix: false` vs TRL"),
+    "ours_per_group": ("ours", ["--seed-per-group", "true"],
+                       "ours with `sampling.seed_per_group: true` (one sampler call per prompt group) vs TRL"),
+    "trl_static_cache": ("trl", ["--trl-cache", "static"], "ours vs TRL with `cache_implementation='static'`"),
+}
+
 def spawn(kind: str, args: argparse.Namespace, model_dir: Path, extra: list[str] | None = None) -> dict[str, Any]:
     cmd = [
         sys.executable, __file__, "--worker", kind, "--model-dir", str(model_dir),
@@ -254,7 +271,9 @@ def render_markdown(res: dict[str, Any]) -> str:
         "(EOS suppressed for both through the model's `generation_config`), temperature 1, top-p 1, top-k off, PPO-clip ε = 0.2 with token-mean "
         f"loss (TRL `dapo`), AdamW lr 1e-6 constant, grad-clip 1, gradient checkpointing {s.get('gradient_checkpointing', 'off')} in "
         "both (TRL's `GRPOConfig` defaults to on), β = 0 (no reference model), one optimizer step "
-        "and one forward/backward over the whole batch per generation batch, no vLLM. "
+        "and one forward/backward over the whole batch per generation batch, no vLLM. Ours runs with its defaults "
+        "`sampling.engine: auto` (here the `StaticCacheDecoder`) and `optim.share_prompt_prefix: true`, TRL with "
+        "its defaults (HF `generate` with a dynamic KV cache); the ablation rows below change one of them. "
         f"{s['rounds']} rounds per framework alternating in fresh processes, {s['warmup']} warm-up steps dropped per "
         f"round, median over {o['n_measured_steps']} measured steps each.",
         "",
@@ -272,12 +291,11 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"{o.get('median_stage_s', {}).get('completion_length_mean', float('nan')):.1f} | "
         f"{t.get('median_stage_s', {}).get('completion_length_mean', float('nan')):.1f} | |",
     ]
-    if "ours_per_group" in res:
-        ob = res["ours_per_group"]
-        lines.append(
-            f"| ours with `sampling.seed_per_group: true` (one `generate` call per prompt group), s/step | "
-            f"{ob['median_step_s']:.3f} | {t['median_step_s']:.3f} | {ob['median_step_s'] / t['median_step_s']:.2f}× |"
-        )
+    for name, (kind, _, label) in VARIANTS.items():
+        if name in res:
+            v = res[name]["median_step_s"]
+            ours_s, trl_s = (v, t["median_step_s"]) if kind == "ours" else (o["median_step_s"], v)
+            lines.append(f"| {label}, s/step | {ours_s:.3f} | {trl_s:.3f} | {ours_s / trl_s:.2f}× |")
     if "median_stage_s" in o:
         st = o["median_stage_s"]
         lines += [
@@ -311,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--seed-per-group", choices=["true", "false"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--engine", choices=["auto", "hf", "static"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--share-prompts", choices=["true", "false"], default="true", help=argparse.SUPPRESS)
+    p.add_argument("--trl-cache", default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=6, help="measured optimizer steps per round")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps dropped per round")
     p.add_argument("--rounds", type=int, default=2, help="fresh processes per framework (alternating)")
@@ -326,8 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--grad-ckpt", choices=["off", "on"], default="off",
                    help="gradient checkpointing in both frameworks (TRL's GRPOConfig default is on, ours off)")
-    p.add_argument("--per-group-variant", action="store_true",
-                   help="also time ours with sampling.seed_per_group=True (one generate call per prompt group)")
+    p.add_argument("--variants", action="store_true",
+                   help="also time the ablations: ours with HF generate, ours without prompt-prefix sharing, ours "
+                        "with seed_per_group, TRL with a static KV cache")
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = p.parse_args(argv)
     if args.worker:
@@ -342,16 +364,17 @@ def main(argv: list[str] | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
-        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": [], "ours_per_group": []}
+        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": [], **{name: [] for name in VARIANTS}}
         for rnd in range(args.rounds):
             order = ["ours", "trl"] if rnd % 2 == 0 else ["trl", "ours"]
             for kind in order:
                 print(f"[vs_trl] round {rnd + 1}/{args.rounds}: {kind} ...", flush=True)
                 runs[kind].append(spawn(kind, args, model_dir))
                 print(f"[vs_trl]   steps: {[round(t, 3) for t in runs[kind][-1]['step_times_s']]}", flush=True)
-            if args.per_group_variant:
-                print(f"[vs_trl] round {rnd + 1}/{args.rounds}: ours (seed_per_group=True) ...", flush=True)
-                runs["ours_per_group"].append(spawn("ours", args, model_dir, ["--seed-per-group", "true"]))
+            for name, (kind, extra, _) in VARIANTS.items() if args.variants else ():
+                print(f"[vs_trl] round {rnd + 1}/{args.rounds}: {name} ...", flush=True)
+                runs[name].append(spawn(kind, args, model_dir, extra))
+                print(f"[vs_trl]   steps: {[round(t, 3) for t in runs[name][-1]['step_times_s']]}", flush=True)
     res: dict[str, Any] = {
         **run_header(cmd, load_before),
         "settings": {
@@ -365,8 +388,9 @@ def main(argv: list[str] | None = None) -> None:
         "raw": runs,
     }
     res["trl"]["trl_version"] = runs["trl"][0].get("trl_version")
-    if runs["ours_per_group"]:
-        res["ours_per_group"] = summarize(runs["ours_per_group"], args.warmup)
+    for name in VARIANTS:
+        if runs[name]:
+            res[name] = summarize(runs[name], args.warmup)
     o, t = res["ours"], res["trl"]
     res["ratios"] = {
         "step_time": o["median_step_s"] / t["median_step_s"],

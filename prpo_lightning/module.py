@@ -2,9 +2,9 @@
 
 One training step (one batch of N prompts):
 
-1. sample G completions per prompt with HF ``generate`` (no grad);
-2. one no-grad forward pass gives old log-probs and full-vocabulary entropies ``(B, T)``, ``B = N·G``;
-   a frozen reference model gives reference log-probs when needed;
+1. sample G completions per prompt (``sampling.engine``: the static-cache decoder or HF ``generate``; no grad);
+2. when needed (off-policy updates, components that read them), one no-grad forward pass gives old log-probs and
+   full-vocabulary entropies ``(B, T)``, ``B = N·G``; a frozen reference model gives reference log-probs;
 3. the components grade, segment, score and align (:mod:`prpo_lightning.scoring`) → advantages ``(B, T)``;
 4. manual optimisation: ``ppo_epochs`` × mini-batches of PPO-clip (+ KL) loss, gradient clipping, LR schedule.
 """
