@@ -82,10 +82,9 @@ def unsupported_reason(model: Any) -> str | None:
 
 
 def _rms_norm(x: Tensor, norm: torch.nn.Module) -> Tensor:
-    """Hugging Face's RMSNorm: normalise in float32, cast back, scale."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x32.to(x.dtype)
+    """Hugging Face's RMSNorm (normalise in float32, cast back, scale) with one fused kernel."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
+    return norm.weight * normed.to(x.dtype)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -132,10 +131,8 @@ def sample_next(
 
 def entropy_of(logits: Tensor, temperature: float) -> Tensor:
     """``(B,)`` entropy in nats of ``softmax(logits / temperature)`` for ``(B, V)`` float32 logits."""
-    z = logits / temperature  # (B, V)
-    log_z = torch.logsumexp(z, dim=-1, keepdim=True)  # (B, 1)
-    p = torch.exp(z - log_z)  # (B, V)
-    return log_z.squeeze(-1) - torch.where(p > 0, p * z, torch.zeros_like(z)).sum(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+    return torch.special.entr(probs).sum(dim=-1)  # Σ −p log p, with 0 log 0 = 0
 
 
 class StaticCacheDecoder:
@@ -210,13 +207,44 @@ class StaticCacheDecoder:
                 "StaticCacheDecoder only computes full attention: set sampling.engine to 'hf'."
             )
         dev = prompt_ids.device
-        dtype = self.base.embed_tokens.weight.dtype
         valid = torch.zeros(b, s, dtype=torch.bool, device=dev)  # (B, S) keys that may be attended to
         valid[:, :p] = prompt_mask.bool()
         n_real = prompt_mask.long().sum(dim=1)  # (B,) real prompt tokens = position of the first new token
         positions = torch.arange(s, device=dev)[None, :]  # (1, S)
         cos, sin = self.base.rotary_emb(self.base.embed_tokens.weight[:1][None], positions)  # (1, S, E) each
-        caches = self._prefill(prompt_ids, prompt_mask, cos[0], sin[0], s)
+        self._packed = self._pack_weights(dev)
+        try:
+            return self._generate(prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, greedy, temperature, top_p,
+                                  top_k, record_entropies, cos[0], sin[0], valid, n_real)
+        finally:
+            self._packed = {}
+
+    def _pack_weights(self, device: torch.device) -> dict[int, tuple[Tensor, Tensor | None]]:
+        """``(in, out)`` weights and the bias of every projection, keyed by module id. On the CPU the transposed
+        weights are copied once per call (a contiguous ``(in, out)`` operand makes the small decode GEMMs ~25%
+        faster there); on accelerators they are views."""
+        linears = [self.model.lm_head]
+        for layer in self.base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        copy = device.type == "cpu"
+        return {id(lin): (lin.weight.t().contiguous() if copy else lin.weight.t(), lin.bias) for lin in linears}
+
+    def _lin(self, x: Tensor, linear: torch.nn.Module) -> Tensor:
+        """``linear(x)`` for ``(..., in)`` inputs with the packed weight."""
+        w_t, bias = self._packed[id(linear)]
+        flat = x.reshape(-1, x.shape[-1])  # (N, in)
+        out = torch.addmm(bias, flat, w_t) if bias is not None else torch.mm(flat, w_t)  # (N, out)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _generate(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_id: int, pad_id: int, greedy: bool,
+        temperature: float, top_p: float, top_k: int, record_entropies: bool, cos: Tensor, sin: Tensor,
+        valid: Tensor, n_real: Tensor,
+    ) -> tuple[Tensor, Tensor | None]:
+        b, p = prompt_ids.shape
+        dev = prompt_ids.device
+        caches = self._prefill(prompt_ids, prompt_mask, cos, sin, valid.shape[1])
         logits = caches.pop()  # (B, V) next-token logits after the prompt
         suppress_ids = getattr(self.model.generation_config, "suppress_tokens", None)
         suppress = torch.tensor(suppress_ids, dtype=torch.long, device=dev) if suppress_ids else None
@@ -233,26 +261,25 @@ class StaticCacheDecoder:
                 break
             valid[:, p + t] = True
             pos = n_real + t  # (B,) position of the token just sampled
-            logits = self._decode_step(nxt, cos[0, pos], sin[0, pos], caches, valid[:, : p + t + 1], p + t)
+            logits = self._decode_step(nxt, cos[pos], sin[pos], caches, valid[:, : p + t + 1], p + t)
         out = torch.stack(tokens, dim=1)  # (B, T_out)
         return out, (torch.stack(entropies, dim=1) if record_entropies else None)
 
     def _qkv(self, attn: torch.nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Projections of ``(N, L, D)`` hidden states: ``q (N, H, L, E)``, ``k``/``v (N, K, L, E)``, rotated."""
         n, length, _ = h.shape
-        q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(n, length, self.num_heads, self.head_dim)
-        k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(n, length, self.num_kv_heads, self.head_dim)
-        v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(n, length, self.num_kv_heads, self.head_dim)
+        q = self._lin(h, attn.q_proj).view(n, length, self.num_heads, self.head_dim)
+        k = self._lin(h, attn.k_proj).view(n, length, self.num_kv_heads, self.head_dim)
+        v = self._lin(h, attn.v_proj).view(n, length, self.num_kv_heads, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before the rotation
             q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
-    @staticmethod
-    def _mlp(mlp: torch.nn.Module, h: Tensor) -> Tensor:
-        gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
-        up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
-        return F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+    def _mlp(self, mlp: torch.nn.Module, h: Tensor) -> Tensor:
+        gate = self._lin(h, mlp.gate_proj)
+        up = self._lin(h, mlp.up_proj)
+        return self._lin(F.silu(gate) * up, mlp.down_proj)
 
     def _prefill(self, ids: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, s: int) -> list[Tensor]:
         """Run the unique prompt rows once and copy their K/V into every row's cache.
@@ -274,7 +301,7 @@ class StaticCacheDecoder:
             attn = layer.self_attn
             q, k, v = self._qkv(attn, _rms_norm(x, layer.input_layernorm), c, sn)  # (U, H|K, P, E)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scaling, enable_gqa=True)
-            x = x + F.linear(o.transpose(1, 2).reshape(x.shape[0], p, -1), attn.o_proj.weight, attn.o_proj.bias)
+            x = x + self._lin(o.transpose(1, 2).reshape(x.shape[0], p, -1), attn.o_proj)
             x = x + self._mlp(layer.mlp, _rms_norm(x, layer.post_attention_layernorm))
             k_cache = k.new_empty(b, self.num_kv_heads, s, self.head_dim)  # (B, K, S, E)
             v_cache = v.new_empty(b, self.num_kv_heads, s, self.head_dim)  # (B, K, S, E)
@@ -282,7 +309,7 @@ class StaticCacheDecoder:
             v_cache[:, :, :p] = v[inverse]
             caches += [k_cache, v_cache]
         last = _rms_norm(x[:, -1], self.base.norm)  # (U, D)
-        logits = F.linear(last, self.model.lm_head.weight, self.model.lm_head.bias).float()  # (U, V)
+        logits = self._lin(last, self.model.lm_head).float()  # (U, V)
         return caches + [logits[inverse]]
 
     def _decode_step(
@@ -307,7 +334,7 @@ class StaticCacheDecoder:
             scores = torch.matmul(qg, k_cache[:, :, : slot + 1].transpose(-1, -2)) * self.scaling  # (B, K, R, S')
             scores = torch.where(key_ok, scores.float(), float("-inf"))  # (B, K, R, S')
             o = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v_cache[:, :, : slot + 1])  # (B, K, R, E)
-            x = x + F.linear(o.reshape(b, 1, -1), attn.o_proj.weight, attn.o_proj.bias)  # (B, 1, D)
+            x = x + self._lin(o.reshape(b, 1, -1), attn.o_proj)  # (B, 1, D)
             x = x + self._mlp(layer.mlp, _rms_norm(x, layer.post_attention_layernorm))
         last = _rms_norm(x[:, 0], self.base.norm)  # (B, D)
-        return F.linear(last, self.model.lm_head.weight, self.model.lm_head.bias).float()  # (B, V)
+        return self._lin(last, self.model.lm_head).float()  # (B, V)
