@@ -7,16 +7,14 @@ Shapes: ``B`` completions, ``P`` padded prompt length (left padding), ``T`` padd
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from prpo_lightning.decoding import StaticCacheDecoder, unsupported_reason
-
-log = logging.getLogger(__name__)
 
 @dataclass
 class SamplingConfig:
@@ -38,7 +36,8 @@ class SamplingConfig:
             prompts x 8 samples).
         engine: the sampler. ``static``: :class:`~prpo_lightning.decoding.StaticCacheDecoder`, a preallocated-KV
             loop over the policy's own weights for Qwen2/Qwen3/Llama/Mistral (token-identical to ``hf`` for the
-            same RNG state and logits; about 1.6x faster on CPU); it raises for any other model. ``hf``:
+            same RNG state and logits; 1.3-1.7x the speed of ``hf`` on CPU in ``docs/benchmarks.md``); it raises for any
+            other model. ``hf``:
             Hugging Face ``generate``. ``auto`` (default): ``static`` when the model is supported and ranks need
             not run in lock-step (ZeRO-3), else ``hf``; the choice and its reason are logged once per model.
     """
@@ -78,7 +77,7 @@ def resolve_engine(model: torch.nn.Module, sampling: SamplingConfig, synced_gpus
     if (id(model), choice) not in _ENGINE_LOGGED:
         _ENGINE_LOGGED.add((id(model), choice))
         why = "" if reason is None else f" ({reason})"
-        log.info("sampling.engine 'auto': sampling %s with %s%s", type(model).__name__, choice, why)
+        rank_zero_info(f"[prpo] sampling.engine 'auto': sampling {type(model).__name__} with {choice!r}{why}")
     return choice
 
 

@@ -3,8 +3,6 @@ architecture, entropies equal a forward pass, unsupported models are refused wit
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -141,7 +139,7 @@ class _LoRALikeLinear(torch.nn.Linear):
         (lambda m: setattr(m.generation_config, "no_repeat_ngram_size", 3), "no_repeat_ngram_size"),
     ],
 )
-def test_unsupported_models_are_refused_with_the_reason(breaks, reason, caplog):
+def test_unsupported_models_are_refused_with_the_reason(breaks, reason, monkeypatch):
     model = _model("qwen2")
     breaks(model)
     assert reason in unsupported_reason(model)
@@ -149,9 +147,10 @@ def test_unsupported_models_are_refused_with_the_reason(breaks, reason, caplog):
         StaticCacheDecoder(model)
     with pytest.raises(ValueError, match=reason):
         resolve_engine(model, SamplingConfig(engine="static"), synced_gpus=False)
-    with caplog.at_level(logging.INFO, logger="prpo_lightning.rollout"):
-        assert resolve_engine(model, SamplingConfig(engine="auto"), synced_gpus=False) == "hf"
-    assert reason in caplog.text
+    said: list[str] = []
+    monkeypatch.setattr("prpo_lightning.rollout.rank_zero_info", said.append)
+    assert resolve_engine(model, SamplingConfig(engine="auto"), synced_gpus=False) == "hf"
+    assert len(said) == 1 and "'hf'" in said[0] and reason in said[0], "auto names its fallback and the reason"
 
 
 def test_other_architectures_and_sliding_windows_are_refused():
