@@ -36,10 +36,10 @@ class SamplingConfig:
             prompts x 8 samples).
         engine: the sampler. ``static``: :class:`~prpo_lightning.decoding.StaticCacheDecoder`, a preallocated-KV
             loop over the policy's own weights for Qwen2/Qwen3/Llama/Mistral (token-identical to ``hf`` for the
-            same RNG state and logits; 1.3-1.7x the speed of ``hf`` on CPU in ``docs/benchmarks.md``); it raises for any
-            other model. ``hf``:
-            Hugging Face ``generate``. ``auto`` (default): ``static`` when the model is supported and ranks need
-            not run in lock-step (ZeRO-3), else ``hf``; the choice and its reason are logged once per model.
+            same RNG state and logits; 1.3-1.7x the speed of ``hf`` on CPU, see ``docs/benchmarks.md``); it raises
+            for any other model. ``hf``: Hugging Face ``generate``. ``auto`` (default): ``static`` when the model
+            is supported and ranks need not run in lock-step (ZeRO-3), else ``hf``; the choice, and the reason for
+            a fallback, are announced once per model.
     """
 
     num_generations: int = 8
