@@ -305,17 +305,17 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
 
     def _add_logprobs(self, rollout: RolloutBatch, p_ids: Tensor, p_mask: Tensor, c_ids: Tensor, c_mask: Tensor) -> None:
         mb = self.optim_cfg.micro_batch_size
-        temp = self.sampling.temperature
+        temp, share = self.sampling.temperature, self.shares_prompt_prefix
         if self.needs_rollout_logprobs:
             old, ent = batched_logprobs(
-                self.policy, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=True, share_prompts=self.shares_prompt_prefix
+                self.policy, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=True, share_prompts=share
             )
             rollout.old_logprobs, rollout.entropies = old.cpu(), ent.cpu()
             if self._synced_generation():
                 self._lockstep_forwards(math.ceil(c_ids.shape[0] / mb))
         if self._reference is not None:
             ref, _ = batched_logprobs(
-                self._reference, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=False, share_prompts=self.shares_prompt_prefix
+                self._reference, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=False, share_prompts=share
             )
             rollout.ref_logprobs = ref.cpu()
 
