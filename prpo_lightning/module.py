@@ -32,14 +32,8 @@ from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, group_see
 from prpo_lightning.losses import aggregate_loss, kl_penalty, ppo_clip_loss
 from prpo_lightning.models import load_causal_lm, load_tokenizer
 from prpo_lightning.prm import ProcessRewardModel
-from prpo_lightning.rollout import (
-    SamplingConfig,
-    batched_logprobs,
-    completion_logprobs,
-    generate_completions,
-    generate_groups,
-    left_pad,
-)
+from prpo_lightning.logprobs import batched_logprobs, completion_logprobs
+from prpo_lightning.rollout import SamplingConfig, generate_completions, generate_groups, left_pad
 from prpo_lightning.scoring import compute_advantages
 from prpo_lightning.segmenter import Segmenter
 from prpo_lightning.verifier import OutcomeVerifier

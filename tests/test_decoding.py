@@ -8,7 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from prpo_lightning.decoding import StaticCacheDecoder, sample_next, unsupported_reason
-from prpo_lightning.rollout import SamplingConfig, completion_logprobs, generate_completions, left_pad, resolve_engine
+from prpo_lightning.logprobs import completion_logprobs
+from prpo_lightning.rollout import SamplingConfig, generate_completions, left_pad, resolve_engine
 
 EOS, PAD, V = 1, 0, 96
 

@@ -10,7 +10,8 @@ import torch
 
 from helpers import build_char_tokenizer, tiny_qwen2_config
 from prpo_lightning.models import load_causal_lm, load_tokenizer
-from prpo_lightning.rollout import SamplingConfig, completion_logprobs, generate_completions, tokenize_prompts
+from prpo_lightning.logprobs import completion_logprobs
+from prpo_lightning.rollout import SamplingConfig, generate_completions, tokenize_prompts
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir
 from prpo_lightning.config import LossConfig, OptimConfig
-from prpo_lightning.rollout import completion_logprobs, left_pad, shared_prompt_logits
+from prpo_lightning.logprobs import completion_logprobs, shared_prompt_logits
+from prpo_lightning.rollout import left_pad
 
 PAD, V = 0, 64
 
