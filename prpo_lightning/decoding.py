@@ -8,6 +8,8 @@ over the model's own parameters (read, never copied, so it always samples from t
 * the KV cache is allocated once for ``P + T`` positions;
 * identical prompt rows (the G copies of a prompt group) are prefilled once and their cache rows shared;
 * decode attention is one grouped matrix product per layer, without repeating K/V heads;
+* rows that produced EOS leave the cache (once a quarter of it has finished), so later steps compute only the rows
+  still running;
 * sampling repeats Hugging Face's steps exactly (suppressed tokens, temperature, top-k, top-p, ``multinomial``),
   so with equal logits the same RNG state draws the same tokens.
 
@@ -194,7 +196,7 @@ class StaticCacheDecoder:
 
         Returns:
             ``(tokens, entropies)``: ``(B, T_out)`` long ids (``T_out <= T``; PAD after EOS) and ``(B, T_out)``
-            float32 entropies or None.
+            float32 entropies or None (meaningless after a row's EOS: mask them).
 
         Raises:
             ValueError: the prompt plus budget exceed the sliding-attention window.
@@ -249,19 +251,29 @@ class StaticCacheDecoder:
         suppress_ids = getattr(self.model.generation_config, "suppress_tokens", None)
         suppress = torch.tensor(suppress_ids, dtype=torch.long, device=dev) if suppress_ids else None
         finished = torch.zeros(b, dtype=torch.bool, device=dev)  # (B,)
+        rows = torch.arange(b, device=dev)  # (A,) the batch rows the cache still holds
         tokens, entropies = [], []
         for t in range(max_new_tokens):
             if record_entropies:
                 entropies.append(entropy_of(logits, temperature))  # (B,)
+            # every row is sampled, finished ones too, so the RNG advances exactly as in HF generate
             nxt = sample_next(logits, greedy, temperature, top_p, top_k, suppress)  # (B,)
             nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)  # (B,)
             tokens.append(nxt)
             finished = finished | (nxt == eos_id)
             if t == max_new_tokens - 1 or bool(finished.all()):
                 break
+            done = finished[rows]  # (A,)
+            if int(done.sum()) * 4 >= rows.numel():  # a quarter of the cached rows finished: drop them
+                rows, caches = rows[~done], [c[~done] for c in caches]
             valid[:, p + t] = True
-            pos = n_real + t  # (B,) position of the token just sampled
-            logits = self._decode_step(nxt, cos[pos], sin[pos], caches, valid[:, : p + t + 1], p + t)
+            if rows.numel() == b:  # nothing dropped yet
+                pos = n_real + t  # (B,) position of the token just sampled
+                logits = self._decode_step(nxt, cos[pos], sin[pos], caches, valid[:, : p + t + 1], p + t)
+                continue
+            pos = n_real[rows] + t  # (A,)
+            step_logits = self._decode_step(nxt[rows], cos[pos], sin[pos], caches, valid[rows, : p + t + 1], p + t)
+            logits = logits.index_copy(0, rows, step_logits)  # (B, V); dropped rows keep stale logits
         out = torch.stack(tokens, dim=1)  # (B, T_out)
         return out, (torch.stack(entropies, dim=1) if record_entropies else None)
 

@@ -90,11 +90,25 @@ def test_sampled_tokens_equal_hf_generate_for_the_same_seed(name, knobs):
 
 
 def test_stops_when_every_row_has_finished_like_hf():
+    """Rows that finished leave the cache (fewer rows per decode step) without changing any token."""
     model = _model("qwen2")
     ids, mask = _prompts()
     expected = _hf(model, ids, mask, 3, max_new_tokens=400, do_sample=True, top_k=0)
-    got, ent = _static(model, ids, mask, 3, max_new_tokens=400)
+    rows_per_step: list[int] = []
+    decode_step = StaticCacheDecoder._decode_step
+
+    def spy(self, token, *args):
+        rows_per_step.append(token.shape[0])
+        return decode_step(self, token, *args)
+
+    StaticCacheDecoder._decode_step = spy
+    try:
+        got, ent = _static(model, ids, mask, 3, max_new_tokens=400)
+    finally:
+        StaticCacheDecoder._decode_step = decode_step
     assert got.shape[1] < 400 and torch.equal(got, expected)
+    assert rows_per_step[0] == 9 and rows_per_step[-1] < 9, "finished rows must leave the cache"
+    assert rows_per_step == sorted(rows_per_step, reverse=True)
     assert ent.shape == got.shape
 
 
