@@ -105,7 +105,43 @@ def gen_throughput(args: argparse.Namespace) -> dict[str, Any]:
         sec = median(times)
         out.append({"batch_size": b, "engine": engine, "tokens": n_tok, "seconds": sec, "tokens_per_s": n_tok / sec})
         print(f"[scaling] generate B={b} ({engine}): {n_tok / sec:.0f} tok/s", flush=True)
-    return {"generation": out}
+    return {"generation": out, "ragged": ragged_generation(args, model, tok, device)}
+
+
+def ragged_generation(args: argparse.Namespace, model: Any, tok: Any, device: Any) -> list[dict[str, Any]]:
+    """Both samplers on completions of varying length: EOS allowed (the random model emits it with probability
+    ≈ 1/V per token), ``--ragged-prompts`` prompts × G = 8, ``--ragged-tokens`` budget, the same seed for both, so
+    their completions must be identical (checked)."""
+    import torch
+
+    from prpo_lightning.rollout import SamplingConfig, generate_completions, tokenize_prompts
+
+    model.generation_config.suppress_tokens = None
+    rows = prompt_rows(args.ragged_prompts)
+    ids, mask = tokenize_prompts(tok, [TEMPLATE.format(problem=r["problem"]) for r in rows], device)
+    ids, mask = ids.repeat_interleave(8, 0), mask.repeat_interleave(8, 0)
+    out, completions = [], {}
+    for engine in ("hf", "static"):
+        sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.ragged_tokens, engine=engine)
+        times = []
+        for rep in range(args.repeats + 1):
+            torch.manual_seed(rep)
+            t = time.perf_counter()
+            comp, cmask, _ = generate_completions(model, tok, ids, mask, sampling)
+            if rep > 0:
+                times.append(time.perf_counter() - t)
+        completions[engine] = comp
+        lengths = cmask.sum(dim=1).float()
+        n_tok, sec = int(cmask.sum()), median(times)
+        out.append({"engine": engine, "rows": int(ids.shape[0]), "budget": args.ragged_tokens, "tokens": n_tok,
+                    "seconds": sec, "tokens_per_s": n_tok / sec, "length_mean": float(lengths.mean()),
+                    "length_min": int(lengths.min()), "length_max": int(lengths.max())})
+        print(f"[scaling] ragged ({engine}): {sec:.2f} s, {n_tok / sec:.0f} tok/s", flush=True)
+    hf_c, st_c = completions["hf"], completions["static"]
+    same = hf_c.shape == st_c.shape and bool((hf_c == st_c).all())
+    for row in out:
+        row["identical_completions"] = same
+    return out
 
 
 def step_time(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,6 +179,7 @@ def spawn(args: argparse.Namespace, model_dir: Path, extra: list[str]) -> dict[s
            "--device", args.device, "--dtype", args.dtype, "--prompts", str(args.prompts), "--G", str(args.G),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--gen-tokens", str(args.gen_tokens),
            "--repeats", str(args.repeats), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
+           "--ragged-prompts", str(args.ragged_prompts), "--ragged-tokens", str(args.ragged_tokens),
            "--micro-batch", str(args.micro_batch), *extra]
     return run_worker(cmd, f"worker {extra}")
 
@@ -187,10 +224,31 @@ def plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def ragged_lines(ragged: list[dict[str, Any]]) -> list[str]:
+    if not ragged:
+        return []
+    hf, st = (next(r for r in ragged if r["engine"] == e) for e in ("hf", "static"))
+    return [
+        "",
+        f"**Completions of varying length** ({hf['rows']} rows = {hf['rows'] // 8} prompts × G = 8, budget "
+        f"{hf['budget']} tokens, EOS allowed: lengths {hf['length_min']}–{hf['length_max']}, mean "
+        f"{hf['length_mean']:.0f}; same seed for both samplers, completions identical: "
+        f"{'yes' if hf['identical_completions'] else 'NO'}). HF `generate` computes every row until the longest "
+        "finishes; the static-cache decoder drops finished rows from its cache:",
+        "",
+        "| sampler | seconds | tokens / s |",
+        "|---|---:|---:|",
+        f"| `hf` (HF `generate`) | {hf['seconds']:.2f} | {hf['tokens_per_s']:.0f} |",
+        f"| `static` (StaticCacheDecoder) | {st['seconds']:.2f} | {st['tokens_per_s']:.0f} |",
+        f"| static / hf speed | {hf['seconds'] / st['seconds']:.2f}× | |",
+    ]
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
     sizes = sorted({g["batch_size"] for g in res["generation"]})
-    tps = {e: {g["batch_size"]: g["tokens_per_s"] for g in res["generation"] if g["engine"] == e} for e in ("hf", "static")}
+    tps = {e: {g["batch_size"]: g["tokens_per_s"] for g in res["generation"] if g["engine"] == e}
+           for e in ("hf", "static")}
     lines = [
         "## 3. Scaling",
         "",
@@ -210,6 +268,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         "| tokens / s, `hf` (HF `generate`) | " + " | ".join(f"{tps['hf'][b]:.0f}" for b in sizes) + " |",
         "| tokens / s, `static` (StaticCacheDecoder) | " + " | ".join(f"{tps['static'][b]:.0f}" for b in sizes) + " |",
         "| static / hf | " + " | ".join(f"{tps['static'][b] / tps['hf'][b]:.2f}×" for b in sizes) + " |",
+        *ragged_lines(res.get("ragged", [])),
         "",
         f"**Step time against completion length** (GRPO, {s['prompts']} prompts × G = {s['G']}, one optimizer step "
         f"per rollout, {s['warmup']} warm-up step dropped, median of {s['steps']} steps, fresh process per length):",
@@ -252,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--ragged-prompts", type=int, default=4)
+    p.add_argument("--ragged-tokens", type=int, default=512)
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[128, 256, 512, 1024])
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--G", type=int, default=4)
@@ -276,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
 
         n_params = sum(q.numel() for q in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
         print("[scaling] generation throughput ...", flush=True)
-        gen = spawn(args, model_dir, ["--worker", "gen"])["generation"]
+        gen_result = spawn(args, model_dir, ["--worker", "gen"])
+        gen, ragged = gen_result["generation"], gen_result["ragged"]
         steps = []
         for length in args.lengths:
             print(f"[scaling] step time at {length} tokens ...", flush=True)
@@ -295,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       "repeats", "prompts", "G", "steps", "warmup")},
                      "n_params": n_params},
         "generation": gen,
+        "ragged": ragged,
         "steps": steps,
     }
     if args.device == "cpu":
