@@ -203,3 +203,13 @@ def test_generate_completions_gives_the_same_rollout_with_either_engine():
     for a, b in zip(results["hf"], results["static"]):
         assert a.shape == b.shape
         assert torch.allclose(a.float(), b.float(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_bfloat16_policies_decode_like_hf(name):
+    """The policy dtype RL runs use on GPUs: the float32 norm/softmax casts follow HF's, so greedy decoding agrees."""
+    model = _model(name, **ARCHITECTURES[name]).to(torch.bfloat16)
+    ids, mask = _prompts()
+    got, ent = _static(model, ids, mask, 0, greedy=True)
+    assert torch.equal(got, _hf(model, ids, mask, 0, do_sample=False))
+    assert ent.dtype == torch.float32 and bool(torch.isfinite(ent).all())
