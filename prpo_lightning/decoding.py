@@ -133,7 +133,8 @@ def sample_next(
 
 
 def entropy_of(logits: Tensor, temperature: float) -> Tensor:
-    """``(B,)`` entropy in nats of ``softmax(logits / temperature)`` for ``(B, V)`` float32 logits."""
+    """``(B,)`` entropy in nats of ``softmax(logits / temperature)`` for ``(B, V)`` float32 logits (``-inf`` logits,
+    e.g. suppressed tokens, have probability 0 and contribute 0)."""
     probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
     return torch.special.entr(probs).sum(dim=-1)  # Σ −p log p, with 0 log 0 = 0
 

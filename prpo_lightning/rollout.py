@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from prpo_lightning.decoding import StaticCacheDecoder, unsupported_reason
+from prpo_lightning.decoding import StaticCacheDecoder, entropy_of, unsupported_reason
 
 @dataclass
 class SamplingConfig:
@@ -126,10 +126,7 @@ class EntropyRecorder:
 
     @torch.no_grad()
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        z = scores.detach().float() / self.temperature  # (b, V)
-        log_z = torch.logsumexp(z, dim=-1, keepdim=True)  # (b, 1)
-        p = torch.exp(z - log_z)  # (b, V)
-        self.steps.append(log_z.squeeze(-1) - torch.where(p > 0, p * z, torch.zeros_like(z)).sum(dim=-1))  # (b,)
+        self.steps.append(entropy_of(scores.detach().float(), self.temperature))  # (b,)
         return scores
 
     def entropies(self) -> Tensor:

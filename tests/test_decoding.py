@@ -213,3 +213,12 @@ def test_bfloat16_policies_decode_like_hf(name):
     got, ent = _static(model, ids, mask, 0, greedy=True)
     assert torch.equal(got, _hf(model, ids, mask, 0, do_sample=False))
     assert ent.dtype == torch.float32 and bool(torch.isfinite(ent).all())
+
+
+def test_entropy_of_matches_the_e1_oracle_and_ignores_suppressed_tokens():
+    """prpo_spec §9 E1: H(0.5, 0.25, 0.25) = 1.039721 nats; a -inf logit (suppressed token) adds nothing."""
+    from prpo_lightning.decoding import entropy_of
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]]))  # row 0 ends in -inf
+    assert entropy_of(logits, 1.0).tolist() == pytest.approx([1.039721, 1.386294], abs=1e-6)
+    assert entropy_of(torch.tensor([[2.0, 0.0]]), 2.0).item() == pytest.approx(0.582203, abs=1e-6)  # p = σ(±1)
