@@ -133,10 +133,10 @@ def sample_next(
 
 
 def entropy_of(logits: Tensor, temperature: float) -> Tensor:
-    """``(B,)`` entropy in nats of ``softmax(logits / temperature)`` for ``(B, V)`` float32 logits (``-inf`` logits,
-    e.g. suppressed tokens, have probability 0 and contribute 0)."""
-    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
-    return torch.special.entr(probs).sum(dim=-1)  # Σ −p log p, with 0 log 0 = 0
+    """``(...)`` entropy in nats of ``softmax(logits / temperature)`` for ``(..., V)`` float32 logits (``-inf``
+    logits, e.g. suppressed tokens, have probability 0 and contribute 0)."""
+    probs = torch.softmax(logits / temperature, dim=-1)  # (..., V)
+    return torch.special.entr(probs).sum(dim=-1)  # (...): Σ −p log p, with 0 log 0 = 0
 
 
 class StaticCacheDecoder:
@@ -210,16 +210,10 @@ class StaticCacheDecoder:
                 f"prompt + completion ({s} tokens) exceed the model's sliding window ({self.sliding_window}); "
                 "StaticCacheDecoder only computes full attention: set sampling.engine to 'hf'."
             )
-        dev = prompt_ids.device
-        valid = torch.zeros(b, s, dtype=torch.bool, device=dev)  # (B, S) keys that may be attended to
-        valid[:, :p] = prompt_mask.bool()
-        n_real = prompt_mask.long().sum(dim=1)  # (B,) real prompt tokens = position of the first new token
-        positions = torch.arange(s, device=dev)[None, :]  # (1, S)
-        cos, sin = self.base.rotary_emb(self.base.embed_tokens.weight[:1][None], positions)  # (1, S, E) each
-        self._packed = self._pack_weights(dev)
+        self._packed = self._pack_weights(prompt_ids.device)
         try:
             return self._generate(prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, greedy, temperature, top_p,
-                                  top_k, record_entropies, cos[0], sin[0], valid, n_real)
+                                  top_k, record_entropies)
         finally:
             self._packed = {}
 
@@ -243,12 +237,17 @@ class StaticCacheDecoder:
 
     def _generate(
         self, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_id: int, pad_id: int, greedy: bool,
-        temperature: float, top_p: float, top_k: int, record_entropies: bool, cos: Tensor, sin: Tensor,
-        valid: Tensor, n_real: Tensor,
+        temperature: float, top_p: float, top_k: int, record_entropies: bool,
     ) -> tuple[Tensor, Tensor | None]:
         b, p = prompt_ids.shape
         dev = prompt_ids.device
-        caches = self._prefill(prompt_ids, prompt_mask, cos, sin, valid.shape[1])
+        valid = torch.zeros(b, p + max_new_tokens, dtype=torch.bool, device=dev)  # (B, S) keys that may be attended
+        valid[:, :p] = prompt_mask.bool()
+        n_real = prompt_mask.long().sum(dim=1)  # (B,) real prompt tokens = position of the first new token
+        positions = torch.arange(p + max_new_tokens, device=dev)[None, :]  # (1, S)
+        cos, sin = self.base.rotary_emb(self.base.embed_tokens.weight[:1][None], positions)  # (1, S, E) each
+        cos, sin = cos[0], sin[0]  # (S, E)
+        caches = self._prefill(prompt_ids, prompt_mask, cos, sin, p + max_new_tokens)
         logits = caches.pop()  # (B, V) next-token logits after the prompt
         suppress_ids = getattr(self.model.generation_config, "suppress_tokens", None)
         suppress = torch.tensor(suppress_ids, dtype=torch.long, device=dev) if suppress_ids else None
@@ -269,13 +268,11 @@ class StaticCacheDecoder:
             if int(done.sum()) * 4 >= rows.numel():  # a quarter of the cached rows finished: drop them
                 rows, caches = rows[~done], [c[~done] for c in caches]
             valid[:, p + t] = True
-            if rows.numel() == b:  # nothing dropped yet
-                pos = n_real + t  # (B,) position of the token just sampled
-                logits = self._decode_step(nxt, cos[pos], sin[pos], caches, valid[:, : p + t + 1], p + t)
-                continue
-            pos = n_real[rows] + t  # (A,)
-            step_logits = self._decode_step(nxt[rows], cos[pos], sin[pos], caches, valid[rows, : p + t + 1], p + t)
-            logits = logits.index_copy(0, rows, step_logits)  # (B, V); dropped rows keep stale logits
+            full = rows.numel() == b  # nothing dropped yet: skip the gathers
+            tok, first_pos, keys = (nxt, n_real, valid) if full else (nxt[rows], n_real[rows], valid[rows])  # (A, ...)
+            pos = first_pos + t  # (A,) position of the token just sampled
+            step_logits = self._decode_step(tok, cos[pos], sin[pos], caches, keys[:, : p + t + 1], p + t)  # (A, V)
+            logits = step_logits if full else logits.index_copy(0, rows, step_logits)  # (B, V); dropped rows stale
         out = torch.stack(tokens, dim=1)  # (B, T_out)
         return out, (torch.stack(entropies, dim=1) if record_entropies else None)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prpo_lightning.decoding import entropy_of
+
 
 def _position_ids(attention_mask: Tensor) -> Tensor:
     """``(B, L)`` positions that start at 0 on the first real token (left padding aware)."""
@@ -29,7 +31,8 @@ def completion_logprobs(
     """Log-probs (and optionally full-vocabulary entropies) of the completion tokens.
 
     The distribution at completion position t comes from the logits at sequence position ``P + t − 1``,
-    divided by ``temperature`` (as the sampler did). Entropy in nats: ``H = logsumexp(z) − Σ_v softmax(z)_v z_v``.
+    divided by ``temperature`` (as the sampler did). Entropy in nats: ``H = −Σ_v p_v log p_v``
+    (:func:`~prpo_lightning.decoding.entropy_of`, the same definition the samplers record).
 
     Args:
         model: causal LM (gradients flow if enabled by the caller).
@@ -59,8 +62,7 @@ def completion_logprobs(
     entropies = None
     if with_entropy:  # a statistic, never differentiated
         with torch.no_grad():
-            z = logits.detach()  # (B, T, V)
-            entropies = (log_z.detach() - (torch.softmax(z, dim=-1) * z).sum(dim=-1)) * mask  # (B, T)
+            entropies = entropy_of(logits.detach(), 1.0) * mask  # (B, T)
     return logprobs, entropies
 
 
