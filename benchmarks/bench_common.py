@@ -75,23 +75,26 @@ def current_rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def build_model_dir(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
-    """Save the demo character tokenizer and a randomly initialised Qwen2 of the given width to ``out``."""
+def build_model_dir(
+    out: Path, hidden: int, layers: int, seed: int = 0, heads: int = 0, kv_heads: int = 0, intermediate: int = 0
+) -> Path:
+    """Save the demo character tokenizer and a randomly initialised Qwen2 of the given shape to ``out`` (0 for
+    ``heads``/``kv_heads``/``intermediate``: hidden / 64 heads, half as many KV heads, 3 × hidden), EOS suppressed."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from prpo_lightning.demo.policy import build_tokenizer, model_config
 
     tok = build_tokenizer()
-    heads = max(hidden // 64, 2)
+    heads = heads or max(hidden // 64, 2)
     cfg = model_config(
         tok,
         {
             "hidden_size": hidden,
-            "intermediate_size": hidden * 3,
+            "intermediate_size": intermediate or hidden * 3,
             "num_hidden_layers": layers,
             "num_attention_heads": heads,
-            "num_key_value_heads": max(heads // 2, 1),
+            "num_key_value_heads": kv_heads or max(heads // 2, 1),
             "max_position_embeddings": 4096,
         },
     )

@@ -34,6 +34,7 @@ from bench_common import (  # noqa: E402  (shared benchmark helpers)
     ROOT,
     TEMPLATE,
     PromptData,
+    build_model_dir,
     make_verifier,
     median,
     peak_rss_mb,
@@ -42,36 +43,9 @@ from bench_common import (  # noqa: E402  (shared benchmark helpers)
     run_header,
     run_worker,
     step_timer_callback,
-    suppress_eos,
 )
 
 PLOT = ROOT / "docs" / "_static" / "bench_scaling.png"
-
-
-def build_model(out: Path, args: argparse.Namespace) -> Path:
-    """Save the demo character tokenizer and a random Qwen2 of the requested shape."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from prpo_lightning.demo.policy import build_tokenizer, model_config
-
-    tok = build_tokenizer()
-    heads = args.heads or max(args.hidden // 64, 2)
-    cfg = model_config(tok, {
-        "hidden_size": args.hidden,
-        "intermediate_size": args.intermediate or args.hidden * 3,
-        "num_hidden_layers": args.layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": args.kv_heads or max(heads // 2, 1),
-        "max_position_embeddings": 4096,
-    })
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    suppress_eos(model, tok)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -332,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     cmd = "python benchmarks/scaling.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
-        model_dir = build_model(Path(tmp) / "model", args)
+        model_dir = build_model_dir(Path(tmp) / "model", args.hidden, args.layers, heads=args.heads,
+                                    kv_heads=args.kv_heads, intermediate=args.intermediate)
         from transformers import AutoModelForCausalLM
 
         n_params = sum(q.numel() for q in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
