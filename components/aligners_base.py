@@ -1,7 +1,9 @@
 """Shared pieces of the concrete aligners: a small name registry and vectorised (B, T) helpers.
 
 Shape legend: ``B`` completions, ``T`` padded completion length, ``S`` max segments per completion,
-``n`` number of prompt groups. Everything is computed in float64 and returned as float32.
+``n`` number of prompt groups. Everything is computed in float64 and returned as float32. Group statistics
+come from :mod:`prpo_lightning.grouping`, which is exact for groups whose values are all equal; step scores
+are read with :func:`prpo_lightning.aligner.checked_step_scores`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import Tensor
 
 from prpo_lightning.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.grouping import group_count, group_index, group_mean, group_std, group_sum
+from prpo_lightning.grouping import group_count, group_loo_mean, group_mean, group_moments, group_zscore
 
 _ALIGNERS: dict[str, type[AdvantageAligner]] = {}
 A = TypeVar("A", bound=type[AdvantageAligner])
@@ -87,87 +89,44 @@ def normalized_outcome(
     unbiased: bool = True,
     min_std: float = 0.0,
 ) -> Tensor:
-    """GRPO group normalisation ``(r_i − mean_g r)/(max(std_g r, min_std) + ε)`` (or no division).
+    """GRPO group normalisation ``(r_i − mean_g r)/(max(std_g r, min_std) + ε)`` (or only the centring).
 
-    A zero denominator (zero-variance group with ``ε = 0`` and ``min_std = 0``) gives 0; a singleton's
-    numerator is ``r_i − r_i = 0``, so singletons always get 0.
+    A group whose rewards are all equal gives exactly 0 for every ``ε``/``min_std``, and so does a singleton
+    (see :func:`prpo_lightning.grouping.group_zscore`).
 
     Args:
         r: ``(B,)`` rewards.
         group_ids: ``(B,)`` prompt ids.
+        std_normalize: divide by the std (False: return ``r_i − mean_g r``).
+        epsilon: ε added to the std.
+        unbiased: Bessel-corrected std.
+        min_std: floor on the std before adding ε.
     """
     gid = group_ids.to(r.device)
-    centred = r - group_mean(r, gid)  # (B,)
     if not std_normalize:
-        return centred
-    std = group_std(r, gid, unbiased=unbiased).clamp(min=min_std) + epsilon  # (B,)
-    return torch.where(std > 0, centred / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(r))
+        return r - group_mean(r, gid)  # (B,), exactly 0 in an equal-valued group
+    return group_zscore(r, gid, epsilon, unbiased, min_std)  # (B,)
 
 
-def loo_baseline(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Leave-one-out mean ``(Σ_g v − v_i)/(n − 1)`` and a ``(B,)`` bool "group has ≥ 2 members" flag."""
+def loo_advantage(values: Tensor, group_ids: Tensor) -> Tensor:
+    """``(B,)`` ``v_i − mean_{j≠i} v_j`` (RLOO); exactly 0 in an equal-valued group and for singletons."""
     gid = group_ids.to(values.device)
-    n = group_count(gid).to(values.dtype)  # (B,)
-    loo = (group_sum(values, gid) - values) / (n - 1).clamp(min=1)  # (B,)
-    return torch.where(n > 1, loo, torch.zeros_like(values)), n > 1
-
-
-def group_token_sum(values: Tensor, group_ids: Tensor) -> Tensor:
-    """``(B, T)`` → ``(B, T)``: for each row, the sum over the rows of its group at the same position."""
-    inverse, n = group_index(group_ids.to(values.device))
-    sums = torch.zeros(n, values.shape[1], dtype=values.dtype, device=values.device)  # (n, T)
-    sums.index_add_(0, inverse, values)
-    return sums[inverse]  # (B, T)
+    multi = group_count(gid).to(values.device) > 1  # (B,)
+    return torch.where(multi, values - group_loo_mean(values, gid), torch.zeros_like(values))
 
 
 def masked_whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     """verl ``masked_whiten``: ``(x − mean)/sqrt(var_unbiased + eps)`` over all valid tokens of the batch.
 
-    Statistics are token-weighted. With ≤ 1 valid token the values are only centred. Padding → 0.
+    Statistics are token-weighted. With ≤ 1 valid token the values are only centred. Valid tokens that all
+    hold the same value give exactly 0. Padding → 0.
 
     Args:
         values: ``(B, T)``.
         mask: ``(B, T)`` bool.
     """
-    m = mask.to(values.dtype)  # (B, T)
-    count = m.sum()
-    if float(count) == 0:
-        return torch.zeros_like(values)
-    mean = (values * m).sum() / count
-    var = (((values - mean) ** 2) * m).sum() / (count - 1).clamp(min=1)
-    out = (values - mean) * torch.rsqrt(var + eps) if float(count) > 1 else values - mean
-    return out * m
-
-
-def token_step_values(step_values: Tensor, segment_ids: Tensor) -> Tensor:
-    """Broadcast ``(B, S)`` per-step values to ``(B, T)`` tokens through ``segment_ids`` (``-1`` = padding → 0)."""
-    idx = segment_ids.clamp(min=0).to(step_values.device)  # (B, T)
-    vals = torch.gather(step_values, 1, idx)  # (B, T)
-    return torch.where(segment_ids.to(step_values.device) >= 0, vals, torch.zeros_like(vals))
-
-
-def checked_steps(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
-    """Validated step tensors: ``(step_scores (B, S) float64, step_mask (B, S) bool, segment_ids (B, T))``.
-
-    The step mask is reduced to exactly the segments each row has, and every segment must be scored.
-
-    Raises:
-        ValueError: if step scores are missing or a segment has no score.
-    """
-    if batch.step_scores is None or batch.step_mask is None:
-        raise ValueError("this aligner needs step scores: configure a segmenter and a ProcessRewardModel")
-    if len(batch.segment_spans) != batch.size:
-        raise ValueError(f"batch.segment_spans has {len(batch.segment_spans)} rows, expected {batch.size}")
-    dev = batch.completion_mask.device
-    seg = batch.segment_ids().to(dev)  # (B, T)
-    scores = batch.step_scores.to(device=dev, dtype=CALC)  # (B, S)
-    smask = batch.step_mask.to(dev).bool()  # (B, S)
-    counts = torch.tensor([len(r) for r in batch.segment_spans], dtype=torch.long, device=dev)  # (B,)
-    if (int(counts.max()) if counts.numel() else 0) > scores.shape[1]:
-        raise ValueError("a segment has no PRM score (more segments than step scores)")
-    has_seg = torch.arange(scores.shape[1], device=dev)[None, :] < counts[:, None]  # (B, S)
-    if bool((has_seg & ~smask).any()):
-        raise ValueError("a segment has no PRM score (step_mask is False for a used segment)")
-    if not bool(torch.isfinite(scores[has_seg]).all()):
-        raise ValueError("PRM step scores contain NaN/inf")
-    return torch.where(has_seg, scores, torch.zeros_like(scores)), has_seg, seg
+    whole_batch = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)  # (B,) one group
+    moments = group_moments(values, whole_batch, mask)  # (B,) each, equal across rows
+    centred = values - moments.mean[:, None]  # (B, T)
+    scaled = centred * torch.rsqrt(moments.std[:, None] ** 2 + eps) if int(mask.sum()) > 1 else centred
+    return torch.where(mask, scaled, torch.zeros_like(scaled))

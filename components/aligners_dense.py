@@ -13,19 +13,16 @@ from torch import Tensor
 from components.aligners_base import (
     CALC,
     broadcast,
-    checked_steps,
     finish,
-    group_token_sum,
-    loo_baseline,
+    loo_advantage,
     masked_whiten,
     normalized_outcome,
     outcome_rewards,
     register_aligner,
-    token_step_values,
 )
-from prpo_lightning.aligner import AdvantageAligner
+from prpo_lightning.aligner import AdvantageAligner, checked_step_scores, step_values_to_tokens
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.grouping import group_sum
+from prpo_lightning.grouping import group_count, group_loo_mean, group_position_mean, group_sum, masked_row_mean
 
 __all__ = ["PRIMEAligner", "PUREAligner", "SPROAligner", "reverse_cumsum"]
 
@@ -51,8 +48,10 @@ class SPROAligner(AdvantageAligner):
     ``δ_{i,t} = log π_old − log π_ref``; cumulative process reward ``R̃_{i,t} = β Σ_{s≤t} δ_{i,s}``;
     masked step baseline ``b_{g,t} = Σ_{i∈g} M_{i,t} R̃_{i,t} / Σ_{i∈g} M_{i,t}`` over the group's responses still
     alive at t; ``MSA_{i,t} = M_{i,t}(R̃_{i,t} − b_{g,t})``; ``A_{i,t} = Â^o_i + c·MSA_{i,t}`` with the GRPO
-    ``Â^o_i = (r_i − mean_g r)/(std_g r + ε)``. If π_old = π_ref, MSA ≡ 0 and SPRO = GRPO. A position with one
-    alive response (and a singleton group) has MSA = 0.
+    ``Â^o_i = (r_i − mean_g r)/(std_g r + ε)``. If π_old = π_ref, MSA ≡ 0 and SPRO = GRPO. Exact degenerate
+    values: a position with one alive response (so a singleton group) or whose alive responses share the same
+    R̃ (e.g. identical completions) has MSA = 0; a group whose rewards are all equal, or a singleton, has
+    ``Â^o = 0`` for every ε; an empty completion's row is 0.
 
     Shapes: ``old_logprobs, ref_logprobs (B, T)``, ``outcome_rewards (B,)`` → ``(B, T)``. Needs a reference
     model; no PRM.
@@ -78,8 +77,7 @@ class SPROAligner(AdvantageAligner):
         mask = batch.completion_mask  # (B, T)
         m = mask.to(CALC)
         cpr = self.beta * torch.cumsum(_log_ratio(batch), dim=1) * m  # (B, T)
-        alive = group_token_sum(m, batch.group_ids)  # (B, T)
-        base = group_token_sum(cpr, batch.group_ids) / alive.clamp(min=1)  # (B, T)
+        base = group_position_mean(cpr, mask, batch.group_ids)  # (B, T) b_{g,t}, exact for equal R̃
         return (cpr - base) * m
 
     def align(self, batch: RolloutBatch) -> Tensor:
@@ -106,6 +104,10 @@ class PUREAligner(AdvantageAligner):
     Verifiable reward: ``v_i = solved_i − 1``, ``v̂_i = v_i − mean_{j≠i} v_j`` (singletons 0), solved =
     ``outcome_reward > solved_threshold``. Token advantage ``A_{i,t} = G_{i,seg(t)} + c_VR v̂_i``, then
     (``whiten=True``) whitened over all valid batch tokens. Padding 0.
+
+    Exact degenerate values: ``v̂ = 0`` for a group whose rewards are all equal and for a singleton; the
+    leave-one-out baselines of a singleton are 0; after whitening, a batch whose valid tokens all hold the same
+    advantage gives 0; an empty completion's row is 0.
 
     Shapes: ``step_scores (B, S)``, ``segment_spans``, ``outcome_rewards (B,)`` → ``(B, T)``.
 
@@ -151,7 +153,7 @@ class PUREAligner(AdvantageAligner):
 
     def step_returns(self, batch: RolloutBatch) -> tuple[Tensor, Tensor]:
         """``(G (B, S) float64 step returns, segment ids (B, T))``; G is 0 on missing steps."""
-        scores, has, seg = checked_steps(batch)  # (B, S), (B, S), (B, T)
+        scores, has, seg = checked_step_scores(batch)  # (B, S), (B, S), (B, T)
         mask = batch.completion_mask
         hf = has.to(CALC)
         p = (2 * scores - 1 if self.score_transform == "2p-1" else scores) * hf  # (B, S)
@@ -161,7 +163,7 @@ class PUREAligner(AdvantageAligner):
             g = torch.flip(torch.cummin(torch.flip(torch.where(has, p, torch.full_like(p, big)), (1,)), 1).values, (1,))
             g = torch.where(has, g, torch.zeros_like(g))  # (B, S)
             if self.baseline != "none":
-                b, _ = loo_baseline(g[:, 0], batch.group_ids)  # (B,)
+                b = group_loo_mean(g[:, 0], batch.group_ids)  # (B,), 0 for singletons
                 g = (g - b[:, None]) * hf
             return g, seg
         if self.credit == "soft_min":
@@ -173,7 +175,7 @@ class PUREAligner(AdvantageAligner):
         total = r_star.sum(dim=1)  # (B,) R_j
         gid = batch.group_ids.to(total.device)
         if self.baseline == "step":
-            b, _ = loo_baseline(torch.where(n_steps > 0, total / n_steps.clamp(min=1), torch.zeros_like(total)), gid)
+            b = group_loo_mean(torch.where(n_steps > 0, total / n_steps.clamp(min=1), torch.zeros_like(total)), gid)
             r_hat = (r_star - b[:, None]) * hf
         elif self.baseline == "token":
             lengths = mask.sum(dim=1).to(CALC)  # (B,)
@@ -190,11 +192,10 @@ class PUREAligner(AdvantageAligner):
         """Return ``(B, T)`` float32 advantages."""
         mask = batch.completion_mask
         g, seg = self.step_returns(batch)
-        adv = token_step_values(g, seg)  # (B, T)
+        adv = step_values_to_tokens(g, seg)  # (B, T)
         if self.vr_coef != 0:
             v = (outcome_rewards(batch) > self.solved_threshold).to(CALC) - 1.0  # (B,)
-            loo, multi = loo_baseline(v, batch.group_ids)
-            adv = adv + broadcast(self.vr_coef * (v - loo) * multi.to(CALC), mask)
+            adv = adv + broadcast(self.vr_coef * loo_advantage(v, batch.group_ids), mask)
         if self.whiten:
             adv = masked_whiten(adv, mask)
         return finish(adv, mask)
@@ -212,8 +213,11 @@ class PRIMEAligner(AdvantageAligner):
     * ``loo_mode="paper"``: ``A_{i,t} = Σ_{s≥t} (r_{i,s} − mean_{j≠i} r̄_j) + (r^o_i − mean_{j≠i} r^o_j)``;
     * ``loo_mode="code"``: the process baseline at t is ``(Σ_{j∈g} r̄_j − r_{i,t})/(K − 1)``.
 
-    Singletons: both baselines are 0 and the outcome term is 0. Then (``whiten=True``) ``A`` is whitened over
-    all valid batch tokens. Padding 0.
+    Then (``whiten=True``) ``A`` is whitened over all valid batch tokens. Padding 0. Exact degenerate values:
+    for a singleton both baselines are 0 and the outcome term is 0; a group whose outcome rewards are all equal
+    has outcome term 0; in ``"paper"`` mode a group whose responses share the same mean token reward has
+    process term ``Σ_{s≥t}(r_{i,s} − r̄)`` (0 when the token rewards are constant, e.g. π_old = π_ref); after
+    whitening, a batch whose valid tokens all hold the same advantage gives 0; an empty completion's row is 0.
 
     Shapes: ``old_logprobs, ref_logprobs`` or ``token_scores (B, T)``, ``outcome_rewards (B,)`` → ``(B, T)``.
 
@@ -263,19 +267,16 @@ class PRIMEAligner(AdvantageAligner):
         mask = batch.completion_mask
         m = mask.to(CALC)
         r = self.token_rewards(batch)  # (B, T)
-        n_tok = m.sum(dim=1)  # (B,)
-        r_bar = torch.where(n_tok > 0, r.sum(dim=1) / n_tok.clamp(min=1), torch.zeros_like(n_tok))  # (B,)
+        r_bar = masked_row_mean(r, mask)  # (B,) mean token reward, 0 for an empty completion
         gid = batch.group_ids.to(r.device)
         if self.loo_mode == "paper":
-            b, _ = loo_baseline(r_bar, gid)  # (B,)
-            base = b[:, None].expand_as(r)  # (B, T)
+            base = group_loo_mean(r_bar, gid)[:, None].expand_as(r)  # (B, T)
         else:
-            k = group_sum(torch.ones_like(r_bar), gid)  # (B,)
+            k = group_count(gid).to(r.dtype)  # (B,)
             base = torch.where(k[:, None] > 1, (group_sum(r_bar, gid)[:, None] - r) / (k - 1).clamp(min=1)[:, None], 0)
         process = reverse_cumsum((r - base) * m, dim=1)  # (B, T)
         ro = outcome_rewards(batch)  # (B,)
-        loo, multi = loo_baseline(ro, gid)
-        adv = self.process_coef * process + broadcast(self.outcome_coef * (ro - loo) * multi.to(CALC), mask)
+        adv = self.process_coef * process + broadcast(self.outcome_coef * loo_advantage(ro, gid), mask)
         if self.whiten:
             adv = masked_whiten(adv, mask)
         return finish(adv, mask)

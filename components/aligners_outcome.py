@@ -1,8 +1,10 @@
 """Outcome-only aligners: GRPO, Dr.GRPO, RLOO and REINFORCE++-baseline (process_methods_spec.md §2).
 
 Each computes one scalar per completion from ``batch.outcome_rewards`` ``(B,)`` and broadcasts it to the
-completion's valid tokens; padding gets 0. Groups are ``batch.group_ids``. **Singleton convention** (as
-in TRL): a completion alone in its group has no baseline, so its advantage is 0.
+completion's valid tokens; padding gets 0. Groups are ``batch.group_ids``. **Degenerate cases**, exact
+(``== 0``, not merely close): a completion alone in its group has no baseline, so its advantage is 0 (as in
+TRL); a group whose rewards are all equal gives 0 for every setting; an empty completion has no tokens, so its
+row is all 0.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from torch import Tensor
 from components.aligners_base import (
     broadcast,
     finish,
-    loo_baseline,
+    loo_advantage,
     masked_whiten,
     normalized_outcome,
     outcome_rewards,
@@ -31,7 +33,8 @@ class GRPOAligner(AdvantageAligner):
 
     ``A_{i,t} = (r_i − mean_g r) / (max(std_g r, min_std) + ε)`` for valid t, else 0, where ``g`` is row i's
     group and std is unbiased by default (verl/TRL). Without std normalisation ``A_{i,t} = r_i − mean_g r``.
-    A zero-variance group gives 0 (the numerator is 0; a 0/0 is defined as 0). A singleton gives 0.
+    A group whose rewards are all equal gives exactly 0 for every ``epsilon`` and ``min_std`` (equality is
+    tested exactly, not through a rounded float std; a 0/0 is defined as 0). A singleton gives 0.
 
     Shapes: ``outcome_rewards (B,)`` → advantages ``(B, T)``.
 
@@ -70,7 +73,8 @@ class GRPOAligner(AdvantageAligner):
 class DrGRPOAligner(GRPOAligner):
     """Dr.GRPO (arXiv 2503.20783): GRPO without the std division.
 
-    ``A_{i,t} = r_i − mean_g r`` for valid t, else 0. Shapes: ``(B,)`` → ``(B, T)``. Pair it with the
+    ``A_{i,t} = r_i − mean_g r`` for valid t, else 0 (exactly 0 for equal rewards and for singletons).
+    Shapes: ``(B,)`` → ``(B, T)``. Pair it with the
     ``seq-mean-token-sum-norm`` loss aggregation (a module setting) to drop the 1/|o_i| term as well.
     """
 
@@ -82,7 +86,8 @@ class DrGRPOAligner(GRPOAligner):
 class RLOOAligner(AdvantageAligner):
     """RLOO: ``A_{i,t} = r_i − (1/(G−1)) Σ_{j≠i} r_j = G/(G−1)·(r_i − mean_g r)`` on valid tokens.
 
-    Singletons (no other sample) get 0. Shapes: ``outcome_rewards (B,)`` → ``(B, T)``.
+    Singletons (no other sample) and groups whose rewards are all equal get exactly 0.
+    Shapes: ``outcome_rewards (B,)`` → ``(B, T)``.
     """
 
     uses_process_scores = False
@@ -91,8 +96,7 @@ class RLOOAligner(AdvantageAligner):
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         """``(B,)`` float64 per-completion advantages."""
         r = outcome_rewards(batch)  # (B,)
-        loo, multi = loo_baseline(r, batch.group_ids)  # (B,), (B,)
-        return (r - loo) * multi.to(r.dtype)
+        return loo_advantage(r, batch.group_ids)  # (B,)
 
     def align(self, batch: RolloutBatch) -> Tensor:
         """Return ``(B, T)`` float32 advantages."""
@@ -106,6 +110,8 @@ class ReinforcePPBaselineAligner(AdvantageAligner):
 
     ``a_i = r_i − mean_g r`` (singletons: 0), broadcast to valid tokens, then whitened over **all valid
     tokens of the batch**: ``A = (a − μ_tok) / sqrt(var_tok,unbiased + 1e-8)`` (token-weighted statistics).
+    Groups whose rewards are all equal have ``a = 0`` exactly; a batch where every valid token holds the same
+    ``a`` (e.g. every group equal-valued) gives exactly 0.
 
     Shapes: ``outcome_rewards (B,)`` → ``(B, T)``.
 

@@ -15,18 +15,16 @@ from torch import Tensor
 from components.aligners_base import (
     CALC,
     broadcast,
-    checked_steps,
     finish,
     normalized_outcome,
     outcome_rewards,
     register_aligner,
-    token_step_values,
 )
-from prpo_lightning.aligner import AdvantageAligner
+from prpo_lightning.aligner import AdvantageAligner, token_step_scores
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.grouping import group_mean, group_sum
+from prpo_lightning.grouping import group_mean, group_moments, masked_row_mean
 
-__all__ = ["SIGMA0_CODE", "SIGMA0_UNIFORM", "PRMAvgAligner", "PRPOAligner", "ProcessOnlyAligner", "token_prm_scores"]
+__all__ = ["SIGMA0_CODE", "SIGMA0_UNIFORM", "PRMAvgAligner", "PRPOAligner", "ProcessOnlyAligner"]
 
 #: σ0 of a uniform(0, 1) prior, √(1/12): the paper's "fixed uniform prior" reading (default).
 SIGMA0_UNIFORM = math.sqrt(1.0 / 12.0)
@@ -36,21 +34,13 @@ SIGMA0_CODE = math.sqrt(1.0 / 24.0)
 Prior = Literal["uniform", "triangular", "empirical"]
 
 
-def token_prm_scores(batch: RolloutBatch) -> Tensor:
-    """``(B, T)`` float64 PRM score of each token's segment, 0 on padding (validated, see ``checked_steps``)."""
-    scores, _, seg = checked_steps(batch)  # (B, S), (B, S), (B, T)
-    return token_step_values(scores, seg)  # (B, T)
-
-
 def mean_token_prm(r_tok: Tensor, mask: Tensor, over: Literal["valid", "padded"], pad_length: int | None) -> Tensor:
     """``(B,)`` mean PRM score per completion: over its ``L_i`` valid tokens (0 if ``L_i = 0``), or over the padded
     length (``pad_length`` or T), as in the authors' code (which rewards length)."""
-    total = (r_tok * mask.to(r_tok.dtype)).sum(dim=1)  # (B,)
     if over == "valid":
-        n = mask.sum(dim=1).to(r_tok.dtype)  # (B,)
-        return torch.where(n > 0, total / n.clamp(min=1), torch.zeros_like(total))
+        return masked_row_mean(r_tok, mask)  # (B,), exact for a row of equal scores
     if over == "padded":
-        return total / float(pad_length or mask.shape[1])
+        return (r_tok * mask.to(r_tok.dtype)).sum(dim=1) / float(pad_length or mask.shape[1])  # (B,)
     raise ValueError(f"mean_over must be 'valid' or 'padded', got {over!r}")
 
 
@@ -62,7 +52,10 @@ def last_token_mask(mask: Tensor) -> Tensor:
 
 
 class _FixedPriorZ:
-    """Process z-score ``Z_{i,t} = (r_{i,t} − μ0)/σ0`` with a fixed or empirical prior (shared by PRPO and ProcessOnly)."""
+    """Process z-score ``Z_{i,t} = (r_{i,t} − μ0)/σ0`` with a fixed or empirical prior.
+
+    Shared by PRPO and ProcessOnly.
+    """
 
     def _init_prior(self, prior: Prior, sigma0: float | None, prior_mean: float, last_token_quirk: bool) -> None:
         if prior not in ("uniform", "triangular", "empirical"):
@@ -88,16 +81,16 @@ class _FixedPriorZ:
 
     @staticmethod
     def _empirical_z(batch: RolloutBatch, r_tok: Tensor, pool: Tensor) -> Tensor:
-        """srpo4: pooled group token mean m̂ and unbiased std ŝ over ``pool`` ``(B, T)``; 0 where ŝ = 0 or N ≤ 1."""
-        gid = batch.group_ids.to(r_tok.device)
-        w = pool.to(r_tok.dtype)  # (B, T)
-        n = group_sum(w.sum(dim=1), gid)  # (B,)
-        mean = group_sum((r_tok * w).sum(dim=1), gid) / n.clamp(min=1)  # (B,)
-        sq = group_sum((((r_tok - mean[:, None]) ** 2) * w).sum(dim=1), gid)  # (B,)
-        std = torch.sqrt(sq / (n - 1).clamp(min=1))  # (B,)
-        ok = (n > 1) & (std > 0)  # (B,)
-        safe = torch.where(ok, std, torch.ones_like(std))
-        return torch.where(ok[:, None], (r_tok - mean[:, None]) / safe[:, None], torch.zeros_like(r_tok))
+        """srpo4: pooled group token mean m̂ and unbiased std ŝ over ``pool`` ``(B, T)``.
+
+        Z is exactly 0 for every token of a group whose pooled scores are all equal (ŝ = 0) or that pools at
+        most one token.
+        """
+        moments = group_moments(r_tok, batch.group_ids, pool)  # (B,) count, mean, std, constant
+        ok = (moments.count > 1) & ~moments.constant & (moments.std > 0)  # (B,)
+        safe = torch.where(ok, moments.std, torch.ones_like(moments.std))  # (B,)
+        z = (r_tok - moments.mean[:, None]) / safe[:, None]  # (B, T)
+        return torch.where(ok[:, None], z, torch.zeros_like(r_tok))
 
 
 @register_aligner("prpo")
@@ -108,13 +101,16 @@ class PRPOAligner(_FixedPriorZ, AdvantageAligner):
     ``β_i = (R_i − mean_g R)/(std_g R + ε)`` (``"zscore"``), and ``A_{i,t} = Z_{i,t} + β_i`` for every valid
     token (paper reading, default). With ``last_token_quirk=True`` the last valid token gets ``r + β`` (the
     authors' code). Padding gets 0. If every step score equals μ0, ``A = β`` (the outcome advantage).
+    Exact degenerate values: β = 0 for a group whose (augmented) rewards are all equal, in both outcome norms
+    and for every ``outcome_epsilon`` (0 included), and for a singleton; an empty completion's row is 0.
 
     Shapes: ``step_scores (B, S)``, ``segment_spans`` tiling ``[0, L_i)``, ``outcome_rewards (B,)`` →
     advantages ``(B, T)``.
 
     Args:
         prior: ``"uniform"`` (σ0 = √(1/12), default), ``"triangular"`` (σ0 = √(1/24), the code) or
-            ``"empirical"`` (srpo4 ablation: pooled group token mean/unbiased std; a zero std gives Z = 0).
+            ``"empirical"`` (srpo4 ablation: pooled group token mean/unbiased std; a group whose pooled step
+            scores are all equal gives Z = 0 exactly).
         sigma0: explicit σ0, overriding ``prior``'s.
         prior_mean: μ0 (0.5).
         outcome_norm: ``"center"`` (default, code) or ``"zscore"`` (GRPO form).
@@ -161,7 +157,7 @@ class PRPOAligner(_FixedPriorZ, AdvantageAligner):
     def align(self, batch: RolloutBatch) -> Tensor:
         """Return ``(B, T)`` float32 advantages."""
         mask = batch.completion_mask  # (B, T)
-        r_tok = token_prm_scores(batch)  # (B, T)
+        r_tok = token_step_scores(batch, CALC)  # (B, T)
         z = self.process_z(batch, r_tok)  # (B, T)
         beta = self.outcome_advantage(batch, r_tok)  # (B,)
         return finish(z + broadcast(beta, mask), mask)
@@ -177,7 +173,8 @@ class ProcessOnlyAligner(_FixedPriorZ, AdvantageAligner):
     Shapes: ``step_scores (B, S)`` → ``(B, T)``.
 
     Args:
-        prior: ``"uniform"`` (σ0 = √(1/12)), ``"triangular"`` (√(1/24)) or ``"empirical"``.
+        prior: ``"uniform"`` (σ0 = √(1/12)), ``"triangular"`` (√(1/24)) or ``"empirical"`` (a group whose
+            pooled step scores are all equal gives exactly 0).
         sigma0: explicit σ0 override.
         prior_mean: μ0.
         last_token_quirk: the code's raw-score last token.
@@ -197,7 +194,7 @@ class ProcessOnlyAligner(_FixedPriorZ, AdvantageAligner):
 
     def align(self, batch: RolloutBatch) -> Tensor:
         """Return ``(B, T)`` float32 advantages."""
-        return finish(self.process_z(batch, token_prm_scores(batch)), batch.completion_mask)
+        return finish(self.process_z(batch, token_step_scores(batch, CALC)), batch.completion_mask)
 
 
 @register_aligner("prm_avg")
@@ -206,7 +203,8 @@ class PRMAvgAligner(AdvantageAligner):
 
     ``R'_i = R_i + (1/L_i) Σ_{t<L_i} r_{i,t}`` (mean over **valid** tokens, default; ``mean_over="padded"``
     divides by the padded length like the code), then ``A_{i,t} = (R'_i − mean_g R')/(std_g R' + ε)`` on every
-    valid token (a zero std gives 0; singletons 0), 0 on padding. No token-level process term.
+    valid token, 0 on padding. No token-level process term. A group whose ``R'`` are all equal (e.g.
+    identical completions) gives exactly 0 for every ``epsilon`` (0 included); a singleton gives 0.
 
     Shapes: ``step_scores (B, S)``, ``outcome_rewards (B,)`` → ``(B, T)``.
 
@@ -236,7 +234,7 @@ class PRMAvgAligner(AdvantageAligner):
 
     def augmented_rewards(self, batch: RolloutBatch) -> Tensor:
         """``(B,)`` float64 ``R'``."""
-        r_tok = token_prm_scores(batch).to(CALC)  # (B, T)
+        r_tok = token_step_scores(batch, CALC)  # (B, T)
         return outcome_rewards(batch) + mean_token_prm(r_tok, batch.completion_mask, self.mean_over, self.pad_length)
 
     def align(self, batch: RolloutBatch) -> Tensor:

@@ -30,20 +30,67 @@ class AdvantageAligner(ABC):
         """Return ``(B, T)`` float token advantages, zero where ``batch.completion_mask`` is False."""
 
 
-def token_step_scores(batch: RolloutBatch) -> Tensor:
-    """Broadcast each segment's score to its tokens: ``(B, T)`` float, 0 on padding.
+def checked_step_scores(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """Validated step tensors of a scored batch.
+
+    Args:
+        batch: a batch whose ``segment_spans``, ``step_scores`` and ``step_mask`` are filled.
+
+    Returns:
+        ``(step_scores, has_step, segment_ids)``: ``(B, S)`` float64 scores, 0 beyond each row's segments;
+        ``(B, S)`` bool, True exactly for the segments each row has; ``(B, T)`` long segment index of every
+        token, -1 on padding.
 
     Raises:
-        ValueError: if the batch has no step scores or a segment has no score.
+        ValueError: if step scores are missing, a segment has no score, or a score is NaN/inf.
     """
     if batch.step_scores is None or batch.step_mask is None:
-        raise ValueError("this aligner needs step scores: configure a ProcessRewardModel")
-    seg = batch.segment_ids()  # (B, T), -1 on padding
-    if seg.numel() and int(seg.max()) >= batch.step_scores.shape[1]:
-        raise ValueError("a segment has no PRM score (more segments than step scores)")
-    idx = seg.clamp(min=0)  # (B, T)
-    scored = torch.gather(batch.step_mask, 1, idx) | (seg < 0)  # (B, T)
-    if not bool(scored.all()):
-        raise ValueError("a segment has no PRM score (step_mask is False for a used segment)")
-    scores = torch.gather(batch.step_scores.to(torch.float32), 1, idx)  # (B, T)
-    return torch.where(seg >= 0, scores, torch.zeros_like(scores))
+        raise ValueError(
+            "AdvantageAligner: this aligner needs step scores (batch.step_scores/step_mask are None); "
+            "configure a segmenter and a ProcessRewardModel, and set uses_process_scores = True on the aligner"
+        )
+    if len(batch.segment_spans) != batch.size:
+        raise ValueError(
+            f"AdvantageAligner: batch.segment_spans has {len(batch.segment_spans)} rows, expected one per "
+            f"completion ({batch.size}); the segmenter must return spans for every completion"
+        )
+    device = batch.completion_mask.device
+    segment_ids = batch.segment_ids().to(device)  # (B, T)
+    scores = batch.step_scores.to(device=device, dtype=torch.float64)  # (B, S)
+    step_mask = batch.step_mask.to(device).bool()  # (B, S)
+    counts = torch.tensor([len(row) for row in batch.segment_spans], dtype=torch.long, device=device)  # (B,)
+    if (int(counts.max()) if counts.numel() else 0) > scores.shape[1]:
+        raise ValueError(
+            "AdvantageAligner: a segment has no PRM score (more segments than step scores); the PRM must "
+            "return one score per segment"
+        )
+    has_step = torch.arange(scores.shape[1], device=device)[None, :] < counts[:, None]  # (B, S)
+    if bool((has_step & ~step_mask).any()):
+        raise ValueError(
+            "AdvantageAligner: a segment has no PRM score (step_mask is False for a used segment); the PRM "
+            "must score every segment"
+        )
+    if not bool(torch.isfinite(scores[has_step]).all()):
+        raise ValueError("AdvantageAligner: PRM step scores contain NaN/inf; the PRM must return finite scores")
+    return torch.where(has_step, scores, torch.zeros_like(scores)), has_step, segment_ids
+
+
+def step_values_to_tokens(step_values: Tensor, segment_ids: Tensor) -> Tensor:
+    """Broadcast ``(B, S)`` per-step values to ``(B, T)`` tokens through ``segment_ids`` (-1 = padding → 0)."""
+    segment_ids = segment_ids.to(step_values.device)  # (B, T)
+    values = torch.gather(step_values, 1, segment_ids.clamp(min=0))  # (B, T)
+    return torch.where(segment_ids >= 0, values, torch.zeros_like(values))
+
+
+def token_step_scores(batch: RolloutBatch, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Each token's PRM step score: ``(B, T)`` in ``dtype``, 0 on padding (validated by ``checked_step_scores``).
+
+    Args:
+        batch: a scored batch.
+        dtype: result dtype (the bundled aligners use float64).
+
+    Raises:
+        ValueError: as :func:`checked_step_scores`.
+    """
+    scores, _, segment_ids = checked_step_scores(batch)  # (B, S), (B, S), (B, T)
+    return step_values_to_tokens(scores, segment_ids).to(dtype)  # (B, T)
