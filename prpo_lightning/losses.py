@@ -136,8 +136,3 @@ def aggregate_loss(
         return masked.sum() / (b * c)
     raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGGREGATIONS}")
 
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` over True entries of ``mask`` (0 when the mask is empty)."""
-    m = mask.to(values.dtype)
-    return (values * m).sum() / m.sum().clamp(min=1.0)
