@@ -43,6 +43,7 @@ class GRPOAligner(AdvantageAligner):
     """
 
     uses_process_scores = False
+    group_relative = True
     requires_reference = False
 
     def __init__(
@@ -86,6 +87,7 @@ class RLOOAligner(AdvantageAligner):
     """
 
     uses_process_scores = False
+    group_relative = True
     requires_reference = False
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
@@ -114,6 +116,7 @@ class ReinforcePPBaselineAligner(AdvantageAligner):
     """
 
     uses_process_scores = False
+    group_relative = True
     requires_reference = False
 
     def __init__(self, whiten: bool = True) -> None:

@@ -218,6 +218,7 @@ class PRMAvgAligner(AdvantageAligner):
     """
 
     uses_process_scores = True
+    group_relative = True
     requires_reference = False
 
     def __init__(
