@@ -123,10 +123,10 @@ def check_module_settings(aligner: Any, num_generations: int, policy: str | None
     from prpo_lightning.models import check_builtin_name
 
     if getattr(aligner, "group_relative", False) and num_generations < 2:
-        raise ValueError(f"model.sampling.num_generations must be >= 2 with {type(aligner).__name__}: its advantages "
-                         f"are relative to the prompt's group, so a group of {num_generations} completion gets "
-                         "advantage 0 and the run would train with loss 0; raise num_generations or choose an aligner "
-                         "with a fixed baseline")
+        raise ValueError(f"model.sampling.num_generations must be >= 2 with {type(aligner).__name__}; got "
+                         f"{num_generations}: its advantages are relative to the prompt's group, so a lone completion "
+                         "gets advantage 0 and the run would train with loss 0; raise num_generations or choose an "
+                         "aligner that is not group-relative")
     for key, name in (("model.policy", policy), ("model.tokenizer", tokenizer)):
         if name is not None:
             check_builtin_name(name, key)
