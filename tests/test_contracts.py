@@ -197,3 +197,28 @@ def test_prpo_fit_test_counts_problems_skipped_as_too_long(tmp_path, char_tokeni
         overall = next(csv.DictReader(fh))
     assert (overall["problems"], overall["skipped"]) == ("3", "1")
     assert "skipped" in Path(result["files"]["summary_txt"]).read_text().splitlines()[0]
+
+
+def test_no_boxed_fraction_is_the_math_verifiers_metric():
+    """Item 13: ``completion/no_boxed_frac`` comes from the math verifier (complete boxes only), not generic scoring."""
+    from prpo_lightning.verifier import OutcomeVerifier
+
+    texts = ["so \\boxed{3}", "no box here", "cut off \\boxed{1", "\\fbox{2}"]
+    verifier = SympyMathVerifier(num_workers=1)
+    assert verifier.batch_metrics(texts, verifier.verify_batch(texts, ["3"] * 4)) == {"completion/no_boxed_frac": 0.5}
+    assert OutcomeVerifier.batch_metrics(verifier, texts, []) == {}  # the generic base adds nothing task-specific
+
+
+def test_math_train_answers_use_the_verifiers_boxed_extraction(monkeypatch):
+    """Item 13: ``answer_from_solution`` reads the gold answer with the verifier's own extraction (nested braces,
+    the last complete box, surrounding spaces stripped)."""
+    import datasets
+
+    from prpo_lightning.data import JsonlMathDataModule
+
+    solutions = ["so $\\boxed{ \\frac{1}{2} }$.", "first \\boxed{1}, then \\boxed{\\sqrt{3}}", "no answer"]
+    rows = [{"problem": f"p{i}", "solution": s} for i, s in enumerate(solutions)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, split: rows)
+    dm = JsonlMathDataModule(train_path="hub/math", train_hub_split="train", answer_from_solution="solution")
+    train, _ = dm.load_rows()
+    assert [(r["id"], r["answer"]) for r in train] == [(0, "\\frac{1}{2}"), (1, "\\sqrt{3}")]
