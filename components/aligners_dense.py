@@ -64,6 +64,7 @@ class SPROAligner(AdvantageAligner):
     """
 
     uses_process_scores = False
+    group_relative = True
     requires_reference = True
 
     def __init__(self, beta: float = 0.05, msa_coef: float = 1.0, std_normalize: bool = True, epsilon: float = 1e-6):

@@ -46,6 +46,7 @@ class GRPOAligner(AdvantageAligner):
     """
 
     uses_process_scores = False
+    group_relative = True
     requires_reference = False
 
     def __init__(
@@ -91,6 +92,7 @@ class RLOOAligner(AdvantageAligner):
     """
 
     uses_process_scores = False
+    group_relative = True
     requires_reference = False
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
@@ -120,6 +122,7 @@ class ReinforcePPBaselineAligner(AdvantageAligner):
     """
 
     uses_process_scores = False
+    group_relative = True
     requires_reference = False
 
     def __init__(self, whiten: bool = True) -> None:

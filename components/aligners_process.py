@@ -216,6 +216,7 @@ class PRMAvgAligner(AdvantageAligner):
     """
 
     uses_process_scores = True
+    group_relative = True
     requires_reference = False
 
     def __init__(

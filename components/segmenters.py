@@ -2,7 +2,8 @@
 
 Every segmenter returns, for each row ``i``, half-open spans ``[(s_0, e_0), (s_1, e_1), ...]`` with
 ``s_0 = 0``, ``s_{j+1} = e_j`` and ``e_last = L_i`` (``L_i`` = number of valid completion tokens). A row with
-``L_i = 0`` gets ``[]``. This contract is checked by :func:`prpo_lightning.batch.check_spans_tile`.
+``L_i = 0`` gets ``[]``. The module checks this contract once per batch
+(:func:`prpo_lightning.batch.check_segment_spans`); :func:`cuts_to_spans` always satisfies it.
 
 Selectable from YAML, e.g.::
 
@@ -19,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from prpo_lightning.batch import RolloutBatch, Span, check_spans_tile
+from prpo_lightning.batch import RolloutBatch, Span
 from prpo_lightning.segmenter import Segmenter
 
 __all__ = [
@@ -159,21 +160,16 @@ class EntropySpikeSegmenter(Segmenter):
                 cuts = spike_cuts_paper(top, self.min_gap)
             else:
                 cuts = spike_cuts_reference(top, self.min_gap)
-            spans = cuts_to_spans(cuts, length)
-            check_spans_tile(spans, length, row_index=i)
-            out.append(spans)
+            out.append(cuts_to_spans(cuts, length))
         return out
-
-
-def _token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Decode each token on its own (special tokens kept) so delimiters can be mapped to token indices."""
-    return tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 class DelimiterSegmenter(Segmenter):
     """Split completions on text delimiters and step markers, mapped to token offsets.
 
-    Each token is decoded on its own; the texts are concatenated with a char → token map. Then:
+    Each token is decoded on its own; the texts are concatenated with a char → token map. The text of a token id
+    is decoded once per tokenizer and cached (:meth:`setup_tokenizer` binds the tokenizer and empties the cache;
+    a different tokenizer passed to :meth:`segment` is bound the same way). Then:
 
     * a ``delimiters`` match (literal text, default ``"\\n\\n"``) **ends** a step: the next step starts at the
       token after the one holding the match's last character;
@@ -199,6 +195,24 @@ class DelimiterSegmenter(Segmenter):
         if any(not d for d in self.delimiters):
             raise ValueError("delimiters must be non-empty strings")
         self._marker_res = [re.compile(m) for m in self.markers]
+        self._tokenizer: Any = None
+        self._pieces: dict[int, str] = {}  # token id -> its text decoded on its own (special tokens kept)
+
+    def setup_tokenizer(self, tokenizer: Any) -> None:
+        """Bind the policy's tokenizer and empty the per-token text cache."""
+        self._tokenizer = tokenizer
+        self._pieces = {}
+
+    def token_pieces(self, tokenizer: Any, ids: list[int]) -> list[str]:
+        """The text of each token of ``ids`` decoded on its own; only ids not seen before are decoded."""
+        if tokenizer is not self._tokenizer:
+            self.setup_tokenizer(tokenizer)
+        new = sorted(set(ids).difference(self._pieces))
+        if new:
+            texts = tokenizer.batch_decode([[t] for t in new], skip_special_tokens=False,
+                                           clean_up_tokenization_spaces=False)
+            self._pieces.update(zip(new, texts))
+        return [self._pieces[t] for t in ids]
 
     def cuts_for_text(self, pieces: list[str]) -> list[int]:
         """Cut positions (token indices starting a new step) for one row's per-token texts."""
@@ -227,13 +241,8 @@ class DelimiterSegmenter(Segmenter):
         out: list[list[Span]] = []
         for i, length in enumerate(lengths):
             length = int(length)
-            if length == 0:
-                out.append([])
-                continue
             row = [int(t) for t in ids[i, :length].tolist()]
-            spans = cuts_to_spans(self.cuts_for_text(_token_pieces(tokenizer, row)), length)
-            check_spans_tile(spans, length, row_index=i)
-            out.append(spans)
+            out.append(cuts_to_spans(self.cuts_for_text(self.token_pieces(tokenizer, row)), length) if row else [])
         return out
 
 

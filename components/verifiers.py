@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from components.math_answer.compare import WARMUP_PAYLOAD, CompareConfig, Outcome, compare_answers
-from components.math_answer.extract import extract_answer
+from components.math_answer.extract import extract_answer, extract_last_boxed
 from components.math_answer.pool import TaskResult, TimeoutPool
 from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
@@ -138,6 +138,11 @@ class SympyMathVerifier(OutcomeVerifier):
         out = [v for v in verdicts if v is not None]
         self._record(out, symbolic=len(pending))
         return out
+
+    def batch_metrics(self, completions: Sequence[str], verdicts: Sequence[Verdict]) -> dict[str, float]:
+        """``completion/no_boxed_frac``: the fraction of completions without a complete ``\\boxed{}``/``\\fbox{}``."""
+        missing = sum(extract_last_boxed(c) is None for c in completions)
+        return {"completion/no_boxed_frac": missing / max(len(completions), 1)}
 
     def stats(self) -> dict[str, int]:
         """Running counts since construction or :meth:`reset_stats`.

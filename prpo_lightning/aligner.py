@@ -14,7 +14,9 @@ class AdvantageAligner(ABC):
     """Computes ``(B, T)`` token advantages from a scored rollout batch.
 
     Implementations must compute group statistics by ``batch.group_ids`` (never by row position), be
-    vectorised over ``(B, T)`` and return exact zeros on padding.
+    vectorised over ``(B, T)`` and return exact zeros on padding. The module calls :meth:`align` under
+    ``torch.no_grad()`` with a view of the batch in which inputs the aligner did not declare (``old_logprobs``,
+    ``ref_logprobs``, ``entropies``) raise :class:`~prpo_lightning.batch.ComponentContractError`.
     """
 
     #: Whether the aligner needs ``batch.ref_logprobs`` (the module then creates a reference model).
@@ -24,6 +26,9 @@ class AdvantageAligner(ABC):
     requires_rollout_logprobs: bool = False
     #: Whether the aligner reads PRM step scores (if False the module skips segmentation and PRM scoring).
     uses_process_scores: bool = False
+    #: Whether every advantage is relative to the prompt's group, so that a group of one completion gets zero
+    #: advantages everywhere (GRPO, RLOO, ...): the module then refuses ``sampling.num_generations: 1``.
+    group_relative: bool = False
 
     @abstractmethod
     def align(self, batch: RolloutBatch) -> Tensor:

@@ -117,31 +117,131 @@ def spans_to_segment_ids(spans: list[list[Span]], mask: Tensor) -> Tensor:
         mask: ``(B, T)`` bool completion mask.
 
     Raises:
-        ValueError: if the spans of a row do not tile exactly its valid tokens ``[0, L_i)``.
+        SpanContractError: if the spans of a row do not tile exactly its valid tokens ``[0, L_i)``.
     """
     b, t = mask.shape
     out = torch.full((b, t), -1, dtype=torch.long, device=mask.device)
-    lengths = mask.sum(dim=1).tolist()
+    check_segment_spans(spans, mask.sum(dim=1).tolist())
     for i, row in enumerate(spans):
-        check_spans_tile(row, int(lengths[i]), row_index=i)
         for j, (s, e) in enumerate(row):
             out[i, s:e] = j
     return out
 
 
-def check_spans_tile(spans: list[Span], length: int, row_index: int = 0) -> None:
-    """Raise ``ValueError`` unless ``spans`` are contiguous, non-empty and cover exactly ``[0, length)``.
+class ComponentContractError(TypeError):
+    """A user component broke its contract with the framework (wrong return type, bad spans, an input it did not
+    declare). The message names the component, the rule and the fix. Always raised, whatever the fault policy."""
+
+
+class SpanContractError(ComponentContractError, ValueError):
+    """Segment spans that do not tile a completion (also a ``ValueError``, as the check always raised)."""
+
+
+TILING_RULE = (
+    "spans must be half-open (start, end) pairs that are non-empty, contiguous, start at 0 and end at the "
+    "completion length L (a completion of length 0 has no spans); build them from cut positions with "
+    "components.segmenters.cuts_to_spans(cuts, L)"
+)
+
+
+def check_segment_spans(spans: list[list[Span]], lengths: list[int], source: str = "segment_spans") -> None:
+    """The one tiling check: every row's spans tile its valid tokens ``[0, L_i)``.
+
+    Args:
+        spans: ``B`` lists of spans.
+        lengths: ``B`` valid-token counts ``L_i``.
+        source: who produced the spans, for the message (e.g. ``"segmenter DelimiterSegmenter"``).
+
+    Raises:
+        SpanContractError: naming ``source``, the row, the spans, the rule and the fix.
+    """
+    if len(spans) != len(lengths):
+        raise SpanContractError(f"{source} returned spans for {len(spans)} rows, expected one list per completion "
+                                f"({len(lengths)} rows)")
+    for i, (row, length) in enumerate(zip(spans, lengths)):
+        check_spans_tile(row, int(length), row_index=i, source=source)
+
+
+def check_spans_tile(spans: list[Span], length: int, row_index: int = 0, source: str = "segment_spans") -> None:
+    """Raise :class:`SpanContractError` unless ``spans`` are contiguous, non-empty and cover exactly ``[0, length)``.
 
     A completion of length 0 must have no spans.
     """
-    if length == 0:
-        if spans:
-            raise ValueError(f"row {row_index}: empty completion must have no segments, got {spans}")
-        return
     pos = 0
     for s, e in spans:
         if s != pos or e <= s:
-            raise ValueError(f"row {row_index}: segments {spans} do not tile [0, {length})")
+            break
         pos = e
-    if pos != length:
-        raise ValueError(f"row {row_index}: segments {spans} do not tile [0, {length})")
+    else:
+        if pos == length:
+            return
+    raise SpanContractError(f"{source}: row {row_index}: spans {list(spans)} do not tile [0, {length}): {TILING_RULE}")
+
+
+# Inputs a component must declare before reading them: field -> role -> the capability flags that grant it.
+# ``requires_reference`` grants ``old_logprobs`` too (a log-ratio against the reference needs both).
+_DECLARED_INPUTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "old_logprobs": {"prm": ("requires_rollout_logprobs", "requires_reference"),
+                     "aligner": ("requires_rollout_logprobs", "requires_reference")},
+    "ref_logprobs": {"prm": ("requires_reference",), "aligner": ("requires_reference",)},
+    "entropies": {"segmenter": ("requires_entropies",), "prm": ("requires_rollout_logprobs",),
+                  "aligner": ("requires_rollout_logprobs",)},
+}
+
+
+def component_name(component: Any) -> str:
+    """The class name of a component, looking through fault-policy wrappers (their ``inner`` component)."""
+    return type(getattr(component, "inner", component)).__name__
+
+
+class _DeclaredInputsView(RolloutBatch):
+    """A :class:`RolloutBatch` whose undeclared inputs raise :class:`ComponentContractError` when read."""
+
+    def __getattribute__(self, name: str) -> Any:
+        hidden = object.__getattribute__(self, "__dict__").get("_undeclared")
+        if hidden and name in hidden:
+            raise ComponentContractError(hidden[name])
+        return object.__getattribute__(self, name)
+
+    def __repr__(self) -> str:
+        return f"<RolloutBatch view of {self.size} rows for {object.__getattribute__(self, '_role')}>"
+
+    def select(self, index: Tensor) -> RolloutBatch:
+        source = object.__getattribute__(self, "_source")
+        return declared_inputs_view(source.select(index), object.__getattribute__(self, "_component"),
+                                    object.__getattribute__(self, "_role"))
+
+
+def declared_inputs_view(batch: RolloutBatch, component: Any, role: str) -> RolloutBatch:
+    """The batch as ``component`` may see it: inputs it did not declare raise a clear error instead of being None.
+
+    Reading ``old_logprobs``, ``ref_logprobs`` or ``entropies`` without the capability flag that makes the module
+    compute them would work only by accident (e.g. off-policy, or because another component asked for them); the
+    view makes it fail on every configuration, naming the component, the field and the flag to set.
+
+    Args:
+        batch: the rollout batch.
+        component: the segmenter, PRM or aligner (a fault-policy wrapper is looked through).
+        role: ``"segmenter"``, ``"prm"`` or ``"aligner"``.
+
+    Returns:
+        ``batch`` itself when the component declared every input, else a view sharing its tensors and lists.
+    """
+    inner = getattr(component, "inner", component)
+    undeclared: dict[str, str] = {}
+    for name, by_role in _DECLARED_INPUTS.items():
+        flags = by_role.get(role, ())
+        if any(getattr(inner, f, False) for f in flags):
+            continue
+        if flags:
+            alt = f" (or `{flags[1]} = True`)" if len(flags) > 1 else ""
+            fix = f"set the class attribute `{flags[0]} = True`{alt} so that the module computes it"
+        else:
+            fix = f"a {role} cannot read it; read it in a PRM or an aligner instead"
+        undeclared[name] = (f"{role} {type(inner).__name__} read batch.{name}, an input it did not declare: {fix} "
+                            f"(see the capability flags in docs/howto)")
+    if not undeclared:
+        return batch
+    view = _DeclaredInputsView(**{f.name: getattr(batch, f.name) for f in fields(batch)})
+    view.__dict__.update(_undeclared=undeclared, _source=batch, _component=component, _role=role)
+    return view

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, get_args
 
 from prpo_lightning.losses import KLEstimator, LossAggregation
+
+
+def _check(group: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise ``ValueError`` naming ``model.<group>.<key>``, its valid range and the value, for the first failed check."""
+    for key, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"model.{group}.{key} must be {rule}; got {getattr(obj, key)!r}")
 
 
 @dataclass
@@ -34,6 +41,17 @@ class LossConfig:
     aggregation: LossAggregation = "token-mean"
     norm_constant: float | None = None
     mask_truncated_completions: bool = False
+
+    def __post_init__(self) -> None:
+        _check("loss", self, [
+            ("eps_low", self.eps_low >= 0, ">= 0"),
+            ("eps_high", self.eps_high >= 0, ">= 0"),
+            ("dual_clip", self.dual_clip is None or self.dual_clip > 1, "null or > 1"),
+            ("kl_coef", self.kl_coef >= 0, ">= 0 (0 disables the KL term)"),
+            ("kl_estimator", self.kl_estimator in get_args(KLEstimator), f"one of {get_args(KLEstimator)}"),
+            ("aggregation", self.aggregation in get_args(LossAggregation), f"one of {get_args(LossAggregation)}"),
+            ("norm_constant", self.norm_constant is None or self.norm_constant > 0, "null or > 0"),
+        ])
 
 
 @dataclass
@@ -72,3 +90,43 @@ class OptimConfig:
     mini_batch_size: int | None = None
     micro_batch_size: int = 8
     share_prompt_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        _check("optim", self, [
+            ("lr", self.lr > 0, "> 0 (the peak learning rate)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
+            ("warmup_steps", self.warmup_steps >= 0, "an integer >= 0"),
+            ("schedule", self.schedule in ("constant", "linear", "cosine"), "'constant', 'linear' or 'cosine'"),
+            ("total_steps", self.total_steps is None or self.total_steps >= 1, "null or an integer >= 1"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "null (no clipping) or > 0"),
+            ("ppo_epochs", self.ppo_epochs >= 1, "an integer >= 1"),
+            ("mini_batch_size", self.mini_batch_size is None or self.mini_batch_size >= 1,
+             "null (the whole rollout batch) or an integer >= 1"),
+            ("micro_batch_size", self.micro_batch_size >= 1, "an integer >= 1"),
+        ])
+
+
+def check_module_settings(aligner: Any, num_generations: int, policy: str | None, tokenizer: str | None) -> None:
+    """Checks of ``PRPOModule``'s settings that involve more than one config group, before any model loads.
+
+    Args:
+        aligner: the advantage aligner (its ``group_relative`` flag).
+        num_generations: ``model.sampling.num_generations``.
+        policy: ``model.policy`` (a builtin name is checked against the registered builtins).
+        tokenizer: ``model.tokenizer`` (likewise).
+
+    Raises:
+        ValueError: a group-relative aligner with ``num_generations: 1`` (every advantage would be 0, so the run
+            would train with loss 0), or a misspelt builtin model name.
+    """
+    from prpo_lightning.models import check_builtin_name
+
+    if getattr(aligner, "group_relative", False) and num_generations < 2:
+        raise ValueError(f"model.sampling.num_generations must be >= 2 with {type(aligner).__name__}; got "
+                         f"{num_generations}: its advantages are relative to the prompt's group, so a lone completion "
+                         "gets advantage 0 and the run would train with loss 0; raise num_generations or choose an "
+                         "aligner that is not group-relative")
+    for key, name in (("model.policy", policy), ("model.tokenizer", tokenizer)):
+        if name is not None:
+            check_builtin_name(name, key)

@@ -283,7 +283,9 @@ class JsonlMathDataModule(PromptDataModule):
         for i, ex in enumerate(load_dataset(path, split=hub_split)):
             answer = ex.get(self.answer_key)
             if self.answer_from_solution:
-                answer = last_boxed_content(ex[self.answer_from_solution])
+                from components.math_answer.extract import extract_last_boxed  # the verifier's own extraction
+
+                answer = extract_last_boxed(ex[self.answer_from_solution])
             if not ex.get(self.problem_key) or not answer:
                 continue
             rows.append({"id": i, "problem": ex[self.problem_key], "answer": answer})
@@ -322,18 +324,3 @@ class ArithmeticDataModule(PromptDataModule):
         train, held_out = make_split(seed=self.task_seed, n_train=self.num_train, n_eval=self.num_eval)
         return list(train), list(held_out)
 
-
-def last_boxed_content(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in trusted reference text (brace matching, any depth)."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None

@@ -7,6 +7,7 @@ way a hub model is cached, so configs can name them like any Hugging Face id (e.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -56,14 +57,41 @@ def _import_builtin_providers() -> None:
     importlib.import_module("prpo_lightning.demo")
 
 
+def check_builtin_name(name_or_path: str, key: str = "model.policy") -> None:
+    """Refuse a misspelt builtin name before anything is loaded (it would otherwise go to the model hub).
+
+    A name is taken for a builtin when it is in a builtin's namespace (``prpo-demo/...``), or when it is very
+    close to a builtin name and is not a local path.
+
+    Args:
+        name_or_path: the configured name or path.
+        key: the config key, for the message.
+
+    Raises:
+        ValueError: "unknown builtin ..., did you mean ...", listing the builtins.
+    """
+    names = builtin_model_names()
+    if name_or_path in names or Path(name_or_path).exists():
+        return
+    namespaces = {n.split("/", 1)[0] for n in names if "/" in n}
+    close = difflib.get_close_matches(name_or_path, names, n=1, cutoff=0.8)
+    if name_or_path.split("/", 1)[0] in namespaces or close:
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{key}: unknown builtin model {name_or_path!r}; {hint}The builtins are {names}")
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Return a loadable path: builtin names are built once and cached; anything else is returned unchanged.
 
     The cache write is atomic (build into a temporary directory, then rename), so an interrupted build never
     leaves a half-written model behind.
+
+    Raises:
+        ValueError: for a misspelt builtin name (:func:`check_builtin_name`).
     """
     _import_builtin_providers()
     if name_or_path not in _BUILTIN_MODELS:
+        check_builtin_name(name_or_path)
         return name_or_path
     target = cache_dir() / "models" / name_or_path.replace("/", "--")
     if (target / "config.json").exists():
@@ -104,11 +132,38 @@ def load_tokenizer(name_or_path: str) -> Any:
     return tok
 
 
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check_context(hf_config: Any, sampling: Any, model_name: str) -> None:
+    """Check that the longest prompt plus the completion budget fits the policy's context window.
+
+    The window is the config's ``max_position_embeddings`` (or ``n_positions``, ``max_sequence_length``,
+    ``seq_length``); a config with none of them is not checked.
+
+    Args:
+        hf_config: the policy's ``PretrainedConfig``.
+        sampling: a :class:`~prpo_lightning.rollout.SamplingConfig`.
+        model_name: the policy's name, for the message.
+
+    Raises:
+        ValueError: naming both sampling keys, their sum and the window.
+    """
+    window = next((getattr(hf_config, k) for k in _CONTEXT_KEYS if getattr(hf_config, k, None)), None)
+    need = sampling.max_prompt_length + sampling.max_new_tokens
+    if window is not None and need > int(window):
+        raise ValueError(f"model.sampling.max_prompt_length ({sampling.max_prompt_length}) + "
+                         f"model.sampling.max_new_tokens ({sampling.max_new_tokens}) = {need} tokens exceed the context "
+                         f"window of the policy {model_name} ({window} positions): lower them so that their sum is <= "
+                         f"{window}")
+
+
 def load_causal_lm(
     name_or_path: str | None = None,
     config: dict[str, Any] | None = None,
     dtype: str = "float32",
     seed: int | None = None,
+    sampling: Any = None,
 ) -> torch.nn.Module:
     """Load a causal LM from a name/path, or build a randomly initialised one from a config dict.
 
@@ -118,21 +173,29 @@ def load_causal_lm(
             used when ``name_or_path`` is None (tests, tiny models).
         dtype: parameter dtype name.
         seed: torch seed for random initialisation from ``config``.
+        sampling: a :class:`~prpo_lightning.rollout.SamplingConfig` whose lengths are checked against the model's
+            context window (:func:`check_context`) before the weights load.
 
     Raises:
-        ValueError: if neither or both of ``name_or_path`` and ``config`` are given.
+        ValueError: if neither or both of ``name_or_path`` and ``config`` are given, or the sampling lengths do not
+            fit the context window.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (name_or_path is None) == (config is None):
         raise ValueError("give exactly one of a model name/path or a model config")
     if name_or_path is not None:
-        return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=torch_dtype(dtype))
+        path = resolve_model_path(name_or_path)
+        if sampling is not None:
+            check_context(AutoConfig.from_pretrained(path), sampling, name_or_path)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     cfg = dict(config or {})
     model_type = cfg.pop("model_type", None)
     if model_type is None:
         raise ValueError("a model config needs a 'model_type' entry, e.g. 'qwen2'")
     hf_config = AutoConfig.for_model(model_type, **cfg)
+    if sampling is not None:
+        check_context(hf_config, sampling, "from model.policy_config")
     if seed is not None:
         torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config)

@@ -24,7 +24,8 @@ from torch import Tensor
 from prpo_lightning.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
-from prpo_lightning.config import LossConfig, OptimConfig
+from prpo_lightning.config import LossConfig, OptimConfig, check_module_settings
+from prpo_lightning.evaluation.benchmarks import PAPER_PROMPT
 from prpo_lightning.evaluation.hooks import EvaluationHooks
 from prpo_lightning.faults import GuardedPRM, GuardedVerifier, PRMError
 from prpo_lightning.optim import grad_norm, lr_factor
@@ -33,12 +34,10 @@ from prpo_lightning.losses import aggregate_loss, kl_penalty, ppo_clip_loss
 from prpo_lightning.models import load_causal_lm, load_tokenizer
 from prpo_lightning.prm import ProcessRewardModel
 from prpo_lightning.logprobs import batched_logprobs, completion_logprobs
-from prpo_lightning.rollout import SamplingConfig, generate_completions, generate_groups, left_pad
+from prpo_lightning.rollout import SamplingConfig, generate_completions, generate_groups, left_pad, pad_token_id
 from prpo_lightning.scoring import compute_advantages
 from prpo_lightning.segmenter import Segmenter
 from prpo_lightning.verifier import OutcomeVerifier
-
-DEFAULT_PROMPT = "{problem}\nLet's think step by step and put the final answer in the \\boxed{{}} tag."
 
 
 class PRPOModule(EvaluationHooks, L.LightningModule):
@@ -68,8 +67,9 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             counts it under ``train/faults/prm_errors`` (logged as a warning).
 
     Raises:
-        ValueError: if the aligner needs process scores and no segmenter/PRM is given, or the policy is
-            specified twice or not at all.
+        ValueError: if the aligner needs process scores and no segmenter/PRM is given, the policy is specified
+            twice or not at all, or a setting is out of range (checked here, before any model loads; the
+            sampling lengths are checked against the policy's context window before its weights load).
     """
 
     def __init__(
@@ -86,7 +86,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         sampling: SamplingConfig = SamplingConfig(),
         loss: LossConfig = LossConfig(),
         optim: OptimConfig = OptimConfig(),
-        prompt_template: str = DEFAULT_PROMPT,
+        prompt_template: str = PAPER_PROMPT,
         system_prompt: str | None = "Please reason step by step, and put your final answer within \\boxed{}.",
         use_chat_template: bool | None = None,
         seed: int = 0,
@@ -101,6 +101,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             raise ValueError(f"on_prm_error must be 'raise' or 'skip', got {on_prm_error!r}")
         if policy_config is not None and tokenizer is None:
             raise ValueError("a policy built from policy_config needs model.tokenizer (a local tokenizer path)")
+        check_module_settings(aligner, sampling.num_generations, policy, tokenizer)
         self.save_hyperparameters(ignore=["verifier", "aligner", "segmenter", "prm"])
         self.verifier, self.aligner, self.segmenter, self.prm = verifier, aligner, segmenter, prm
         self.sampling, self.loss_cfg, self.optim_cfg = sampling, loss, optim
@@ -153,12 +154,16 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         return uses_entropy and not self.needs_rollout_logprobs
 
     def configure_model(self) -> None:
-        """Load tokenizer, policy and (if needed) the frozen reference model. Idempotent."""
+        """Load tokenizer, policy and (if needed) the frozen reference model, and give the segmenter and PRM the
+        tokenizer once (``setup_tokenizer``). Idempotent."""
         if self.policy is not None:
             return
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.tokenizer or hp.policy)
-        self.policy = load_causal_lm(hp.policy, hp.policy_config, dtype=hp.dtype, seed=hp.seed)
+        for component in (self.segmenter, self.prm):
+            if component is not None and hasattr(component, "setup_tokenizer"):
+                component.setup_tokenizer(self.tokenizer)
+        self.policy = load_causal_lm(hp.policy, hp.policy_config, dtype=hp.dtype, seed=hp.seed, sampling=self.sampling)
         if hp.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
             self.policy.config.use_cache = False
@@ -271,7 +276,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
                 self._lockstep_forwards(0)
             return None, metrics
         rows = torch.tensor(keep).repeat_interleave(g)  # (B,) prompt row of each completion
-        prompt_ids, prompt_mask = left_pad([token_ids[i] for i in keep], self.tokenizer.pad_token_id, self.device)
+        prompt_ids, prompt_mask = left_pad([token_ids[i] for i in keep], pad_token_id(self.tokenizer), self.device)
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)  # (B, P)
         if not sampling.seed_per_group:
             cuda = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -298,18 +303,18 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         return rollout, metrics
 
     def _add_logprobs(self, rollout: RolloutBatch, p_ids: Tensor, p_mask: Tensor, c_ids: Tensor, c_mask: Tensor) -> None:
-        mb = self.optim_cfg.micro_batch_size
+        micro_size = self.optim_cfg.micro_batch_size
         temp, share = self.sampling.temperature, self.shares_prompt_prefix
         if self.needs_rollout_logprobs:
             old, ent = batched_logprobs(
-                self.policy, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=True, share_prompts=share
+                self.policy, p_ids, p_mask, c_ids, c_mask, temp, micro_size, with_entropy=True, share_prompts=share
             )
             rollout.old_logprobs, rollout.entropies = old.cpu(), ent.cpu()
             if self._synced_generation():
-                self._lockstep_forwards(math.ceil(c_ids.shape[0] / mb))
+                self._lockstep_forwards(math.ceil(c_ids.shape[0] / micro_size))
         if self._reference is not None:
             ref, _ = batched_logprobs(
-                self._reference, p_ids, p_mask, c_ids, c_mask, temp, mb, with_entropy=False, share_prompts=share
+                self._reference, p_ids, p_mask, c_ids, c_mask, temp, micro_size, with_entropy=False, share_prompts=share
             )
             rollout.ref_logprobs = ref.cpu()
 
@@ -322,8 +327,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
                 self.policy(input_ids=self._dummy_ids())
 
     def _dummy_ids(self) -> Tensor:
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        return torch.full((1, 1), int(pad), dtype=torch.long, device=self.device)
+        return torch.full((1, 1), pad_token_id(self.tokenizer), dtype=torch.long, device=self.device)
 
     def _synced_generation(self) -> bool:
         strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
@@ -430,30 +434,30 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             stats["entropy"] = 0.0
         pieces: list[Tensor | None] = list(idx.split(self.optim_cfg.micro_batch_size)) if rows is not None else []
         pieces += [None] * max((n_micro or len(pieces)) - len(pieces), 0)
-        for micro in pieces:
-            if micro is None:  # lock-step dummy pass: all parameters take part, zero gradient
+        for micro_idx in pieces:
+            if micro_idx is None:  # lock-step dummy pass: all parameters take part, zero gradient
                 logits = self.policy(input_ids=self._dummy_ids()).logits
                 self.manual_backward(logits.float().sum() * 0.0)
                 continue
-            mb = rollout.select(micro)
-            t_len = int(mb.completion_mask.sum(dim=1).max().clamp(min=1))  # trim right padding
+            micro_rows = rollout.select(micro_idx)
+            t_len = int(micro_rows.completion_mask.sum(dim=1).max().clamp(min=1))  # trim right padding
             dev = self.device
-            c_ids, c_attn = mb.completion_ids[:, :t_len].to(dev), mb.completion_mask[:, :t_len].to(dev)
-            c_mask = self._loss_mask(mb)[:, :t_len].to(dev)  # (b, t) tokens in the loss
+            c_ids, c_attn = micro_rows.completion_ids[:, :t_len].to(dev), micro_rows.completion_mask[:, :t_len].to(dev)
+            c_mask = self._loss_mask(micro_rows)[:, :t_len].to(dev)  # (b, t) tokens in the loss
             logp, ent = completion_logprobs(
-                self.policy, mb.prompt_ids.to(dev), mb.prompt_mask.to(dev), c_ids, c_attn, self.sampling.temperature,
+                self.policy, micro_rows.prompt_ids.to(dev), micro_rows.prompt_mask.to(dev), c_ids, c_attn, self.sampling.temperature,
                 with_entropy=on_policy, share_prompts=self.shares_prompt_prefix,
             )  # (b, t), (b, t) | None
-            old = logp.detach() if on_policy else mb.old_logprobs[:, :t_len].to(dev)  # (b, t)
+            old = logp.detach() if on_policy else micro_rows.old_logprobs[:, :t_len].to(dev)  # (b, t)
             if ent is not None:
                 stats["entropy"] += float((ent * c_mask).sum()) / n_tok
-            adv = mb.advantages[:, :t_len].to(dev)  # (b, t)
+            adv = micro_rows.advantages[:, :t_len].to(dev)  # (b, t)
             pg, clipped = ppo_clip_loss(logp, old, adv, lcfg.eps_low, lcfg.eps_high, lcfg.dual_clip)  # (b, t)
             agg = dict(mode=lcfg.aggregation, norm_constant=norm_c, num_tokens=n_tok, num_sequences=n_seq)
             pg_loss = aggregate_loss(pg, c_mask, **agg)
             loss = pg_loss
             if self._reference is not None and lcfg.kl_coef > 0:
-                kl = kl_penalty(logp, mb.ref_logprobs[:, :t_len].to(dev), lcfg.kl_estimator)  # (b, t)
+                kl = kl_penalty(logp, micro_rows.ref_logprobs[:, :t_len].to(dev), lcfg.kl_estimator)  # (b, t)
                 kl_loss = aggregate_loss(kl, c_mask, **agg)
                 loss = loss + lcfg.kl_coef * kl_loss
                 stats["kl"] += float(kl_loss.detach())

@@ -31,18 +31,32 @@ class ProcessScores:
 class ProcessRewardModel(ABC):
     """Scores the segments (``batch.segment_spans``) of every completion.
 
-    PRMs run without gradient, in eval mode, in micro-batches, on the policy's device. A PRM that cannot
-    score an input (e.g. it is too long) must follow a documented rule and never silently return 0.
+    The module calls :meth:`score` under ``torch.no_grad()`` (PRMs run without gradient, in eval mode, in
+    micro-batches, on the policy's device) with a view of the batch in which inputs the PRM did not declare
+    (``old_logprobs``, ``ref_logprobs``, ``entropies``) raise :class:`~prpo_lightning.batch.ComponentContractError`.
+    :meth:`score` must return a :class:`ProcessScores`. A PRM that cannot score an input (e.g. it is too long)
+    must follow a documented rule and never silently return 0.
     """
 
-    #: Whether the PRM needs ``batch.ref_logprobs`` (the module then creates a reference model).
+    #: Whether the PRM needs ``batch.ref_logprobs`` (the module then creates a reference model; ``old_logprobs``
+    #: are computed too, so the PRM may read both).
     requires_reference: bool = False
     #: Whether the PRM reads ``batch.old_logprobs``/``batch.entropies`` (the module then computes them in a
     #: separate no-grad pass even for on-policy updates).
     requires_rollout_logprobs: bool = False
 
     def setup(self, device: torch.device) -> None:  # noqa: B027 - optional hook
-        """Load weights / move to ``device``. Called once by the module before the first rollout."""
+        """Load weights / move to ``device``. Called by the module at the start of fit, validate and test."""
+
+    def setup_tokenizer(self, tokenizer: Any) -> None:  # noqa: B027 - optional hook
+        """Prepare state that depends on the policy's tokenizer once (e.g. per-token texts).
+
+        Called once by the module after the policy's tokenizer is loaded, before training or evaluation (and
+        before :meth:`setup`), so this work is not redone at every step. The default does nothing.
+
+        Args:
+            tokenizer: the policy's tokenizer, the one later passed to :meth:`score`.
+        """
 
     @abstractmethod
     def score(self, batch: RolloutBatch, tokenizer: Any) -> ProcessScores:

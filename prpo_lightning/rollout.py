@@ -55,8 +55,27 @@ class SamplingConfig:
     engine: Literal["auto", "hf", "static"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.engine not in ("auto", "hf", "static"):
-            raise ValueError(f"sampling.engine must be 'auto', 'hf' or 'static', got {self.engine!r}")
+        """Check every value before any model loads.
+
+        Raises:
+            ValueError: naming the key (``model.sampling.<key>``), its valid range and the value given.
+        """
+        checks = [
+            ("num_generations", self.num_generations >= 1, "an integer >= 1 (completions per prompt)"),
+            ("temperature", self.temperature > 0, "> 0: sampling needs a positive temperature, it also divides the "
+             "logits of log-probs and entropies, and temperature 0 (greedy) would make the G completions of a "
+             "prompt identical"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1.0 disables nucleus sampling)"),
+            ("top_k", self.top_k >= 0, "an integer >= 0 (0 disables top-k)"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1 (the completion budget)"),
+            ("max_prompt_length", self.max_prompt_length >= 1, "an integer >= 1"),
+            ("generation_batch_size", self.generation_batch_size is None or self.generation_batch_size >= 1,
+             "null (all at once) or an integer >= 1"),
+            ("engine", self.engine in ("auto", "hf", "static"), "'auto', 'hf' or 'static'"),
+        ]
+        for key, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"model.sampling.{key} must be {rule}; got {getattr(self, key)!r}")
 
 
 _ENGINE_LOGGED: set[tuple[int, str]] = set()
@@ -89,7 +108,7 @@ def tokenize_prompts(tokenizer: Any, texts: list[str], device: torch.device) -> 
     Returns:
         ``(ids, mask)``, each ``(N, P)``.
     """
-    return left_pad(tokenizer(texts, add_special_tokens=False)["input_ids"], _pad_id(tokenizer), device)
+    return left_pad(tokenizer(texts, add_special_tokens=False)["input_ids"], pad_token_id(tokenizer), device)
 
 
 def left_pad(token_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -108,8 +127,16 @@ def left_pad(token_ids: list[list[int]], pad_id: int, device: torch.device) -> t
     return ids.to(device), mask.to(device)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used to pad prompts and completions: the tokenizer's pad token, else its EOS token.
+
+    Raises:
+        ValueError: if the tokenizer has neither (set ``tokenizer.pad_token``).
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an EOS token: set one")
+    return int(pad)
 
 
 class EntropyRecorder:
@@ -165,7 +192,7 @@ def generate_completions(
     from transformers import GenerationConfig, LogitsProcessorList
 
     eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    pad_id = pad_token_id(tokenizer)
     engine = resolve_engine(model, sampling, synced_gpus)
     gen_cfg = GenerationConfig(
         do_sample=not greedy,
@@ -267,7 +294,7 @@ def generate_groups(
         ``j·G … j·G + G − 1`` belong to group ``j``.
     """
     eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     outs = []

@@ -12,25 +12,76 @@ import torch
 from torch import Tensor
 
 from prpo_lightning.aligner import AdvantageAligner
-from prpo_lightning.batch import RolloutBatch, check_spans_tile
+from prpo_lightning.batch import (
+    ComponentContractError,
+    RolloutBatch,
+    check_segment_spans,
+    component_name,
+    declared_inputs_view,
+)
 from prpo_lightning.grouping import group_index, zero_variance_fraction
-from prpo_lightning.prm import ProcessRewardModel
+from prpo_lightning.prm import ProcessRewardModel, ProcessScores
 from prpo_lightning.segmenter import Segmenter
-from prpo_lightning.verifier import OutcomeVerifier, VerdictStatus
+from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
 
 def grade(batch: RolloutBatch, verifier: OutcomeVerifier) -> dict[str, float]:
-    """Fill ``batch.verdicts`` and ``batch.outcome_rewards`` ``(B,)``; return verifier metrics."""
+    """Fill ``batch.verdicts`` and ``batch.outcome_rewards`` ``(B,)``; return verifier metrics.
+
+    The verifier's own :meth:`~prpo_lightning.verifier.OutcomeVerifier.batch_metrics` (e.g. the math verifier's
+    ``completion/no_boxed_frac``) are added to the generic counts.
+
+    Raises:
+        ComponentContractError: if ``verify_batch`` does not return one ``Verdict`` per completion.
+    """
     verdicts = verifier.verify_batch(batch.completions, batch.answers)
-    if len(verdicts) != batch.size:
-        raise RuntimeError(f"{type(verifier).__name__}.verify_batch returned {len(verdicts)} verdicts for {batch.size}")
+    name = component_name(verifier)
+    if not isinstance(verdicts, list) or len(verdicts) != batch.size:
+        got = f"{len(verdicts)} items" if isinstance(verdicts, list) else f"a {type(verdicts).__name__}"
+        raise ComponentContractError(f"verifier {name}.verify_batch returned {got} for {batch.size} completions: "
+                                     "it must return a list with one prpo_lightning.verifier.Verdict per completion")
+    wrong = next((v for v in verdicts if not isinstance(v, Verdict)), None)
+    if wrong is not None:
+        raise ComponentContractError(f"verifier {name}.verify_batch returned a {type(wrong).__name__} where a "
+                                     "prpo_lightning.verifier.Verdict is expected: build one Verdict(status, reward) "
+                                     "per completion")
     batch.verdicts = verdicts
     batch.outcome_rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32)
-    return {
+    metrics = {
         "verifier/unparsable": float(sum(v.status is VerdictStatus.UNPARSABLE for v in verdicts)),
         "verifier/timeouts": float(sum(v.timed_out for v in verdicts)),
         "verifier/errors": float(sum(v.error is not None for v in verdicts)),
     }
+    metrics.update(getattr(verifier, "inner", verifier).batch_metrics(batch.completions, verdicts))
+    return metrics
+
+
+def check_process_scores(scores: Any, batch: RolloutBatch, prm: ProcessRewardModel) -> ProcessScores:
+    """Check a PRM's output against its contract: a :class:`ProcessScores` with ``(B, S)`` tensors.
+
+    Raises:
+        ComponentContractError: naming the PRM, what it returned, the rule and the fix.
+    """
+    name = component_name(prm)
+    fix = ("return prpo_lightning.prm.ProcessScores(step_scores (B, S) float, step_mask (B, S) bool); "
+           "prpo_lightning.prm.pad_step_scores(per_row_scores) builds it from one list of step scores per row")
+    if not isinstance(scores, ProcessScores):
+        raise ComponentContractError(f"PRM {name}.score returned a {type(scores).__name__}: {fix}")
+    b = batch.size
+    for attr in ("step_scores", "step_mask"):
+        value = getattr(scores, attr)
+        if not isinstance(value, Tensor) or value.dim() != 2 or value.shape[0] != b:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ComponentContractError(f"PRM {name}.score returned {attr} of shape {shape}, "
+                                         f"expected (B={b}, S): {fix}")
+    if scores.step_scores.shape != scores.step_mask.shape:
+        raise ComponentContractError(f"PRM {name}.score returned step_scores {tuple(scores.step_scores.shape)} and "
+                                     f"step_mask {tuple(scores.step_mask.shape)}: the two must have the same shape")
+    expected = tuple(batch.completion_mask.shape)
+    if scores.token_scores is not None and tuple(scores.token_scores.shape) != expected:
+        raise ComponentContractError(f"PRM {name}.score returned token_scores of shape "
+                                     f"{tuple(scores.token_scores.shape)}, expected (B, T) = {expected}")
+    return scores
 
 
 def segment_and_score(
@@ -38,20 +89,21 @@ def segment_and_score(
 ) -> dict[str, float]:
     """Fill ``segment_spans``, ``step_scores`` ``(B, S)``, ``step_mask`` ``(B, S)`` and ``token_scores``.
 
+    The segmenter and the PRM see the batch through :func:`~prpo_lightning.batch.declared_inputs_view`.
+
     Raises:
-        ValueError: if a segmenter's spans do not tile a completion, or the PRM returns the wrong shape.
+        SpanContractError: if the segmenter's spans do not tile a completion.
+        ComponentContractError: if the PRM does not return a well-formed ``ProcessScores`` or a component reads
+            an input it did not declare.
     """
-    spans = segmenter.segment(batch, tokenizer)
-    lengths = batch.lengths.tolist()
-    if len(spans) != batch.size:
-        raise ValueError(f"{type(segmenter).__name__} returned spans for {len(spans)} rows, expected {batch.size}")
-    for i, row in enumerate(spans):
-        check_spans_tile(row, int(lengths[i]), row_index=i)
+    spans = segmenter.segment(declared_inputs_view(batch, segmenter, "segmenter"), tokenizer)
+    if not isinstance(spans, list):
+        raise ComponentContractError(f"segmenter {component_name(segmenter)}.segment returned a "
+                                     f"{type(spans).__name__}: it must return one list of (start, end) spans per row")
+    check_segment_spans(spans, batch.lengths.tolist(), source=f"segmenter {component_name(segmenter)}.segment")
     batch.segment_spans = spans
-    scores = prm.score(batch, tokenizer)
+    scores = check_process_scores(prm.score(declared_inputs_view(batch, prm, "prm"), tokenizer), batch, prm)
     counts = torch.tensor([len(r) for r in spans], dtype=torch.float32)  # (B,)
-    if scores.step_scores.shape[0] != batch.size:
-        raise ValueError(f"{type(prm).__name__} scored {scores.step_scores.shape[0]} rows, expected {batch.size}")
     batch.step_scores = scores.step_scores.float().cpu()
     batch.step_mask = scores.step_mask.bool().cpu()
     batch.token_scores = None if scores.token_scores is None else scores.token_scores.float().cpu()
@@ -82,23 +134,32 @@ def compute_advantages(
 ) -> dict[str, float]:
     """Run the whole scoring pipeline on ``batch`` (in place) and return its metrics.
 
+    Every component runs under ``torch.no_grad()``: scoring never builds an autograd graph, so a model PRM keeps
+    no activations. Each component sees the batch through :func:`~prpo_lightning.batch.declared_inputs_view`.
+
     Raises:
         ValueError: if the aligner needs process scores but no segmenter/PRM is configured, or it returns
             advantages of the wrong shape or with NaN/inf.
+        ComponentContractError: if a component breaks its contract (see :func:`grade`, :func:`segment_and_score`).
     """
-    metrics = grade(batch, verifier)
-    if aligner.uses_process_scores:
-        if segmenter is None or prm is None:
-            raise ValueError(
-                f"{type(aligner).__name__} uses process scores: configure model.segmenter and model.prm"
-            )
-        metrics.update(segment_and_score(batch, segmenter, prm, tokenizer))
-    adv = aligner.align(batch)  # (B, T)
+    with torch.no_grad():
+        metrics = grade(batch, verifier)
+        if aligner.uses_process_scores:
+            if segmenter is None or prm is None:
+                raise ValueError(
+                    f"{component_name(aligner)} uses process scores: configure model.segmenter and model.prm"
+                )
+            metrics.update(segment_and_score(batch, segmenter, prm, tokenizer))
+        adv = aligner.align(declared_inputs_view(batch, aligner, "aligner"))  # (B, T)
+    name = component_name(aligner)
+    if not isinstance(adv, Tensor):
+        raise ComponentContractError(f"aligner {name}.align returned a {type(adv).__name__}: it must return a (B, T) "
+                                     "float tensor of token advantages")
     if adv.shape != batch.completion_mask.shape:
-        raise ValueError(f"{type(aligner).__name__} returned shape {tuple(adv.shape)}, expected {tuple(batch.completion_mask.shape)}")
+        raise ValueError(f"{name} returned shape {tuple(adv.shape)}, expected {tuple(batch.completion_mask.shape)}")
     if not torch.isfinite(adv).all():
-        raise ValueError(f"{type(aligner).__name__} produced NaN/inf advantages")
-    batch.advantages = adv.float() * batch.completion_mask  # (B, T)
+        raise ValueError(f"{name} produced NaN/inf advantages")
+    batch.advantages = adv.float().detach() * batch.completion_mask  # (B, T)
     metrics.update(rollout_metrics(batch))
     return metrics
 
@@ -120,7 +181,6 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         "completion/length_max": float(lengths.max()),
         "completion/length_min": float(lengths.min()),
         "completion/truncated_frac": float(batch.truncated.float().mean()) if batch.truncated is not None else 0.0,
-        "completion/no_boxed_frac": sum("\\boxed" not in c for c in batch.completions) / max(batch.size, 1),
     }
     if batch.entropies is not None:
         out["entropy"] = float((batch.entropies * mask).sum() / n_tok)

@@ -12,11 +12,24 @@ class Segmenter(ABC):
     """Cuts completions into contiguous token spans that tile their valid tokens.
 
     Implementations read whatever they need from the batch (entropies for entropy-spike segmentation,
-    ``completion_ids`` plus the tokenizer for delimiter-based segmentation).
+    ``completion_ids`` plus the tokenizer for delimiter-based segmentation). The module calls :meth:`segment` under
+    ``torch.no_grad()`` with a view of the batch in which ``entropies`` raises
+    :class:`~prpo_lightning.batch.ComponentContractError` unless :attr:`requires_entropies` is set; the spans it
+    returns are checked once (:func:`~prpo_lightning.batch.check_segment_spans`).
     """
 
     #: Whether :meth:`segment` reads ``batch.entropies`` (the module then computes them before scoring).
     requires_entropies: bool = False
+
+    def setup_tokenizer(self, tokenizer: Any) -> None:  # noqa: B027 - optional hook
+        """Prepare tokenizer-dependent state once (e.g. a table of per-token texts).
+
+        Called once by the module after the policy's tokenizer is loaded, before training or evaluation, so work
+        that depends only on the tokenizer is not redone at every step. The default does nothing.
+
+        Args:
+            tokenizer: the policy's tokenizer, the one later passed to :meth:`segment`.
+        """
 
     @abstractmethod
     def segment(self, batch: RolloutBatch, tokenizer: Any) -> list[list[Span]]:

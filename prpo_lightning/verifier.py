@@ -69,3 +69,15 @@ class OutcomeVerifier(ABC):
         if len(completions) != len(golds):
             raise ValueError(f"verify_batch got {len(completions)} completions but {len(golds)} gold answers")
         return [self.verify(c, g) for c, g in zip(completions, golds)]
+
+    def batch_metrics(self, completions: Sequence[str], verdicts: Sequence[Verdict]) -> dict[str, float]:
+        """Task-specific statistics of one graded batch, logged under ``train/<key>`` (default: none).
+
+        The framework's own counts (unparsable, timeouts, errors) are generic; a verifier adds what only it can
+        define, e.g. the math verifier's ``completion/no_boxed_frac``. Called under ``torch.no_grad()``.
+
+        Args:
+            completions: the ``B`` completion texts.
+            verdicts: their ``B`` verdicts, in the same order.
+        """
+        return {}

@@ -34,7 +34,7 @@ def tiny_qwen2_config(vocab_size: int = 128, hidden: int = 32, layers: int = 2) 
         "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": 4096,  # room for the default 2048-token prompt + 2048-token completion
         "tie_word_embeddings": True,
         "pad_token_id": 0,
         "eos_token_id": 1,

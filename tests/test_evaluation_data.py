@@ -3,6 +3,7 @@ evaluator's summary/breakdown on a model-free fake."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -140,10 +141,44 @@ def test_evaluator_summary_breakdown_and_outputs(tmp_path):
     lines = (tmp_path / "o" / "completions.jsonl").read_text().splitlines()
     assert len(lines) == 6 * 4 and json.loads(lines[0])["step"] == 7
     table = report.format_table(out["summary"])
-    assert table.splitlines()[0].split() == ["benchmark", "group", "problems", "pass@1", "pass@2", "pass@3", "mean@3"]
+    assert table.splitlines()[0].split() == ["benchmark", "group", "problems", "skipped", "pass@1", "pass@2", "pass@3",
+                                             "mean@3"]
     assert "subject=A" in table and "50.0" in table
     # the evaluator is reset for the next round
     assert ev.states["toy"].records == [] and ev.states["toy"].greedy.problem_ids == []
+
+
+class SkippingModule(FakeModule):
+    """Like FakeModule, but problems with an odd index are skipped as too long (absent from the rollout)."""
+
+    def generate_and_grade(self, batch, greedy=True, num_samples=1, **kw):
+        keep = [r for r in range(len(batch["problem"])) if batch["index"][r] % 2 == 0]
+        sub = {k: ([v[r] for r in keep] if isinstance(v, list) else v[torch.tensor(keep)]) for k, v in batch.items()}
+        out = super().generate_and_grade(sub, greedy, num_samples, **kw)
+        out.extras["batch_rows"] = [keep[r] for r in out.extras["batch_rows"]]
+        return out
+
+
+@pytest.mark.parametrize("n_samples", [0, 2])
+def test_skipped_problems_are_counted_in_summary_table_csv_and_metrics(tmp_path, n_samples):
+    """Item 9 of issue 12: too-long problems stay in the denominator as wrong and are counted, by name, everywhere."""
+    rows = [{"id": i, "index": i, "benchmark": "toy", "problem_id": f"toy/{i}", "problem": "p", "answer": "a",
+             "subject": "A" if i < 4 else "B"} for i in range(6)]
+    ev = BenchmarkEvaluator(["toy"], EvalConfig(n_samples=n_samples))
+    ev.run_batch(SkippingModule(), collate_prompts(rows))
+    with pytest.warns(UserWarning, match=r"toy: 3 of 6 problems were skipped .*max_prompt_length"):
+        out = ev.finalize(step=1, stage="val", output_dir=tmp_path / "o")
+    overall = out["summary"][0]
+    assert (overall["problems"], overall["skipped"]) == (6, 3)
+    assert overall["pass@1"] == 0.5  # the 3 kept (even) problems are right, the 3 skipped count as wrong
+    subj = {r["group"]: r["skipped"] for r in out["summary"] if r["breakdown"] == "subject"}
+    assert subj == {"A": 2, "B": 1}  # indices 1, 3 and 5
+    assert out["metrics"]["toy/num_skipped"] == 3.0 and out["metrics"]["num_skipped"] == 3.0
+    with (tmp_path / "o" / "summary.csv").open() as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert csv_rows[0]["skipped"] == "3" and csv_rows[0]["problems"] == "6"
+    header, _, first = report.format_table(out["summary"]).splitlines()[:3]
+    assert header.split()[:4] == ["benchmark", "group", "problems", "skipped"] and first.split()[2:4] == ["6", "3"]
 
 
 def test_eval_config_validation():
@@ -153,3 +188,30 @@ def test_eval_config_validation():
         EvalConfig(n_samples=4, ks=[8])
     assert EvalConfig(n_samples=8).pass_ks == [2, 4, 8]
     assert EvalConfig().pass_ks == []
+
+
+def test_hub_fallback_names_the_local_path_and_the_env_var(tmp_path, monkeypatch):
+    """Item 8 of issue 12: a missing local benchmark file is named, with the variable that chose its directory."""
+    import prpo_lightning.evaluation.benchmarks as benchmarks
+
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    expected = str((tmp_path / "math500" / "test.jsonl").resolve())
+
+    def offline(spec, keep):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(benchmarks, "_load_hub", offline)
+    with pytest.warns(UserWarning, match="loading HuggingFaceH4/MATH-500 from the Hugging Face hub"):
+        with pytest.raises(RuntimeError) as info:
+            load_benchmark("math500")
+    message = str(info.value)
+    assert expected in message and f"${DATA_DIR_ENV}={tmp_path}" in message and "no route to host" in message
+    monkeypatch.setattr(benchmarks, "_load_hub", lambda spec, keep: [{"id": 0, "problem": "1+1", "answer": "2"}])
+    monkeypatch.delenv(DATA_DIR_ENV)
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning) as record:
+        rows = load_benchmark("math500")
+    assert rows[0]["answer"] == "2"
+    text = str(record[0].message)
+    assert str((tmp_path / ".." / "shared" / "data" / "math500" / "test.jsonl").resolve()) in text
+    assert f"set ${DATA_DIR_ENV}" in text

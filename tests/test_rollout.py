@@ -11,7 +11,7 @@ import torch
 from helpers import build_char_tokenizer, tiny_qwen2_config
 from prpo_lightning.models import load_causal_lm, load_tokenizer
 from prpo_lightning.logprobs import completion_logprobs
-from prpo_lightning.rollout import SamplingConfig, generate_completions, tokenize_prompts
+from prpo_lightning.rollout import SamplingConfig, generate_completions, pad_token_id, tokenize_prompts
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,11 @@ def test_generation_entropies_match_forward_pass(tiny, per_group, engine):
     assert recorded[0].shape == ent.shape
     assert torch.allclose(recorded[0], ent, atol=1e-4)
     assert bool((recorded[0][~cmask] == 0).all())
+
+
+def test_pad_token_id_falls_back_to_eos_and_refuses_neither():
+    """Item 13 of issue 12: the one pad-id rule used by sampling, prompt padding and the module."""
+    assert pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=1)) == 0
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
+    with pytest.raises(ValueError, match="neither a pad nor an EOS token"):
+        pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))

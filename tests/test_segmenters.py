@@ -182,6 +182,34 @@ def test_delimiter_segmenter_real_tokenizer_maps_chars_to_tokens():
     assert len(texts_m) == 2 and texts_m[1].lstrip().startswith("Step 2")
 
 
+class CountingTokenizer:
+    """A tokenizer stand-in that maps token id t to ``text[t]`` and records every id it decodes."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.decoded: list[int] = []
+
+    def batch_decode(self, seqs, **_):
+        self.decoded += [s[0] for s in seqs]
+        return [self.text[s[0]] for s in seqs]
+
+
+def test_delimiter_segmenter_decodes_each_token_once_per_tokenizer():
+    """Item 7 of issue 12: per-token texts are cached after ``setup_tokenizer``, not decoded again every step."""
+    text = "ab\n\ncd\n\nab"
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1]])
+    batch = make_batch([10], ids=ids)
+    tok = CountingTokenizer(text)
+    seg = DelimiterSegmenter()
+    seg.setup_tokenizer(tok)
+    first = seg.segment(batch, tok)
+    assert first == [[(0, 4), (4, 8), (8, 10)]]
+    assert sorted(tok.decoded) == list(range(8))  # each distinct id once, although 0 and 1 occur twice
+    assert seg.segment(batch, tok) == first and len(tok.decoded) == 8  # the next step decodes nothing
+    other = CountingTokenizer(text.upper())  # a different tokenizer is bound afresh, never served stale texts
+    assert seg.segment(batch, other) == first and sorted(other.decoded) == list(range(8))
+
+
 def test_fixed_length_segmenter():
     batch = make_batch([10, 3, 0, 8])
     assert FixedLengthSegmenter(segment_length=4).segment(batch, None) == [

@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from prpo_lightning.data import DataFileError, read_jsonl
 
 PAPER_PROMPT = "{problem}\nLet's think step by step and put the final answer in the \\boxed{{}} tag."
@@ -185,12 +187,30 @@ def load_benchmark(spec: BenchmarkSpec | str, max_problems: int | None = None, p
         rows = read_jsonl(path, spec.problem_key, spec.answer_key, keep_keys=keep)
         source = str(path)
     elif spec.hub_id is not None:
-        rows = _load_hub(spec, keep)
+        missing = _missing_local_file(spec)
+        rank_zero_warn(f"benchmark {spec.name!r}: {missing}; loading {spec.hub_id} from the Hugging Face hub")
+        try:
+            rows = _load_hub(spec, keep)
+        except DataFileError:
+            raise
+        except Exception as err:  # noqa: BLE001 - re-raised with where the local file was looked for
+            raise RuntimeError(f"benchmark {spec.name!r}: {missing}, and loading {spec.hub_id} from the hub failed: "
+                               f"{type(err).__name__}: {err}") from err
         source = f"{spec.hub_id}[{spec.hub_split}]"
     else:
-        raise ValueError(f"benchmark {spec.name!r} has no local file under {data_dir()} and no hub id")
+        raise ValueError(f"benchmark {spec.name!r} has no hub id and {_missing_local_file(spec)}")
     rows = _finish_rows(spec, rows, source)
     return rows[:max_problems] if max_problems is not None else rows
+
+
+def _missing_local_file(spec: BenchmarkSpec) -> str:
+    """Where the local file was looked for, which setting chose that directory, and how to change it."""
+    candidate = (data_dir() / (spec.local_name or spec.name) / "test.jsonl").resolve()
+    if os.environ.get(DATA_DIR_ENV):
+        origin = f"directory from ${DATA_DIR_ENV}={os.environ[DATA_DIR_ENV]}; point it"
+    else:
+        origin = f"the default {DEFAULT_DATA_DIR}, relative to the working directory; set ${DATA_DIR_ENV}"
+    return f"no local file {candidate} ({origin} to the directory holding <benchmark>/test.jsonl)"
 
 
 def _load_hub(spec: BenchmarkSpec, keep: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -1,9 +1,10 @@
 """Evaluation outputs: per-completion JSONL, a summary table (terminal and CSV), a bar chart by subject and
 level (PNG), and a sample of completions for the experiment logger.
 
-A *summary row* is a dict ``{"benchmark", "breakdown", "group", "problems", <metric>: value, ...}`` where
-``breakdown`` is ``overall``, ``subject`` or ``level`` and the metrics are ``pass@1`` (greedy), ``pass@k``
-(unbiased, from n samples) and ``mean@n``.
+A *summary row* is a dict ``{"benchmark", "breakdown", "group", "problems", "skipped", <metric>: value, ...}`` where
+``breakdown`` is ``overall``, ``subject`` or ``level``, ``skipped`` counts the problems whose prompt was longer than
+``model.sampling.max_prompt_length`` (never generated; they stay in ``problems`` and count as wrong) and the metrics
+are ``pass@1`` (greedy), ``pass@k`` (unbiased, from n samples) and ``mean@n``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-ID_COLUMNS = ("benchmark", "breakdown", "group", "problems")
+ID_COLUMNS = ("benchmark", "breakdown", "group", "problems", "skipped")
 COMPLETION_COLUMNS = ("benchmark", "problem_id", "mode", "sample", "answer", "extracted", "verdict", "completion")
 
 
@@ -41,7 +42,7 @@ def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> Path:
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Write summary rows as CSV with columns ``benchmark, breakdown, group, problems, <metrics>``."""
+    """Write summary rows as CSV with columns ``benchmark, breakdown, group, problems, skipped, <metrics>``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = [*ID_COLUMNS, *metric_columns(rows)]
     with path.open("w", newline="", encoding="utf-8") as fh:
@@ -57,13 +58,13 @@ def _csv_value(v: Any) -> Any:
 
 
 def format_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:
-    """Render summary rows as an aligned plain-text table (metrics in percent)."""
+    """Render summary rows as an aligned plain-text table (counts as integers, metrics in percent)."""
     metrics = metric_columns(rows)
-    header = ["benchmark", "group", "problems", *metrics]
+    header = ["benchmark", "group", "problems", "skipped", *metrics]
     body = []
     for row in rows:
         group = "all" if row["breakdown"] == "overall" else f"{row['breakdown']}={row['group']}"
-        cells = [str(row["benchmark"]), group, str(row["problems"])]
+        cells = [str(row["benchmark"]), group, str(row["problems"]), str(row.get("skipped", 0))]
         cells += [_pct(row.get(m)) for m in metrics]
         body.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]

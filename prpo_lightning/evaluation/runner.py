@@ -134,8 +134,10 @@ class BenchmarkEvaluator:
     def add_rollout(self, batch: dict[str, Any], rollout: Any, mode: str, per_problem: int) -> None:
         """Record the graded completions of ``rollout`` for the problems of ``batch``.
 
-        Problems absent from the rollout (prompt longer than ``max_prompt_length``) count as wrong, with verdict
-        ``skipped``, so the denominator is always the whole benchmark.
+        Problems absent from the rollout (prompt longer than ``model.sampling.max_prompt_length``) are recorded
+        with verdict ``skipped`` and count as wrong, so the denominator is always the whole benchmark and results
+        stay comparable with published numbers; :meth:`finalize` counts them (column ``skipped`` of the summary,
+        metric ``<benchmark>/num_skipped``) and warns, so they are never silently scored as wrong.
         """
         n_rows = len(batch["problem"])
         by_row: dict[int, list[tuple[str, Any]]] = defaultdict(list)
@@ -214,12 +216,18 @@ class BenchmarkEvaluator:
                 if metric not in report.ID_COLUMNS:
                     flat[f"{name}/{metric}"] = value
             flat[f"{name}/num_problems"] = float(overall["problems"])
+            flat[f"{name}/num_skipped"] = float(overall["skipped"])
+            if overall["skipped"] and is_global_zero:
+                rank_zero_warn(f"[prpo] {stage} evaluation, {name}: {overall['skipped']} of {overall['problems']} "
+                               "problems were skipped because their prompt is longer than "
+                               "model.sampling.max_prompt_length; they count as wrong (column 'skipped')")
             st.greedy.reset()
             st.sampled.reset()
             st.records = []
         first = next(r for r in summary if r["breakdown"] == "overall")
         flat["accuracy"] = float(first[report.headline_metric([first])])
         flat["num_problems"] = float(first["problems"])
+        flat["num_skipped"] = float(first["skipped"])
         files: dict[str, str] = {}
         if is_global_zero:
             title = f"[prpo] {stage} evaluation at step {step}"
@@ -244,7 +252,8 @@ class BenchmarkEvaluator:
             if r["mode"] == "sample":
                 sampled[r["index"]].append(r["correct"])
         row: dict[str, Any] = {"benchmark": name, "breakdown": breakdown, "group": group,
-                               "problems": len(greedy) if self.config.greedy else len(sampled)}
+                               "problems": len(greedy) if self.config.greedy else len(sampled),
+                               "skipped": len({r["index"] for r in records if r["verdict"] == "skipped"})}
         if self.config.greedy:
             row["pass@1"] = sum(greedy.values()) / len(greedy) if greedy else float("nan")
         if self.config.n_samples > 0:
