@@ -5,8 +5,8 @@
 1. **Extraction** -- the last complete ``\\boxed{...}``/``\\fbox{...}`` (any nesting depth); optionally an explicit
    "the answer is ..." sentence. Never the last number in the text.
 2. **Fast path (in-process, microseconds)** -- normalised strings, exact rationals (``fractions.Fraction``),
-   exact decimals (or within a relative tolerance, when configured), and answer structure (tuples, intervals, sets, matrices, equations,
-   multiple-choice letters, text), all read through the *gold* answer's shape.
+   exact decimals (or within a relative tolerance, when configured), and answer structure (tuples, intervals,
+   sets, matrices, equations, multiple-choice letters, text), all read through the *gold* answer's shape.
 3. **Symbolic path (worker processes)** -- pairs the fast path cannot decide go to a pool of worker processes that
    parse LaTeX with a grammar parser behind size guards and compare with sympy. Each check has a hard wall-clock
    timeout; a worker that overruns is killed and replaced and its verdict is ``UNPARSABLE`` with ``timed_out=True``.

@@ -10,6 +10,8 @@ Each function handles one notation family:
 * :func:`split_percent` -- a trailing percent sign or word.
 * :func:`parse_e_notation` -- ``2.5e4`` (read only for candidates against a plain-number gold).
 * :func:`named_values` -- ``a=2, b=5`` as ``[(a, 2), (b, 5)]``.
+* :func:`sentence_key` (short sentences naming a text answer), :func:`scaled_cell` / :func:`identity_rows`
+  (``2\\begin{pmatrix}..``, ``-I``).
 * :func:`excluded_points` / :func:`set_builder_condition` -- ``x \\ne 3``, ``\\mathbb{R}\\setminus\\{3\\}`` and
   ``\\{x \\mid 0 \\le x \\le 3\\}``.
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+
+from .numeric import parse_number
 
 __all__ = [
     "UnreadableCharacters",
@@ -29,11 +33,18 @@ __all__ = [
     "excluded_points",
     "set_builder_condition",
     "fraction_latex",
+    "text_key",
+    "sentence_key",
+    "scaled_cell",
+    "identity_rows",
 ]
 
 MAX_REPEAT_DIGITS = 60
 MAX_OVER_REWRITES = 8
+MAX_SENTENCE_WORDS = 12
 
+_NEGATION = re.compile(r"\b(?:not|no|never|neither|nor|none|cannot|isnt|isn't|either)\b", re.IGNORECASE)
+_IDENTITY = re.compile(r"(-?)((?:\d+(?:\.\d+)?|\\frac\{[^{}]{1,30}\}\{[^{}]{1,30}\})?)I(?:_\{?\d{1,2}\}?)?")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _OVERLINE = re.compile(r"(\d*)\.(\d{0,60})\\overline\s*(?:\{(\d{1,60})\}|(\d))")
 _DOT = re.compile(r"(\d*)\.(\d{0,60})\\dot\s*(?:\{(\d)\}|(\d))(?![\d\\])")
@@ -225,3 +236,45 @@ def set_builder_condition(s: str) -> str | None:
     """``\\{x\\mid0\\le x\\le3\\}`` -> ``0\\le x\\le3``; ``None`` when ``s`` is not set-builder notation."""
     match = _SET_BUILDER.fullmatch(s)
     return match.group(2) if match else None
+
+
+def text_key(s: str) -> str:
+    """Lower-case letters and digits only: the comparison key of text answers."""
+    return re.sub(r"[^a-z0-9]", "", s.lower())
+
+
+def sentence_key(candidate: str, gold_key: str) -> str:
+    """A short sentence that names the gold word(s) once, without negation or alternatives, reads as the gold."""
+    key = text_key(candidate)
+    if key == gold_key or "," in candidate or _NEGATION.search(candidate):
+        return key
+    words = re.findall(r"[a-z0-9]+", candidate.lower())
+    if len(words) > MAX_SENTENCE_WORDS:
+        return key
+    for start in range(len(words)):
+        for end in range(start + 1, len(words) + 1):
+            if "".join(words[start:end]) == gold_key:
+                return gold_key
+    return key
+
+
+def scaled_cell(factor: str, sign: str, cell: str) -> str:
+    """The LaTeX of ``sign * factor * cell`` (exact when both are plain numbers)."""
+
+    f_num = parse_number(factor) if factor else None
+    c_num = parse_number(cell)
+    if (f_num is not None or not factor) and c_num is not None:
+        value = (f_num.value if f_num is not None else 1) * c_num.value * (-1 if sign else 1)
+        return fraction_latex(value)
+    prefix = ("-" if sign else "") + (factor + "\\cdot" if factor else "")
+    return f"{prefix}({cell})"
+
+
+def identity_rows(candidate: str, size: int) -> tuple | None:
+    """``I``, ``-I``, ``3I``, ``I_2`` (after normalisation) as the ``size`` x ``size`` rows they denote."""
+    match = _IDENTITY.fullmatch(candidate)
+    if match is None:
+        return None
+    sign, factor = match.group(1), match.group(2)
+    one, zero = scaled_cell(factor, sign, "1"), "0"
+    return tuple(tuple(one if i == j else zero for j in range(size)) for i in range(size))

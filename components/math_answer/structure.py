@@ -13,7 +13,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .forms import excluded_points, in_name_order, named_values, set_builder_condition
+from .forms import (
+    excluded_points,
+    identity_rows,
+    in_name_order,
+    named_values,
+    scaled_cell,
+    sentence_key,
+    set_builder_condition,
+    text_key,
+)
 
 __all__ = ["Shape", "StructureError", "gold_shape", "candidate_shape", "split_top_level"]
 
@@ -25,8 +34,7 @@ _CLOSE = ")]}"
 _CHOICE = re.compile(r"\(?([A-Ea-e])\)?")
 _CHOICE_WITH_VALUE = re.compile(r"\(([A-E])\)[^A-Za-z(].*|\(([A-E])\)[a-z].*|([A-E])[.:]\s*\S.*|([A-E]) [a-z0-9].*")
 _OTHER_CHOICE = re.compile(r"\([A-E]\)|(?<![A-Za-z])[A-E](?![A-Za-z])")
-_NEGATION = re.compile(r"\b(?:not|no|never|neither|nor|none|cannot|isnt|isn't|either)\b", re.IGNORECASE)
-_MAX_SENTENCE_WORDS = 12
+
 _GOLD_TEXT = re.compile(
     r"\s*\\(?:text|textbf|textrm|textit|mbox|mathrm)\s*\{\s*([A-Za-z][A-Za-z '\-]*?)\s*\}\s*\.?\s*"
 )
@@ -40,7 +48,7 @@ _ASSIGN_LHS = re.compile(
     r"[a-zA-Z](?:_\{?\w{1,3}\}?)?(?:\([a-z0-9]{1,4}\))?|\\[a-zA-Z]+(?:_\{?\w{1,3}\}?)?|[a-zA-Z](?:[+*][a-zA-Z]){1,4}"
 )
 _MATRIX_FACTOR = re.compile(r"(-?)((?:\d+(?:\.\d+)?|\\frac\{[^{}]{1,30}\}\{[^{}]{1,30}\}|\d+/\d+)?)(?:\\cdot)?")
-_IDENTITY = re.compile(r"(-?)((?:\d+(?:\.\d+)?|\\frac\{[^{}]{1,30}\}\{[^{}]{1,30}\})?)I(?:_\{?\d{1,2}\}?)?")
+
 _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\}", re.DOTALL)
 _RELATION = re.compile(r"\\le(?![a-zA-Z])|\\ge(?![a-zA-Z])|<|>")
 
@@ -210,20 +218,6 @@ def _intervals(s: str) -> tuple | None:
     return tuple(found)
 
 
-def _scaled(factor: str, sign: str, cell: str) -> str:
-    """The LaTeX of ``sign * factor * cell``."""
-    from .forms import fraction_latex
-    from .numeric import parse_number
-
-    f_num = parse_number(factor) if factor else None
-    c_num = parse_number(cell)
-    if (f_num is not None or not factor) and c_num is not None:
-        value = (f_num.value if f_num is not None else 1) * c_num.value * (-1 if sign else 1)
-        return fraction_latex(value)
-    prefix = ("-" if sign else "") + (factor + "\\cdot" if factor else "")
-    return f"{prefix}({cell})"
-
-
 def _matrix_rows(s: str) -> tuple | None:
     sign = factor = ""
     if len(s) > 2 and s[0] + s[-1] in ("()", "[]") and _MATRIX.fullmatch(s[1:-1]):
@@ -243,7 +237,7 @@ def _matrix_rows(s: str) -> tuple | None:
     rows = [r for r in match.group(2).split("\\\\") if r.strip()]
     if not rows or len(rows) > MAX_ITEMS:
         raise StructureError("bad matrix")
-    table = tuple(tuple(_scaled(factor, sign, cell.strip()) if sign or factor else cell.strip()
+    table = tuple(tuple(scaled_cell(factor, sign, cell.strip()) if sign or factor else cell.strip()
                         for cell in row.split("&")) for row in rows)
     if len({len(row) for row in table}) != 1 or len(table[0]) > MAX_ITEMS:
         return None
@@ -331,32 +325,7 @@ def _structured_shape(s: str) -> Shape:
 
 
 def _text_key(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())
-
-
-def _sentence_key(candidate: str, gold_key: str) -> str:
-    """A short sentence that names the gold word(s) once, without negation or alternatives, reads as the gold."""
-    key = _text_key(candidate)
-    if key == gold_key or "," in candidate or _NEGATION.search(candidate):
-        return key
-    words = re.findall(r"[a-z0-9]+", candidate.lower())
-    if len(words) > _MAX_SENTENCE_WORDS:
-        return key
-    for start in range(len(words)):
-        for end in range(start + 1, len(words) + 1):
-            if "".join(words[start:end]) == gold_key:
-                return gold_key
-    return key
-
-
-def _identity_rows(candidate: str, size: int) -> tuple | None:
-    """``I``, ``-I``, ``3I``, ``I_2`` (after normalisation) as the ``size`` x ``size`` rows they denote."""
-    match = _IDENTITY.fullmatch(candidate)
-    if match is None:
-        return None
-    sign, factor = match.group(1), match.group(2)
-    one, zero = _scaled(factor, sign, "1"), "0"
-    return tuple(tuple(one if i == j else zero for j in range(size)) for i in range(size))
+    return text_key(s)
 
 
 def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
@@ -384,7 +353,7 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
         rest = candidate[candidate.index(letter) + 2 :]
         return None if _OTHER_CHOICE.search(rest) else Shape("choice", text=letter)
     if kind == "text":
-        return Shape("text", text=_sentence_key(candidate, gold.text))
+        return Shape("text", text=sentence_key(candidate, gold.text))
     if kind == "base":
         match = _BASE.fullmatch(candidate)
         if match:
@@ -415,7 +384,7 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
             return Shape("matrix", items=rows[1:], brackets=rows[0])
         gold_rows = gold.items
         if len(gold_rows) == len(gold_rows[0]):
-            identity = _identity_rows(stripped, len(gold_rows))
+            identity = identity_rows(stripped, len(gold_rows))
             if identity is not None:
                 return Shape("matrix", items=identity, brackets=gold.brackets)
         flat = len(gold_rows) == 1 or all(len(r) == 1 for r in gold_rows)
