@@ -5,13 +5,17 @@
 1. **Extraction** -- the last complete ``\\boxed{...}``/``\\fbox{...}`` (any nesting depth); optionally an explicit
    "the answer is ..." sentence. Never the last number in the text.
 2. **Fast path (in-process, microseconds)** -- normalised strings, exact rationals (``fractions.Fraction``),
-   decimals within a relative tolerance, and answer structure (tuples, intervals, sets, matrices, equations,
-   multiple-choice letters, text), all read through the *gold* answer's shape.
+   exact decimals (or within a relative tolerance, when configured), and answer structure (tuples, intervals,
+   sets, matrices, equations, multiple-choice letters, text), all read through the *gold* answer's shape.
 3. **Symbolic path (worker processes)** -- pairs the fast path cannot decide go to a pool of worker processes that
    parse LaTeX with a grammar parser behind size guards and compare with sympy. Each check has a hard wall-clock
    timeout; a worker that overruns is killed and replaced and its verdict is ``UNPARSABLE`` with ``timed_out=True``.
 
 Model output never reaches ``eval``, ``exec``, ``sympify`` or ``parse_expr``.
+
+Policy choices are constructor arguments (see ``docs/howto/verifier.rst``): ``percent`` (how ``N\\%`` is read),
+``float_rel_tol`` (``0`` = decimals are exact: ``0.125`` equals ``1/8`` but ``0.333333`` does not equal ``1/3``),
+``equation_as_value`` (whether ``x=3`` equals ``3``) and ``ignore_units``.
 
 Example::
 
@@ -27,7 +31,13 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
-from components.math_answer.compare import WARMUP_PAYLOAD, CompareConfig, Outcome, compare_answers
+from components.math_answer.compare import (
+    PERCENT_POLICIES,
+    WARMUP_PAYLOAD,
+    CompareConfig,
+    Outcome,
+    compare_answers,
+)
 from components.math_answer.extract import extract_answer, extract_last_boxed
 from components.math_answer.pool import TaskResult, TimeoutPool
 from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
@@ -49,12 +59,23 @@ class SympyMathVerifier(OutcomeVerifier):
         unparsable_reward: reward when no answer could be extracted or read, or the check timed out or failed.
         timeout_seconds: hard wall-clock limit for the symbolic check of one answer.
         num_workers: number of worker processes for symbolic checks (started lazily on first need).
-        float_rel_tol: relative tolerance when a decimal is involved (exact values are compared exactly).
+        float_rel_tol: relative tolerance when a decimal is involved. ``0`` (default): decimals are exact values,
+            so ``0.125`` equals ``1/8`` and ``0.333333`` does not equal ``1/3`` nor ``1.414214`` equal
+            ``\\sqrt{2}``. A positive value accepts a decimal within it that is also a correct rounding (at most
+            half a unit in its last written place away).
         answer_is_fallback: when there is no ``\\boxed{}``, also accept "the answer is ..." (off for rewards).
         worker_memory_mb: address-space limit of each worker process in MiB (0 disables it).
+        percent: how ``N\\%`` is read, one of ``"divide_or_bare"`` (default: ``N/100``, and a percent answer
+            also matches its bare number ``N`` on the other side), ``"divide"`` (only ``N/100``) or ``"ignore"``
+            (the sign is dropped on both sides).
+        equation_as_value: ``x=3`` (a name with its value, ``a+b=12``, ``x=1 or x=2``, ``a=1, b=2`` against a
+            tuple) equals the value(s); ``False`` makes an equation and a bare value always different.
+        ignore_units: remove unit words (``\\text{ cm}``, ``km/h``, ``square units``) before comparing; with
+            ``False`` units are compared as text. Degree and currency signs are notation and always removed.
 
     Raises:
-        ValueError: for a non-positive timeout or worker count, or a negative tolerance.
+        ValueError: for a non-positive timeout or worker count, a negative tolerance or an unknown ``percent``.
+        TypeError: when ``equation_as_value`` or ``ignore_units`` is not a bool.
     """
 
     def __init__(
@@ -64,16 +85,26 @@ class SympyMathVerifier(OutcomeVerifier):
         unparsable_reward: float = -1.0,
         timeout_seconds: float = 5.0,
         num_workers: int = 2,
-        float_rel_tol: float = 1e-6,
+        float_rel_tol: float = 0.0,
         answer_is_fallback: bool = False,
         worker_memory_mb: int = 2048,
+        percent: str = "divide_or_bare",
+        equation_as_value: bool = True,
+        ignore_units: bool = True,
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError(f"timeout_seconds must be positive, got {timeout_seconds}")
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if float_rel_tol < 0:
-            raise ValueError(f"float_rel_tol must be >= 0, got {float_rel_tol}")
+            raise ValueError(f"float_rel_tol must be >= 0 (0 = exact decimals), got {float_rel_tol}")
+        if percent not in PERCENT_POLICIES:
+            raise ValueError(
+                f"SympyMathVerifier: percent must be one of {', '.join(map(repr, PERCENT_POLICIES))}, got {percent!r}"
+            )
+        for name, value in (("equation_as_value", equation_as_value), ("ignore_units", ignore_units)):
+            if not isinstance(value, bool):
+                raise TypeError(f"SympyMathVerifier: {name} must be True or False, got {value!r}")
         self.correct_reward = float(correct_reward)
         self.incorrect_reward = float(incorrect_reward)
         self.unparsable_reward = float(unparsable_reward)
@@ -82,7 +113,15 @@ class SympyMathVerifier(OutcomeVerifier):
         self.float_rel_tol = float(float_rel_tol)
         self.answer_is_fallback = bool(answer_is_fallback)
         self.worker_memory_mb = int(worker_memory_mb)
-        self._config = CompareConfig(float_rel_tol=self.float_rel_tol)
+        self.percent = percent
+        self.equation_as_value = equation_as_value
+        self.ignore_units = ignore_units
+        self._config = CompareConfig(
+            float_rel_tol=self.float_rel_tol,
+            percent=percent,
+            equation_as_value=equation_as_value,
+            ignore_units=ignore_units,
+        )
         self._pool: TimeoutPool | None = None
         self._lock = threading.Lock()
         self._stats: Counter[str] = Counter()
@@ -194,7 +233,8 @@ class SympyMathVerifier(OutcomeVerifier):
             f"{type(self).__name__}(correct_reward={self.correct_reward}, incorrect_reward={self.incorrect_reward}, "
             f"unparsable_reward={self.unparsable_reward}, timeout_seconds={self.timeout_seconds}, "
             f"num_workers={self.num_workers}, float_rel_tol={self.float_rel_tol}, "
-            f"answer_is_fallback={self.answer_is_fallback})"
+            f"answer_is_fallback={self.answer_is_fallback}, percent={self.percent!r}, "
+            f"equation_as_value={self.equation_as_value}, ignore_units={self.ignore_units})"
         )
 
     # ------------------------------------------------------------------ internals

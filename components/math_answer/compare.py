@@ -11,11 +11,31 @@ import enum
 import re
 from dataclasses import dataclass
 
-from .normalize import AnswerTooLong, normalize
-from .numeric import numbers_equal, parse_number
+from fractions import Fraction
+
+from .forms import (
+    UnreadableCharacters,
+    check_control_characters,
+    fraction_latex,
+    parse_e_notation,
+    rewrite_notations,
+    split_percent,
+)
+from .normalize import MAX_ANSWER_CHARS, AnswerTooLong, normalize
+from .numeric import ParsedNumber, numbers_equal, parse_number
 from .structure import Shape, StructureError, candidate_shape, gold_shape
 
-__all__ = ["Outcome", "CompareConfig", "compare_answers", "symbolic_task", "WARMUP_PAYLOAD"]
+__all__ = ["Outcome", "CompareConfig", "PERCENT_POLICIES", "compare_answers", "symbolic_task", "WARMUP_PAYLOAD"]
+
+PERCENT_POLICIES = ("divide_or_bare", "divide", "ignore")
+"""How ``N\\%`` is read. ``divide_or_bare`` (default): ``N\\%`` is ``N/100``, and a percent answer also matches
+its bare number ``N`` written without the sign on the other side (a bare gold ``20`` accepts ``20\\%``; a gold
+``20\\%`` accepts ``20``, ``0.2`` and ``\\frac{1}{5}``). ``divide``: only ``N/100``. ``ignore``: the sign is
+dropped on both sides (``0.5`` then wrongly matches ``0.5\\%``)."""
+
+MAX_LONG_ANSWER_CHARS = 50_000
+"""Answers longer than :data:`~.normalize.MAX_ANSWER_CHARS` (and up to this) are graded without sympy: equal when
+their normalised strings or their structures (element by element, exact numbers only) agree, different otherwise."""
 
 _COMPLEX_GOLD = re.compile(r"[0-9.+\-\\{}a-z]*i[0-9.+\-\\{}a-z]*")
 _LETTER = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z](?![a-zA-Z])")
@@ -45,10 +65,17 @@ class CompareConfig:
     """Comparison settings (picklable, sent to workers).
 
     Attributes:
-        float_rel_tol: relative tolerance for answers written as decimals.
+        float_rel_tol: relative tolerance for answers written as decimals. ``0`` (default): decimals are exact, so a
+            terminating decimal equals its fraction and a rounded one (``0.333333`` for ``1/3``) does not.
+        percent: one of :data:`PERCENT_POLICIES`.
+        equation_as_value: ``x=3`` (a name given with its value) equals ``3`` and vice versa.
+        ignore_units: unit words after a number are removed before comparing.
     """
 
-    float_rel_tol: float = 1e-6
+    float_rel_tol: float = 0.0
+    percent: str = "divide_or_bare"
+    equation_as_value: bool = True
+    ignore_units: bool = True
 
 
 class _GoldError(ValueError):
@@ -81,6 +108,9 @@ class _Comparer:
             return False
         g_num = parse_number(gold)
         c_num = parse_number(candidate)
+        if g_num is not None and c_num is None:
+            e_value = parse_e_notation(candidate)
+            c_num = None if e_value is None else ParsedNumber(e_value, "." in candidate)
         if g_num is not None and c_num is not None:
             return numbers_equal(g_num, c_num, self.config.float_rel_tol)
         if gold.replace("{", "").replace("}", "") == candidate.replace("{", "").replace("}", ""):
@@ -113,10 +143,12 @@ class _Comparer:
         return True
 
     def unordered(self, golds, candidates, match) -> bool:
-        """Order-free comparison: a perfect matching of equal pairs (sizes are small and bounded)."""
+        """Order-free comparison: a perfect matching of equal pairs; above 64 items, equal sorted exact keys."""
         if len(golds) != len(candidates):
             return False
         n = len(golds)
+        if n > _MAX_MATCHING:
+            return sorted(map(_exact_key, golds)) == sorted(map(_exact_key, candidates))
         equal = [[False] * n for _ in range(n)]
         pending = None
         for i, g in enumerate(golds):
@@ -132,6 +164,10 @@ class _Comparer:
         return False
 
     def intervals(self, golds, candidates) -> bool:
+        if candidates and candidates[0] == "excluded":
+            points = _excluded_from_intervals(golds)
+            return points is not None and self.unordered(points, list(candidates[1:]), self.element)
+
         def one(g, c) -> bool:
             return g[0] == c[0] and g[3] == c[3] and self.sequence(g[1:3], c[1:3])
 
@@ -187,6 +223,26 @@ class _Comparer:
         return False
 
 
+_MAX_MATCHING = 64
+
+
+def _exact_key(item: str) -> str:
+    number = parse_number(item)
+    return str(number.value) if number is not None and not number.inexact else item
+
+
+def _excluded_from_intervals(intervals) -> list[str] | None:
+    """``(-inf,a)\\cup(a,b)\\cup(b,inf)`` -> ``[a, b]`` (the real line minus points); ``None`` otherwise."""
+    if not intervals or intervals[0][1] != "-\\infty" or intervals[-1][2] != "\\infty":
+        return None
+    points = []
+    for left, right in zip(intervals, intervals[1:]):
+        if left[3] != ")" or right[0] != "(" or left[2] != right[1]:
+            return None
+        points.append(left[2])
+    return points or None
+
+
 def _perfect_matching(equal: list[list[bool]]) -> bool:
     n = len(equal)
     match_of: list[int] = [-1] * n
@@ -203,8 +259,27 @@ def _perfect_matching(equal: list[list[bool]]) -> bool:
     return all(augment(i, [False] * n) for i in range(n))
 
 
+_EQUATION_SIGN = re.compile(r"(?<![<>!\\])=")
+
+
+def _percent_variants(gold: str, candidate: str, policy: str) -> list[tuple[str, str]]:
+    """The (gold, candidate) readings to try under a percent policy; equal when any reading is equal."""
+    g_body, g_pct = split_percent(gold)
+    c_body, c_pct = split_percent(candidate)
+    if not (g_pct or c_pct) or policy == "ignore" or (g_pct and c_pct):
+        return [(g_body, c_body)] if (g_pct or c_pct) else [(gold, candidate)]
+    body = c_body if c_pct else g_body
+    number = parse_number(normalize(body)) if len(body) <= MAX_ANSWER_CHARS else None
+    hundredth = fraction_latex(number.value / 100) if number is not None else f"\\frac{{{body}}}{{100}}"
+    variants = [(gold, hundredth)] if c_pct else [(hundredth, candidate)]
+    if policy == "divide_or_bare":
+        variants.append((g_body, c_body))
+    return variants
+
+
 def compare_answers(gold: str, candidate: str, config: CompareConfig, symbolic: bool) -> tuple[Outcome, str | None]:
-    """Compares an extracted candidate answer with a gold answer, reading the candidate in the gold's shape.
+    """Compares a candidate with a gold answer under the config's policies (control characters, long answers,
+    percent readings, ``x=3`` against ``3``), then structurally via :func:`compare_forms`.
 
     Args:
         gold: the gold answer as written in the dataset.
@@ -216,11 +291,57 @@ def compare_answers(gold: str, candidate: str, config: CompareConfig, symbolic: 
         The outcome and, for ``UNPARSABLE``/``GOLD_ERROR``, a short reason.
     """
     try:
-        gold_norm = normalize(gold)
+        check_control_characters(gold)
+    except UnreadableCharacters as exc:
+        return Outcome.GOLD_ERROR, str(exc)
+    try:
+        check_control_characters(candidate)
+    except UnreadableCharacters as exc:
+        return Outcome.UNPARSABLE, str(exc)
+    max_chars = MAX_ANSWER_CHARS
+    if len(gold) > MAX_ANSWER_CHARS:
+        max_chars = min(MAX_LONG_ANSWER_CHARS, 2 * len(gold))
+        symbolic = False
+    if len(gold) > MAX_LONG_ANSWER_CHARS:
+        return Outcome.GOLD_ERROR, f"gold answer has {len(gold)} characters (limit {MAX_LONG_ANSWER_CHARS})"
+    if len(candidate) > max_chars:
+        return Outcome.UNPARSABLE, f"answer has {len(candidate)} characters (limit {max_chars})"
+    if not config.equation_as_value and bool(_EQUATION_SIGN.search(gold)) != bool(_EQUATION_SIGN.search(candidate)):
+        return Outcome.DIFFERENT, None
+    gold, candidate = rewrite_notations(gold), rewrite_notations(candidate)
+    outcomes = [
+        compare_forms(g, c, config, symbolic, max_chars) for g, c in _percent_variants(gold, candidate, config.percent)
+    ]
+    for wanted in (Outcome.EQUAL, Outcome.UNKNOWN):
+        if any(outcome is wanted for outcome, _ in outcomes):
+            return wanted, None
+    outcome, detail = outcomes[0]
+    if max_chars > MAX_ANSWER_CHARS and outcome is Outcome.GOLD_ERROR:
+        return Outcome.DIFFERENT, None  # long answers: what the fast path cannot confirm is not equal
+    return outcome, detail
+
+
+def compare_forms(
+    gold: str, candidate: str, config: CompareConfig, symbolic: bool, max_chars: int = MAX_ANSWER_CHARS
+) -> tuple[Outcome, str | None]:
+    """Compares an extracted candidate answer with a gold answer, reading the candidate in the gold's shape.
+
+    Args:
+        gold: the gold answer as written in the dataset.
+        candidate: the answer extracted from the completion.
+        config: comparison settings.
+        symbolic: allow sympy (only inside worker processes).
+        max_chars: length limit passed to :func:`~.normalize.normalize`.
+
+    Returns:
+        The outcome and, for ``UNPARSABLE``/``GOLD_ERROR``, a short reason.
+    """
+    try:
+        gold_norm = normalize(gold, config.ignore_units, max_chars)
     except AnswerTooLong as exc:
         return Outcome.GOLD_ERROR, str(exc)
     try:
-        cand_norm = normalize(candidate)
+        cand_norm = normalize(candidate, config.ignore_units, max_chars)
     except AnswerTooLong as exc:
         return Outcome.UNPARSABLE, str(exc)
     if not cand_norm:
@@ -244,6 +365,8 @@ def compare_answers(gold: str, candidate: str, config: CompareConfig, symbolic: 
     try:
         return (Outcome.EQUAL if comparer.shapes(g_shape, c_shape) else Outcome.DIFFERENT), None
     except _NeedsSympy:
+        if max_chars > MAX_ANSWER_CHARS:
+            return Outcome.DIFFERENT, None  # long answers never go to sympy
         return Outcome.UNKNOWN, None
     except _Unreadable as exc:
         return Outcome.UNPARSABLE, str(exc)

@@ -2,8 +2,9 @@
 
 The normaliser removes presentation-only differences: ``\\dfrac``/``\\tfrac``, ``\\left``/``\\right``, thin spaces,
 ``\\text{}`` wrappers, units, degree marks, percent and dollar signs, malformed ``\\frac12``/``\\sqrt2`` and spacing.
-It never changes a value: percent signs are dropped, not divided by 100, and thousands separators are handled by
-:mod:`.structure` only where the gold answer is a plain number.
+It never changes a value: a trailing percent sign is split off before normalisation and handled by the comparison's
+percent policy (see :mod:`.compare`); thousands separators are handled by :mod:`.structure` only where the gold answer
+is a plain number. Unit words are removed only with ``ignore_units=True`` (the default).
 
 All patterns are linear (no nested quantifiers), so adversarial input costs time proportional to its length.
 """
@@ -34,7 +35,9 @@ _UNIT_WORDS = (
     "cubic inches|cubic meters?|cubic centimeters?"
 )
 _TEXT_CMD = r"\\(?:text|textrm|textnormal|textup|textbf|textit|textsf|texttt|mbox|mathrm|mathbf|mathit|mathsf|mathtt|bf|rm)"
-_UNIT_IN_TEXT = re.compile(_TEXT_CMD + r"\{\s*(?:" + _UNIT_WORDS + r")\s*\.?\s*\}(?:\^\{?[23]\}?)?")
+_UNIT = r"(?:" + _UNIT_WORDS + r")(?:\s*\^\s*\{?[23]\}?)?"
+_COMPOUND_UNIT = _UNIT + r"(?:\s*(?:/|\\cdot|\\,|\s|per\s)\s*" + _UNIT + r"){0,2}"
+_UNIT_IN_TEXT = re.compile(_TEXT_CMD + r"\{\s*(?:" + _COMPOUND_UNIT + r")\s*\.?\s*\}(?:\^\{?[23]\}?)?")
 # Bare (un-``\text``-ed) unit words are only stripped when they cannot be a variable: no single letters, no "in".
 _BARE_UNIT_WORDS = "|".join(w for w in _UNIT_WORDS.split("|") if len(w.rstrip("?")) > 1 and w not in ("in", "mi", "s?"))
 _BARE_UNIT_AT_END = re.compile(r"(?<=[\d}.])\s*(?:" + _BARE_UNIT_WORDS + r")\.?(?:\^\{?[23]\}?)?$")
@@ -111,11 +114,13 @@ def _fix_malformed(s: str) -> str:
     return _SQRT_LETTER.sub(r"\\sqrt{\1}", s)
 
 
-def normalize(answer: str) -> str:
+def normalize(answer: str, ignore_units: bool = True, max_chars: int = MAX_ANSWER_CHARS) -> str:
     """Canonicalises a LaTeX answer string for comparison.
 
     Args:
         answer: an extracted answer or a gold answer.
+        ignore_units: remove unit words (``\\text{ cm}``, ``km/h``, ``square units``, ...).
+        max_chars: length limit (callers grading long gold answers raise it; every step here is linear).
 
     Returns:
         The canonical form. Two answers with equal canonical forms are equivalent.
@@ -123,8 +128,8 @@ def normalize(answer: str) -> str:
     Raises:
         AnswerTooLong: if ``answer`` is longer than :data:`MAX_ANSWER_CHARS`.
     """
-    if len(answer) > MAX_ANSWER_CHARS:
-        raise AnswerTooLong(f"answer has {len(answer)} characters (limit {MAX_ANSWER_CHARS})")
+    if len(answer) > max_chars:
+        raise AnswerTooLong(f"answer has {len(answer)} characters (limit {max_chars})")
     s = unwrap_math_delimiters(answer)
     s = s.translate(_CONTROL_TO_SPACE)
     s = s.replace("\\\\", "\x02")  # protect LaTeX row breaks ``\\`` from the single-backslash rules
@@ -138,11 +143,12 @@ def normalize(answer: str) -> str:
     s = _INFINITY.sub("\\\\infty", s)
     for old, new in _RELATIONS:
         s = s.replace(old, new)
-    s = _UNIT_IN_TEXT.sub("", s)
+    if ignore_units:
+        s = _UNIT_IN_TEXT.sub("", s)
     s = strip_text_wrappers(s)
     s = s.replace("\\{", "\x00").replace("\\}", "\x01")  # protect set braces from the word rules below
     s = _WHITESPACE.sub(" ", s).strip()
-    if re.search(r"\d", s):
+    if ignore_units and re.search(r"\d", s):
         s = _BARE_UNIT_AT_END.sub("", s).strip()
     s = _AND_WORD.sub(",", s)
     s = _fix_malformed(s)

@@ -13,14 +13,28 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .forms import (
+    excluded_points,
+    identity_rows,
+    in_name_order,
+    named_values,
+    scaled_cell,
+    sentence_key,
+    set_builder_condition,
+    text_key,
+)
+
 __all__ = ["Shape", "StructureError", "gold_shape", "candidate_shape", "split_top_level"]
 
 MAX_DEPTH = 60
-MAX_ITEMS = 64
+MAX_ITEMS = 1024
 
 _OPEN = "([{"
 _CLOSE = ")]}"
 _CHOICE = re.compile(r"\(?([A-Ea-e])\)?")
+_CHOICE_WITH_VALUE = re.compile(r"\(([A-E])\)[^A-Za-z(].*|\(([A-E])\)[a-z].*|([A-E])[.:]\s*\S.*|([A-E]) [a-z0-9].*")
+_OTHER_CHOICE = re.compile(r"\([A-E]\)|(?<![A-Za-z])[A-E](?![A-Za-z])")
+
 _GOLD_TEXT = re.compile(
     r"\s*\\(?:text|textbf|textrm|textit|mbox|mathrm)\s*\{\s*([A-Za-z][A-Za-z '\-]*?)\s*\}\s*\.?\s*"
 )
@@ -30,7 +44,11 @@ _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _BASE = re.compile(r"(\d+|[0-9A-F]+)_\{?(\d{1,2})\}?")
 _DIGITS = re.compile(r"[0-9A-F]+")
 _IN_PREFIX = re.compile(r"[a-zA-Z](?:_\{?\w+\}?)?\\in")
-_ASSIGN_LHS = re.compile(r"[a-zA-Z](?:_\{?\w{1,3}\}?)?(?:\([a-z]\))?|\\[a-zA-Z]+(?:_\{?\w{1,3}\}?)?")
+_ASSIGN_LHS = re.compile(
+    r"[a-zA-Z](?:_\{?\w{1,3}\}?)?(?:\([a-z0-9]{1,4}\))?|\\[a-zA-Z]+(?:_\{?\w{1,3}\}?)?|[a-zA-Z](?:[+*][a-zA-Z]){1,4}"
+)
+_MATRIX_FACTOR = re.compile(r"(-?)((?:\d+(?:\.\d+)?|\\frac\{[^{}]{1,30}\}\{[^{}]{1,30}\}|\d+/\d+)?)(?:\\cdot)?")
+
 _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\}", re.DOTALL)
 _RELATION = re.compile(r"\\le(?![a-zA-Z])|\\ge(?![a-zA-Z])|<|>")
 
@@ -136,6 +154,8 @@ def _strip_assignment(s: str) -> str:
     """``x=5`` -> ``5`` and ``k=2+3=5`` -> ``5`` (the last side of a chain whose first side is a variable)."""
     parts = split_top_level(s, "=")
     if len(parts) >= 2 and _ASSIGN_LHS.fullmatch(parts[0]) and parts[-1]:
+        if any(len(split_top_level(part, ",")) > 1 for part in parts):
+            return s  # ``a=2,b=5``: several named values, not one
         return parts[-1]
     return s
 
@@ -178,7 +198,17 @@ def _relation_to_interval(s: str) -> tuple[str, str, str, str] | None:
 
 def _intervals(s: str) -> tuple | None:
     s = _IN_PREFIX.sub("", s, count=1) if _IN_PREFIX.match(s) else s
+    condition = set_builder_condition(s)
+    if condition is not None:
+        s = condition
+    points = excluded_points(s)
+    if points is not None:
+        return ("excluded",) + tuple(points)
     parts = split_top_level(s, "\\cup")
+    if len(parts) == 1:  # ``x<2 or x>3`` (``or`` is normalised to a comma): a union of relations
+        parts = split_top_level(s, ",")
+        if len(parts) > 1 and not all(_RELATION.search(p) for p in parts):
+            return None
     found = []
     for part in parts:
         interval = _interval(part) or _relation_to_interval(part)
@@ -189,13 +219,26 @@ def _intervals(s: str) -> tuple | None:
 
 
 def _matrix_rows(s: str) -> tuple | None:
+    sign = factor = ""
+    if len(s) > 2 and s[0] + s[-1] in ("()", "[]") and _MATRIX.fullmatch(s[1:-1]):
+        s = s[1:-1]  # ``\left(\begin{array}..\end{array}\right)``
+    begin = s.find("\\begin{")
+    if begin > 0:
+        prefix = _MATRIX_FACTOR.fullmatch(s[:begin])
+        if prefix is None:
+            return None
+        sign, factor = prefix.group(1), prefix.group(2)
+        s = s[begin:]
+    if len(s) > 2 and s[0] + s[-1] in ("()", "[]") and _MATRIX.fullmatch(s[1:-1]):
+        s = s[1:-1]  # ``\left(\begin{array}..\end{array}\right)``
     match = _MATRIX.fullmatch(s)
     if not match:
         return None
     rows = [r for r in match.group(2).split("\\\\") if r.strip()]
     if not rows or len(rows) > MAX_ITEMS:
         raise StructureError("bad matrix")
-    table = tuple(tuple(cell.strip() for cell in row.split("&")) for row in rows)
+    table = tuple(tuple(scaled_cell(factor, sign, cell.strip()) if sign or factor else cell.strip()
+                        for cell in row.split("&")) for row in rows)
     if len({len(row) for row in table}) != 1 or len(table[0]) > MAX_ITEMS:
         return None
     return (match.group(1),) + table
@@ -282,7 +325,7 @@ def _structured_shape(s: str) -> Shape:
 
 
 def _text_key(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())
+    return text_key(s)
 
 
 def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
@@ -301,9 +344,16 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
     kind = gold.kind
     if kind == "choice":
         match = _CHOICE.fullmatch(candidate)
-        return Shape("choice", text=match.group(1).upper()) if match else None
+        if match:
+            return Shape("choice", text=match.group(1).upper())
+        match = _CHOICE_WITH_VALUE.fullmatch(candidate)
+        if match is None:
+            return None
+        letter = next(g for g in match.groups() if g)
+        rest = candidate[candidate.index(letter) + 2 :]
+        return None if _OTHER_CHOICE.search(rest) else Shape("choice", text=letter)
     if kind == "text":
-        return Shape("text", text=_text_key(candidate))
+        return Shape("text", text=sentence_key(candidate, gold.text))
     if kind == "base":
         match = _BASE.fullmatch(candidate)
         if match:
@@ -318,6 +368,8 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
         return Shape("scalar", items=(candidate,)) if len(sides) == 1 else None
     stripped = _strip_assignment(candidate)
     if kind == "scalar":
+        if _enclosed(stripped, "\\{", "\\}") and len(split_top_level(stripped[2:-2], ",")) == 1:
+            stripped = _strip_assignment(stripped[2:-2])  # a one-element set
         if _THOUSANDS.fullmatch(stripped):
             stripped = stripped.replace(",", "")
         if len(split_top_level(stripped, ",")) > 1 or len(split_top_level(stripped, "\\pm")) > 1:
@@ -331,6 +383,10 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
         if rows is not None:
             return Shape("matrix", items=rows[1:], brackets=rows[0])
         gold_rows = gold.items
+        if len(gold_rows) == len(gold_rows[0]):
+            identity = identity_rows(stripped, len(gold_rows))
+            if identity is not None:
+                return Shape("matrix", items=identity, brackets=gold.brackets)
         flat = len(gold_rows) == 1 or all(len(r) == 1 for r in gold_rows)
         if flat and len(stripped) >= 2 and stripped[0] in "([" and _enclosed(stripped, stripped[0], stripped[-1]):
             items = split_top_level(stripped[1:-1], ",")
@@ -338,6 +394,9 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
             return Shape("matrix", items=shape, brackets=gold.brackets)
         return None
     if kind == "seq":
+        named = named_values(split_top_level(stripped, ","))
+        if named is not None and len(named) == len(gold.items) > 1:
+            return Shape("seq", items=tuple(in_name_order(named)), brackets=gold.brackets)
         if len(stripped) >= 2 and stripped[0] in "([" and _enclosed(stripped, stripped[0], stripped[-1]):
             items = split_top_level(stripped[1:-1], ",")
             return Shape("seq", items=tuple(items), brackets=stripped[0] + stripped[-1])

@@ -8,6 +8,7 @@ differ at a random probe point and accepted when ``expand``/``simplify`` of thei
 from __future__ import annotations
 
 import random
+import re
 
 from .parse import LatexParseError, UnsafeExpression, to_sympy
 
@@ -16,6 +17,12 @@ __all__ = ["ElementUnreadable", "GoldUnreadable", "expressions_equal", "equation
 _EXACT_REL_TOL = 1e-20
 _PRECISION = 60
 _PROBES = 4
+_DECIMAL = re.compile(r"(?<![\d.])(\d{1,200})\.(\d{1,200})(?![\d.])")
+
+
+def exact_decimals(s: str) -> str:
+    """``1.25`` -> ``\\frac{125}{100}``: decimals reach sympy as exact rationals, never as binary floats."""
+    return _DECIMAL.sub(lambda m: f"\\frac{{{m.group(1)}{m.group(2)}}}{{1{'0' * len(m.group(2))}}}", s)
 
 
 class ElementUnreadable(ValueError):
@@ -75,7 +82,7 @@ def _numbers_equal(g, c, rel_tol: float, inexact: bool) -> bool:
     if gv.has(sympy.oo, -sympy.oo) or cv.has(sympy.oo, -sympy.oo):
         return gv == cv
     try:
-        return _close(gv, cv, rel_tol if inexact else _EXACT_REL_TOL)
+        return _close(gv, cv, max(rel_tol, _EXACT_REL_TOL) if inexact else _EXACT_REL_TOL)
     except (TypeError, ValueError, OverflowError):
         return bool(sympy.simplify(g - c) == 0)
 
@@ -119,7 +126,8 @@ def expressions_equal(gold: str, candidate: str, rel_tol: float, imaginary_i: bo
     """
     import sympy
 
-    g, c = _parse_pair(gold, candidate, imaginary_i)
+    inexact = bool(_DECIMAL.search(gold) or _DECIMAL.search(candidate)) and rel_tol > 0
+    g, c = _parse_pair(exact_decimals(gold), exact_decimals(candidate), imaginary_i)
     _reject_undefined(g, c, gold)
     if not (_is_expr(g) and _is_expr(c)):
         if isinstance(g, sympy.MatrixBase) or isinstance(c, sympy.MatrixBase):
@@ -127,7 +135,7 @@ def expressions_equal(gold: str, candidate: str, rel_tol: float, imaginary_i: bo
         return bool(g == c)
     if g == c:
         return True
-    inexact = g.has(sympy.Float) or c.has(sympy.Float)
+    inexact = inexact or g.has(sympy.Float) or c.has(sympy.Float)
     symbols = g.free_symbols | c.free_symbols
     if not symbols:
         return _numbers_equal(g, c, rel_tol, inexact)
