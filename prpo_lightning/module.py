@@ -24,6 +24,7 @@ from torch import Tensor
 from prpo_lightning.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
+from prpo_lightning.compat import enable_activation_checkpointing
 from prpo_lightning.config import LossConfig, OptimConfig
 from prpo_lightning.evaluation.hooks import EvaluationHooks
 from prpo_lightning.faults import GuardedPRM, GuardedVerifier, PRMError
@@ -160,7 +161,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         self.tokenizer = load_tokenizer(hp.tokenizer or hp.policy)
         self.policy = load_causal_lm(hp.policy, hp.policy_config, dtype=hp.dtype, seed=hp.seed)
         if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.policy)
             self.policy.config.use_cache = False
         if self.needs_reference:
             ref = copy.deepcopy(self.policy).eval()
