@@ -16,6 +16,7 @@ tests of the project's own deprecation messages keep working.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -41,15 +42,20 @@ PROJECT_DIRS = tuple(str(REPO / name) + os.sep for name in ("prpo_lightning", "c
 GUARDED_CATEGORIES = (DeprecationWarning, FutureWarning)
 _PLUMBING_PACKAGES = frozenset({"warnings", "functools", "contextlib", "importlib"})
 _PLUMBING_MODULES = frozenset({"torch.nn.modules.module", "torch.utils._contextlib"})
-_THIS_FILE = os.path.abspath(__file__)
+_THIS_FILE = os.path.realpath(__file__)
 
 
 def _package(frame: FrameType) -> str:
     return str(frame.f_globals.get("__name__", "")).split(".")[0]
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_project_file(filename: str) -> bool:
+    return os.path.realpath(filename).startswith(PROJECT_DIRS)
+
+
 def _is_project(frame: FrameType) -> bool:
-    return os.path.abspath(frame.f_code.co_filename).startswith(PROJECT_DIRS)
+    return _is_project_file(frame.f_code.co_filename)
 
 
 def project_call_site(warn_frame: FrameType | None) -> FrameType | None:
@@ -82,7 +88,7 @@ def _issuing_frame() -> FrameType | None:
     """The innermost frame outside this file and the ``warnings`` module (called from ``showwarning``)."""
     frame = sys._getframe(1)
     while frame is not None and (
-        os.path.abspath(frame.f_code.co_filename) == _THIS_FILE or frame.f_globals.get("__name__") == "warnings"
+        os.path.realpath(frame.f_code.co_filename) == _THIS_FILE or frame.f_globals.get("__name__") == "warnings"
     ):
         frame = frame.f_back
     return frame
@@ -104,7 +110,7 @@ def deprecated_calls_from_project_code_fail() -> Iterator[list[str]]:
         if issubclass(category, GUARDED_CATEGORIES):
             site = project_call_site(_issuing_frame())
             if site is not None:
-                where = f"{os.path.relpath(site.f_code.co_filename, REPO)}:{site.f_lineno}"
+                where = f"{os.path.relpath(os.path.realpath(site.f_code.co_filename), REPO)}:{site.f_lineno}"
                 text = (f"deprecated call in project code at {where}: {message} (replace the call; "
                         "prpo_lightning/compat.py holds the names that differ between transformers versions)")
                 found.append(text)
