@@ -155,6 +155,17 @@ def test_activation_checkpointing_on_a_real_model_warns_nothing():
     assert [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []
 
 
+def test_module_turns_on_activation_checkpointing_without_a_deprecated_call(tmp_path):
+    """``PRPOModule(gradient_checkpointing=True).configure_model()`` (the tests' guard fails a deprecated call)."""
+    from test_resume import make_module, tokenizer_dir
+
+    module = make_module(tokenizer_dir(tmp_path), gradient_checkpointing=True)
+    module.configure_model()
+    policy = module.policy
+    assert policy.is_activation_checkpointing if TRANSFORMERS_RENAMED_CHECKPOINTING else policy.is_gradient_checkpointing
+    assert policy.config.use_cache is False
+
+
 # ------------------------------------------------------------------------------------ the warning guard
 def test_pytest_config_ignores_no_deprecation_category_wholesale():
     entries = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"].get(
