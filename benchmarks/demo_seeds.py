@@ -97,7 +97,8 @@ def mean_std(values: list[float]) -> dict[str, float | None]:
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """Mean ± sample std over seeds of the accuracies (fractions) and of the gain (percentage points)."""
-    return {key: mean_std([float(r[key]) for r in rows]) for key in ("accuracy_before", "accuracy_after", "gain_points")}
+    keys = ("accuracy_before", "accuracy_after", "gain_points")
+    return {key: mean_std([float(r[key]) for r in rows]) for key in keys}
 
 
 def _pm(stat: dict[str, float | None], scale: float, unit: str) -> str:
