@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prpo_lightning.compat import cache_kwarg, output_cache
 from prpo_lightning.decoding import entropy_of
 
 
@@ -90,7 +91,7 @@ def shared_prompt_logits(
     u_ids, u_mask = unique_rows[:, :p], unique_rows[:, p:]  # (U, P) each
     out = model(input_ids=u_ids, attention_mask=u_mask, position_ids=_position_ids(u_mask), use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
+    cache = output_cache(out)
     if cache is None:
         raise RuntimeError(
             f"{type(model).__name__} returned no KV cache for the shared prompts (gradient checkpointing turns it "
@@ -98,8 +99,9 @@ def shared_prompt_logits(
         )
     cache.batch_select_indices(inverse)  # every layer's K/V: (U, ...) -> (B, ...)
     positions = _position_ids(attention_mask)[:, p:]  # (B, T), as in the unshared pass
-    tail = model(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions,
-                 past_key_values=cache, use_cache=True).logits  # (B, T, V)
+    cache_arg = {cache_kwarg(model): cache}  # "cache" (transformers >= 5.24) or "past_key_values"
+    tail = model(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                 **cache_arg).logits  # (B, T, V)
     first = out.logits[:, -1][inverse]  # (B, V): the distribution of completion token 0
     return torch.cat([first[:, None], tail[:, :-1]], dim=1)  # (B, T, V)
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from prpo_lightning.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
+from prpo_lightning.compat import enable_activation_checkpointing
 from prpo_lightning.config import LossConfig, OptimConfig, check_module_settings
 from prpo_lightning.evaluation.benchmarks import PAPER_PROMPT
 from prpo_lightning.evaluation.hooks import EvaluationHooks
@@ -165,7 +166,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
                 component.setup_tokenizer(self.tokenizer)
         self.policy = load_causal_lm(hp.policy, hp.policy_config, dtype=hp.dtype, seed=hp.seed, sampling=self.sampling)
         if hp.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.policy)
             self.policy.config.use_cache = False
         if self.needs_reference:
             ref = copy.deepcopy(self.policy).eval()
