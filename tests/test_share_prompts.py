@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir
+from prpo_lightning.compat import enable_activation_checkpointing
 from prpo_lightning.config import LossConfig, OptimConfig
 from prpo_lightning.logprobs import completion_logprobs, shared_prompt_logits
 from prpo_lightning.rollout import left_pad
@@ -64,7 +65,7 @@ def test_nothing_to_share_returns_none_and_gradient_checkpointing_is_refused():
     attn = torch.cat([mask.long(), cmask.long()], dim=1)
     distinct = torch.tensor([1, 0, 2])  # rows 1, 0 and 2 hold three different prompts
     assert shared_prompt_logits(model, ids[distinct], mask[distinct], comp[distinct], attn[distinct]) is None
-    model.gradient_checkpointing_enable()
+    enable_activation_checkpointing(model)
     model.config.use_cache = False
     with pytest.raises(RuntimeError, match="share_prompt_prefix"):
         shared_prompt_logits(model, ids, mask, comp, attn)
