@@ -55,9 +55,13 @@ def _decoder(entry: dict[str, Any]) -> list[str]:
              "| check | passed | detail |", "|---|---|---|"]
     for name, c in checks.items():
         if "rows_identical" in c:
-            detail = (f"{c['rows_identical']}/{c['rows']} rows identical, first mismatch (row, pos) "
+            detail = (f"{c['rows_identical']}/{c['rows']} rows identical, earliest divergence (row, pos) "
                       f"{c['first_mismatch_row_pos']}, shapes {c['hf_shape']} / {c['static_shape']}, "
                       f"{c['rows_with_eos']} rows with EOS, HF {c['hf_seconds']} s, static {c['static_seconds']} s")
+            gaps = [g["top1_minus_top2"] for g in c.get("divergence_gaps", [])]
+            if gaps:
+                detail += (f"; top-1 − top-2 logit gap where rows diverged: {_num(min(gaps))}–{_num(max(gaps))}"
+                           f" (near-tie tolerance {_num(c.get('tie_tol'))})")
         else:
             detail = (f"log-prob {_num(c.get('logprob_max_abs_diff'))}, entropy {_num(c.get('entropy_max_abs_diff'))},"
                       f" gradient {_num(c.get('grad_max_abs_diff'))} (relative {_num(c.get('grad_rel_diff'))}); "

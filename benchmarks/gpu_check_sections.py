@@ -26,6 +26,7 @@ VERSIONED = ("torch", "transformers", "lightning", "torchmetrics", "deepspeed", 
              "typeshed_client", "latex2sympy2_extended", "antlr4-python3-runtime", "pydantic", "pydantic_core",
              "typing_extensions", "sympy", "numpy", "safetensors", "tokenizers", "accelerate", "peft", "vllm")
 IMPORTED = ("jsonargparse", "latex2sympy2_extended", "deepspeed")
+BF16_TIE_TOL = 2.0**-6  # 4 bf16 ulps (8 mantissa bits) of a logit in [1, 2)
 
 
 class Budget:
@@ -173,14 +174,17 @@ def environment(p: Any, device: torch.device, budget: Budget) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ decoder
 def _compare(hf: Tensor, static: Tensor) -> dict[str, Any]:
-    """Token identity of two ``(B, T)`` outputs: identical, rows identical, first mismatch ``[row, position]``."""
+    """Token identity of two ``(B, T)`` outputs: identical, rows identical, each differing row's first position."""
     t = min(hf.shape[1], static.shape[1])
-    same = hf[:, :t] == static[:, :t]  # (B, t)
-    rows_same = same.all(dim=1) & torch.tensor(hf.shape[1] == static.shape[1], device=hf.device)  # (B,)
-    bad = (~same).nonzero()
-    first = bad[bad[:, 1].argmin()].tolist() if bad.numel() else None
-    return {"passed": bool(rows_same.all()), "rows_identical": int(rows_same.sum()), "rows": hf.shape[0],
-            "hf_shape": list(hf.shape), "static_shape": list(static.shape), "first_mismatch_row_pos": first,
+    differs = hf[:, :t] != static[:, :t]  # (B, t)
+    if hf.shape[1] != static.shape[1]:  # one engine stopped earlier: the rows that ran longer differ there
+        longer = hf if hf.shape[1] > static.shape[1] else static
+        differs = torch.cat([differs, longer[:, t:] != PAD], dim=1)  # (B, max T)
+    bad_rows = differs.any(dim=1).nonzero().flatten().tolist()
+    first = [[r, int(differs[r].float().argmax())] for r in bad_rows]  # [row, position] per differing row
+    return {"passed": not bad_rows, "rows_identical": hf.shape[0] - len(bad_rows), "rows": hf.shape[0],
+            "hf_shape": list(hf.shape), "static_shape": list(static.shape),
+            "first_mismatch_row_pos": min(first, key=lambda rp: rp[1]) if first else None, "mismatches": first[:32],
             "rows_with_eos": int((hf == EOS).any(dim=1).sum())}
 
 
@@ -200,8 +204,25 @@ def _static_generate(model: Any, ids: Tensor, mask: Tensor, seed: int, new_token
     return StaticCacheDecoder(model).generate(ids, mask, new_tokens, EOS, PAD, **kw)[0]
 
 
+def _greedy_margin(model: Any, ids: Tensor, mask: Tensor, tokens: Tensor, row: int, pos: int) -> dict[str, float]:
+    """Top-1 minus top-2 logit where greedy decoding first diverged (HF's tokens before it): a gap at the level of
+    the dtype's rounding means a near-tie that either kernel may break either way."""
+    seq = torch.cat([ids[row : row + 1], tokens[row : row + 1, :pos]], dim=1)  # (1, P + pos)
+    attn = torch.cat([mask[row : row + 1], torch.ones(1, pos, dtype=mask.dtype, device=mask.device)], dim=1)
+    position_ids = (attn.long().cumsum(dim=1) - 1).clamp(min=0)  # (1, P + pos)
+    with torch.no_grad():
+        logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids).logits[0, -1].float()  # (V,)
+    top = logits.topk(2).values
+    return {"top1_logit": float(top[0]), "top1_minus_top2": float(top[0] - top[1])}
+
+
 def _identity(model: Any, ids: Tensor, mask: Tensor, new_tokens: int, seed: int, greedy: bool,
-              knobs: dict[str, Any]) -> tuple[dict[str, Any], Tensor]:
+              knobs: dict[str, Any], tie_tol: float | None = None) -> tuple[dict[str, Any], Tensor]:
+    """HF ``generate`` and ``StaticCacheDecoder`` from the same RNG state: token identity, timings, and for greedy
+    decoding the top-1/top-2 logit gap where each differing row first diverged. With ``tie_tol`` (bf16) the check
+    also passes when every divergence is a near-tie, ``gap <= tie_tol * max(1, |top-1 logit|)``: the two engines'
+    kernels round differently and may break such a tie either way; exact identity is then not a property of the
+    decoder but of the rounding."""
     device = ids.device
     sync(device)
     t0 = time.perf_counter()
@@ -212,6 +233,12 @@ def _identity(model: Any, ids: Tensor, mask: Tensor, new_tokens: int, seed: int,
     static = _static_generate(model, ids, mask, seed, new_tokens, greedy=greedy, **({} if greedy else knobs))
     sync(device)
     check = _compare(hf, static)
+    if greedy and check["mismatches"]:
+        gaps = [_greedy_margin(model, ids, mask, hf, row, pos) for row, pos in check["mismatches"]]
+        check["divergence_gaps"] = gaps
+        if tie_tol is not None:
+            check["tie_tol"] = tie_tol
+            check["passed"] = all(g["top1_minus_top2"] <= tie_tol * max(1.0, abs(g["top1_logit"])) for g in gaps)
     check.update(hf_seconds=round(t1 - t0, 3), static_seconds=round(time.perf_counter() - t1, 3), knobs=knobs)
     return check, static
 
@@ -249,8 +276,9 @@ def _shared_vs_plain(model: Any, ids: Tensor, mask: Tensor, comp: Tensor, tol: f
 
 
 def decoder(p: Any, device: torch.device, budget: Budget) -> dict[str, Any]:
-    """``StaticCacheDecoder`` against HF ``generate`` (fp32 greedy and sampled, bf16 greedy) and the shared-prefix
-    log-prob pass against the plain pass (fp32 with a tolerance; bf16 informational)."""
+    """``StaticCacheDecoder`` against HF ``generate`` (fp32 greedy and sampled: identical tokens; bf16 greedy:
+    identical up to near-ties) and the shared-prefix log-prob pass against the plain pass (fp32 within
+    ``p.logprob_tol``; bf16 informational)."""
     model = build_model(p.model, p.vocab, device, torch.float32, boost_eos=True)
     ids, mask = prompts(p.decode_prompts, p.decode_group, p.vocab, 8, p.prompt_len, device)
     t = p.decode_new_tokens
@@ -263,7 +291,7 @@ def decoder(p: Any, device: torch.device, budget: Budget) -> dict[str, Any]:
         sampled = out if sampled is None else sampled
     checks["fp32_shared_prefix_logprobs"] = _shared_vs_plain(model, ids, mask, sampled, p.logprob_tol)
     model.to(torch.bfloat16)
-    checks["bf16_greedy_identical"], _ = _identity(model, ids, mask, t, 0, True, {})
+    checks["bf16_greedy_identical_up_to_ties"], _ = _identity(model, ids, mask, t, 0, True, {}, BF16_TIE_TOL)
     checks["bf16_shared_prefix_logprobs"] = _shared_vs_plain(model, ids, mask, sampled, None)
     results = {"rows": ids.shape[0], "prompt_len": ids.shape[1], "new_tokens": t,
                "parameters": sum(x.numel() for x in model.parameters()), "peak_memory_gib": peak_memory_gib(device)}

@@ -47,7 +47,7 @@ def test_dry_run_passes_every_section_and_writes_the_results(tmp_path):
     sections = report["sections"]
     decoder = sections["decoder"]["checks"]
     for name in ("fp32_greedy_identical", "fp32_sampled_identical", "fp32_sampled_top_p_top_k_identical",
-                 "bf16_greedy_identical"):
+                 "bf16_greedy_identical_up_to_ties"):
         assert decoder[name]["passed"] is True and decoder[name]["rows_identical"] == decoder[name]["rows"] == 9
     assert decoder["fp32_sampled_top_p_top_k_identical"]["rows_with_eos"] > 0, "rows must stop early somewhere"
     assert decoder["fp32_shared_prefix_logprobs"]["grad_max_abs"] > 0
@@ -104,3 +104,48 @@ def test_the_budget_given_to_a_section_is_capped_by_the_time_left(tmp_path):
     seen = []
     check.run("train_prpo", lambda budget: seen.append(budget.seconds) or {"checks": {}})
     assert check.p.budgets["train_prpo"] > 30.0 and 29.0 < seen[0] <= 30.0
+
+
+def test_compare_reports_each_differing_row_and_its_first_position():
+    import torch
+    from gpu_check_sections import PAD, _compare
+
+    hf = torch.tensor([[5, 6, 7, 1], [5, 6, 7, 8], [9, 9, 9, 9]])
+    static = torch.tensor([[5, 6, 7, 1], [5, 4, 7, 3], [9, 9, 9, 2]])
+    out = _compare(hf, static)
+    assert out["passed"] is False and out["rows_identical"] == 1 and out["rows"] == 3
+    assert out["mismatches"] == [[1, 1], [2, 3]] and out["first_mismatch_row_pos"] == [1, 1]
+    assert out["rows_with_eos"] == 1
+    longer = torch.cat([hf, torch.tensor([[PAD], [PAD], [4]])], dim=1)  # (3, 5): only row 2 ran on
+    assert _compare(longer, hf)["mismatches"] == [[2, 4]] and _compare(hf, longer)["rows_identical"] == 2
+    assert _compare(hf, hf.clone())["passed"] is True
+
+
+def test_bf16_style_check_passes_only_when_every_divergence_is_a_near_tie(monkeypatch):
+    """The greedy tie rule on a hand-made divergence: the static engine takes the runner-up token at (row 0, pos 0);
+    the gap there decides the check against ``tie_tol``."""
+    import torch
+    import gpu_check_sections as sections
+
+    p = gpu_check.dry_run_profile()
+    model = sections.build_model(p.model, p.vocab, torch.device("cpu"), torch.float32, boost_eos=False)
+    ids, mask = sections.prompts(2, 2, p.vocab, 6, 10, torch.device("cpu"))
+    with torch.no_grad():
+        pos = (mask.long().cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids[:1], attention_mask=mask[:1], position_ids=pos[:1]).logits[0, -1]  # (V,)
+    top = logits.topk(2)
+    gap = float(top.values[0] - top.values[1])
+    scale = max(1.0, abs(float(top.values[0])))
+    real_static = sections._static_generate
+
+    def runner_up_first(*args, **kwargs):
+        out = real_static(*args, **kwargs).clone()
+        out[0, 0] = top.indices[1]
+        return out[:, :1]
+
+    monkeypatch.setattr(sections, "_static_generate", runner_up_first)
+    loose, _ = sections._identity(model, ids, mask, 1, 0, True, {}, tie_tol=gap / scale * 1.01)
+    strict, _ = sections._identity(model, ids, mask, 1, 0, True, {}, tie_tol=gap / scale * 0.99)
+    exact, _ = sections._identity(model, ids, mask, 1, 0, True, {})
+    assert loose["mismatches"] == [[0, 0]] and abs(loose["divergence_gaps"][0]["top1_minus_top2"] - gap) < 1e-6
+    assert loose["passed"] is True and strict["passed"] is False and exact["passed"] is False
