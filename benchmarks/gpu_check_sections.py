@@ -81,7 +81,9 @@ def build_model(shape: dict[str, Any], vocab: int, device: torch.device, dtype: 
     return model
 
 
-def prompts(n_prompts: int, group: int, vocab: int, min_len: int, max_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def prompts(
+    n_prompts: int, group: int, vocab: int, min_len: int, max_len: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """``n_prompts`` random prompts of lengths spread over ``[min_len, max_len]``, each repeated ``group`` times,
     left-padded: ``(n_prompts * group, max_len)`` ids and mask."""
     from prpo_lightning.rollout import left_pad
@@ -299,7 +301,10 @@ def decoder(p: Any, device: torch.device, budget: Budget) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ throughput
-def _generation_rate(model: Any, engine: str, batch: int, new_tokens: int, p: Any, device: torch.device) -> dict[str, Any]:
+def _generation_rate(
+    model: Any, engine: str, batch: int, new_tokens: int, p: Any, device: torch.device
+) -> dict[str, Any]:
+    """Tokens/s of one ``generate_completions`` call with ``engine`` on ``batch`` rows (G-row prompt groups)."""
     from prpo_lightning.rollout import SamplingConfig, generate_completions
 
     tok = SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)
