@@ -11,6 +11,7 @@ import pytest
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
 
 import torch  # noqa: E402
 
