@@ -72,7 +72,9 @@ class GuardedPRM(ProcessRewardModel):
         self.requires_reference = prm.requires_reference
         self.requires_rollout_logprobs = prm.requires_rollout_logprobs
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # only for attributes not found on the wrapper
+        if "inner" not in self.__dict__:
+            raise AttributeError(name)
         return getattr(self.__dict__["inner"], name)
 
     def score(self, batch: RolloutBatch, tokenizer: Any) -> ProcessScores:

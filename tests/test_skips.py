@@ -98,7 +98,7 @@ def test_prm_down_under_skip_stops_with_named_cause(tmp_path):
     from prpo_lightning.cli import cli_main
 
     args = cli_fit_args(tmp_path, tokenizer_dir(tmp_path), 50, *PRM_ARGS, "--model.prm=test_skips.DownPRM")
-    with deadline(240), pytest.raises(SkippedBatchesError) as err:
+    with deadline(180), pytest.raises(SkippedBatchesError) as err:
         cli_main(args)
     message = str(err.value)
     assert "4 batches in a row updated nothing" in message and "max_consecutive_skips=3" in message
@@ -113,7 +113,7 @@ def test_prompts_all_too_long_stop_with_named_cause(tmp_path):
 
     args = cli_fit_args(tmp_path, tokenizer_dir(tmp_path), 50, "--model.sampling.max_prompt_length=2",
                         "--model.max_consecutive_skips=1")
-    with deadline(240), pytest.raises(SkippedBatchesError) as err:
+    with deadline(180), pytest.raises(SkippedBatchesError) as err:
         cli_main(args)
     message = str(err.value)
     assert "2 batches in a row updated nothing" in message and "max_consecutive_skips=1" in message
@@ -127,7 +127,7 @@ def test_skipped_batches_count_toward_max_steps(tmp_path):
 
     args = cli_fit_args(tmp_path, tokenizer_dir(tmp_path), 3, "--model.sampling.max_prompt_length=2",
                         "--model.max_consecutive_skips=5")
-    with deadline(240):
+    with deadline(180):
         cli = cli_main(args)
     assert cli.trainer.global_step == 3
     assert cli.trainer.current_epoch <= 1  # 3 batches of a 3-batch epoch, not thousands of empty epochs
@@ -148,7 +148,7 @@ def test_skipped_step_keeps_lr_schedule_on_global_step(tmp_path):
                                            micro_batch_size=4))
     recorder = StepRecorder()
     trainer = make_trainer(tmp_path, 3, [recorder])
-    with deadline(240):
+    with deadline(180):
         trainer.fit(module, ToyPrompts())
     assert trainer.global_step == 3
     assert [r["step"] for r in recorder.rows] == [1, 2, 3]
@@ -166,13 +166,13 @@ def test_skipped_step_keeps_lr_schedule_on_global_step(tmp_path):
 def test_prm_programming_errors_raise_under_skip(tmp_path, prm, match):
     module = make_module(tokenizer_dir(tmp_path), segmenter=OneSegment(), prm=prm, aligner=ProcessGroupNorm(),
                          on_prm_error="skip")
-    with deadline(240), pytest.raises(ComponentError, match=match):
+    with deadline(180), pytest.raises(ComponentError, match=match):
         make_trainer(tmp_path, 1).fit(module, ToyPrompts())
 
 
 def test_verifier_wrong_return_type_names_the_verifier(tmp_path):
     module = make_module(tokenizer_dir(tmp_path), verifier=StringVerifier())
-    with deadline(240), pytest.raises(ComponentError, match=r"verifier StringVerifier\.verify_batch returned str"):
+    with deadline(180), pytest.raises(ComponentError, match=r"verifier StringVerifier\.verify_batch returned str"):
         make_trainer(tmp_path, 1).fit(module, ToyPrompts())
 
 
@@ -202,7 +202,7 @@ def test_skip_budget_is_the_same_on_every_rank(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with deadline(240):
+    with deadline(180):
         torch.multiprocessing.spawn(_budget_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     # batch 1: one rank still updates (False on both); batch 2: nothing anywhere (True on both); batch 3: stop
