@@ -28,7 +28,7 @@ from prpo_lightning.compat import enable_activation_checkpointing
 from prpo_lightning.config import LossConfig, OptimConfig, check_module_settings
 from prpo_lightning.evaluation.benchmarks import PAPER_PROMPT
 from prpo_lightning.evaluation.hooks import EvaluationHooks
-from prpo_lightning.faults import GuardedPRM, GuardedVerifier, PRMError
+from prpo_lightning.faults import GuardedPRM, GuardedVerifier, PRMError, SkipBudget, advance_without_update
 from prpo_lightning.optim import grad_norm, lr_factor
 from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, group_seed, is_distributed
 from prpo_lightning.losses import aggregate_loss, kl_penalty, ppo_clip_loss
@@ -66,6 +66,9 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         on_prm_error: what an exception (or a timeout raised as an exception) in ``prm.score`` does: ``raise``
             stops training with a :class:`PRMError` naming the PRM; ``skip`` drops that batch's update and
             counts it under ``train/faults/prm_errors`` (logged as a warning).
+        max_consecutive_skips: batches in a row that may update nothing (every prompt too long, or a skipped PRM
+            failure); one more stops training with a ``SkippedBatchesError`` naming the cause. A skipped batch
+            still counts as one step (``global_step`` and the LR schedule advance, the weights do not change).
 
     Raises:
         ValueError: if the aligner needs process scores and no segmenter/PRM is given, the policy is specified
@@ -92,6 +95,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         use_chat_template: bool | None = None,
         seed: int = 0,
         on_prm_error: Literal["raise", "skip"] = "raise",
+        max_consecutive_skips: int = 3,
     ) -> None:
         super().__init__()
         if (policy is None) == (policy_config is None):
@@ -100,6 +104,8 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             raise ValueError(f"{type(aligner).__name__} uses process scores: set model.segmenter and model.prm")
         if on_prm_error not in ("raise", "skip"):
             raise ValueError(f"on_prm_error must be 'raise' or 'skip', got {on_prm_error!r}")
+        if max_consecutive_skips < 0:
+            raise ValueError(f"model.max_consecutive_skips must be >= 0, got {max_consecutive_skips}")
         if policy_config is not None and tokenizer is None:
             raise ValueError("a policy built from policy_config needs model.tokenizer (a local tokenizer path)")
         check_module_settings(aligner, sampling.num_generations, policy, tokenizer)
@@ -197,6 +203,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         checkpoint["prpo_rng_states"] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # EvaluationHooks: the checkpoint's step labels validate/test
         if checkpoint.get("prpo_rng_states") is not None:
             restore_rng_states(checkpoint["prpo_rng_states"])
 
@@ -340,31 +347,33 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         t0 = time.perf_counter()
         rollout, metrics = self.make_rollout(batch)
         t1 = time.perf_counter()
+        no_prompts, prm_error = rollout is None, None
         if rollout is not None:
             prm = GuardedPRM(self.prm) if self.prm is not None else None
-            verifier = GuardedVerifier(self.verifier)
             try:
-                metrics.update(compute_advantages(rollout, verifier, self.aligner, self.segmenter, prm, self.tokenizer))
-                metrics["faults/prm_errors"] = 0.0
+                metrics.update(compute_advantages(rollout, GuardedVerifier(self.verifier), self.aligner,
+                                                  self.segmenter, prm, self.tokenizer))
             except PRMError as err:
                 if self.hparams.on_prm_error == "raise":
                     raise
                 logging.getLogger(__name__).warning("rank %d, step %d: skipping the batch's update: %s",
                                                     self.global_rank, self.global_step, err)
-                rollout, metrics["faults/prm_errors"] = None, 1.0
-        if rollout is None:
-            # Other ranks may still update: join their collective backward passes with zero gradients.
-            if is_distributed():
-                self.update_policy(None)
+                rollout, prm_error = None, str(err)
+        budget = SkipBudget.of(self, self.hparams.max_consecutive_skips)
+        nothing_to_update = budget.record(self.global_step, no_prompts, prm_error, self.sampling.max_prompt_length)
+        metrics.update({"faults/prm_errors": float(prm_error is not None), **budget.state()})
+        if nothing_to_update:  # on every rank: the step and the LR schedule move on, the weights do not
+            metrics["lr"] = float(self.lr_schedulers().get_last_lr()[0])
+            advance_without_update(self.trainer, self.lr_schedulers())
             self.log_dict({f"train/{k}": v for k, v in metrics.items()})
             return None
         t2 = time.perf_counter()
-        metrics.update(self.update_policy(rollout))
+        metrics.update(self.update_policy(rollout))  # a rank without rows joins with zero-weighted passes
         t3 = time.perf_counter()
         metrics.update({"time/rollout_s": t1 - t0, "time/scoring_s": t2 - t1, "time/update_s": t3 - t2})
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False)
-        self.log("reward", metrics["reward/mean"], prog_bar=True, logger=False)
-        self.log("acc", metrics["accuracy"], prog_bar=True, logger=False)
+        if rollout is not None:
+            self.log_dict({"reward": metrics["reward/mean"], "acc": metrics["accuracy"]}, prog_bar=True, logger=False)
         return None
 
     def update_policy(self, rollout: RolloutBatch | None) -> dict[str, float]:
@@ -384,7 +393,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         mb = min(cfg.mini_batch_size or n_max, n_max)
         gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
         sums: dict[str, float] = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
-        n_updates = 0
+        n_updates, lrs_used = 0, []
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=gen) if (mb < n_max or cfg.ppo_epochs > 1) else torch.arange(n)
             for start in range(0, n_max, mb):
@@ -395,13 +404,14 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
                 if cfg.grad_clip is not None:
                     stats["grad_norm"] = grad_norm(self.policy)
                     self.clip_gradients(opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
+                lrs_used.append(float(sched.get_last_lr()[0]))  # the rate this step uses
                 opt.step()
                 sched.step()
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
         out = {k: v / max(n_updates, 1) for k, v in sums.items()}
-        out["lr"] = float(sched.get_last_lr()[0])
+        out["lr"] = sum(lrs_used) / len(lrs_used)  # mean rate of this batch's steps (not the next step's)
         return out
 
     def _loss_mask(self, batch: RolloutBatch) -> Tensor:

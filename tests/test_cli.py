@@ -122,3 +122,29 @@ def test_console_script_exits_zero(monkeypatch):
     assert scripts["prpo-fit"] == "prpo_lightning.cli:main"
     monkeypatch.setattr(cli, "cli_main", lambda: object())
     assert cli.main() is None
+
+
+@pytest.mark.slow
+def test_logged_lr_is_the_rate_each_step_used(tmp_path):
+    """Cosine over 3 steps from 1e-2: steps 0, 1, 2 use 1e-2 · (1, 0.75, 0.25); the last step does not log 0."""
+    import csv
+
+    from test_resume import cli_fit_args, tokenizer_dir
+
+    args = cli_fit_args(tmp_path, tokenizer_dir(tmp_path), 3, "--model.optim.schedule=cosine",
+                        "--model.optim.warmup_steps=0")
+    cli = cli_main(args)
+    with (Path(cli.trainer.log_dir) / "metrics.csv").open() as fh:
+        lrs = [float(r["train/lr"]) for r in csv.DictReader(fh) if r.get("train/lr")]
+    assert lrs == pytest.approx([1e-2, 0.75e-2, 0.25e-2], rel=1e-6)
+
+
+def test_failed_run_leaves_no_empty_version_folder(tmp_path):
+    """A run that fails before producing anything (here: a negative lr, rejected by the optimizer) removes the
+    ``version_N`` folder it opened (a run that failed after writing outputs keeps it: test_resume's requeue test)."""
+    from test_resume import cli_fit_args, tokenizer_dir
+
+    tok = tokenizer_dir(tmp_path)
+    with pytest.raises(ValueError, match="learning rate"):
+        cli_main(cli_fit_args(tmp_path, tok, 1, "--model.optim.lr=-1.0"))
+    assert not list((tmp_path / "runs" / "toy").glob("version_*"))

@@ -209,3 +209,28 @@ def test_prpo_fit_test_command_with_eval_config(tmp_path, char_tokenizer, monkey
     assert out == tmp_path / "eval" / "version_0" / "eval" / "test-step000000"
     for name in OUTPUT_FILES:
         assert (out / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_prpo_fit_test_labels_outputs_with_the_checkpoints_step(tmp_path, monkeypatch):
+    """``prpo-fit test --ckpt_path X`` after 2 training steps: the output folder, the recorded step of every
+    completion and the logged metrics are labelled with step 2, the checkpoint's own."""
+    from test_resume import cli_fit_args, tokenizer_dir
+
+    from prpo_lightning.cli import cli_main
+
+    monkeypatch.setattr("sys.argv", ["prpo-fit"])
+    args = cli_fit_args(tmp_path, tokenizer_dir(tmp_path), 2, "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                        "--trainer.callbacks.save_last=true")
+    cli_main(args)
+    ckpt = tmp_path / "runs" / "toy" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+    test = cli_main(["test", *args[1:], f"--ckpt_path={ckpt}"])
+    assert test.trainer.global_step == 0  # Lightning does not restore the fit loop for `test`
+    result = test.model.eval_results["test"]
+    out = Path(result["files"]["summary_csv"]).parent
+    assert out.name == "test-step000002"
+    assert {r["step"] for r in _read_jsonl(out / "completions.jsonl")} == {2}
+    with (Path(test.trainer.log_dir) / "metrics.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("test/accuracy")]
+    assert [r["step"] for r in rows] == ["2"]

@@ -9,7 +9,8 @@ Policy (docs/scaling.md, "Faults"):
 - verifier timeout: an UNPARSABLE verdict counted in ``verifier/timeouts``; a verifier *exception*:
   ``VerifierError`` naming the verifier;
 - PRM exception or timeout: ``PRMError`` naming the PRM, or with ``on_prm_error: skip`` the batch's update is
-  skipped and counted in ``train/faults/prm_errors``.
+  skipped and counted in ``train/faults/prm_errors`` (the batch still counts as a step; tests/test_skips.py covers
+  the ``max_consecutive_skips`` budget and programming errors, which are never skipped).
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def test_prm_exception_skip_is_counted_and_does_not_update(tmp_path):
     trainer = make_trainer(tmp_path, 1, max_epochs=1, limit_train_batches=2)
     trainer.fit(module, ToyPrompts())
     assert trainer.callback_metrics["train/faults/prm_errors"] == 1.0
-    assert trainer.global_step == 0  # no optimizer step was taken
+    assert trainer.global_step == 1  # the skipped batch counts as a step (max_steps=1 ends the run) ...
+    assert trainer.optimizers[0].state_dict()["state"] == {}  # ... but no optimizer step was taken
     for k, v in module.policy.state_dict().items():
         assert torch.equal(v, before[k])
 

@@ -7,6 +7,7 @@ prompt data module and a tiny random Qwen2 policy).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -124,6 +125,24 @@ class StepRecorder(L.Callback):
                 **{k: float(m[k]) for k in ("train/loss", "train/reward/mean", "train/lr", "train/kl") if k in m},
             }
         )
+
+
+def cli_fit_args(root: Path, tok: str, max_steps: int, *extra: str) -> list[str]:
+    """``prpo-fit fit`` arguments for the toy run of :func:`make_module` on :class:`ToyPrompts`, logging to
+    ``<root>/runs/toy/version_N`` with a CSVLogger (as the configs do)."""
+    return [
+        "fit", "--seed_everything=0", "--trainer.accelerator=cpu", "--trainer.devices=1",
+        f"--trainer.max_steps={max_steps}", "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0",
+        "--trainer.limit_val_batches=0", "--trainer.enable_model_summary=false",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root / 'runs'}",
+        "--trainer.logger.name=toy",
+        "--model.verifier=test_resume.ParityVerifier", "--model.aligner=test_resume.GroupNormAligner",
+        f"--model.policy_config={json.dumps(tiny_qwen2_config(vocab_size=128, hidden=32, layers=2))}",
+        f"--model.tokenizer={tok}", "--model.sampling.num_generations=4", "--model.sampling.max_new_tokens=8",
+        "--model.sampling.max_prompt_length=32", "--model.prompt_template={problem}", "--model.use_chat_template=false",
+        "--model.seed=3", "--model.optim.lr=1e-2", "--model.optim.micro_batch_size=4",
+        "--data=test_resume.ToyPrompts", *extra,
+    ]
 
 
 # ---------------------------------------------------------------- exact resume
@@ -245,3 +264,72 @@ def test_cli_installs_atomic_checkpoint_io(tmp_path):
         run=False,
     )
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# ---------------------------------------------------------------- requeue: the same command twice
+class CrashOnce(L.Callback):
+    """Raises at the start of step ``at_step`` the first time (a job killed mid-run); ``flag`` marks that it did.
+    Writes the ``global_step`` every training start sees to ``starts`` (one line per run)."""
+
+    def __init__(self, at_step: int, flag: str, starts: str) -> None:
+        self.at_step, self.flag, self.starts = at_step, Path(flag), Path(starts)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        with self.starts.open("a") as fh:
+            fh.write(f"{trainer.global_step}\n")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step and not self.flag.exists():
+            self.flag.write_text("crashed")
+            raise RuntimeError("simulated node failure")
+
+
+_CKPT = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+         "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true",
+         "--trainer.callbacks.save_top_k=-1"]
+
+
+@pytest.mark.slow
+def test_requeued_command_resumes_from_saved_step(tmp_path, monkeypatch):
+    """The requeue recipe of docs/scaling.md: the same ``prpo-fit fit ... --ckpt_path last`` command, started,
+    killed at step 2 and started again, continues from step 2 (not 0) and finishes at max_steps."""
+    from prpo_lightning.cli import cli_main
+
+    monkeypatch.setattr("sys.argv", ["prpo-fit"])
+    tok = tokenizer_dir(tmp_path)
+    starts = tmp_path / "starts.txt"
+    crash = ["--trainer.callbacks+=test_resume.CrashOnce", "--trainer.callbacks.at_step=2",
+             f"--trainer.callbacks.flag={tmp_path / 'crashed'}", f"--trainer.callbacks.starts={starts}"]
+    command = cli_fit_args(tmp_path, tok, 4, *_CKPT, *crash, "--ckpt_path=last")
+    with pytest.warns(UserWarning, match="no checkpoint in .* STARTS AT STEP 0"):
+        with pytest.raises(RuntimeError, match="simulated node failure"):
+            cli_main(command)
+    last = tmp_path / "runs" / "toy" / "checkpoints" / "last.ckpt"  # one folder for every version_N
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    cli = cli_main(command)
+    assert starts.read_text().split() == ["0", "2"]  # the rerun continued from the saved step
+    assert cli.trainer.global_step == 4
+    assert torch.load(last, weights_only=False)["global_step"] == 4
+    assert sorted(p.name for p in (tmp_path / "runs" / "toy").iterdir()) == ["checkpoints", "version_0", "version_1"]
+
+
+def test_ckpt_path_last_without_save_last_raises(tmp_path, monkeypatch):
+    """``--ckpt_path last`` with no ModelCheckpoint that saves last.ckpt could never resume: an error, not step 0."""
+    from prpo_lightning.cli import cli_main
+
+    monkeypatch.setattr("sys.argv", ["prpo-fit"])
+    args = cli_fit_args(tmp_path, tokenizer_dir(tmp_path), 2, "--ckpt_path=last")
+    with pytest.raises(ValueError, match="no ModelCheckpoint callback saves one.*save_last: true"):
+        cli_main(args)
+
+
+def test_ckpt_path_last_with_other_checkpoints_only_raises(tmp_path, monkeypatch):
+    from prpo_lightning.cli import cli_main
+
+    monkeypatch.setattr("sys.argv", ["prpo-fit"])
+    ckpt_dir = tmp_path / "runs" / "toy" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / "epoch=0-step=3.ckpt").write_bytes(b"x")
+    args = cli_fit_args(tmp_path, tokenizer_dir(tmp_path), 2, *_CKPT, "--ckpt_path=last")
+    with pytest.raises(ValueError, match=r"found no last\.ckpt in .*epoch=0-step=3\.ckpt.*--ckpt_path <file>"):
+        cli_main(args)

@@ -16,6 +16,32 @@ from prpo_lightning.batch import RolloutBatch
 class EvaluationHooks:
     """Greedy/sampled generation graded by the verifier, and the ``validation_step``/``test_step`` loop hooks."""
 
+    #: ``global_step`` stored in the last checkpoint loaded into this module (None: none loaded).
+    _checkpoint_step: int | None = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Remember the checkpoint's ``global_step``: ``validate``/``test`` do not restore the fit loop, so
+        ``trainer.global_step`` is 0 there."""
+        step = checkpoint.get("global_step")
+        self._checkpoint_step = int(step) if step is not None else None
+
+    @property
+    def evaluation_step(self) -> int:
+        """The training step that the weights being evaluated come from, which labels outputs and metrics.
+
+        During ``fit``: ``global_step``. In ``validate``/``test``: the step stored in the checkpoint given by
+        ``ckpt_path`` (or loaded with ``load_from_checkpoint`` into a module that has not trained since),
+        else ``global_step`` (the weights of a ``fit`` that ran in this process).
+        """
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        trainer = self.trainer
+        if trainer.state.fn == TrainerFn.FITTING or self._checkpoint_step is None:
+            return self.global_step
+        if trainer.ckpt_path is not None or self.global_step == 0:
+            return self._checkpoint_step
+        return self.global_step
+
     @torch.no_grad()
     def generate_and_grade(
         self,
@@ -102,13 +128,15 @@ class EvaluationHooks:
         evaluator = self._evaluators.pop(stage, None)
         if evaluator is None:
             return
-        trainer = self.trainer
-        out_dir = None if trainer.sanity_checking else output_dir_for(trainer, evaluator.config, stage, self.global_step)
+        trainer, step = self.trainer, self.evaluation_step
+        out_dir = None if trainer.sanity_checking else output_dir_for(trainer, evaluator.config, stage, step)
         result = evaluator.finalize(
-            step=self.global_step, stage=stage, output_dir=out_dir, loggers=trainer.loggers,
+            step=step, stage=stage, output_dir=out_dir, loggers=trainer.loggers,
             is_global_zero=trainer.is_global_zero,
         )
         self.eval_results[stage] = result
         metrics = {f"{stage}/{k}": float(v) for k, v in result["metrics"].items() if k != "accuracy"}
         self.log_dict(metrics, sync_dist=False)  # already identical on every rank
         self.log(f"{stage}/accuracy", float(result["metrics"]["accuracy"]), prog_bar=True, sync_dist=False)
+        if step != self.global_step:  # Lightning takes a logged "step" as the loggers' step: the checkpoint's
+            self.log("step", float(step), sync_dist=False)
