@@ -42,7 +42,6 @@ PROJECT_DIRS = tuple(str(REPO / name) + os.sep for name in ("prpo_lightning", "c
 GUARDED_CATEGORIES = (DeprecationWarning, FutureWarning)
 _PLUMBING_PACKAGES = frozenset({"warnings", "functools", "contextlib", "importlib"})
 _PLUMBING_MODULES = frozenset({"torch.nn.modules.module", "torch.utils._contextlib"})
-_THIS_FILE = os.path.realpath(__file__)
 
 
 def _package(frame: FrameType) -> str:
@@ -85,11 +84,16 @@ def project_call_site(warn_frame: FrameType | None) -> FrameType | None:
 
 
 def _issuing_frame() -> FrameType | None:
-    """The innermost frame outside this file and the ``warnings`` module (called from ``showwarning``)."""
+    """The frame that issued the warning (called from ``showwarning``).
+
+    Walking outwards, every frame up to the ``warnings`` module is a ``showwarning`` wrapper (this file's, or
+    one a program installed, such as the CLI's show-once filter) and is skipped; so are the ``warnings`` frames.
+    The next frame is the one that called ``warnings.warn``.
+    """
     frame = sys._getframe(1)
-    while frame is not None and (
-        os.path.realpath(frame.f_code.co_filename) == _THIS_FILE or frame.f_globals.get("__name__") == "warnings"
-    ):
+    while frame is not None and frame.f_globals.get("__name__") != "warnings":
+        frame = frame.f_back
+    while frame is not None and frame.f_globals.get("__name__") == "warnings":
         frame = frame.f_back
     return frame
 
