@@ -8,6 +8,7 @@ Entry point ``bash benchmarks/gpu_check.sh`` (installs the wheels brought in ``.
 * ``throughput``: generation tokens/s against batch size per engine, update-pass MFU, peak memory (bf16);
 * ``train_grpo``/``train_prpo``: ``prpo-fit fit`` for 2 steps in bf16 on a random Qwen2.5-1.5B-shaped policy;
 * ``train_zero2``/``train_zero3``: the same with the DeepSpeed overlays on one GPU (checkpointed);
+  ``train_zero3_prpo``: PRPO (KL reference model, gradient checkpointing) under ZeRO-3;
 * ``resume``/``export``: one more step from the ZeRO-3 checkpoint with ``--ckpt_path``, then ``prpo-export`` of
   it; ``resume_zero2``/``export_zero2``: the same for the ZeRO-2 checkpoint, last, as time allows.
 
@@ -96,7 +97,7 @@ def gpu_profile() -> Profile:
         deadline_s=350.0, min_start_s=20.0,
         budgets={"environment": 40, "decoder": 80, "throughput": 60, "train_grpo": 60, "train_prpo": 70,
                  "train_zero2": 70, "train_zero3": 70, "resume": 60, "export": 45, "resume_zero2": 50,
-                 "export_zero2": 40},
+                 "export_zero2": 40, "train_zero3_prpo": 70},
         notes=["DeepSpeed runs use the 1.5B width with 8 of its 28 layers, so that their checkpoints (bf16 weights "
                "+ fp32 master weights and Adam moments) stay small enough to write, reload and collate in seconds"],
     )
@@ -112,7 +113,7 @@ def dry_run_profile() -> Profile:
         deadline_s=600.0, min_start_s=5.0,
         budgets={"environment": 60, "decoder": 60, "throughput": 60, "train_grpo": 120, "train_prpo": 120,
                  "train_zero2": 60, "train_zero3": 60, "resume": 120, "export": 90, "resume_zero2": 60,
-                 "export_zero2": 60},
+                 "export_zero2": 60, "train_zero3_prpo": 60},
     )
 
 
@@ -187,7 +188,7 @@ class Check:
         if zero_stage is not None and self.p.dry_run:
             raise Skip(CPU_DEEPSPEED)
         layers = self.p.ds_layers if zero_stage is not None else None
-        name = f"zero{zero_stage}" if zero_stage is not None else method
+        name = method if zero_stage is None else f"zero{zero_stage}" + ("_prpo" if method == "prpo" else "")
         checkpoint = zero_stage is not None or (self.p.dry_run and method == "grpo")
         run_dir = self.work / f"train_{name}"
         model_cfg = training.policy_config(self.p.model, self.p.vocab, layers)
@@ -249,6 +250,7 @@ class Check:
             ("export", lambda b: self.export(b, source)),
             ("resume_zero2", lambda b: self.resume(b, "zero2")),
             ("export_zero2", lambda b: self.export(b, "zero2")),
+            ("train_zero3_prpo", lambda b: self.train(b, "prpo", 3)),  # KL reference built from gathered shards
         ]
         for name, fn in plan:
             if only is None or name in only:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-TRAIN_SECTIONS = ("train_grpo", "train_prpo", "train_zero2", "train_zero3", "resume", "resume_zero2")
+TRAIN_SECTIONS = ("train_grpo", "train_prpo", "train_zero2", "train_zero3", "resume", "resume_zero2", "train_zero3_prpo")
 EXPORT_SECTIONS = ("export", "export_zero2")
 TAIL_LINES = 15
 
@@ -57,7 +57,9 @@ def _decoder(entry: dict[str, Any]) -> list[str]:
         if "rows_identical" in c:
             detail = (f"{c['rows_identical']}/{c['rows']} rows identical, earliest divergence (row, pos) "
                       f"{c['first_mismatch_row_pos']}, shapes {c['hf_shape']} / {c['static_shape']}, "
-                      f"{c['rows_with_eos']} rows with EOS, HF {c['hf_seconds']} s, static {c['static_seconds']} s")
+                      f"{c['rows_with_eos']} rows with EOS")
+            if "hf_seconds" in c:
+                detail += f", HF {c['hf_seconds']} s, static {c['static_seconds']} s"
             gaps = [g["top1_minus_top2"] for g in c.get("divergence_gaps", [])]
             if gaps:
                 detail += (f"; top-1 − top-2 logit gap where rows diverged: {_num(min(gaps))}–{_num(max(gaps))}"

@@ -17,13 +17,12 @@ naming the cause after more than ``model.max_consecutive_skips`` such batches in
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
 
-from prpo_lightning.batch import RolloutBatch
+from prpo_lightning.batch import ComponentContractError, RolloutBatch
 from prpo_lightning.distributed import all_reduce_sum, is_distributed
 from prpo_lightning.prm import ProcessRewardModel, ProcessScores
 from prpo_lightning.verifier import OutcomeVerifier, Verdict
@@ -33,9 +32,11 @@ PROGRAMMING_ERRORS: tuple[type[BaseException], ...] = (TypeError, AttributeError
                                                        NotImplementedError)
 
 
-class ComponentError(RuntimeError):
+class ComponentError(ComponentContractError):
     """A user component has a programming error or returned the wrong type; the message names the component,
-    the rule it broke and the fix. Never skipped, whatever ``model.on_prm_error`` says."""
+    the rule it broke and the fix. Never skipped, whatever ``model.on_prm_error`` says. A
+    :class:`~prpo_lightning.batch.ComponentContractError` (hence a ``TypeError``), so one ``except`` catches every
+    broken component contract."""
 
 
 class PRMError(RuntimeError):
@@ -85,18 +86,12 @@ class GuardedPRM(ProcessRewardModel):
             raise _programming_error("PRM", self.inner, "score", err) from err
         except Exception as err:  # noqa: BLE001 - re-raised with the PRM's name
             raise PRMError(f"PRM {name} failed on {batch.size} completions: {type(err).__name__}: {err}") from err
-        if not isinstance(scores, ProcessScores):
-            raise ComponentError(
-                f"PRM {name}.score returned {type(scores).__name__}; it must return prpo_lightning.prm.ProcessScores "
-                "(step_scores (B, S), step_mask (B, S)). Fix: build it from per-row step scores with "
-                "prpo_lightning.prm.pad_step_scores(scores)."
-            )
-        return scores
+        return scores  # its type and shapes are checked by scoring.check_process_scores
 
 
 class GuardedVerifier(OutcomeVerifier):
     """Wraps a verifier: an exception from ``verify_batch`` becomes a :class:`VerifierError` (a programming error
-    or a wrong return value a :class:`ComponentError`), naming the verifier."""
+    a :class:`ComponentError`), naming the verifier."""
 
     def __init__(self, verifier: OutcomeVerifier) -> None:
         self.inner = verifier
@@ -113,14 +108,7 @@ class GuardedVerifier(OutcomeVerifier):
         except Exception as err:  # noqa: BLE001 - re-raised with the verifier's name
             raise VerifierError(f"verifier {name} failed on {len(completions)} completions: "
                                 f"{type(err).__name__}: {err}") from err
-        bad = next((v for v in verdicts if not isinstance(v, Verdict)), None) if isinstance(verdicts, Sequence) else verdicts
-        if bad is not None:
-            raise ComponentError(
-                f"verifier {name}.verify_batch returned {type(bad).__name__} where a "
-                "prpo_lightning.verifier.Verdict is needed; it must return one Verdict per completion. "
-                f"Fix: return Verdict(status, reward) from {name}.verify."
-            )
-        return list(verdicts)
+        return verdicts  # their type and number are checked by scoring.compute_advantages
 
 
 class SkipBudget:

@@ -39,6 +39,7 @@ from prpo_lightning.rollout import SamplingConfig, generate_completions, generat
 from prpo_lightning.scoring import compute_advantages
 from prpo_lightning.segmenter import Segmenter
 from prpo_lightning.verifier import OutcomeVerifier
+from prpo_lightning.zero3 import transformers_zero3, unpartitioned_copy, zero3_config
 
 
 class PRPOModule(EvaluationHooks, L.LightningModule):
@@ -170,11 +171,13 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         for component in (self.segmenter, self.prm):
             if component is not None and hasattr(component, "setup_tokenizer"):
                 component.setup_tokenizer(self.tokenizer)
-        self.policy = load_causal_lm(hp.policy, hp.policy_config, dtype=hp.dtype, seed=hp.seed, sampling=self.sampling)
+        zero3 = zero3_config(self._trainer)
+        with transformers_zero3(zero3):  # under ZeRO-3 transformers initialises/loads the partitioned weights
+            self.policy = load_causal_lm(hp.policy, hp.policy_config, dtype=hp.dtype, seed=hp.seed, sampling=self.sampling)
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(self.policy)
             self.policy.config.use_cache = False
-        if self.needs_reference:
+        if self.needs_reference and zero3 is None:  # under ZeRO-3: built from the gathered policy at fit start
             ref = copy.deepcopy(self.policy).eval()
             ref.requires_grad_(False)
             object.__setattr__(self, "_reference", ref)
@@ -186,6 +189,8 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             self.prm.setup(self.device)
 
     def on_fit_start(self) -> None:
+        if self._reference is None and self.needs_reference and zero3_config(self._trainer) is not None:
+            object.__setattr__(self, "_reference", unpartitioned_copy(self.policy, self.device))
         self._place_frozen_models()
 
     def on_validation_start(self) -> None:

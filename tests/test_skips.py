@@ -17,7 +17,8 @@ from test_resume import (GroupNormAligner, StepRecorder, ToyPrompts, cli_fit_arg
                          tokenizer_dir)
 
 from prpo_lightning.config import OptimConfig
-from prpo_lightning.faults import ComponentError, SkipBudget, SkippedBatchesError
+from prpo_lightning.batch import ComponentContractError
+from prpo_lightning.faults import SkipBudget, SkippedBatchesError
 from prpo_lightning.prm import ProcessRewardModel, pad_step_scores
 from prpo_lightning.segmenter import Segmenter
 from prpo_lightning.verifier import OutcomeVerifier
@@ -161,18 +162,18 @@ def test_skipped_step_keeps_lr_schedule_on_global_step(tmp_path):
 
 @pytest.mark.parametrize("prm, match", [
     (BuggyPRM(), r"PRM BuggyPRM\.score raised AttributeError.*programming error.*never skipped"),
-    (ListPRM(), r"PRM ListPRM\.score returned list; it must return prpo_lightning\.prm\.ProcessScores.*pad_step_scores"),
+    (ListPRM(), r"PRM ListPRM\.score returned a list: return prpo_lightning\.prm\.ProcessScores.*pad_step_scores"),
 ])
 def test_prm_programming_errors_raise_under_skip(tmp_path, prm, match):
     module = make_module(tokenizer_dir(tmp_path), segmenter=OneSegment(), prm=prm, aligner=ProcessGroupNorm(),
                          on_prm_error="skip")
-    with deadline(180), pytest.raises(ComponentError, match=match):
+    with deadline(180), pytest.raises(ComponentContractError, match=match):
         make_trainer(tmp_path, 1).fit(module, ToyPrompts())
 
 
 def test_verifier_wrong_return_type_names_the_verifier(tmp_path):
     module = make_module(tokenizer_dir(tmp_path), verifier=StringVerifier())
-    with deadline(180), pytest.raises(ComponentError, match=r"verifier StringVerifier\.verify_batch returned str"):
+    with deadline(180), pytest.raises(ComponentContractError, match=r"verifier StringVerifier\.verify_batch returned a str"):
         make_trainer(tmp_path, 1).fit(module, ToyPrompts())
 
 
