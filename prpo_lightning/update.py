@@ -14,8 +14,8 @@ Shapes: ``b`` rows of a mini-/micro-batch, ``t`` completion length (trimmed to t
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
+import lightning as L
 import torch
 from torch import Tensor
 
@@ -25,9 +25,6 @@ from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, is_distri
 from prpo_lightning.logprobs import completion_logprobs
 from prpo_lightning.losses import aggregate_loss, kl_penalty, ppo_clip_loss
 from prpo_lightning.optim import grad_norm
-
-if TYPE_CHECKING:
-    from prpo_lightning.module import PRPOModule
 
 
 def loss_mask(batch: RolloutBatch, loss_cfg: LossConfig) -> Tensor:
@@ -60,7 +57,7 @@ def policy_gradient_terms(
     return pg, clipped
 
 
-def update_policy(module: PRPOModule, rollout: RolloutBatch | None) -> dict[str, float]:
+def update_policy(module: L.LightningModule, rollout: RolloutBatch | None) -> dict[str, float]:
     """PPO-clip updates over ``ppo_epochs`` × mini-batches of the rollout; returns loss statistics.
 
     With several ranks, ``mini_batch_size`` is per rank, loss normalisers are global (summed over ranks) and every
@@ -70,7 +67,7 @@ def update_policy(module: PRPOModule, rollout: RolloutBatch | None) -> dict[str,
     :meth:`~prpo_lightning.module.PRPOModule.on_optimizer_step_done` (which counts the policy's weight versions).
 
     Args:
-        module: the training module (policy, configs, optimizers, Lightning's ``manual_backward``).
+        module: the :class:`~prpo_lightning.module.PRPOModule` (policy, configs, optimizers, ``manual_backward``).
         rollout: the scored rollout of this rank, or None when it has no rows.
     """
     cfg = module.optim_cfg
@@ -106,7 +103,7 @@ def update_policy(module: PRPOModule, rollout: RolloutBatch | None) -> dict[str,
 
 
 def accumulate_gradients(
-    module: PRPOModule, rollout: RolloutBatch | None, idx: Tensor, n_micro: int | None = None
+    module: L.LightningModule, rollout: RolloutBatch | None, idx: Tensor, n_micro: int | None = None
 ) -> dict[str, float]:
     """Backward the mini-batch ``idx`` in micro-batches; the summed gradient equals the full mini-batch loss.
 
