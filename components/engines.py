@@ -122,8 +122,12 @@ class StaticCacheEngine(_PolicyEngine):
 
 
 class AutoEngine(_PolicyEngine):
-    """The default: :class:`StaticCacheEngine`'s decoder when the model is supported and ranks need not run in
-    lock-step, else Hugging Face ``generate`` (the choice and the reason are announced once per model), exactly
-    as ``sampling.engine: auto``."""
+    """The default: the sampler that ``sampling.engine`` names (kept for existing configs). With ``auto`` (its
+    default), :class:`StaticCacheEngine`'s decoder when the model is supported and ranks need not run in lock-step,
+    else Hugging Face ``generate`` (the choice and the reason are announced once per model); ``hf`` and ``static``
+    force one of them."""
 
     sampler = "auto"
+
+    def _sampling(self, sampling: SamplingConfig) -> SamplingConfig:
+        return sampling

@@ -42,6 +42,8 @@ class RolloutBatch:
         entropies: ``(B, T)`` float, full-vocabulary entropy (nats) of the distribution that produced
             each token (0 on padding).
         ref_logprobs: ``(B, T)`` float or None, log π_ref of each sampled token.
+        is_weights: ``(B, T)`` float or None, off-policy correction weight of each token's policy-gradient term
+            (:func:`~prpo_lightning.offpolicy.correction_weights`; None: weights ≡ 1).
         verdicts: ``B`` verifier verdicts.
         outcome_rewards: ``(B,)`` float, the verifier reward of each row.
         segment_spans: ``B`` lists of half-open token spans ``(start, end)`` that tile ``[0, L_i)``.
@@ -64,6 +66,7 @@ class RolloutBatch:
     old_logprobs: Tensor | None = None
     entropies: Tensor | None = None
     ref_logprobs: Tensor | None = None
+    is_weights: Tensor | None = None
     verdicts: list[Verdict] = field(default_factory=list)
     outcome_rewards: Tensor | None = None
     segment_spans: list[list[Span]] = field(default_factory=list)

@@ -78,9 +78,10 @@ def register_safe_globals() -> None:
     """Allow the project's config dataclasses (stored in checkpoint hyper-parameters) under ``torch.load``'s
     default ``weights_only=True``, so ``--ckpt_path`` resumes without unpickling arbitrary code."""
     from prpo_lightning.config import LossConfig, OptimConfig
+    from prpo_lightning.offpolicy import MismatchCheck, RolloutCorrectionConfig
     from prpo_lightning.rollout import SamplingConfig
 
-    torch.serialization.add_safe_globals([SamplingConfig, LossConfig, OptimConfig])
+    torch.serialization.add_safe_globals([SamplingConfig, LossConfig, OptimConfig, RolloutCorrectionConfig, MismatchCheck])
 
 
 def collect_rng_states() -> dict[str, Any]:

@@ -2,11 +2,16 @@
 
 One training step (one batch of N prompts):
 
-1. sample G completions per prompt (``sampling.engine``: the static-cache decoder or HF ``generate``; no grad);
-2. when needed (off-policy updates, components that read them), one no-grad forward pass gives old log-probs and
-   full-vocabulary entropies ``(B, T)``, ``B = N·G``; a frozen reference model gives reference log-probs;
+1. the rollout engine (``model.engine``, :class:`~prpo_lightning.engine.RolloutEngine`; default
+   :class:`~components.engines.AutoEngine`) samples G completions per prompt;
+2. when needed (off-policy updates, components that read them, an engine that is not exactly the trainer's
+   distribution or cannot record entropies), one no-grad forward pass gives old log-probs and full-vocabulary
+   entropies ``(B, T)``, ``B = N·G``; a frozen reference model gives reference log-probs. When the engine returns
+   its own log-probs, the sampler-vs-trainer mismatch is logged and checked and the loss is importance-weighted
+   (:mod:`prpo_lightning.offpolicy`);
 3. the components grade, segment, score and align (:mod:`prpo_lightning.scoring`) → advantages ``(B, T)``;
-4. manual optimisation: ``ppo_epochs`` × mini-batches of PPO-clip (+ KL) loss, gradient clipping, LR schedule.
+4. manual optimisation (:mod:`prpo_lightning.update`): ``ppo_epochs`` × mini-batches of PPO-clip (+ KL) loss,
+   gradient clipping, LR schedule; then the engine's weights are synced to the policy.
 """
 
 from __future__ import annotations
@@ -26,16 +31,18 @@ from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
 from prpo_lightning.compat import enable_activation_checkpointing
 from prpo_lightning.config import LossConfig, OptimConfig, check_module_settings
+from prpo_lightning.engine import RolloutEngine, RolloutResult
 from prpo_lightning.evaluation.benchmarks import PAPER_PROMPT
 from prpo_lightning.evaluation.hooks import EvaluationHooks
 from prpo_lightning.faults import GuardedPRM, GuardedVerifier, PRMError, SkipBudget, advance_without_update
-from prpo_lightning.optim import grad_norm, lr_factor
-from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, group_seed, is_distributed
-from prpo_lightning.losses import aggregate_loss, kl_penalty, ppo_clip_loss
+from prpo_lightning.optim import lr_factor
+from prpo_lightning.distributed import all_reduce_max, group_seed
 from prpo_lightning.models import load_causal_lm, load_tokenizer
+from prpo_lightning.offpolicy import MismatchCheck, RolloutCorrectionConfig, correction_weights, mismatch_metrics
 from prpo_lightning.prm import ProcessRewardModel
-from prpo_lightning.logprobs import batched_logprobs, completion_logprobs
-from prpo_lightning.rollout import SamplingConfig, generate_completions, generate_groups, left_pad, pad_token_id
+from prpo_lightning.logprobs import batched_logprobs
+from prpo_lightning.rollout import SamplingConfig, left_pad, pad_token_id
+from prpo_lightning import update
 from prpo_lightning.scoring import compute_advantages
 from prpo_lightning.segmenter import Segmenter
 from prpo_lightning.verifier import OutcomeVerifier
@@ -50,6 +57,8 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         aligner: turns rewards and step scores into ``(B, T)`` token advantages.
         segmenter: cuts completions into steps (needed when ``aligner.uses_process_scores``).
         prm: scores the steps (needed when ``aligner.uses_process_scores``).
+        engine: samples the rollouts and evaluation completions (None: :class:`~components.engines.AutoEngine`,
+            the static-cache decoder when the model supports it, else HF ``generate``, as ``sampling.engine``).
         policy: Hugging Face id, local path or builtin name of the policy (loaded with ``AutoModelForCausalLM``).
         policy_config: instead of ``policy``, a config dict (with ``model_type``) for a randomly
             initialised model (tests).
@@ -70,6 +79,10 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         max_consecutive_skips: batches in a row that may update nothing (every prompt too long, or a skipped PRM
             failure); one more stops training with a ``SkippedBatchesError`` naming the cause. A skipped batch
             still counts as one step (``global_step`` and the LR schedule advance, the weights do not change).
+        rollout_correction: importance-sampling correction of the loss by ``π_old / π_sampler``, applied when the
+            engine returns sampler log-probs (``mode: null`` disables it).
+        rollout_check: the sampler-vs-trainer self-check (metric, threshold, ``warn`` or ``raise``), run every step
+            when the engine returns sampler log-probs.
 
     Raises:
         ValueError: if the aligner needs process scores and no segmenter/PRM is given, the policy is specified
@@ -97,6 +110,9 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         seed: int = 0,
         on_prm_error: Literal["raise", "skip"] = "raise",
         max_consecutive_skips: int = 3,
+        engine: RolloutEngine | None = None,
+        rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig(),
+        rollout_check: MismatchCheck = MismatchCheck(),
     ) -> None:
         super().__init__()
         if (policy is None) == (policy_config is None):
@@ -110,8 +126,17 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         if policy_config is not None and tokenizer is None:
             raise ValueError("a policy built from policy_config needs model.tokenizer (a local tokenizer path)")
         check_module_settings(aligner, sampling.num_generations, policy, tokenizer)
-        self.save_hyperparameters(ignore=["verifier", "aligner", "segmenter", "prm"])
+        self.save_hyperparameters(ignore=["verifier", "aligner", "segmenter", "prm", "engine"])
         self.verifier, self.aligner, self.segmenter, self.prm = verifier, aligner, segmenter, prm
+        if engine is None:
+            from components.engines import AutoEngine
+
+            engine = AutoEngine()
+        self.engine: RolloutEngine = engine
+        self.rollout_correction, self.rollout_check = rollout_correction, rollout_check
+        self._weights_version = 0  # optimizer steps + checkpoint loads so far; the engine must hold this version
+        self._engine_ready = False  # engine.setup was called (and teardown not since)
+        self._engine_stale = False  # a checkpoint was loaded into the policy after the engine's last sync
         self.sampling, self.loss_cfg, self.optim_cfg = sampling, loss, optim
         self.automatic_optimization = False
         self.policy: torch.nn.Module | None = None
@@ -135,16 +160,24 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         """Whether old log-probs/entropies must be computed in a separate no-grad pass right after sampling.
 
         They are not needed when the update is on-policy (one PPO epoch over one mini-batch: π_old = π_θ, so
-        the update's own forward pass gives ``log π_old = log π_θ.detach()``, ratio ≡ 1, as verl does) and no
-        component reads log-probs before the update (``requires_reference`` or ``requires_rollout_logprobs``).
-        Entropies for an entropy-spike segmenter then come from generation itself
-        (:attr:`records_generation_entropies`). Skipping the pass saves one forward over every completion.
+        the update's own forward pass gives ``log π_old = log π_θ.detach()``, ratio ≡ 1, as verl does), no
+        component reads log-probs before the update (``requires_reference`` or ``requires_rollout_logprobs``) and
+        the engine samples from exactly the trainer's distribution (``capabilities.exact_trainer_distribution``)
+        and can record the entropies a segmenter needs (``capabilities.entropies``). Entropies for an entropy-spike
+        segmenter then come from generation itself (:attr:`records_generation_entropies`). Skipping the pass saves
+        one forward over every completion.
         """
         cfg = self.optim_cfg
         off_policy = cfg.ppo_epochs > 1 or cfg.mini_batch_size is not None
         flags = ("requires_reference", "requires_rollout_logprobs")
         reads_logprobs = any(getattr(c, f, False) for c in (self.aligner, self.prm) for f in flags)
-        return off_policy or reads_logprobs
+        caps = self.engine.capabilities
+        engine_needs_pass = not caps.exact_trainer_distribution or (self._segmenter_needs_entropies and not caps.entropies)
+        return off_policy or reads_logprobs or engine_needs_pass
+
+    @property
+    def _segmenter_needs_entropies(self) -> bool:
+        return self.aligner.uses_process_scores and getattr(self.segmenter, "requires_entropies", False)
 
     @property
     def shares_prompt_prefix(self) -> bool:
@@ -158,8 +191,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
     def records_generation_entropies(self) -> bool:
         """Whether entropies are recorded during sampling (:class:`~prpo_lightning.rollout.EntropyRecorder`):
         the segmenter needs them and no separate log-prob pass computes them."""
-        uses_entropy = self.aligner.uses_process_scores and getattr(self.segmenter, "requires_entropies", False)
-        return uses_entropy and not self.needs_rollout_logprobs
+        return self._segmenter_needs_entropies and not self.needs_rollout_logprobs
 
     def configure_model(self) -> None:
         """Load tokenizer, policy and (if needed) the frozen reference model, and give the segmenter and PRM the
@@ -192,12 +224,58 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         if self._reference is None and self.needs_reference and zero3_config(self._trainer) is not None:
             object.__setattr__(self, "_reference", unpartitioned_copy(self.policy, self.device))
         self._place_frozen_models()
+        self.setup_engine()
 
     def on_validation_start(self) -> None:
         self._place_frozen_models()
+        self.setup_engine()
 
     def on_test_start(self) -> None:
         self._place_frozen_models()
+        self.setup_engine()
+
+    def on_fit_end(self) -> None:
+        self.teardown_engine()
+
+    def on_validation_end(self) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "validate":  # not the validation loop of fit
+            self.teardown_engine()
+
+    def on_test_end(self) -> None:
+        self.teardown_engine()
+
+    # ------------------------------------------------------------------ rollout engine
+    def setup_engine(self) -> RolloutEngine:
+        """Set the engine up on the placed policy (once) and sync it when the policy's weights changed since (a
+        checkpoint load). Called at fit/validate/test start and lazily by :meth:`make_rollout`, on every rank."""
+        if not self._engine_ready:
+            self.engine.setup(self.policy, self.tokenizer, self.device, lockstep=self._synced_generation())
+            self._engine_ready = True
+            self._engine_stale = True
+        if self._engine_stale:
+            self.engine.sync_weights(self.policy, self._weights_version)
+            self._engine_stale = False
+        return self.engine
+
+    def teardown_engine(self) -> None:
+        """Release the engine's resources (fit/validate/test end); the next rollout sets it up again."""
+        if self._engine_ready:
+            self.engine.teardown()
+            self._engine_ready = False
+
+    def on_optimizer_step_done(self) -> None:
+        """Count one weight update (:func:`prpo_lightning.update.update_policy` calls it after every optimizer
+        step); :meth:`sync_engine` then brings the engine to this version."""
+        self._weights_version += 1
+
+    def sync_engine(self) -> None:
+        """Wake the engine (sleep mode) and, when the policy was updated since its last sync, stream the weights
+        into it (on every rank: ZeRO-3 shards are gathered collectively)."""
+        if not self._engine_ready:
+            return
+        self.engine.wake_up()
+        if self.engine.weight_version != self._weights_version:
+            self.engine.sync_weights(self.policy, self._weights_version)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the global RNG states (torch, CUDA, numpy, python) of this rank with the checkpoint.
@@ -209,6 +287,8 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # EvaluationHooks: the checkpoint's step labels validate/test
+        self._weights_version += 1  # the weights load after this hook: the engine syncs at the next stage start
+        self._engine_stale = True
         if checkpoint.get("prpo_rng_states") is not None:
             restore_rng_states(checkpoint["prpo_rng_states"])
 
@@ -242,13 +322,13 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         sampling: SamplingConfig | None = None,
         with_logprobs: bool | None = None,
     ) -> tuple[RolloutBatch | None, dict[str, float]]:
-        """Sample completions for a prompt batch and compute old (and reference) log-probs and entropies.
+        """Sample completions for a prompt batch with the engine and compute old (and reference) log-probs.
 
         Prompts longer than ``sampling.max_prompt_length`` tokens are skipped and counted. Sampling is seeded
         from ``(seed, global_step, prompt id)`` per group (or ``(seed, global_step, rank)`` per batch when
-        ``sampling.seed_per_group`` is False), so reruns and resumed runs draw the same completions. Under
-        ZeRO-3 every rank makes the same number of ``generate`` calls and forward passes (ranks that skipped
-        prompts make throw-away calls), so no rank waits forever for another.
+        ``sampling.seed_per_group`` is False and the engine shares one random stream per batch), so reruns and
+        resumed runs draw the same completions. The engine is called on every rank, even without prompts (under
+        ZeRO-3 it keeps ranks in lock-step); the module keeps its own forward passes in lock-step.
 
         Args:
             batch: collated prompts (``id``, ``problem``, ``answer``; an optional per-row ``prompt_template``
@@ -260,76 +340,81 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
 
         Returns:
             ``(rollout, metrics)``; ``rollout`` lives on the CPU and is None when every prompt was skipped.
+
+        Raises:
+            StaleWeightsError: the engine was not synced after the policy's last update.
+            SamplerMismatchError: the self-check (``rollout_check``, mode ``raise``) failed.
         """
         sampling = sampling or self.sampling
         with_logprobs = (not greedy) if with_logprobs is None else with_logprobs
-        entropies: list[Tensor] | None = [] if with_logprobs and self.records_generation_entropies else None
         g = num_generations or (1 if greedy else sampling.num_generations)
         templates = batch.get("prompt_template") or [None] * len(batch["problem"])
         texts = [self.format_prompt(p, t) for p, t in zip(batch["problem"], templates)]
         token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         keep = [i for i, ids in enumerate(token_ids) if len(ids) <= sampling.max_prompt_length]
         metrics = {"data/skipped_long_prompts": float(len(texts) - len(keep))}
-        synced = self._synced_generation()
-        if sampling.seed_per_group:
-            seeds = [group_seed(self.hparams.seed, self.global_step, int(batch["id"][i])) for i in keep]
-            extra = all_reduce_max(len(keep)) - len(keep) if synced else 0
-            prompts = [torch.tensor(token_ids[i], dtype=torch.long) for i in keep]
-            comp, comp_mask, truncated = generate_groups(
-                self.policy, self.tokenizer, prompts, g, sampling, seeds, greedy, synced, extra, entropies
-            )
-        else:
-            chunk = sampling.generation_batch_size or len(keep) * g or 1
-            n_calls = math.ceil(len(keep) * g / chunk)
-            extra = all_reduce_max(n_calls) - n_calls if synced else 0
-            if extra:  # throw-away calls so that every rank calls generate equally often under ZeRO-3
-                generate_groups(self.policy, self.tokenizer, [], g, sampling, None, greedy, True, extra)
+        engine = self.setup_engine()
+        seeds = [group_seed(self.hparams.seed, self.global_step, int(batch["id"][i])) for i in keep]
+        batch_seed = None if sampling.seed_per_group else group_seed(self.hparams.seed, self.global_step, -1 - self.global_rank)
+        result = engine.generate(
+            [torch.tensor(token_ids[i], dtype=torch.long) for i in keep], g, sampling, seeds, greedy,
+            record_entropies=with_logprobs and self.records_generation_entropies, batch_seed=batch_seed,
+            policy_version=self._weights_version,
+        )
         if not keep:
-            if synced:
+            if self._synced_generation():
                 self._lockstep_forwards(0)
             return None, metrics
         rows = torch.tensor(keep).repeat_interleave(g)  # (B,) prompt row of each completion
         prompt_ids, prompt_mask = left_pad([token_ids[i] for i in keep], pad_token_id(self.tokenizer), self.device)
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)  # (B, P)
-        if not sampling.seed_per_group:
-            cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(group_seed(self.hparams.seed, self.global_step, -1 - self.global_rank))
-                comp, comp_mask, truncated = generate_completions(
-                    self.policy, self.tokenizer, prompt_ids, prompt_mask, sampling, greedy=greedy,
-                    synced_gpus=synced, entropies_out=entropies,
-                )
         rollout = RolloutBatch(
             prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
-            completion_ids=comp.cpu(), completion_mask=comp_mask.cpu(),
+            completion_ids=result.completion_ids.cpu(), completion_mask=result.completion_mask.cpu(),
             group_ids=batch["id"].cpu()[rows],
             problems=[batch["problem"][i] for i in rows.tolist()],
             answers=[batch["answer"][i] for i in rows.tolist()],
-            completions=self.tokenizer.batch_decode(comp, skip_special_tokens=True),
-            truncated=truncated.cpu(),
-            entropies=entropies[0].cpu() if entropies else None,
+            completions=self.tokenizer.batch_decode(result.completion_ids, skip_special_tokens=True),
+            truncated=result.truncated.cpu(),
+            entropies=result.entropies.cpu() if result.entropies is not None else None,
         )
         if with_logprobs:
-            self._add_logprobs(rollout, prompt_ids, prompt_mask, comp, comp_mask)
-        elif synced:
+            metrics.update(self._add_logprobs(rollout, prompt_ids, prompt_mask, result))
+        elif self._synced_generation():
             self._lockstep_forwards(0)
         return rollout, metrics
 
-    def _add_logprobs(self, rollout: RolloutBatch, p_ids: Tensor, p_mask: Tensor, c_ids: Tensor, c_mask: Tensor) -> None:
+    def _add_logprobs(self, rollout: RolloutBatch, p_ids: Tensor, p_mask: Tensor, result: RolloutResult) -> dict[str, float]:
+        """Old log-probs and entropies (no-grad pass, when :attr:`needs_rollout_logprobs`), the sampler-vs-trainer
+        self-check and importance weights (when the engine returned log-probs), and reference log-probs."""
         micro_size = self.optim_cfg.micro_batch_size
         temp, share = self.sampling.temperature, self.shares_prompt_prefix
+        c_ids, c_mask = result.completion_ids.to(self.device), result.completion_mask.to(self.device)  # (B, T)
+        metrics: dict[str, float] = {}
         if self.needs_rollout_logprobs:
             old, ent = batched_logprobs(
                 self.policy, p_ids, p_mask, c_ids, c_mask, temp, micro_size, with_entropy=True, share_prompts=share
-            )
+            )  # (B, T), (B, T)
             rollout.old_logprobs, rollout.entropies = old.cpu(), ent.cpu()
             if self._synced_generation():
                 self._lockstep_forwards(math.ceil(c_ids.shape[0] / micro_size))
+        if result.sampler_logprobs is not None and rollout.old_logprobs is not None:
+            sampler = result.sampler_logprobs.cpu()  # (B, T)
+            mismatch = mismatch_metrics(sampler, rollout.old_logprobs, rollout.completion_mask)
+            metrics.update(mismatch)
+            self.rollout_check(mismatch, step=self.global_step)
+            if self.rollout_correction.mode is not None:
+                weights, is_metrics = correction_weights(
+                    rollout.old_logprobs, sampler, rollout.completion_mask, self.rollout_correction
+                )  # (B, T)
+                rollout.is_weights = weights
+                metrics.update(is_metrics)
         if self._reference is not None:
             ref, _ = batched_logprobs(
                 self._reference, p_ids, p_mask, c_ids, c_mask, temp, micro_size, with_entropy=False, share_prompts=share
             )
             rollout.ref_logprobs = ref.cpu()
+        return metrics
 
     def _lockstep_forwards(self, num_calls: int) -> None:
         """ZeRO-3: make up the difference to the most policy forward passes any rank made (parameters are
@@ -351,6 +436,8 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         t0 = time.perf_counter()
         rollout, metrics = self.make_rollout(batch)
+        if self.engine.capabilities.supports_sleep:
+            self.engine.sleep()  # free the engine's memory for scoring and the update
         t1 = time.perf_counter()
         no_prompts, prm_error = rollout is None, None
         if rollout is not None:
@@ -370,117 +457,26 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         if nothing_to_update:  # on every rank: the step and the LR schedule move on, the weights do not
             metrics["lr"] = float(self.lr_schedulers().get_last_lr()[0])
             advance_without_update(self.trainer, self.lr_schedulers())
+            self.sync_engine()  # wakes the engine; the weights did not change, so nothing is streamed
             self.log_dict({f"train/{k}": v for k, v in metrics.items()})
             return None
         t2 = time.perf_counter()
         metrics.update(self.update_policy(rollout))  # a rank without rows joins with zero-weighted passes
         t3 = time.perf_counter()
-        metrics.update({"time/rollout_s": t1 - t0, "time/scoring_s": t2 - t1, "time/update_s": t3 - t2})
+        self.sync_engine()
+        t4 = time.perf_counter()
+        metrics.update({"time/rollout_s": t1 - t0, "time/scoring_s": t2 - t1, "time/update_s": t3 - t2,
+                        "time/weight_sync_s": t4 - t3})
         self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False)
         if rollout is not None:
             self.log_dict({"reward": metrics["reward/mean"], "acc": metrics["accuracy"]}, prog_bar=True, logger=False)
         return None
 
     def update_policy(self, rollout: RolloutBatch | None) -> dict[str, float]:
-        """PPO-clip updates over ``ppo_epochs`` × mini-batches of the rollout; returns loss statistics.
-
-        With several ranks, ``mini_batch_size`` is per rank, loss normalisers are global (summed over ranks)
-        and every rank makes the same number of backward passes and optimizer steps: a rank with fewer rows
-        (skipped prompts, or ``rollout=None``) backpropagates zero-weighted dummy passes. The returned loss
-        statistics are summed over ranks, i.e. they are the loss of the global batch.
-        """
-        cfg = self.optim_cfg
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        n = rollout.size if rollout is not None else 0
-        n_max = all_reduce_max(n)  # rows of the largest rank: sets the loop structure on every rank
-        if n_max == 0:
-            return {}
-        mb = min(cfg.mini_batch_size or n_max, n_max)
-        gen = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
-        sums: dict[str, float] = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
-        n_updates, lrs_used = 0, []
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(n, generator=gen) if (mb < n_max or cfg.ppo_epochs > 1) else torch.arange(n)
-            for start in range(0, n_max, mb):
-                idx = order[start : start + mb]  # (b,), possibly empty on a rank with fewer rows
-                n_micro = math.ceil(min(mb, n_max - start) / self.optim_cfg.micro_batch_size)
-                opt.zero_grad()
-                stats = self._accumulate_gradients(rollout, idx, n_micro)
-                if cfg.grad_clip is not None:
-                    stats["grad_norm"] = grad_norm(self.policy)
-                    self.clip_gradients(opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
-                lrs_used.append(float(sched.get_last_lr()[0]))  # the rate this step uses
-                opt.step()
-                sched.step()
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_updates += 1
-        out = {k: v / max(n_updates, 1) for k, v in sums.items()}
-        out["lr"] = sum(lrs_used) / len(lrs_used)  # mean rate of this batch's steps (not the next step's)
-        return out
-
-    def _loss_mask(self, batch: RolloutBatch) -> Tensor:
-        """``(b, T)`` tokens that enter the loss: the completion mask, minus truncated completions when
-        ``loss.mask_truncated_completions`` is set."""
-        mask = batch.completion_mask
-        if self.loss_cfg.mask_truncated_completions and batch.truncated is not None:
-            mask = mask & ~batch.truncated.bool()[:, None]
-        return mask
+        """PPO-clip updates over ``ppo_epochs`` × mini-batches of the rollout (:func:`prpo_lightning.update.update_policy`);
+        returns the loss statistics of the global batch."""
+        return update.update_policy(self, rollout)
 
     def _accumulate_gradients(self, rollout: RolloutBatch | None, idx: Tensor, n_micro: int | None = None) -> dict[str, float]:
-        """Backward the mini-batch ``idx`` in micro-batches; the summed gradient equals the full mini-batch loss.
-
-        Token and sequence counts are summed over ranks and each rank's loss is multiplied by the world size,
-        so the gradient that DDP/DeepSpeed average over ranks is the gradient of the global mini-batch loss.
-        ``n_micro`` (the same on every rank) pads this rank's micro-batches with zero-weighted dummy passes.
-        """
-        lcfg = self.loss_cfg
-        rows = rollout.select(idx) if rollout is not None and idx.numel() else None
-        loss_mask = self._loss_mask(rows) if rows is not None else torch.zeros(0, 1, dtype=torch.bool)  # (b, T)
-        n_seq = float(idx.numel())
-        if rows is not None and lcfg.mask_truncated_completions and rows.truncated is not None:
-            n_seq -= float(rows.truncated.sum())
-        n_tok, n_seq = all_reduce_sum([float(loss_mask.sum()), n_seq])
-        n_tok, n_seq = max(n_tok, 1.0), max(n_seq, 1.0)
-        scale = float(torch.distributed.get_world_size()) if is_distributed() else 1.0
-        norm_c = lcfg.norm_constant or float(self.sampling.max_new_tokens)
-        on_policy = not self.needs_rollout_logprobs  # old log-probs come from this forward pass
-        stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
-        if on_policy:
-            stats["entropy"] = 0.0
-        pieces: list[Tensor | None] = list(idx.split(self.optim_cfg.micro_batch_size)) if rows is not None else []
-        pieces += [None] * max((n_micro or len(pieces)) - len(pieces), 0)
-        for micro_idx in pieces:
-            if micro_idx is None:  # lock-step dummy pass: all parameters take part, zero gradient
-                logits = self.policy(input_ids=self._dummy_ids()).logits
-                self.manual_backward(logits.float().sum() * 0.0)
-                continue
-            micro_rows = rollout.select(micro_idx)
-            t_len = int(micro_rows.completion_mask.sum(dim=1).max().clamp(min=1))  # trim right padding
-            dev = self.device
-            c_ids, c_attn = micro_rows.completion_ids[:, :t_len].to(dev), micro_rows.completion_mask[:, :t_len].to(dev)
-            c_mask = self._loss_mask(micro_rows)[:, :t_len].to(dev)  # (b, t) tokens in the loss
-            logp, ent = completion_logprobs(
-                self.policy, micro_rows.prompt_ids.to(dev), micro_rows.prompt_mask.to(dev), c_ids, c_attn, self.sampling.temperature,
-                with_entropy=on_policy, share_prompts=self.shares_prompt_prefix,
-            )  # (b, t), (b, t) | None
-            old = logp.detach() if on_policy else micro_rows.old_logprobs[:, :t_len].to(dev)  # (b, t)
-            if ent is not None:
-                stats["entropy"] += float((ent * c_mask).sum()) / n_tok
-            adv = micro_rows.advantages[:, :t_len].to(dev)  # (b, t)
-            pg, clipped = ppo_clip_loss(logp, old, adv, lcfg.eps_low, lcfg.eps_high, lcfg.dual_clip)  # (b, t)
-            agg = dict(mode=lcfg.aggregation, norm_constant=norm_c, num_tokens=n_tok, num_sequences=n_seq)
-            pg_loss = aggregate_loss(pg, c_mask, **agg)
-            loss = pg_loss
-            if self._reference is not None and lcfg.kl_coef > 0:
-                kl = kl_penalty(logp, micro_rows.ref_logprobs[:, :t_len].to(dev), lcfg.kl_estimator)  # (b, t)
-                kl_loss = aggregate_loss(kl, c_mask, **agg)
-                loss = loss + lcfg.kl_coef * kl_loss
-                stats["kl"] += float(kl_loss.detach())
-            self.manual_backward(loss * scale)
-            stats["loss"] += float(loss.detach())
-            stats["pg_loss"] += float(pg_loss.detach())
-            stats["clip_frac"] += float((clipped & c_mask).sum()) / n_tok
-        if is_distributed():  # each rank holds its share of the global loss: sum them
-            stats = dict(zip(stats, all_reduce_sum(list(stats.values()))))
-        return stats
+        """Backward the mini-batch ``idx`` (:func:`prpo_lightning.update.accumulate_gradients`)."""
+        return update.accumulate_gradients(self, rollout, idx, n_micro)

@@ -148,3 +148,21 @@ def test_failed_run_leaves_no_empty_version_folder(tmp_path):
     with pytest.raises(ValueError, match="learning rate"):
         cli_main(cli_fit_args(tmp_path, tok, 1, "--model.optim.lr=-1.0"))
     assert not list((tmp_path / "runs" / "toy").glob("version_*"))
+
+
+@pytest.mark.parametrize("engine", ["HFGenerateEngine", "StaticCacheEngine"])
+def test_demo_config_fits_with_an_engine_by_class_path(tmp_path, char_tokenizer, engine):
+    """``prpo-fit fit --config configs/demo.yaml --model.engine=components.engines.<Engine>`` with a tiny policy."""
+    args = [
+        "fit", "--config", str(REPO / "configs" / "demo.yaml"),
+        f"--model.engine=components.engines.{engine}",
+        "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+        "--trainer.callbacks=[]", "--model.sampling.num_generations=2", "--model.sampling.max_new_tokens=8",
+        "--data.init_args.batch_size=2",
+        *_tiny_overrides(char_tokenizer),
+    ]
+    cli = cli_main(args)
+    assert type(cli.model.engine).__name__ == engine
+    assert cli.trainer.global_step == 2
+    assert cli.model.engine.weight_version == cli.model._weights_version == 2  # synced after both updates
+    assert "train/rollout/kl" not in cli.trainer.callback_metrics  # exact engine: no sampler log-probs

@@ -158,3 +158,26 @@ def test_grpo_step_metrics_are_in_the_glossary(char_tokenizer: str) -> None:
     logged = {k for k in trainer.callback_metrics if k.startswith("train/")}
     missing = sorted(logged - glossary_terms())
     assert not missing, f"metrics missing from docs/metrics.rst: {missing}"
+
+
+def test_custom_engine_trains_syncs_and_passes_the_self_check(tmp_path) -> None:
+    """The how-to's RemoteEngine through two training steps: weights pushed at setup and after each update, the
+    server's log-probs equal the trainer's (the self-check in ``raise`` mode passes)."""
+    from prpo_lightning.config import LossConfig
+    from prpo_lightning.offpolicy import MismatchCheck
+    from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir
+
+    mod = _load("custom_engine")
+    module = make_module(tokenizer_dir(tmp_path), loss=LossConfig(kl_coef=0.0),
+                         rollout_check=MismatchCheck(metric="logp_diff_max", threshold=1e-4, mode="raise"))
+    module.configure_model()
+    server = mod.InProcessServer(module.policy, module.tokenizer)
+    module.engine = mod.RemoteEngine(server)
+    assert module.needs_rollout_logprobs  # not the trainer's kernels: a separate log π_old pass
+    trainer = make_trainer(tmp_path, 2)
+    trainer.fit(module, ToyPrompts(n=4, batch_size=2, seed=1))
+    assert server.loads == 4  # setup, the initial sync at fit start, and one per update
+    assert module.engine.weight_version == 2
+    for name, value in module.policy.state_dict().items():
+        assert torch.equal(server.model.state_dict()[name], value), name
+    assert float(trainer.callback_metrics["train/rollout/logp_diff_max"]) < 1e-4

@@ -1,0 +1,169 @@
+"""The PPO update of :class:`~prpo_lightning.module.PRPOModule`: epochs × mini-batches × micro-batches.
+
+The module calls :func:`update_policy` once per training step with the scored rollout. Each optimizer step
+backpropagates one mini-batch in micro-batches whose summed gradient equals the gradient of the whole mini-batch
+loss; with several ranks the normalisers are global and every rank makes the same number of passes.
+
+The per-token policy-gradient term is the PPO-clip loss, multiplied by the rollout's importance-sampling weights
+(``RolloutBatch.is_weights``, :func:`~prpo_lightning.offpolicy.correction_weights`) when the rollout engine is not
+exactly the trainer's distribution.
+
+Shapes: ``b`` rows of a mini-/micro-batch, ``t`` completion length (trimmed to the longest row).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from prpo_lightning.batch import RolloutBatch
+from prpo_lightning.config import LossConfig
+from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, is_distributed
+from prpo_lightning.logprobs import completion_logprobs
+from prpo_lightning.losses import aggregate_loss, kl_penalty, ppo_clip_loss
+from prpo_lightning.optim import grad_norm
+
+
+def loss_mask(batch: RolloutBatch, loss_cfg: LossConfig) -> Tensor:
+    """``(b, T)`` tokens that enter the loss: the completion mask, minus truncated completions when
+    ``loss.mask_truncated_completions`` is set."""
+    mask = batch.completion_mask
+    if loss_cfg.mask_truncated_completions and batch.truncated is not None:
+        mask = mask & ~batch.truncated.bool()[:, None]
+    return mask
+
+
+def policy_gradient_terms(
+    logp: Tensor, old: Tensor, adv: Tensor, is_weights: Tensor | None, loss_cfg: LossConfig
+) -> tuple[Tensor, Tensor]:
+    """Per-token policy-gradient loss: PPO-clip, times the importance-sampling weight of each token.
+
+    Args:
+        logp: ``(b, t)`` ``log π_θ`` of the sampled tokens (with grad).
+        old: ``(b, t)`` ``log π_old`` (no grad).
+        adv: ``(b, t)`` token advantages.
+        is_weights: ``(b, t)`` off-policy correction weights ``w_t`` (no grad), or None (weights ≡ 1).
+        loss_cfg: clip ranges and dual clip.
+
+    Returns:
+        ``(pg, clipped)``: ``(b, t)`` ``w_t · ppo_clip_t`` and the ``(b, t)`` bool clip indicator.
+    """
+    pg, clipped = ppo_clip_loss(logp, old, adv, loss_cfg.eps_low, loss_cfg.eps_high, loss_cfg.dual_clip)  # (b, t)
+    if is_weights is not None:
+        pg = pg * is_weights.to(pg.dtype)  # (b, t)
+    return pg, clipped
+
+
+def update_policy(module: L.LightningModule, rollout: RolloutBatch | None) -> dict[str, float]:
+    """PPO-clip updates over ``ppo_epochs`` × mini-batches of the rollout; returns loss statistics.
+
+    With several ranks, ``mini_batch_size`` is per rank, loss normalisers are global (summed over ranks) and every
+    rank makes the same number of backward passes and optimizer steps: a rank with fewer rows (skipped prompts, or
+    ``rollout=None``) backpropagates zero-weighted dummy passes. The returned loss statistics are summed over ranks,
+    i.e. they are the loss of the global batch. After every optimizer step it calls
+    :meth:`~prpo_lightning.module.PRPOModule.on_optimizer_step_done` (which counts the policy's weight versions).
+
+    Args:
+        module: the :class:`~prpo_lightning.module.PRPOModule` (policy, configs, optimizers, ``manual_backward``).
+        rollout: the scored rollout of this rank, or None when it has no rows.
+    """
+    cfg = module.optim_cfg
+    opt, sched = module.optimizers(), module.lr_schedulers()
+    n = rollout.size if rollout is not None else 0
+    n_max = all_reduce_max(n)  # rows of the largest rank: sets the loop structure on every rank
+    if n_max == 0:
+        return {}
+    mb = min(cfg.mini_batch_size or n_max, n_max)
+    gen = torch.Generator().manual_seed(module.hparams.seed * 1_000_003 + module.global_step)
+    sums: dict[str, float] = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    n_updates, lrs_used = 0, []
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=gen) if (mb < n_max or cfg.ppo_epochs > 1) else torch.arange(n)
+        for start in range(0, n_max, mb):
+            idx = order[start : start + mb]  # (b,), possibly empty on a rank with fewer rows
+            n_micro = math.ceil(min(mb, n_max - start) / cfg.micro_batch_size)
+            opt.zero_grad()
+            stats = module._accumulate_gradients(rollout, idx, n_micro)
+            if cfg.grad_clip is not None:
+                stats["grad_norm"] = grad_norm(module.policy)
+                module.clip_gradients(opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
+            lrs_used.append(float(sched.get_last_lr()[0]))  # the rate this step uses
+            opt.step()
+            sched.step()
+            module.on_optimizer_step_done()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_updates += 1
+    out = {k: v / max(n_updates, 1) for k, v in sums.items()}
+    out["lr"] = sum(lrs_used) / len(lrs_used)  # mean rate of this batch's steps (not the next step's)
+    return out
+
+
+def accumulate_gradients(
+    module: L.LightningModule, rollout: RolloutBatch | None, idx: Tensor, n_micro: int | None = None
+) -> dict[str, float]:
+    """Backward the mini-batch ``idx`` in micro-batches; the summed gradient equals the full mini-batch loss.
+
+    Token and sequence counts are summed over ranks and each rank's loss is multiplied by the world size, so the
+    gradient that DDP/DeepSpeed average over ranks is the gradient of the global mini-batch loss. ``n_micro`` (the
+    same on every rank) pads this rank's micro-batches with zero-weighted dummy passes.
+
+    Args:
+        module: the training module.
+        rollout: the scored rollout (None: this rank only makes dummy passes).
+        idx: ``(b,)`` rows of the mini-batch.
+        n_micro: micro-batches every rank makes (default: this rank's own count).
+    """
+    lcfg, micro_size = module.loss_cfg, module.optim_cfg.micro_batch_size
+    rows = rollout.select(idx) if rollout is not None and idx.numel() else None
+    mask = loss_mask(rows, lcfg) if rows is not None else torch.zeros(0, 1, dtype=torch.bool)  # (b, T)
+    n_seq = float(idx.numel())
+    if rows is not None and lcfg.mask_truncated_completions and rows.truncated is not None:
+        n_seq -= float(rows.truncated.sum())
+    n_tok, n_seq = all_reduce_sum([float(mask.sum()), n_seq])
+    n_tok, n_seq = max(n_tok, 1.0), max(n_seq, 1.0)
+    scale = float(torch.distributed.get_world_size()) if is_distributed() else 1.0
+    agg = dict(mode=lcfg.aggregation, norm_constant=lcfg.norm_constant or float(module.sampling.max_new_tokens),
+               num_tokens=n_tok, num_sequences=n_seq)
+    on_policy = not module.needs_rollout_logprobs  # old log-probs come from this forward pass
+    stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+    if on_policy:
+        stats["entropy"] = 0.0
+    pieces: list[Tensor | None] = list(idx.split(micro_size)) if rows is not None else []
+    pieces += [None] * max((n_micro or len(pieces)) - len(pieces), 0)
+    for micro_idx in pieces:
+        if micro_idx is None:  # lock-step dummy pass: all parameters take part, zero gradient
+            logits = module.policy(input_ids=module._dummy_ids()).logits
+            module.manual_backward(logits.float().sum() * 0.0)
+            continue
+        micro = rollout.select(micro_idx)
+        t_len = int(micro.completion_mask.sum(dim=1).max().clamp(min=1))  # trim right padding
+        dev = module.device
+        c_ids, c_attn = micro.completion_ids[:, :t_len].to(dev), micro.completion_mask[:, :t_len].to(dev)  # (b, t)
+        c_mask = loss_mask(micro, lcfg)[:, :t_len].to(dev)  # (b, t) tokens in the loss
+        logp, ent = completion_logprobs(
+            module.policy, micro.prompt_ids.to(dev), micro.prompt_mask.to(dev), c_ids, c_attn,
+            module.sampling.temperature, with_entropy=on_policy, share_prompts=module.shares_prompt_prefix,
+        )  # (b, t), (b, t) | None
+        old = logp.detach() if on_policy else micro.old_logprobs[:, :t_len].to(dev)  # (b, t)
+        if ent is not None:
+            stats["entropy"] += float((ent * c_mask).sum()) / n_tok
+        weights = micro.is_weights[:, :t_len].to(dev) if micro.is_weights is not None else None  # (b, t)
+        pg, clipped = policy_gradient_terms(logp, old, micro.advantages[:, :t_len].to(dev), weights, lcfg)  # (b, t)
+        pg_loss = aggregate_loss(pg, c_mask, **agg)
+        loss = pg_loss
+        if module._reference is not None and lcfg.kl_coef > 0:
+            kl = kl_penalty(logp, micro.ref_logprobs[:, :t_len].to(dev), lcfg.kl_estimator)  # (b, t)
+            kl_loss = aggregate_loss(kl, c_mask, **agg)
+            loss = loss + lcfg.kl_coef * kl_loss
+            stats["kl"] += float(kl_loss.detach())
+        module.manual_backward(loss * scale)
+        stats["loss"] += float(loss.detach())
+        stats["pg_loss"] += float(pg_loss.detach())
+        stats["clip_frac"] += float((clipped & c_mask).sum()) / n_tok
+    if is_distributed():  # each rank holds its share of the global loss: sum them
+        stats = dict(zip(stats, all_reduce_sum(list(stats.values()))))
+    return stats
