@@ -84,6 +84,7 @@ class Profile:
     budgets: dict[str, float]
     min_start_s: float
     vocab: int = 128
+    zero3_new_tokens: int = 24
     notes: list[str] = field(default_factory=list)
 
 
@@ -192,7 +193,7 @@ class Check:
         checkpoint = zero_stage is not None or (self.p.dry_run and method == "grpo")
         run_dir = self.work / f"train_{name}"
         model_cfg = training.policy_config(self.p.model, self.p.vocab, layers)
-        cfg = training.run_config(run_dir, self.tokenizer_dir(), model_cfg, method, self.p.train,
+        cfg = training.run_config(run_dir, self.tokenizer_dir(), model_cfg, method, self.train_settings(zero_stage),
                                   "cpu" if self.p.dry_run else "gpu", self.p.train_steps, checkpoint)
         out = training.fit(run_dir, cfg, zero_stage, budget.remaining(), self.p.train_steps)
         if checkpoint and out["results"]["exit_code"] == 0:
@@ -201,11 +202,19 @@ class Check:
         out["results"]["layers"] = model_cfg["num_hidden_layers"]
         return out
 
+    def train_settings(self, zero_stage: int | None) -> dict[str, Any]:
+        """The profile's rollout sizes; under ZeRO-3 completions are shorter: every decode step there gathers each
+        layer's weights through DeepSpeed's hooks (HF ``generate`` with ``synced_gpus``), which took over a minute
+        for 128 tokens on one H200 (2026-11-29)."""
+        if zero_stage == 3 and not self.p.dry_run:
+            return dict(self.p.train, new_tokens=self.p.zero3_new_tokens)
+        return self.p.train
+
     def resume(self, budget: sections.Budget, source: str) -> dict[str, Any]:
         """One more step from ``source``'s checkpoint with ``--ckpt_path``."""
         ckpt, model_cfg, method, zero_stage, _ = self.checkpoint_of(source)
         run_dir = self.work / f"resume_{source}"
-        cfg = training.run_config(run_dir, self.tokenizer_dir(), model_cfg, method, self.p.train,
+        cfg = training.run_config(run_dir, self.tokenizer_dir(), model_cfg, method, self.train_settings(zero_stage),
                                   "cpu" if self.p.dry_run else "gpu", self.p.train_steps + 1, False)
         out = training.fit(run_dir, cfg, zero_stage, budget.remaining(), self.p.train_steps + 1, ckpt_path=ckpt)
         out["results"]["resumed_from"] = str(ckpt)

@@ -26,7 +26,7 @@ VERSIONED = ("torch", "transformers", "lightning", "torchmetrics", "deepspeed", 
              "typeshed_client", "latex2sympy2_extended", "antlr4-python3-runtime", "pydantic", "pydantic_core",
              "typing_extensions", "sympy", "numpy", "safetensors", "tokenizers", "accelerate", "peft", "vllm")
 IMPORTED = ("jsonargparse", "latex2sympy2_extended", "deepspeed")
-BF16_TIE_TOL = 2.0**-6  # 4 bf16 ulps (8 mantissa bits) of a logit in [1, 2)
+BF16_TIE_TOL = 2.0**-4  # 8 bf16 ulps (8 mantissa bits) of a logit in [1, 2): measured HF-vs-HF ties reach 6
 
 
 class Budget:
@@ -248,8 +248,8 @@ def _identity(model: Any, ids: Tensor, mask: Tensor, new_tokens: int, seed: int,
 def _hf_rounding_reference(model: Any, ids: Tensor, mask: Tensor, new_tokens: int) -> dict[str, Any]:
     """HF ``generate`` against itself in bf16: all rows in one call vs. the rows in calls of 4. Other batch shapes
     select other GEMM kernels, so this measures how far bf16 rounding alone moves greedy decoding; the static
-    decoder's bf16 divergences are accepted up to the largest relative tie gap seen here (at least
-    ``BF16_TIE_TOL``). Informational itself (``passed`` None)."""
+    decoder's bf16 output passes when it has no more divergent rows than HF against itself and every divergence is
+    a tie within ``BF16_TIE_TOL``. Informational itself (``passed`` None)."""
     whole = _hf_generate(model, ids, mask, 0, new_tokens, do_sample=False)
     pieces = [_hf_generate(model, ids[i:i + 4], mask[i:i + 4], 0, new_tokens, do_sample=False)
               for i in range(0, ids.shape[0], 4)]
@@ -310,10 +310,13 @@ def decoder(p: Any, device: torch.device, budget: Budget) -> dict[str, Any]:
         sampled = out if sampled is None else sampled
     checks["fp32_shared_prefix_logprobs"] = _shared_vs_plain(model, ids, mask, sampled, p.logprob_tol)
     model.to(torch.bfloat16)
-    checks["bf16_hf_vs_hf_reference"] = _hf_rounding_reference(model, ids, mask, t)
-    tol = max([BF16_TIE_TOL] + [g["top1_minus_top2"] / max(1.0, abs(g["top1_logit"]))
-                                for g in checks["bf16_hf_vs_hf_reference"].get("divergence_gaps", [])])
-    checks["bf16_greedy_identical_up_to_ties"], _ = _identity(model, ids, mask, t, 0, True, {}, tol)
+    reference = checks["bf16_hf_vs_hf_reference"] = _hf_rounding_reference(model, ids, mask, t)
+    check, _ = _identity(model, ids, mask, t, 0, True, {}, BF16_TIE_TOL)
+    if check["mismatches"]:  # judged against HF's own bf16 rounding: no more divergent rows, no wider ties
+        check["hf_vs_hf_rows_identical"] = reference["rows_identical"]
+        check["passed"] = check["rows_identical"] >= reference["rows_identical"] and all(
+            g["top1_minus_top2"] <= BF16_TIE_TOL * max(1.0, abs(g["top1_logit"])) for g in check["divergence_gaps"])
+    checks["bf16_greedy_identical_up_to_ties"] = check
     checks["bf16_shared_prefix_logprobs"] = _shared_vs_plain(model, ids, mask, sampled, None)
     results = {"rows": ids.shape[0], "prompt_len": ids.shape[1], "new_tokens": t,
                "parameters": sum(x.numel() for x in model.parameters()), "peak_memory_gib": peak_memory_gib(device)}
