@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import torch
 
 
@@ -25,3 +27,21 @@ def grad_norm(model: torch.nn.Module) -> float:
     """Global L2 norm of the gradients of ``model`` (before clipping)."""
     norms = [p.grad.detach().norm(2) for p in model.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def deepspeed_engine(trainer: Any) -> Any | None:
+    """The ``DeepSpeedEngine`` that wraps the module under Lightning's ``DeepSpeedStrategy``, else None."""
+    strategy = getattr(trainer, "strategy", None)
+    if type(strategy).__name__ != "DeepSpeedStrategy":
+        return None
+    return getattr(strategy, "model", None)
+
+
+def engine_grad_norm(engine: Any) -> float:
+    """The global gradient norm (before clipping) that a ``DeepSpeedEngine`` computed in its last ``step()``.
+
+    Under ZeRO the gradients are partitioned and ``p.grad`` is None, so :func:`grad_norm` would read 0; DeepSpeed
+    clips (its ``gradient_clipping`` setting) and records the norm itself.
+    """
+    value = engine.get_global_grad_norm()
+    return float(value) if value is not None else float("nan")

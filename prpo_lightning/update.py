@@ -24,7 +24,7 @@ from prpo_lightning.config import LossConfig
 from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, is_distributed
 from prpo_lightning.logprobs import completion_logprobs
 from prpo_lightning.losses import aggregate_loss, kl_penalty, ppo_clip_loss
-from prpo_lightning.optim import grad_norm
+from prpo_lightning.optim import deepspeed_engine, engine_grad_norm, grad_norm
 
 
 def loss_mask(batch: RolloutBatch, loss_cfg: LossConfig) -> Tensor:
@@ -77,6 +77,7 @@ def update_policy(module: L.LightningModule, rollout: RolloutBatch | None) -> di
     if n_max == 0:
         return {}
     mb = min(cfg.mini_batch_size or n_max, n_max)
+    ds_engine = deepspeed_engine(module.trainer)  # under DeepSpeed, p.grad is partitioned: ask the engine
     gen = torch.Generator().manual_seed(module.hparams.seed * 1_000_003 + module.global_step)
     sums: dict[str, float] = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
     n_updates, lrs_used = 0, []
@@ -87,11 +88,13 @@ def update_policy(module: L.LightningModule, rollout: RolloutBatch | None) -> di
             n_micro = math.ceil(min(mb, n_max - start) / cfg.micro_batch_size)
             opt.zero_grad()
             stats = module._accumulate_gradients(rollout, idx, n_micro)
-            if cfg.grad_clip is not None:
+            if cfg.grad_clip is not None and ds_engine is None:  # DeepSpeed clips inside its step
                 stats["grad_norm"] = grad_norm(module.policy)
                 module.clip_gradients(opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
             lrs_used.append(float(sched.get_last_lr()[0]))  # the rate this step uses
             opt.step()
+            if ds_engine is not None:
+                stats["grad_norm"] = engine_grad_norm(ds_engine)
             sched.step()
             module.on_optimizer_step_done()
             for k, v in stats.items():

@@ -111,3 +111,19 @@ def test_a1_token_mean_pg_loss():
     loss, _ = ppo_clip_loss(logp, logp, adv)
     assert float(aggregate_loss(loss, mask, "token-mean")) == pytest.approx(-0.652407, abs=1e-6)
     assert float(aggregate_loss(loss, mask, "seq-mean-token-mean")) == pytest.approx(-0.557223, abs=1e-6)
+
+
+def test_grad_norm_under_deepspeed_is_the_engines_own():
+    """Under ZeRO the gradients are partitioned (``p.grad`` is None), so the logged norm is the one the engine
+    computed in its step; without DeepSpeed there is no engine. (Found by the GPU check: ZeRO runs logged 0.)"""
+    from types import SimpleNamespace
+
+    from prpo_lightning.optim import deepspeed_engine, engine_grad_norm
+
+    class DeepSpeedStrategy:  # the name Lightning's strategy class has
+        model = SimpleNamespace(get_global_grad_norm=lambda: torch.tensor(2.5))
+
+    assert deepspeed_engine(SimpleNamespace(strategy=DeepSpeedStrategy())) is DeepSpeedStrategy.model
+    assert deepspeed_engine(SimpleNamespace(strategy=SimpleNamespace())) is None
+    assert engine_grad_norm(DeepSpeedStrategy.model) == 2.5
+    assert math.isnan(engine_grad_norm(SimpleNamespace(get_global_grad_norm=lambda: None)))
