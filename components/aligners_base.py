@@ -16,13 +16,23 @@ from torch import Tensor
 
 from prpo_lightning.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.grouping import group_count, group_loo_mean, group_mean, group_moments, group_zscore
+from prpo_lightning.grouping import (
+    batch_scaled_centred,
+    group_count,
+    group_loo_mean,
+    group_mean,
+    group_moments,
+    group_zscore,
+)
 
 _ALIGNERS: dict[str, type[AdvantageAligner]] = {}
 A = TypeVar("A", bound=type[AdvantageAligner])
 
 #: dtype used for every advantage computation (results are cast to float32).
 CALC = torch.float64
+
+#: accepted values of the aligners' ``scale_rewards`` (TRL's names): the std that divides the centred reward.
+SCALE_REWARDS = ("group", "batch", "none")
 
 
 def register_aligner(name: str) -> Callable[[A], A]:
@@ -81,6 +91,31 @@ def finish(adv: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, adv, torch.zeros_like(adv)).to(torch.float32)  # (B, T)
 
 
+def resolve_scale_rewards(owner: str, scale_rewards: str, std_normalize: bool = True) -> str:
+    """Check an aligner's ``scale_rewards`` against :data:`SCALE_REWARDS` and fold ``std_normalize=False`` into it.
+
+    Args:
+        owner: the aligner's class name, for the error message.
+        scale_rewards: ``"group"``, ``"batch"`` or ``"none"``.
+        std_normalize: the older switch; False means ``"none"``.
+
+    Returns:
+        The effective scaling.
+
+    Raises:
+        ValueError: for an unknown value, or ``std_normalize=False`` together with ``scale_rewards="batch"``.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"{owner}: scale_rewards must be one of {', '.join(map(repr, SCALE_REWARDS))}, "
+                         f"got {scale_rewards!r}")
+    if not std_normalize:
+        if scale_rewards == "batch":
+            raise ValueError(f"{owner}: std_normalize=False (no std division) contradicts scale_rewards='batch'; "
+                             "set only scale_rewards ('none' is the same as std_normalize=False)")
+        return "none"
+    return scale_rewards
+
+
 def normalized_outcome(
     r: Tensor,
     group_ids: Tensor,
@@ -88,23 +123,30 @@ def normalized_outcome(
     epsilon: float = 1e-6,
     unbiased: bool = True,
     min_std: float = 0.0,
+    scale_rewards: str = "group",
 ) -> Tensor:
-    """GRPO group normalisation ``(r_i − mean_g r)/(max(std_g r, min_std) + ε)`` (or only the centring).
+    """GRPO normalisation ``(r_i − mean_g r)/(max(std r, min_std) + ε)`` (or only the centring).
 
-    A group whose rewards are all equal gives exactly 0 for every ``ε``/``min_std``, and so does a singleton
-    (see :func:`prpo_lightning.grouping.group_zscore`).
+    ``std`` is the group's (``scale_rewards="group"``, default) or the whole batch's (``"batch"``); ``"none"``
+    (or ``std_normalize=False``) returns ``r_i − mean_g r`` (Dr. GRPO). A group whose rewards are all equal gives
+    exactly 0 for every setting, ``ε`` and ``min_std``, and so does a singleton (see
+    :func:`prpo_lightning.grouping.group_zscore` and :func:`~prpo_lightning.grouping.batch_scaled_centred`).
 
     Args:
         r: ``(B,)`` rewards.
         group_ids: ``(B,)`` prompt ids.
-        std_normalize: divide by the std (False: return ``r_i − mean_g r``).
+        std_normalize: divide by the std (False: ``"none"``).
         epsilon: ε added to the std.
         unbiased: Bessel-corrected std.
         min_std: floor on the std before adding ε.
+        scale_rewards: ``"group"``, ``"batch"`` or ``"none"`` (TRL's ``scale_rewards``).
     """
     gid = group_ids.to(r.device)
-    if not std_normalize:
+    scale = resolve_scale_rewards("normalized_outcome", scale_rewards, std_normalize)
+    if scale == "none":
         return r - group_mean(r, gid)  # (B,), exactly 0 in an equal-valued group
+    if scale == "batch":
+        return batch_scaled_centred(r, gid, epsilon, unbiased, min_std)  # (B,)
     return group_zscore(r, gid, epsilon, unbiased, min_std)  # (B,)
 
 

@@ -19,6 +19,7 @@ from components.aligners_base import (
     normalized_outcome,
     outcome_rewards,
     register_aligner,
+    resolve_scale_rewards,
 )
 from prpo_lightning.aligner import AdvantageAligner, checked_step_scores, step_values_to_tokens
 from prpo_lightning.batch import RolloutBatch
@@ -59,15 +60,24 @@ class SPROAligner(AdvantageAligner):
     Args:
         beta: β, the implicit-reward scale.
         msa_coef: c, weight of the MSA term (the paper's plain sum: 1).
-        std_normalize: GRPO std division of the outcome term.
+        std_normalize: GRPO std division of the outcome term (False: ``scale_rewards="none"``).
         epsilon: ε of the outcome term.
+        scale_rewards: std of the outcome term: ``"group"`` (default), ``"batch"`` or ``"none"`` (TRL's names).
     """
 
     uses_process_scores = False
     group_relative = True
     requires_reference = True
 
-    def __init__(self, beta: float = 0.05, msa_coef: float = 1.0, std_normalize: bool = True, epsilon: float = 1e-6):
+    def __init__(
+        self,
+        beta: float = 0.05,
+        msa_coef: float = 1.0,
+        std_normalize: bool = True,
+        epsilon: float = 1e-6,
+        scale_rewards: str = "group",
+    ) -> None:
+        self.scale_rewards = resolve_scale_rewards("SPROAligner", scale_rewards, std_normalize)
         self.beta = beta
         self.msa_coef = msa_coef
         self.std_normalize = std_normalize
@@ -84,7 +94,8 @@ class SPROAligner(AdvantageAligner):
     def align(self, batch: RolloutBatch) -> Tensor:
         """Return ``(B, T)`` float32 advantages."""
         mask = batch.completion_mask
-        ao = normalized_outcome(outcome_rewards(batch), batch.group_ids, self.std_normalize, self.epsilon)  # (B,)
+        ao = normalized_outcome(outcome_rewards(batch), batch.group_ids, True, self.epsilon,
+                                scale_rewards=self.scale_rewards)  # (B,)
         return finish(broadcast(ao, mask) + self.msa_coef * self.masked_step_advantage(batch), mask)
 
 

@@ -19,6 +19,7 @@ from components.aligners_base import (
     normalized_outcome,
     outcome_rewards,
     register_aligner,
+    resolve_scale_rewards,
 )
 from prpo_lightning.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
@@ -31,8 +32,10 @@ __all__ = ["DrGRPOAligner", "GRPOAligner", "RLOOAligner", "ReinforcePPBaselineAl
 class GRPOAligner(AdvantageAligner):
     """GRPO outcome advantage, broadcast to tokens.
 
-    ``A_{i,t} = (r_i − mean_g r) / (max(std_g r, min_std) + ε)`` for valid t, else 0, where ``g`` is row i's
-    group and std is unbiased by default (verl/TRL). Without std normalisation ``A_{i,t} = r_i − mean_g r``.
+    ``A_{i,t} = (r_i − mean_g r) / (max(std r, min_std) + ε)`` for valid t, else 0, where ``g`` is row i's
+    group and std is unbiased by default (verl/TRL). ``std`` is the group's (``scale_rewards="group"``, default)
+    or the whole batch's (``"batch"``; the rank's batch under DDP); with ``"none"`` (Dr. GRPO) or
+    ``std_normalize=False``, ``A_{i,t} = r_i − mean_g r``.
     A group whose rewards are all equal gives exactly 0 for every ``epsilon`` and ``min_std`` (equality is
     tested exactly, not through a rounded float std; a 0/0 is defined as 0). A singleton gives 0.
 
@@ -43,6 +46,11 @@ class GRPOAligner(AdvantageAligner):
         epsilon: ε added to the std (verl 1e-6, TRL 1e-4).
         unbiased: Bessel-corrected std (True in verl and TRL; False = population std).
         min_std: floor on the std before adding ε (the PRPO authors' ``grpo`` manager uses 0.1 for G ≤ 8).
+        scale_rewards: ``"group"`` (default), ``"batch"`` or ``"none"`` (TRL's ``scale_rewards``).
+
+    Raises:
+        ValueError: for a negative ``epsilon``/``min_std``, an unknown ``scale_rewards``, or
+            ``std_normalize=False`` with ``scale_rewards="batch"``.
     """
 
     uses_process_scores = False
@@ -50,10 +58,16 @@ class GRPOAligner(AdvantageAligner):
     requires_reference = False
 
     def __init__(
-        self, std_normalize: bool = True, epsilon: float = 1e-6, unbiased: bool = True, min_std: float = 0.0
+        self,
+        std_normalize: bool = True,
+        epsilon: float = 1e-6,
+        unbiased: bool = True,
+        min_std: float = 0.0,
+        scale_rewards: str = "group",
     ) -> None:
         if epsilon < 0 or min_std < 0:
             raise ValueError("epsilon and min_std must be >= 0")
+        self.scale_rewards = resolve_scale_rewards(type(self).__name__, scale_rewards, std_normalize)
         self.std_normalize = std_normalize
         self.epsilon = epsilon
         self.unbiased = unbiased
@@ -62,7 +76,9 @@ class GRPOAligner(AdvantageAligner):
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         """``(B,)`` float64 per-completion advantages."""
         r = outcome_rewards(batch)  # (B,)
-        return normalized_outcome(r, batch.group_ids, self.std_normalize, self.epsilon, self.unbiased, self.min_std)
+        return normalized_outcome(
+            r, batch.group_ids, True, self.epsilon, self.unbiased, self.min_std, self.scale_rewards
+        )  # (B,)
 
     def align(self, batch: RolloutBatch) -> Tensor:
         """Return ``(B, T)`` float32 advantages."""

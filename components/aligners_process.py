@@ -19,6 +19,7 @@ from components.aligners_base import (
     normalized_outcome,
     outcome_rewards,
     register_aligner,
+    resolve_scale_rewards,
 )
 from prpo_lightning.aligner import AdvantageAligner, token_step_scores
 from prpo_lightning.batch import RolloutBatch
@@ -101,7 +102,7 @@ class PRPOAligner(_FixedPriorZ, AdvantageAligner):
     ``β_i = (R_i − mean_g R)/(std_g R + ε)`` (``"zscore"``), and ``A_{i,t} = Z_{i,t} + β_i`` for every valid
     token (paper reading, default). With ``last_token_quirk=True`` the last valid token gets ``r + β`` (the
     authors' code). Padding gets 0. If every step score equals μ0, ``A = β`` (the outcome advantage).
-    Exact degenerate values: β = 0 for a group whose (augmented) rewards are all equal, in both outcome norms
+    Exact degenerate values: β = 0 for a group whose (augmented) rewards are all equal, in every outcome scaling
     and for every ``outcome_epsilon`` (0 included), and for a singleton; an empty completion's row is 0.
 
     Shapes: ``step_scores (B, S)``, ``segment_spans`` tiling ``[0, L_i)``, ``outcome_rewards (B,)`` →
@@ -119,6 +120,13 @@ class PRPOAligner(_FixedPriorZ, AdvantageAligner):
         prm_avg_in_outcome: srpo3 ("PRPO + PRM-Avg"): ``R'_i = R_i + mean PRM score`` before centring.
         prm_avg_over: ``"valid"`` tokens (default) or ``"padded"`` length (the code).
         pad_length: padded length for ``"padded"`` (default: the batch's T; the code used 2048).
+        scale_rewards: when set, replaces ``outcome_norm`` with TRL's names: ``"none"`` = ``"center"``,
+            ``"group"`` = ``"zscore"``, ``"batch"`` = centred by the group mean and divided by the std of the
+            whole batch (+ ``outcome_epsilon``). None (default): ``outcome_norm`` decides.
+
+    Raises:
+        ValueError: for an unknown ``outcome_norm``/``scale_rewards``, or ``outcome_norm="zscore"`` with a
+            ``scale_rewards`` other than ``"group"``.
     """
 
     uses_process_scores = True
@@ -135,10 +143,17 @@ class PRPOAligner(_FixedPriorZ, AdvantageAligner):
         prm_avg_in_outcome: bool = False,
         prm_avg_over: Literal["valid", "padded"] = "valid",
         pad_length: int | None = None,
+        scale_rewards: str | None = None,
     ) -> None:
         self._init_prior(prior, sigma0, prior_mean, last_token_quirk)
         if outcome_norm not in ("center", "zscore"):
             raise ValueError(f"outcome_norm must be 'center' or 'zscore', got {outcome_norm!r}")
+        if scale_rewards is None:
+            scale_rewards = "group" if outcome_norm == "zscore" else "none"
+        elif outcome_norm == "zscore" and scale_rewards != "group":
+            raise ValueError(f"PRPOAligner: outcome_norm='zscore' contradicts scale_rewards={scale_rewards!r}; "
+                             "set only scale_rewards ('group' is the same as outcome_norm='zscore')")
+        self.scale_rewards = resolve_scale_rewards("PRPOAligner", scale_rewards)
         self.outcome_norm = outcome_norm
         self.outcome_epsilon = outcome_epsilon
         self.prm_avg_in_outcome = prm_avg_in_outcome
@@ -150,9 +165,9 @@ class PRPOAligner(_FixedPriorZ, AdvantageAligner):
         r = outcome_rewards(batch)  # (B,)
         if self.prm_avg_in_outcome:
             r = r + mean_token_prm(r_tok, batch.completion_mask, self.prm_avg_over, self.pad_length)
-        if self.outcome_norm == "center":
+        if self.scale_rewards == "none":
             return r - group_mean(r, batch.group_ids.to(r.device))
-        return normalized_outcome(r, batch.group_ids, True, self.outcome_epsilon)
+        return normalized_outcome(r, batch.group_ids, True, self.outcome_epsilon, scale_rewards=self.scale_rewards)
 
     def align(self, batch: RolloutBatch) -> Tensor:
         """Return ``(B, T)`` float32 advantages."""
@@ -211,8 +226,13 @@ class PRMAvgAligner(AdvantageAligner):
     Args:
         mean_over: ``"valid"`` or ``"padded"``.
         pad_length: padded length for ``"padded"`` (default: the batch's T).
-        std_normalize: divide by the group std.
+        std_normalize: divide by the group std (False: ``scale_rewards="none"``).
         epsilon: ε added to the (unbiased) std.
+        scale_rewards: ``"group"`` (default), ``"batch"`` (std of the whole batch's ``R'``) or ``"none"``.
+
+    Raises:
+        ValueError: for an unknown ``mean_over``/``scale_rewards``, or ``std_normalize=False`` with
+            ``scale_rewards="batch"``.
     """
 
     uses_process_scores = True
@@ -225,9 +245,11 @@ class PRMAvgAligner(AdvantageAligner):
         pad_length: int | None = None,
         std_normalize: bool = True,
         epsilon: float = 1e-6,
+        scale_rewards: str = "group",
     ) -> None:
         if mean_over not in ("valid", "padded"):
             raise ValueError(f"mean_over must be 'valid' or 'padded', got {mean_over!r}")
+        self.scale_rewards = resolve_scale_rewards("PRMAvgAligner", scale_rewards, std_normalize)
         self.mean_over = mean_over
         self.pad_length = pad_length
         self.std_normalize = std_normalize
@@ -241,5 +263,6 @@ class PRMAvgAligner(AdvantageAligner):
     def align(self, batch: RolloutBatch) -> Tensor:
         """Return ``(B, T)`` float32 advantages."""
         mask = batch.completion_mask
-        a = normalized_outcome(self.augmented_rewards(batch), batch.group_ids, self.std_normalize, self.epsilon)
+        r_aug = self.augmented_rewards(batch)  # (B,)
+        a = normalized_outcome(r_aug, batch.group_ids, True, self.epsilon, scale_rewards=self.scale_rewards)  # (B,)
         return finish(broadcast(a, mask), mask)

@@ -191,6 +191,30 @@ def group_zscore(
     return torch.where(moments.constant | (denom <= 0), torch.zeros_like(values), centred / safe)
 
 
+def batch_scaled_centred(
+    values: Tensor, group_ids: Tensor, epsilon: float = 1e-6, unbiased: bool = True, min_std: float = 0.0
+) -> Tensor:
+    """``(v_i − mean_g v)/(max(std_batch v, min_std) + ε)``, ``(B,)``: centred by the group mean, scaled by the std
+    of the **whole batch** (TRL's ``scale_rewards="batch"``).
+
+    A group whose values are all equal gives exactly 0 (its centred values are exactly 0); a batch whose values
+    are all equal has std exactly 0, and a zero denominator counts as 0/0 = 0.
+
+    Args:
+        values: ``(B,)`` float.
+        group_ids: ``(B,)`` prompt ids.
+        epsilon: ε added to the std (≥ 0).
+        unbiased: Bessel-corrected batch std.
+        min_std: floor on the std before adding ε (≥ 0).
+    """
+    centred = values - group_mean(values, group_ids)  # (B,), exactly 0 in a constant group
+    whole_batch = torch.zeros_like(group_ids)  # (B,) one group
+    batch_std = group_moments(values, whole_batch, unbiased=unbiased).std  # (B,), equal across rows
+    denom = batch_std.clamp(min=min_std) + epsilon  # (B,)
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))  # (B,)
+    return torch.where((centred == 0) | (denom <= 0), torch.zeros_like(values), centred / safe)
+
+
 def group_loo_mean(values: Tensor, group_ids: Tensor) -> Tensor:
     """``(B,)`` leave-one-out mean ``(Σ_g v − v_i)/(n − 1)``; 0 for singleton groups.
 
