@@ -302,3 +302,9 @@ class SympyMathVerifier(OutcomeVerifier):
         errors = sum(v.error is not None for v in verdicts)
         if timeouts or errors:
             log.warning("verifier batch of %d: %d timed out, %d errors", len(verdicts), timeouts, errors)
+
+
+# Reward composition (components/rewards.py), importable from here as components.verifiers.<Name> in YAML.
+from components.rewards import BoxedFormatReward, CallableReward, WeightedVerifiers  # noqa: E402
+
+__all__ += ["BoxedFormatReward", "CallableReward", "WeightedVerifiers"]

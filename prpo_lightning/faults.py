@@ -100,11 +100,17 @@ class GuardedVerifier(OutcomeVerifier):
         return self.verify_batch([completion], [gold])[0]
 
     def verify_batch(self, completions: Any, golds: Any) -> list[Verdict]:
+        return self._guarded("verify_batch", completions, golds)
+
+    def verify_rows(self, completions: Any, golds: Any, rows: Any) -> list[Verdict]:
+        return self._guarded("verify_rows", completions, golds, rows)
+
+    def _guarded(self, method: str, completions: Any, *args: Any) -> list[Verdict]:
         name = type(self.inner).__name__
         try:
-            verdicts = self.inner.verify_batch(completions, golds)
+            verdicts = getattr(self.inner, method)(completions, *args)
         except PROGRAMMING_ERRORS as err:
-            raise _programming_error("verifier", self.inner, "verify_batch", err) from err
+            raise _programming_error("verifier", self.inner, method, err) from err
         except Exception as err:  # noqa: BLE001 - re-raised with the verifier's name
             raise VerifierError(f"verifier {name} failed on {len(completions)} completions: "
                                 f"{type(err).__name__}: {err}") from err

@@ -40,6 +40,7 @@ from prpo_lightning.distributed import all_reduce_max, group_seed
 from prpo_lightning.models import load_causal_lm, load_tokenizer
 from prpo_lightning.offpolicy import MismatchCheck, RolloutCorrectionConfig, correction_weights, mismatch_metrics
 from prpo_lightning.prm import ProcessRewardModel
+from prpo_lightning.refsync import RefSyncConfig, ReferenceSync
 from prpo_lightning.logprobs import batched_logprobs
 from prpo_lightning.rollout import SamplingConfig, left_pad, pad_token_id
 from prpo_lightning import update
@@ -53,7 +54,8 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
     """RL post-training of a causal LM with process-aware, outcome-anchored advantages.
 
     Args:
-        verifier: grades each completion against its own gold answer.
+        verifier: grades each completion against its own gold answer; a list of verifiers is combined into a
+            :class:`~components.rewards.WeightedVerifiers` (reward = weighted sum, verdict status from the first).
         aligner: turns rewards and step scores into ``(B, T)`` token advantages.
         segmenter: cuts completions into steps (needed when ``aligner.uses_process_scores``).
         prm: scores the steps (needed when ``aligner.uses_process_scores``).
@@ -83,6 +85,9 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             engine returns sampler log-probs (``mode: null`` disables it).
         rollout_check: the sampler-vs-trainer self-check (metric, threshold, ``warn`` or ``raise``), run every step
             when the engine returns sampler log-probs.
+        reward_weights: one weight per verifier when ``verifier`` is a list (None: all 1.0).
+        ref_sync: TRL's reference-model sync (:class:`~prpo_lightning.refsync.RefSyncConfig`): every
+            ``ref_model_sync_steps`` optimizer steps the reference becomes ``α·π_θ + (1−α)·π_ref``.
 
     Raises:
         ValueError: if the aligner needs process scores and no segmenter/PRM is given, the policy is specified
@@ -92,7 +97,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
 
     def __init__(
         self,
-        verifier: OutcomeVerifier,
+        verifier: OutcomeVerifier | list[OutcomeVerifier],
         aligner: AdvantageAligner,
         segmenter: Segmenter | None = None,
         prm: ProcessRewardModel | None = None,
@@ -113,6 +118,8 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         engine: RolloutEngine | None = None,
         rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig(),
         rollout_check: MismatchCheck = MismatchCheck(),
+        reward_weights: list[float] | None = None,
+        ref_sync: RefSyncConfig = RefSyncConfig(),
     ) -> None:
         super().__init__()
         if (policy is None) == (policy_config is None):
@@ -127,7 +134,12 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             raise ValueError("a policy built from policy_config needs model.tokenizer (a local tokenizer path)")
         check_module_settings(aligner, sampling.num_generations, policy, tokenizer)
         self.save_hyperparameters(ignore=["verifier", "aligner", "segmenter", "prm", "engine"])
+        if isinstance(verifier, (list, tuple)) or reward_weights is not None:
+            from components.rewards import combine_verifiers
+
+            verifier = combine_verifiers(verifier, reward_weights)
         self.verifier, self.aligner, self.segmenter, self.prm = verifier, aligner, segmenter, prm
+        self._ref_sync = ReferenceSync(ref_sync)  # counts optimizer steps; mixes the policy into the reference
         if engine is None:
             from components.engines import AutoEngine
 
@@ -147,6 +159,9 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         self._evaluators: dict[str, Any] = {}
         self.eval_results: dict[str, dict[str, Any]] = {}  # last finished evaluation per stage
         # --- end of evaluation state
+        if ref_sync.sync_ref_model and not self.needs_reference:
+            raise ValueError("model.ref_sync.sync_ref_model needs a reference model: set model.loss.kl_coef > 0 (or use "
+                             "a component that requires one), or turn ref_sync off")
 
     # ------------------------------------------------------------------ setup
     @property
@@ -223,6 +238,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
     def on_fit_start(self) -> None:
         if self._reference is None and self.needs_reference and zero3_config(self._trainer) is not None:
             object.__setattr__(self, "_reference", unpartitioned_copy(self.policy, self.device))
+        self._ref_sync.apply_pending(self._reference)  # a resumed synced reference (ZeRO-3: built just above)
         self._place_frozen_models()
         self.setup_engine()
 
@@ -265,8 +281,10 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
 
     def on_optimizer_step_done(self) -> None:
         """Count one weight update (:func:`prpo_lightning.update.update_policy` calls it after every optimizer
-        step); :meth:`sync_engine` then brings the engine to this version."""
+        step); :meth:`sync_engine` then brings the engine to this version. With ``ref_sync`` on, every
+        ``ref_model_sync_steps`` steps the policy is mixed into the reference (:mod:`prpo_lightning.refsync`)."""
         self._weights_version += 1
+        self._ref_sync.after_optimizer_step(self.policy, self._reference)
 
     def sync_engine(self) -> None:
         """Wake the engine (sleep mode) and, when the policy was updated since its last sync, stream the weights
@@ -284,6 +302,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         user components that draw from the global RNG also resume exactly in single-process runs.
         """
         checkpoint["prpo_rng_states"] = collect_rng_states()
+        checkpoint["prpo_ref_sync"] = self._ref_sync.state_dict(self._reference)  # the synced reference, if on
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # EvaluationHooks: the checkpoint's step labels validate/test
@@ -291,6 +310,8 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         self._engine_stale = True
         if checkpoint.get("prpo_rng_states") is not None:
             restore_rng_states(checkpoint["prpo_rng_states"])
+        if checkpoint.get("prpo_ref_sync") is not None:  # under ZeRO-3 the reference is built at fit start
+            self._ref_sync.load_state_dict(checkpoint["prpo_ref_sync"], self._reference)
 
     def configure_optimizers(self) -> Any:
         cfg = self.optim_cfg

@@ -22,7 +22,7 @@ from prpo_lightning.batch import (
 from prpo_lightning.grouping import group_index, zero_variance_fraction
 from prpo_lightning.prm import ProcessRewardModel, ProcessScores
 from prpo_lightning.segmenter import Segmenter
-from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
+from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus, rollout_rows
 
 
 def grade(batch: RolloutBatch, verifier: OutcomeVerifier) -> dict[str, float]:
@@ -34,7 +34,7 @@ def grade(batch: RolloutBatch, verifier: OutcomeVerifier) -> dict[str, float]:
     Raises:
         ComponentContractError: if ``verify_batch`` does not return one ``Verdict`` per completion.
     """
-    verdicts = verifier.verify_batch(batch.completions, batch.answers)
+    verdicts = verifier.verify_rows(batch.completions, batch.answers, rollout_rows(batch))
     name = component_name(verifier)
     if not isinstance(verdicts, list) or len(verdicts) != batch.size:
         got = f"{len(verdicts)} items" if isinstance(verdicts, list) else f"a {type(verdicts).__name__}"

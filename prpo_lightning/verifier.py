@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prpo_lightning.batch import RolloutBatch
+
+#: the per-row fields :func:`rollout_rows` gives :meth:`OutcomeVerifier.verify_rows`, besides completion and answer.
+ROW_FIELDS = ("problem", "id", "truncated", "num_tokens")
 
 
 class VerdictStatus(str, enum.Enum):
@@ -70,6 +77,22 @@ class OutcomeVerifier(ABC):
             raise ValueError(f"verify_batch got {len(completions)} completions but {len(golds)} gold answers")
         return [self.verify(c, g) for c, g in zip(completions, golds)]
 
+    def verify_rows(
+        self, completions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]]
+    ) -> list[Verdict]:
+        """Grade ``completions[i]`` against ``golds[i]`` knowing the rest of row i (:data:`ROW_FIELDS`).
+
+        The training and evaluation loops call this method. The default ignores ``rows`` and calls
+        :meth:`verify_batch`; a verifier that reads the problem or the prompt id (e.g. a
+        :class:`~components.rewards.CallableReward`) overrides it.
+
+        Args:
+            completions: the ``B`` completion texts.
+            golds: their ``B`` gold answers.
+            rows: ``B`` mappings with the other fields of each row (:func:`rollout_rows`).
+        """
+        return self.verify_batch(completions, golds)
+
     def batch_metrics(self, completions: Sequence[str], verdicts: Sequence[Verdict]) -> dict[str, float]:
         """Task-specific statistics of one graded batch, logged under ``train/<key>`` (default: none).
 
@@ -81,3 +104,19 @@ class OutcomeVerifier(ABC):
             verdicts: their ``B`` verdicts, in the same order.
         """
         return {}
+
+
+def rollout_rows(batch: RolloutBatch) -> list[dict[str, Any]]:
+    """The per-row fields of a rollout batch a verifier may read besides the completion and the answer.
+
+    Returns:
+        One dict per row with ``problem`` (the question text), ``id`` (the prompt id, shared by the row's group),
+        ``truncated`` (generation hit ``max_new_tokens`` without EOS) and ``num_tokens`` (valid completion tokens).
+    """
+    ids = batch.group_ids.tolist()
+    truncated = batch.truncated.tolist() if batch.truncated is not None else [False] * len(ids)
+    lengths = batch.completion_mask.sum(dim=1).tolist()
+    return [
+        {"problem": problem, "id": int(pid), "truncated": bool(cut), "num_tokens": int(n)}
+        for problem, pid, cut, n in zip(batch.problems, ids, truncated, lengths)
+    ]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from prpo_lightning.batch import RolloutBatch
+from prpo_lightning.verifier import rollout_rows
 
 
 class EvaluationHooks:
@@ -98,7 +99,7 @@ class EvaluationHooks:
             rows += [j] * g
             j += 1
         rollout.extras["batch_rows"] = rows
-        rollout.verdicts = self.verifier.verify_batch(rollout.completions, rollout.answers)
+        rollout.verdicts = self.verifier.verify_rows(rollout.completions, rollout.answers, rollout_rows(rollout))
         return rollout
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -1,0 +1,280 @@
+"""Reward composition: weighted lists of verifiers, plain Python reward functions and a ``\\boxed{}`` format reward.
+
+* :class:`WeightedVerifiers` sums the rewards of several verifiers with ``reward_weights`` (TRL's
+  ``reward_funcs`` + ``reward_weights``). ``model.verifier: [...]`` with ``model.reward_weights`` builds one.
+  The verdict's **status comes from the first verifier** (it gates ``accuracy`` and the evaluation metrics);
+  the reward is ``Σ_k w_k · reward_k``.
+* :class:`CallableReward` wraps ``f(completion: str, answer: str, **row) -> float``, imported by dotted path, as
+  an :class:`~prpo_lightning.verifier.OutcomeVerifier`. ``row`` holds the row's other fields
+  (:data:`~prpo_lightning.verifier.ROW_FIELDS`: ``problem``, ``id``, ``truncated``, ``num_tokens``).
+* :class:`BoxedFormatReward` rewards a completion that contains a complete ``\\boxed{...}`` answer.
+
+Example (YAML)::
+
+    model:
+      verifier:
+        - class_path: components.verifiers.SympyMathVerifier
+        - class_path: components.verifiers.BoxedFormatReward
+        - class_path: components.verifiers.CallableReward
+          init_args: {function: my_pkg.rewards:brevity}
+      reward_weights: [1.0, 0.1, 0.05]
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from components.math_answer.extract import extract_last_boxed
+from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
+
+__all__ = ["BoxedFormatReward", "CallableReward", "RewardFunctionError", "WeightedVerifiers", "combine_verifiers",
+           "import_function"]
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised, or returned something that is not a finite number; the message names it."""
+
+
+def import_function(path: str) -> Callable[..., Any]:
+    """Import a callable by dotted path, ``"pkg.module:name"`` or ``"pkg.module.name"``.
+
+    Raises:
+        ValueError: when the module cannot be imported, has no such attribute, or the attribute is not callable.
+    """
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"CallableReward: function must be 'package.module:name' (or 'package.module.name'), "
+                         f"got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"CallableReward: cannot import module {module_name!r} of function {path!r}: {err}; "
+                         "make it importable (installed, or on PYTHONPATH)") from err
+    function = getattr(module, attr, None)
+    if function is None or not callable(function):
+        found = "nothing" if function is None else f"a {type(function).__name__}"
+        raise ValueError(f"CallableReward: {module_name!r} has {found} named {attr!r}; function must name a "
+                         "callable f(completion, answer, **row) -> float")
+    return function
+
+
+class CallableReward(OutcomeVerifier):
+    """A plain reward function ``f(completion: str, answer: str, **row) -> float`` as an outcome verifier.
+
+    ``row`` holds the row's other fields: ``problem``, ``id`` (prompt id), ``truncated`` and ``num_tokens``, so
+    the function must accept them (``**row`` or ``**kwargs``). Called with ``row`` empty only through
+    :meth:`verify_batch`, which has no rows. The verdict is ``CORRECT`` when the value is
+    ``>= correct_threshold``, else ``INCORRECT`` (the status only matters when this is the first, or only,
+    verifier: it gates ``accuracy``).
+
+    Args:
+        function: dotted path of the function, ``"my_pkg.rewards:fn"`` (imported at construction).
+        correct_threshold: values at or above it count as correct.
+
+    Raises:
+        ValueError: when the function cannot be imported (see :func:`import_function`).
+        RewardFunctionError: (from grading) when the function raises or returns something other than a finite
+            real number; the message names the function and the row.
+    """
+
+    def __init__(self, function: str, correct_threshold: float = 1.0) -> None:
+        self.function_path = function
+        self.correct_threshold = float(correct_threshold)
+        self._function = import_function(function)
+
+    @property
+    def name(self) -> str:
+        """The function's name (its metric key)."""
+        return self.function_path.replace(":", ".").rpartition(".")[2]
+
+    def verify(self, completion: str, gold: str) -> Verdict:
+        return self.verify_rows([completion], [gold], [{}])[0]
+
+    def verify_batch(self, completions: Sequence[str], golds: Sequence[str]) -> list[Verdict]:
+        return self.verify_rows(completions, golds, [{}] * len(completions))
+
+    def verify_rows(
+        self, completions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]]
+    ) -> list[Verdict]:
+        """Call the function once per row.
+
+        Raises:
+            ValueError: if the three sequences differ in length.
+            RewardFunctionError: the function raised or returned a non-number (NaN and ±inf included).
+        """
+        if not len(completions) == len(golds) == len(rows):
+            raise ValueError(f"CallableReward got {len(completions)} completions, {len(golds)} gold answers and "
+                             f"{len(rows)} rows")
+        return [self._one(i, c, g, r) for i, (c, g, r) in enumerate(zip(completions, golds, rows))]
+
+    def _one(self, index: int, completion: str, gold: str, row: Mapping[str, Any]) -> Verdict:
+        try:
+            value = self._function(completion, gold, **row)
+        except Exception as err:  # noqa: BLE001 - re-raised with the function's name
+            raise RewardFunctionError(f"reward function {self.function_path} raised {type(err).__name__} on row "
+                                      f"{index}: {err}; it is called as f(completion, answer, "
+                                      f"{', '.join(f'{k}=...' for k in row)}) and must return a float") from err
+        if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise RewardFunctionError(f"reward function {self.function_path} returned {value!r} "
+                                      f"({type(value).__name__}) on row {index}: it must return a finite float")
+        reward = float(value)
+        status = VerdictStatus.CORRECT if reward >= self.correct_threshold else VerdictStatus.INCORRECT
+        return Verdict(status=status, reward=reward)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_function"] = None  # re-imported on unpickling (a lambda or closure would not pickle)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._function = import_function(self.function_path)
+
+    def __repr__(self) -> str:
+        return f"CallableReward(function={self.function_path!r}, correct_threshold={self.correct_threshold})"
+
+
+class BoxedFormatReward(OutcomeVerifier):
+    """Format reward: ``present_reward`` when the completion holds a complete ``\\boxed{...}``/``\\fbox{...}``
+    (the math verifier's own extraction, :func:`~components.math_answer.extract.extract_last_boxed`), else
+    ``missing_reward``. The gold answer is not read.
+
+    The verdict is ``CORRECT`` (format present, ``extracted`` = the boxed content) or ``UNPARSABLE`` (missing):
+    put it after the answer verifier in a list, unless ``accuracy`` should mean the format rate.
+
+    Args:
+        present_reward: reward with a boxed answer.
+        missing_reward: reward without one.
+    """
+
+    def __init__(self, present_reward: float = 1.0, missing_reward: float = 0.0) -> None:
+        for key, value in (("present_reward", present_reward), ("missing_reward", missing_reward)):
+            if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+                raise ValueError(f"BoxedFormatReward: {key} must be a finite number, got {value!r}")
+        self.present_reward = float(present_reward)
+        self.missing_reward = float(missing_reward)
+
+    def verify(self, completion: str, gold: str) -> Verdict:
+        boxed = extract_last_boxed(str(completion))
+        if boxed is None:
+            return Verdict(status=VerdictStatus.UNPARSABLE, reward=self.missing_reward)
+        return Verdict(status=VerdictStatus.CORRECT, reward=self.present_reward, extracted=boxed[:1000])
+
+    def __repr__(self) -> str:
+        return f"BoxedFormatReward(present_reward={self.present_reward}, missing_reward={self.missing_reward})"
+
+
+def _component_key(verifier: OutcomeVerifier) -> str:
+    return verifier.name if isinstance(verifier, CallableReward) else type(verifier).__name__
+
+
+class WeightedVerifiers(OutcomeVerifier):
+    """Several verifiers, their rewards summed with weights: ``reward_i = Σ_k w_k · reward_{k,i}``.
+
+    The verdict's ``status``, ``extracted`` and ``timed_out`` are the **first** verifier's, so the first one
+    gates ``accuracy`` and evaluation; ``error`` joins every verifier's errors, each prefixed with its name. Each
+    verifier's own :meth:`batch_metrics` are kept, and the mean reward of each verifier is logged as
+    ``reward/<name>/mean`` (``name``: the class, or the function of a :class:`CallableReward`; a repeated name
+    gets ``_<position>``).
+
+    Args:
+        verifiers: one or more outcome verifiers.
+        reward_weights: one finite weight per verifier (None: all 1.0, as TRL).
+
+    Raises:
+        ValueError: for an empty list, a non-verifier item, or ``reward_weights`` of the wrong length or with a
+            non-finite weight.
+    """
+
+    def __init__(self, verifiers: Sequence[OutcomeVerifier], reward_weights: Sequence[float] | None = None) -> None:
+        verifiers = list(verifiers)
+        if not verifiers:
+            raise ValueError("WeightedVerifiers: verifiers is empty; give at least one OutcomeVerifier")
+        for k, verifier in enumerate(verifiers):
+            if not isinstance(verifier, OutcomeVerifier):
+                raise ValueError(f"WeightedVerifiers: verifiers[{k}] is a {type(verifier).__name__}, not a "
+                                 "prpo_lightning.verifier.OutcomeVerifier")
+        weights = [1.0] * len(verifiers) if reward_weights is None else list(reward_weights)
+        if len(weights) != len(verifiers):
+            raise ValueError(f"reward_weights has {len(weights)} weights for {len(verifiers)} verifiers: give one "
+                             "weight per verifier, in the same order")
+        for k, weight in enumerate(weights):
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(float(weight)):
+                raise ValueError(f"reward_weights[{k}] must be a finite number, got {weight!r}")
+        self.verifiers = verifiers
+        self.reward_weights = [float(w) for w in weights]
+        keys = [_component_key(v) for v in verifiers]
+        self.keys = [key if keys.count(key) == 1 else f"{key}_{k}" for k, key in enumerate(keys)]
+        self._last_rewards: list[list[float]] | None = None  # per verifier, of the last graded batch
+
+    def verify(self, completion: str, gold: str) -> Verdict:
+        return self.verify_rows([completion], [gold], [{}])[0]
+
+    def verify_batch(self, completions: Sequence[str], golds: Sequence[str]) -> list[Verdict]:
+        return self._combine([v.verify_batch(completions, golds) for v in self.verifiers], len(completions))
+
+    def verify_rows(
+        self, completions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]]
+    ) -> list[Verdict]:
+        return self._combine([v.verify_rows(completions, golds, rows) for v in self.verifiers], len(completions))
+
+    def _combine(self, per_verifier: list[list[Verdict]], size: int) -> list[Verdict]:
+        for key, verdicts in zip(self.keys, per_verifier):
+            if not isinstance(verdicts, list) or len(verdicts) != size:
+                raise ValueError(f"WeightedVerifiers: verifier {key} returned {len(verdicts)} verdicts for {size} "
+                                 "completions")
+        self._last_rewards = [[v.reward for v in verdicts] for verdicts in per_verifier]
+        combined = []
+        for i in range(size):
+            first = per_verifier[0][i]
+            reward = math.fsum(w * verdicts[i].reward for w, verdicts in zip(self.reward_weights, per_verifier))
+            errors = [f"{key}: {verdicts[i].error}" for key, verdicts in zip(self.keys, per_verifier)
+                      if verdicts[i].error is not None]
+            combined.append(Verdict(status=first.status, reward=reward, extracted=first.extracted,
+                                    timed_out=first.timed_out, error="; ".join(errors) or None))
+        return combined
+
+    def batch_metrics(self, completions: Sequence[str], verdicts: Sequence[Verdict]) -> dict[str, float]:
+        """Every verifier's own metrics, plus ``reward/<name>/mean`` of each for the last graded batch."""
+        metrics: dict[str, float] = {}
+        for verifier in self.verifiers:
+            metrics.update(verifier.batch_metrics(completions, verdicts))
+        if self._last_rewards is not None and all(len(r) == len(verdicts) for r in self._last_rewards):
+            for key, rewards in zip(self.keys, self._last_rewards):
+                metrics[f"reward/{key}/mean"] = math.fsum(rewards) / max(len(rewards), 1)
+        return metrics
+
+    def close(self) -> None:
+        """Close every verifier that has a ``close`` (e.g. the math verifier's worker pool)."""
+        for verifier in self.verifiers:
+            if hasattr(verifier, "close"):
+                verifier.close()
+
+    def __repr__(self) -> str:
+        return f"WeightedVerifiers(verifiers={self.verifiers!r}, reward_weights={self.reward_weights})"
+
+
+def combine_verifiers(
+    verifier: OutcomeVerifier | Sequence[OutcomeVerifier], reward_weights: Sequence[float] | None
+) -> OutcomeVerifier:
+    """``model.verifier`` (one verifier or a list) and ``model.reward_weights`` → the module's verifier.
+
+    Raises:
+        ValueError: naming ``model.verifier``/``model.reward_weights`` for an empty list or mismatched lengths.
+    """
+    verifiers = list(verifier) if isinstance(verifier, (list, tuple)) else [verifier]
+    if not verifiers:
+        raise ValueError("model.verifier is an empty list: give one verifier or a list of them")
+    if reward_weights is not None and len(reward_weights) != len(verifiers):
+        raise ValueError(f"model.reward_weights has {len(reward_weights)} weights for {len(verifiers)} verifier(s) in "
+                         "model.verifier: give one weight per verifier, in the same order")
+    try:
+        return WeightedVerifiers(verifiers, reward_weights)
+    except ValueError as err:
+        raise ValueError(f"model.verifier/model.reward_weights: {err}") from err
