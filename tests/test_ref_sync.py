@@ -35,6 +35,22 @@ def test_fires_every_k_optimizer_steps_like_trl():
     assert not any(off.after_optimizer_step(policy, reference) for _ in range(3)) and off.optimizer_steps == 3
 
 
+def test_checkpointed_reference_waits_for_a_late_reference():
+    """Under ZeRO-3 the reference is built at fit start, after on_load_checkpoint: the state waits for it."""
+    saved_ref = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        saved_ref.weight.fill_(0.75)
+    sync = ReferenceSync(RefSyncConfig(sync_ref_model=True, ref_model_sync_steps=2))
+    state = sync.state_dict(saved_ref)
+    restored = ReferenceSync(RefSyncConfig(sync_ref_model=True, ref_model_sync_steps=2))
+    restored.load_state_dict({**state, "optimizer_steps": 5}, None)
+    late = torch.nn.Linear(1, 1, bias=False)
+    restored.apply_pending(late)
+    assert restored.optimizer_steps == 5 and late.weight.item() == 0.75
+    with pytest.raises(ValueError, match="does not match this policy"):
+        restored.load_state_dict(state, torch.nn.Linear(1, 1, bias=True))
+
+
 def test_settings_are_validated_naming_the_key():
     with pytest.raises(ValueError, match="model.ref_sync.ref_model_mixup_alpha must be in"):
         RefSyncConfig(ref_model_mixup_alpha=1.5)
@@ -109,3 +125,48 @@ def test_resume_restores_the_synced_reference_exactly(tmp_path):
         a, c = getattr(straight, part).state_dict(), getattr(resumed, part).state_dict()
         for key in a:
             assert torch.equal(a[key], c[key]), (part, key)
+
+
+ZERO3_SCRIPT = """
+import os, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo", rank=0, world_size=1)
+import deepspeed
+import prpo_lightning.module
+from prpo_lightning.models import load_causal_lm
+from prpo_lightning.refsync import mix_into_reference
+from prpo_lightning.zero3 import transformers_zero3, unpartitioned_copy
+cfg = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, pad_token_id=0)
+ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+with deepspeed.zero.Init(config_dict_or_path=ds), transformers_zero3(ds):
+    policy = load_causal_lm(None, cfg, seed=0)
+ref = unpartitioned_copy(policy, torch.device("cpu"))
+with torch.no_grad():
+    for p in ref.parameters():
+        p.fill_(2.0)
+mix_into_reference(policy, ref, 0.25)
+with deepspeed.zero.GatheredParameters(list(policy.parameters())):
+    full = {k: v.detach().clone() for k, v in policy.named_parameters()}
+own = dict(ref.named_parameters())
+print("PARTITIONED", next(policy.parameters()).numel() == 0)
+print("MIXED", all(torch.allclose(own[k], 0.25 * full[k] + 1.5, atol=1e-6, rtol=0) for k in full))
+"""
+
+
+@pytest.mark.slow
+def test_mix_gathers_zero3_partitioned_parameters(tmp_path):
+    pytest.importorskip("deepspeed")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "zero3_mix.py"
+    script.write_text(ZERO3_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(root), PORT="29547", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert lines["PARTITIONED"] == "True" and lines["MIXED"] == "True"
