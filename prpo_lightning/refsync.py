@@ -24,7 +24,7 @@ import torch
 class RefSyncConfig:
     """``model.ref_sync``: TRL's reference-model sync.
 
-    Attributes:
+    Args:
         sync_ref_model: mix the policy into the reference every ``ref_model_sync_steps`` optimizer steps
             (needs a reference model: ``loss.kl_coef > 0`` or a component that requires one).
         ref_model_mixup_alpha: α in ``θ_ref ← α·θ + (1 − α)·θ_ref``, in [0, 1] (TRL's default 0.6).

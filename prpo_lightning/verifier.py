@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from prpo_lightning.batch import RolloutBatch
+    import prpo_lightning.batch
 
 #: the per-row fields :func:`rollout_rows` gives :meth:`OutcomeVerifier.verify_rows`, besides completion and answer.
 ROW_FIELDS = ("problem", "id", "truncated", "num_tokens")
@@ -106,7 +106,7 @@ class OutcomeVerifier(ABC):
         return {}
 
 
-def rollout_rows(batch: RolloutBatch) -> list[dict[str, Any]]:
+def rollout_rows(batch: prpo_lightning.batch.RolloutBatch) -> list[dict[str, Any]]:
     """The per-row fields of a rollout batch a verifier may read besides the completion and the answer.
 
     Returns:
