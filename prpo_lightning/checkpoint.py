@@ -81,7 +81,10 @@ def register_safe_globals() -> None:
     from prpo_lightning.offpolicy import MismatchCheck, RolloutCorrectionConfig
     from prpo_lightning.rollout import SamplingConfig
 
+    from prpo_lightning.shaping import OverlongConfig, RewardShapingConfig
+
     torch.serialization.add_safe_globals([SamplingConfig, LossConfig, OptimConfig, RolloutCorrectionConfig, MismatchCheck])
+    torch.serialization.add_safe_globals([RewardShapingConfig, OverlongConfig])
 
 
 def collect_rng_states() -> dict[str, Any]:

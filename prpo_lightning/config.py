@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from prpo_lightning.losses import KLEstimator, LossAggregation
+from prpo_lightning.losses import ImportanceSamplingLevel, KLEstimator, LossAggregation, PolicyLoss
 
 
 def _check(group: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:
@@ -31,6 +31,23 @@ class LossConfig:
         mask_truncated_completions: leave completions that hit ``max_new_tokens`` without EOS out of the loss
             (and out of its token/sequence counts), as TRL's option of the same name; they are still graded,
             take part in group statistics and are counted under ``completion/truncated_frac``.
+        importance_sampling_level: ``token`` (PPO) or ``sequence`` (GSPO: every token of a completion gets the ratio
+            ``exp(mean_t(log π_θ − log π_old))`` of its sequence; TRL's ``importance_sampling_level``, verl's
+            ``loss_mode=gspo``). Applies to both policy losses and to ``kl_bias_correction``.
+        policy_loss: ``ppo_clip`` (clipped surrogate with ``eps_low``/``eps_high``/``dual_clip``) or ``cispo``
+            (``−sg[min(ρ, cispo_max_ratio)]·A·log π_θ``, TRL's ``loss_type="cispo"``).
+        cispo_max_ratio: ρ_max of ``cispo``, the cap of the detached importance weight (TRL's ``epsilon_high`` when
+            ``loss_type="cispo"``; ScaleRL recommends 5).
+        kl_bias_correction: multiply the per-token KL term by the importance ratio ρ (with grad), so its gradient is
+            the unbiased reverse-KL gradient off-policy (TRL's ``use_bias_correction_kl``, DeepSeek-V3.2). Changes the
+            KL gradient even on-policy, where ρ = 1 in value.
+        entropy_coef: entropy bonus: the loss gets ``− entropy_coef · H̄``, H̄ the current policy's full-vocabulary
+            entropy summed over the loss tokens (only the kept ones under ``top_entropy_quantile``) and divided by
+            the mini-batch's loss-token count, whatever ``aggregation`` is. 0 disables it.
+        top_entropy_quantile: ρ of "Beyond the 80/20 rule" (TRL's option of the same name): the policy-gradient term
+            keeps only loss tokens whose entropy is ≥ the ``1 − ρ`` quantile of the entropies of the micro-batch's
+            loss tokens (each rank's own); dropped tokens still count in the normalisers and in the KL term.
+            1 keeps every token; 0 keeps only the highest-entropy token(s).
     """
 
     eps_low: float = 0.2
@@ -41,6 +58,12 @@ class LossConfig:
     aggregation: LossAggregation = "token-mean"
     norm_constant: float | None = None
     mask_truncated_completions: bool = False
+    importance_sampling_level: ImportanceSamplingLevel = "token"
+    policy_loss: PolicyLoss = "ppo_clip"
+    cispo_max_ratio: float = 5.0
+    kl_bias_correction: bool = False
+    entropy_coef: float = 0.0
+    top_entropy_quantile: float = 1.0
 
     def __post_init__(self) -> None:
         _check("loss", self, [
@@ -51,6 +74,12 @@ class LossConfig:
             ("kl_estimator", self.kl_estimator in get_args(KLEstimator), f"one of {get_args(KLEstimator)}"),
             ("aggregation", self.aggregation in get_args(LossAggregation), f"one of {get_args(LossAggregation)}"),
             ("norm_constant", self.norm_constant is None or self.norm_constant > 0, "null or > 0"),
+            ("importance_sampling_level", self.importance_sampling_level in get_args(ImportanceSamplingLevel),
+             f"one of {get_args(ImportanceSamplingLevel)}"),
+            ("policy_loss", self.policy_loss in get_args(PolicyLoss), f"one of {get_args(PolicyLoss)}"),
+            ("cispo_max_ratio", self.cispo_max_ratio > 0, "> 0 (the cap of CISPO's importance weight)"),
+            ("entropy_coef", self.entropy_coef >= 0, ">= 0 (0 disables the entropy bonus)"),
+            ("top_entropy_quantile", 0.0 <= self.top_entropy_quantile <= 1.0, "in [0, 1] (1 keeps every token)"),
         ])
 
 

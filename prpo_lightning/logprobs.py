@@ -28,6 +28,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     share_prompts: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and optionally full-vocabulary entropies) of the completion tokens.
 
@@ -44,6 +45,8 @@ def completion_logprobs(
         share_prompts: run each distinct prompt row once and let its completions attend to the shared KV cache
             (:func:`shared_prompt_logits`): the same log-probs and gradients, without recomputing a prompt for
             each of its G completions.
+        entropy_grad: let gradients flow through the entropies (the entropy bonus ``loss.entropy_coef``); they are
+            computed as ``log Z − Σ_v p_v z_v`` there, whose gradient is finite (``entr``'s is not at ``p = 0``).
 
     Returns:
         ``(logprobs, entropies)``: ``(B, T)`` float32 (0 on padding) and ``(B, T)`` float32 or None.
@@ -61,7 +64,11 @@ def completion_logprobs(
     mask = completion_mask.to(logits.dtype)  # (B, T)
     logprobs = (token_logits - log_z) * mask  # (B, T)
     entropies = None
-    if with_entropy:  # a statistic, never differentiated
+    if with_entropy and entropy_grad:  # H = log Z − Σ p·z, differentiable
+        probs = torch.softmax(logits, dim=-1)  # (B, T, V)
+        weighted = torch.where(probs > 0, probs * logits, torch.zeros_like(logits)).sum(dim=-1)  # (B, T)
+        entropies = (log_z - weighted) * mask  # (B, T)
+    elif with_entropy:  # a statistic, never differentiated
         with torch.no_grad():
             entropies = entropy_of(logits.detach(), 1.0) * mask  # (B, T)
     return logprobs, entropies

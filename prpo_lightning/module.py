@@ -45,6 +45,7 @@ from prpo_lightning.logprobs import batched_logprobs
 from prpo_lightning.rollout import SamplingConfig, left_pad, pad_token_id
 from prpo_lightning import update
 from prpo_lightning.scoring import compute_advantages
+from prpo_lightning.shaping import RewardShapingConfig
 from prpo_lightning.segmenter import Segmenter
 from prpo_lightning.verifier import OutcomeVerifier
 from prpo_lightning.zero3 import transformers_zero3, unpartitioned_copy, zero3_config
@@ -85,6 +86,8 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             engine returns sampler log-probs (``mode: null`` disables it).
         rollout_check: the sampler-vs-trainer self-check (metric, threshold, ``warn`` or ``raise``), run every step
             when the engine returns sampler log-probs.
+        reward_shaping: shaping added to the outcome rewards before the aligner
+            (:class:`~prpo_lightning.shaping.RewardShapingConfig`: DAPO's soft overlong punishment).
         reward_weights: one weight per verifier when ``verifier`` is a list (None: all 1.0).
         ref_sync: TRL's reference-model sync (:class:`~prpo_lightning.refsync.RefSyncConfig`): every
             ``ref_model_sync_steps`` optimizer steps the reference becomes ``α·π_θ + (1−α)·π_ref``.
@@ -118,6 +121,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         engine: RolloutEngine | None = None,
         rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig(),
         rollout_check: MismatchCheck = MismatchCheck(),
+        reward_shaping: RewardShapingConfig = RewardShapingConfig(),
         reward_weights: list[float] | None = None,
         ref_sync: RefSyncConfig = RefSyncConfig(),
     ) -> None:
@@ -146,6 +150,7 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             engine = AutoEngine()
         self.engine: RolloutEngine = engine
         self.rollout_correction, self.rollout_check = rollout_correction, rollout_check
+        self.reward_shaping = reward_shaping
         self._weights_version = 0  # optimizer steps + checkpoint loads so far; the engine must hold this version
         self._engine_ready = False  # engine.setup was called (and teardown not since)
         self._engine_stale = False  # a checkpoint was loaded into the policy after the engine's last sync
@@ -465,7 +470,8 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             prm = GuardedPRM(self.prm) if self.prm is not None else None
             try:
                 metrics.update(compute_advantages(rollout, GuardedVerifier(self.verifier), self.aligner,
-                                                  self.segmenter, prm, self.tokenizer))
+                                                  self.segmenter, prm, self.tokenizer,
+                                                  self.reward_shaping, self.sampling.max_new_tokens))
             except PRMError as err:
                 if self.hparams.on_prm_error == "raise":
                     raise

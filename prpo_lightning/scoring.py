@@ -22,6 +22,7 @@ from prpo_lightning.batch import (
 from prpo_lightning.grouping import group_index, zero_variance_fraction
 from prpo_lightning.prm import ProcessRewardModel, ProcessScores
 from prpo_lightning.segmenter import Segmenter
+from prpo_lightning.shaping import RewardShapingConfig, apply_reward_shaping
 from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus, rollout_rows
 
 
@@ -131,8 +132,13 @@ def compute_advantages(
     segmenter: Segmenter | None,
     prm: ProcessRewardModel | None,
     tokenizer: Any,
+    reward_shaping: RewardShapingConfig | None = None,
+    max_new_tokens: int | None = None,
 ) -> dict[str, float]:
     """Run the whole scoring pipeline on ``batch`` (in place) and return its metrics.
+
+    ``reward_shaping`` (e.g. the overlong penalty, which needs ``max_new_tokens``) is added to
+    ``batch.outcome_rewards`` right after grading, so the aligner and the reward metrics see the shaped rewards.
 
     Every component runs under ``torch.no_grad()``: scoring never builds an autograd graph, so a model PRM keeps
     no activations. Each component sees the batch through :func:`~prpo_lightning.batch.declared_inputs_view`.
@@ -144,6 +150,12 @@ def compute_advantages(
     """
     with torch.no_grad():
         metrics = grade(batch, verifier)
+        if reward_shaping is not None and reward_shaping.overlong is not None:
+            if max_new_tokens is None:
+                raise ValueError("compute_advantages: reward_shaping.overlong needs max_new_tokens")
+            batch.outcome_rewards, shaping_metrics = apply_reward_shaping(
+                batch.outcome_rewards, batch.lengths, max_new_tokens, reward_shaping)  # (B,)
+            metrics.update(shaping_metrics)
         if aligner.uses_process_scores:
             if segmenter is None or prm is None:
                 raise ValueError(

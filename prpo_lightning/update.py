@@ -4,9 +4,12 @@ The module calls :func:`update_policy` once per training step with the scored ro
 backpropagates one mini-batch in micro-batches whose summed gradient equals the gradient of the whole mini-batch
 loss; with several ranks the normalisers are global and every rank makes the same number of passes.
 
-The per-token policy-gradient term is the PPO-clip loss, multiplied by the rollout's importance-sampling weights
-(``RolloutBatch.is_weights``, :func:`~prpo_lightning.offpolicy.correction_weights`) when the rollout engine is not
-exactly the trainer's distribution.
+The per-token policy-gradient term is the PPO-clip or CISPO loss of a token- or sequence-level importance ratio
+(``loss.policy_loss``, ``loss.importance_sampling_level``), restricted to the highest-entropy tokens under
+``loss.top_entropy_quantile``, and multiplied by the rollout's importance-sampling weights (``RolloutBatch.is_weights``,
+:func:`~prpo_lightning.offpolicy.correction_weights`) when the rollout engine is not exactly the trainer's
+distribution. The KL term (optionally weighted by the ratio, ``loss.kl_bias_correction``) and the entropy bonus
+(``loss.entropy_coef``) are added to it.
 
 Shapes: ``b`` rows of a mini-/micro-batch, ``t`` completion length (trimmed to the longest row).
 """
@@ -23,7 +26,14 @@ from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.config import LossConfig
 from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, is_distributed
 from prpo_lightning.logprobs import completion_logprobs
-from prpo_lightning.losses import aggregate_loss, kl_penalty, ppo_clip_loss
+from prpo_lightning.losses import (
+    aggregate_loss,
+    cispo_loss,
+    clipped_surrogate,
+    importance_ratio,
+    kl_penalty,
+    top_entropy_mask,
+)
 from prpo_lightning.optim import deepspeed_engine, engine_grad_norm, grad_norm
 
 
@@ -37,24 +47,62 @@ def loss_mask(batch: RolloutBatch, loss_cfg: LossConfig) -> Tensor:
 
 
 def policy_gradient_terms(
-    logp: Tensor, old: Tensor, adv: Tensor, is_weights: Tensor | None, loss_cfg: LossConfig
+    logp: Tensor,
+    old: Tensor,
+    adv: Tensor,
+    is_weights: Tensor | None,
+    loss_cfg: LossConfig,
+    seq_mask: Tensor | None = None,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-token policy-gradient loss: PPO-clip, times the importance-sampling weight of each token.
+    """Per-token policy-gradient loss: PPO-clip or CISPO of the importance ratio, times the importance-sampling weight.
 
     Args:
         logp: ``(b, t)`` ``log π_θ`` of the sampled tokens (with grad).
         old: ``(b, t)`` ``log π_old`` (no grad).
         adv: ``(b, t)`` token advantages.
         is_weights: ``(b, t)`` off-policy correction weights ``w_t`` (no grad), or None (weights ≡ 1).
-        loss_cfg: clip ranges and dual clip.
+        loss_cfg: the policy loss, its importance-sampling level, clip ranges and dual clip.
+        seq_mask: ``(b, t)`` bool, each sequence's tokens for the sequence-level ratio (default: all ``t``).
+        keep: ``(b, t)`` bool, tokens kept by ``top_entropy_quantile`` (None: all); the others get loss 0.
 
     Returns:
-        ``(pg, clipped)``: ``(b, t)`` ``w_t · ppo_clip_t`` and the ``(b, t)`` bool clip indicator.
+        ``(pg, clipped)``: ``(b, t)`` ``w_t · ℓ_t`` and the ``(b, t)`` bool clip indicator.
     """
-    pg, clipped = ppo_clip_loss(logp, old, adv, loss_cfg.eps_low, loss_cfg.eps_high, loss_cfg.dual_clip)  # (b, t)
+    seq_mask = torch.ones_like(logp, dtype=torch.bool) if seq_mask is None else seq_mask  # (b, t)
+    ratio = importance_ratio(logp, old, seq_mask, loss_cfg.importance_sampling_level)  # (b, t)
+    if loss_cfg.policy_loss == "cispo":
+        pg, clipped = cispo_loss(logp, ratio, adv, loss_cfg.cispo_max_ratio)  # (b, t)
+    else:
+        pg, clipped = clipped_surrogate(ratio, adv, loss_cfg.eps_low, loss_cfg.eps_high, loss_cfg.dual_clip)  # (b, t)
+    if keep is not None:
+        pg = pg * keep.to(pg.dtype)  # (b, t)
+        clipped = clipped & keep
     if is_weights is not None:
         pg = pg * is_weights.to(pg.dtype)  # (b, t)
     return pg, clipped
+
+
+def kl_term(
+    logp: Tensor, old: Tensor, ref: Tensor, loss_cfg: LossConfig, seq_mask: Tensor | None = None
+) -> Tensor:
+    """Per-token KL(π_θ ‖ π_ref) estimate, times the importance ratio ρ (with grad) under ``kl_bias_correction``.
+
+    Args:
+        logp: ``(b, t)`` ``log π_θ`` (with grad).
+        old: ``(b, t)`` ``log π_old`` (no grad).
+        ref: ``(b, t)`` ``log π_ref``.
+        loss_cfg: the KL estimator, ``kl_bias_correction`` and the importance-sampling level of ρ.
+        seq_mask: ``(b, t)`` bool, each sequence's tokens for a sequence-level ρ (default: all ``t``).
+
+    Returns:
+        ``(b, t)`` per-token KL term.
+    """
+    kl = kl_penalty(logp, ref, loss_cfg.kl_estimator)  # (b, t)
+    if loss_cfg.kl_bias_correction:
+        seq_mask = torch.ones_like(logp, dtype=torch.bool) if seq_mask is None else seq_mask  # (b, t)
+        kl = kl * importance_ratio(logp, old, seq_mask, loss_cfg.importance_sampling_level)  # (b, t)
+    return kl
 
 
 def update_policy(module: L.LightningModule, rollout: RolloutBatch | None) -> dict[str, float]:
@@ -80,6 +128,10 @@ def update_policy(module: L.LightningModule, rollout: RolloutBatch | None) -> di
     ds_engine = deepspeed_engine(module.trainer)  # under DeepSpeed, p.grad is partitioned: ask the engine
     gen = torch.Generator().manual_seed(module.hparams.seed * 1_000_003 + module.global_step)
     sums: dict[str, float] = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    if module.loss_cfg.entropy_coef > 0:
+        sums["entropy_bonus"] = 0.0
+    if module.loss_cfg.top_entropy_quantile < 1.0:
+        sums["top_entropy_frac"] = 0.0
     n_updates, lrs_used = 0, []
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=gen) if (mb < n_max or cfg.ppo_epochs > 1) else torch.arange(n)
@@ -132,9 +184,14 @@ def accumulate_gradients(
     agg = dict(mode=lcfg.aggregation, norm_constant=lcfg.norm_constant or float(module.sampling.max_new_tokens),
                num_tokens=n_tok, num_sequences=n_seq)
     on_policy = not module.needs_rollout_logprobs  # old log-probs come from this forward pass
+    bonus_on, top_on = lcfg.entropy_coef > 0, lcfg.top_entropy_quantile < 1.0
     stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
     if on_policy:
         stats["entropy"] = 0.0
+    if bonus_on:
+        stats["entropy_bonus"] = 0.0
+    if top_on:
+        stats["top_entropy_frac"] = 0.0
     pieces: list[Tensor | None] = list(idx.split(micro_size)) if rows is not None else []
     pieces += [None] * max((n_micro or len(pieces)) - len(pieces), 0)
     for micro_idx in pieces:
@@ -149,20 +206,31 @@ def accumulate_gradients(
         c_mask = loss_mask(micro, lcfg)[:, :t_len].to(dev)  # (b, t) tokens in the loss
         logp, ent = completion_logprobs(
             module.policy, micro.prompt_ids.to(dev), micro.prompt_mask.to(dev), c_ids, c_attn,
-            module.sampling.temperature, with_entropy=on_policy, share_prompts=module.shares_prompt_prefix,
+            module.sampling.temperature, with_entropy=on_policy or bonus_on or top_on,
+            share_prompts=module.shares_prompt_prefix, entropy_grad=bonus_on,
         )  # (b, t), (b, t) | None
         old = logp.detach() if on_policy else micro.old_logprobs[:, :t_len].to(dev)  # (b, t)
-        if ent is not None:
-            stats["entropy"] += float((ent * c_mask).sum()) / n_tok
+        if on_policy:
+            stats["entropy"] += float((ent.detach() * c_mask).sum()) / n_tok
+        keep = top_entropy_mask(ent, c_mask, lcfg.top_entropy_quantile) if top_on else None  # (b, t)
         weights = micro.is_weights[:, :t_len].to(dev) if micro.is_weights is not None else None  # (b, t)
-        pg, clipped = policy_gradient_terms(logp, old, micro.advantages[:, :t_len].to(dev), weights, lcfg)  # (b, t)
+        adv = micro.advantages[:, :t_len].to(dev)  # (b, t)
+        pg, clipped = policy_gradient_terms(logp, old, adv, weights, lcfg, seq_mask=c_attn.bool(), keep=keep)  # (b, t)
         pg_loss = aggregate_loss(pg, c_mask, **agg)
         loss = pg_loss
         if module._reference is not None and lcfg.kl_coef > 0:
-            kl = kl_penalty(logp, micro.ref_logprobs[:, :t_len].to(dev), lcfg.kl_estimator)  # (b, t)
+            ref = micro.ref_logprobs[:, :t_len].to(dev)  # (b, t)
+            kl = kl_term(logp, old, ref, lcfg, seq_mask=c_attn.bool())  # (b, t)
             kl_loss = aggregate_loss(kl, c_mask, **agg)
             loss = loss + lcfg.kl_coef * kl_loss
             stats["kl"] += float(kl_loss.detach())
+        if bonus_on:  # token mean over the mini-batch's loss tokens, whatever the aggregation
+            bonus_mask = c_mask if keep is None else keep  # (b, t)
+            entropy_bonus = (ent * bonus_mask.to(ent.dtype)).sum() / n_tok
+            loss = loss - lcfg.entropy_coef * entropy_bonus
+            stats["entropy_bonus"] += float(entropy_bonus.detach())
+        if top_on:
+            stats["top_entropy_frac"] += float(keep.sum()) / n_tok
         module.manual_backward(loss * scale)
         stats["loss"] += float(loss.detach())
         stats["pg_loss"] += float(pg_loss.detach())
