@@ -81,10 +81,11 @@ def register_safe_globals() -> None:
     from prpo_lightning.offpolicy import MismatchCheck, RolloutCorrectionConfig
     from prpo_lightning.rollout import SamplingConfig
 
+    from prpo_lightning.refsync import RefSyncConfig
     from prpo_lightning.shaping import OverlongConfig, RewardShapingConfig
 
     torch.serialization.add_safe_globals([SamplingConfig, LossConfig, OptimConfig, RolloutCorrectionConfig, MismatchCheck])
-    torch.serialization.add_safe_globals([RewardShapingConfig, OverlongConfig])
+    torch.serialization.add_safe_globals([RewardShapingConfig, OverlongConfig, RefSyncConfig])
 
 
 def collect_rng_states() -> dict[str, Any]:

@@ -48,11 +48,6 @@ class RefSyncConfig:
                              f"got {self.ref_model_sync_steps!r}")
 
 
-# stored in checkpoint hyper-parameters: loadable under torch.load's default weights_only=True (as the other configs,
-# prpo_lightning.checkpoint.register_safe_globals)
-torch.serialization.add_safe_globals([RefSyncConfig])
-
-
 def _is_partitioned(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id")  # a ZeRO-3 parameter (its .data is a shard)
 
