@@ -89,21 +89,41 @@ def test_skipped_sync_trips_the_self_check(tmp_path):
     assert module.global_step == 1  # the first step (fresh weights) passed, the second caught the stale engine
 
 
-def _fit(root: Path, steps: int, ckpt_in: str | None = None, ckpt_out: str | None = None) -> dict:
+def _fit(root: Path, steps: int, ckpt_in: str | None = None) -> tuple[dict, list]:
+    """A ``steps``-step run that checkpoints after every step (``<root>/last.ckpt``, as a real run would: a
+    checkpoint written by ``trainer.save_checkpoint`` after ``fit`` returned marks the epoch finished, so resuming
+    from it starts the next epoch's shuffle instead of the rest of this one). Returns the final weights and the
+    (seeds, completion ids) of every rollout."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     module = vllm_module(tokenizer_dir(root))
-    trainer = make_trainer(root, steps)
+    samples: list = []
+    sample = module.engine.sample
+
+    def recording_sample(prompts, g, sampling, seeds, *args):
+        result = sample(prompts, g, sampling, seeds, *args)
+        samples.append((list(seeds), result.completion_ids.clone()))
+        return result
+
+    module.engine.sample = recording_sample
+    every_step = ModelCheckpoint(dirpath=str(root), every_n_train_steps=1, save_last=True, save_top_k=-1)
+    trainer = make_trainer(root, steps, callbacks=[every_step], enable_checkpointing=True)
     trainer.fit(module, ToyPrompts(n=8, batch_size=2, seed=1), ckpt_path=ckpt_in)
-    if ckpt_out is not None:
-        trainer.save_checkpoint(ckpt_out)
-    return {k: v.clone() for k, v in module.policy.state_dict().items()}
+    return {k: v.clone() for k, v in module.policy.state_dict().items()}, samples
 
 
 def test_same_seed_same_run_and_exact_resume(tmp_path):
-    full = _fit(tmp_path / "a", 4)
-    again = _fit(tmp_path / "b", 4)
-    ckpt = str(tmp_path / "half.ckpt")
-    _fit(tmp_path / "c", 2, ckpt_out=ckpt)
-    resumed = _fit(tmp_path / "d", 4, ckpt_in=ckpt)
+    """8 prompts / batch 2: the resume at step 2 is mid-epoch; steps 3-4 of the resumed run draw the same seeds
+    and completions as the straight run, and the weights end bit-identical."""
+    full, full_samples = _fit(tmp_path / "a", 4)
+    again, again_samples = _fit(tmp_path / "b", 4)
+    _, first_samples = _fit(tmp_path / "c", 2)
+    resumed, resumed_samples = _fit(tmp_path / "d", 4, ckpt_in=str(tmp_path / "c" / "last.ckpt"))
+    assert len(full_samples) == 4 and len(first_samples) == 2 and len(resumed_samples) == 2
+    for (seeds_a, ids_a), (seeds_b, ids_b) in zip(full_samples, again_samples):
+        assert seeds_a == seeds_b and torch.equal(ids_a, ids_b)
+    for (seeds_a, ids_a), (seeds_c, ids_c) in zip(full_samples, first_samples + resumed_samples):
+        assert seeds_a == seeds_c and torch.equal(ids_a, ids_c)
     for name, value in full.items():
         assert torch.equal(value, again[name]), name
         assert torch.equal(value, resumed[name]), name
