@@ -169,12 +169,30 @@ class VLLMEngine(RolloutEngine):
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_memory_gib * (1 << 30))
         if world > 1:  # one engine per rank inside the trainer's process group (as TRL's colocate mode)
             kwargs["distributed_executor_backend"] = "external_launcher"
+            self._export_launcher_env(rank, world, on_cuda)
         rng_states = collect_rng_states()  # vLLM seeds the global torch/numpy/python RNGs in-process
         try:
             self.llm = LLM(**kwargs)
         finally:
             restore_rng_states(rng_states)
         self._push_weights(policy)
+
+    def _export_launcher_env(self, rank: int, world: int, on_cuda: bool) -> None:
+        """vLLM's ``external_launcher`` reads the torchrun variables ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``,
+        which Lightning's own launcher does not export for rank 0: set them from the process group.
+
+        Raises:
+            ValueError: an exported ``RANK`` or ``WORLD_SIZE`` disagrees with the process group.
+        """
+        local = self.device.index if on_cuda and self.device.index is not None else rank
+        for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
+            os.environ.setdefault(name, str(value))
+        for name, value in (("RANK", rank), ("WORLD_SIZE", world)):
+            if int(os.environ[name]) != value:
+                raise ValueError(
+                    f"VLLMEngine: environment {name}={os.environ[name]} but torch.distributed says {value}; "
+                    "unset it or launch with torchrun/Lightning so that both agree"
+                )
 
     def _push_weights(self, policy: torch.nn.Module) -> None:
         if self._asleep:
