@@ -177,7 +177,9 @@ def engine_throughput(args: argparse.Namespace) -> dict[str, Any]:
             result = engine.generate(prompts[:b], 1, sampling, list(range(b)), batch_seed=rep)
             if rep > 0:
                 times.append(time.perf_counter() - t)
-        n_tok, sec = int(result.completion_mask.sum()), median(times)
+        # vLLM with ignore_eos generates max_new_tokens per row, though a sampled EOS ends the row's mask
+        n_tok = b * args.gen_tokens if args.engine == "vllm" else int(result.completion_mask.sum())
+        sec = median(times)
         out.append({"batch_size": b, "engine": args.engine, "tokens": n_tok, "seconds": sec, "tokens_per_s": n_tok / sec})
         print(f"[scaling] engine {args.engine} B={b}: {n_tok / sec:.0f} tok/s", flush=True)
     engine.teardown()
