@@ -13,8 +13,13 @@
 Both are plotted to ``docs/_static/bench_scaling.png``. On a GPU machine pass ``--device cuda`` and a realistic
 width, e.g. ``--hidden 896 --layers 24 --heads 14 --kv-heads 2 --intermediate 4864`` (the Qwen2.5-0.5B shape).
 
+* **Per rollout engine** (``--engines``): tokens/s against batch size of ``HFGenerateEngine``,
+  ``StaticCacheEngine`` and ``VLLMEngine`` through the ``RolloutEngine`` API; the vLLM worker runs in
+  ``--vllm-python`` (default ``.venv-vllm/bin/python``). Writes ``benchmarks/results/scaling_engines.json``.
+
 Run::
 
+    python benchmarks/scaling.py --engines --batch-sizes 1,4,16,64 --repeats 1   # per-engine tokens/s
     python benchmarks/scaling.py    # writes benchmarks/results/scaling.json, docs/_static/bench_scaling.png, docs/benchmarks.md
 """
 
@@ -157,10 +162,12 @@ def engine_throughput(args: argparse.Namespace) -> dict[str, Any]:
     from prpo_lightning.rollout import SamplingConfig
 
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype))
+    model = model.to(args.device).eval()
     if args.engine == "vllm":  # vLLM does not read generation_config.suppress_tokens (the EOS suppression)
-        engine: Any = VLLMEngine(kv_cache_memory_gib=0.5, max_model_len=512, max_num_seqs=max(args.batch_sizes),
-                                 ignore_eos=True)
+        cache_gib = 0.5 if args.device == "cpu" else None  # on GPU: gpu_memory_utilization sizes the cache
+        engine: Any = VLLMEngine(kv_cache_memory_gib=cache_gib, gpu_memory_utilization=0.5, max_model_len=512,
+                                 max_num_seqs=max(args.batch_sizes), ignore_eos=True)
     else:
         engine = HFGenerateEngine() if args.engine == "hf" else StaticCacheEngine()
     t = time.perf_counter()
@@ -180,7 +187,8 @@ def engine_throughput(args: argparse.Namespace) -> dict[str, Any]:
         # vLLM with ignore_eos generates max_new_tokens per row, though a sampled EOS ends the row's mask
         n_tok = b * args.gen_tokens if args.engine == "vllm" else int(result.completion_mask.sum())
         sec = median(times)
-        out.append({"batch_size": b, "engine": args.engine, "tokens": n_tok, "seconds": sec, "tokens_per_s": n_tok / sec})
+        out.append({"batch_size": b, "engine": args.engine, "tokens": n_tok, "seconds": sec,
+                    "tokens_per_s": n_tok / sec})
         print(f"[scaling] engine {args.engine} B={b}: {n_tok / sec:.0f} tok/s", flush=True)
     engine.teardown()
     return {"engine": args.engine, "setup_s": setup_s, "generation": out}
@@ -197,7 +205,8 @@ def engines_main(args: argparse.Namespace, cmd: str, load_before: list[float]) -
     res = {**run_header(cmd, load_before), "settings": {k: getattr(args, k) for k in (
         "device", "dtype", "threads", "hidden", "layers", "gen_tokens", "repeats", "batch_sizes")}, "engines": runs}
     sizes = args.batch_sizes
-    lines = ["| engine | setup (s) | " + " | ".join(f"B={b}" for b in sizes) + " |", "|---|---:|" + "---:|" * len(sizes)]
+    lines = ["| engine | setup (s) | " + " | ".join(f"B={b}" for b in sizes) + " |",
+             "|---|---:|" + "---:|" * len(sizes)]
     for name, r in runs.items():
         tps = {g["batch_size"]: g["tokens_per_s"] for g in r["generation"]}
         lines.append(f"| {name} | {r['setup_s']:.1f} | " + " | ".join(f"{tps[b]:.0f}" for b in sizes) + " |")

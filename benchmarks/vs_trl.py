@@ -20,6 +20,7 @@ Run::
 
     python benchmarks/vs_trl.py --variants   # writes benchmarks/results/vs_trl.json and docs/benchmarks.md
     python benchmarks/vs_trl.py --steps 3 --no-docs  # quick check
+    python benchmarks/vs_trl.py --engines --rounds 1 --steps 3 --warmup 1  # ours per engine (hf, static, vllm)
 """
 
 from __future__ import annotations
