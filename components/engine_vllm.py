@@ -21,6 +21,7 @@ Shapes: ``N`` groups, ``G`` completions per group, ``B = N·G``, ``T`` completio
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import re
 import tempfile
@@ -123,6 +124,7 @@ class VLLMEngine(RolloutEngine):
         self.llm: Any = None
         self._asleep = False
         self._model_dir: tempfile.TemporaryDirectory | None = None
+        self._owns_process_group = False  # vLLM initialised torch.distributed itself (no trainer process group)
 
     @property
     def capabilities(self) -> EngineCapabilities:  # type: ignore[override]
@@ -175,6 +177,7 @@ class VLLMEngine(RolloutEngine):
         if world > 1:  # one engine per rank inside the trainer's process group (as TRL's colocate mode)
             kwargs["distributed_executor_backend"] = "external_launcher"
             self._export_launcher_env(rank, world, on_cuda)
+        self._owns_process_group = not distributed
         rng_states = collect_rng_states()  # vLLM seeds the global torch/numpy/python RNGs in-process
         try:
             self.llm = LLM(**kwargs)
@@ -223,7 +226,18 @@ class VLLMEngine(RolloutEngine):
             self._asleep = False
 
     def teardown(self) -> None:
-        self.llm = None
+        """Shut vLLM down and free its memory, so that a later engine in the same process starts clean.
+
+        vLLM's in-process engine core ``gc.freeze()``-s everything it allocates at start-up (weights, KV cache),
+        so dropping the reference alone would never free them: they are unfrozen here. In a single process vLLM
+        owns the ``torch.distributed`` group it created and its shutdown destroys it; under DDP the group is the
+        trainer's, so the engine is only released, not shut down."""
+        if self.llm is not None:
+            if self._owns_process_group:
+                self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            gc.unfreeze()
+            gc.collect()
         if self._model_dir is not None:
             self._model_dir.cleanup()
             self._model_dir = None
