@@ -293,7 +293,6 @@ def generate_groups(
         ``(completion_ids, completion_mask, truncated)`` of shapes ``(N·G, T)``, ``(N·G, T)``, ``(N·G,)``; rows
         ``j·G … j·G + G − 1`` belong to group ``j``.
     """
-    eos_id = tokenizer.eos_token_id
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []

@@ -11,7 +11,6 @@ import enum
 import re
 from dataclasses import dataclass
 
-from fractions import Fraction
 
 from .forms import (
     UnreadableCharacters,
