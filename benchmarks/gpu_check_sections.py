@@ -337,7 +337,7 @@ def _generation_rate(
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
-    _, cmask, _ = generate_completions(model, tok, ids, mask, sampling)
+    cmask = generate_completions(model, tok, ids, mask, sampling).mask
     sync(device)
     seconds = time.perf_counter() - t0
     tokens = int(cmask.sum())

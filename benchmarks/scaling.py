@@ -75,7 +75,7 @@ def gen_throughput(args: argparse.Namespace) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            comp, cmask, _ = generate_completions(model, tok, ids, mask, sampling)
+            comp, cmask = generate_completions(model, tok, ids, mask, sampling)[:2]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if rep > 0:  # the first call is a warm-up
@@ -106,7 +106,7 @@ def ragged_generation(args: argparse.Namespace, model: Any, tok: Any, device: An
         for rep in range(args.repeats + 1):
             torch.manual_seed(rep)
             t = time.perf_counter()
-            comp, cmask, _ = generate_completions(model, tok, ids, mask, sampling)
+            comp, cmask = generate_completions(model, tok, ids, mask, sampling)[:2]
             if rep > 0:
                 times.append(time.perf_counter() - t)
         completions[engine] = comp

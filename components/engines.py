@@ -22,7 +22,7 @@ from components.engine_vllm import VLLMEngine
 from prpo_lightning.decoding import unsupported_reason
 from prpo_lightning.distributed import all_reduce_max
 from prpo_lightning.engine import EngineCapabilities, RolloutEngine, RolloutResult
-from prpo_lightning.rollout import SamplingConfig, generate_completions, generate_groups, left_pad
+from prpo_lightning.rollout import Completions, SamplingConfig, generate_completions, generate_groups, left_pad
 
 __all__ = ["AutoEngine", "HFGenerateEngine", "StaticCacheEngine", "VLLMEngine"]
 
@@ -59,11 +59,10 @@ class _PolicyEngine(RolloutEngine):
         as many ``generate`` calls as the busiest rank (throw-away calls on a one-token prompt)."""
         sampling = self._sampling(sampling)
         g = num_generations
-        entropies: list[Tensor] | None = [] if record_entropies else None
         if batch_seed is None:
             extra = all_reduce_max(len(prompts)) - len(prompts) if self.lockstep else 0
-            comp, mask, truncated = generate_groups(
-                self.policy, self.tokenizer, prompts, g, sampling, seeds, greedy, self.lockstep, extra, entropies
+            out = generate_groups(
+                self.policy, self.tokenizer, prompts, g, sampling, seeds, greedy, self.lockstep, extra, record_entropies
             )
         else:
             chunk = sampling.generation_batch_size or len(prompts) * g or 1
@@ -73,15 +72,15 @@ class _PolicyEngine(RolloutEngine):
                 generate_groups(self.policy, self.tokenizer, [], g, sampling, [], greedy, True, extra)
             if not prompts:
                 return RolloutResult.empty(self.device)
-            comp, mask, truncated = self._batched(prompts, g, sampling, greedy, batch_seed, entropies)
+            out = self._batched(prompts, g, sampling, greedy, batch_seed, record_entropies)
         if not prompts:
             return RolloutResult.empty(self.device)
-        return RolloutResult(comp, mask, truncated, entropies=entropies[0] if entropies else None)
+        return RolloutResult(out.ids, out.mask, out.truncated, entropies=out.entropies)
 
     def _batched(
         self, prompts: list[Tensor], g: int, sampling: SamplingConfig, greedy: bool, batch_seed: int,
-        entropies: list[Tensor] | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        record_entropies: bool,
+    ) -> Completions:
         ids, mask = left_pad([p.tolist() for p in prompts], self._pad_id(), self.device)  # (N, P) each
         ids, mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)  # (B, P) each
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -89,7 +88,7 @@ class _PolicyEngine(RolloutEngine):
             torch.manual_seed(batch_seed)
             return generate_completions(
                 self.policy, self.tokenizer, ids, mask, sampling, greedy=greedy, synced_gpus=self.lockstep,
-                entropies_out=entropies,
+                record_entropies=record_entropies,
             )
 
 

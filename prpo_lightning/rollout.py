@@ -9,7 +9,7 @@ Shapes: ``B`` completions, ``P`` padded prompt length (left padding), ``T`` padd
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -162,6 +162,23 @@ class EntropyRecorder:
         return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(0, 0)
 
 
+class Completions(NamedTuple):
+    """What :func:`generate_completions` and :func:`generate_groups` return.
+
+    Attributes:
+        ids: ``(B, T)`` long completion ids, PAD after EOS.
+        mask: ``(B, T)`` bool, True up to and including the first EOS.
+        truncated: ``(B,)`` bool, True when no EOS was produced within ``max_new_tokens``.
+        entropies: ``(B, T)`` float32 entropies of the sampling distributions (0 on padding) when asked for
+            (``record_entropies``), else None.
+    """
+
+    ids: Tensor
+    mask: Tensor
+    truncated: Tensor
+    entropies: Tensor | None = None
+
+
 def generate_completions(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -170,8 +187,8 @@ def generate_completions(
     sampling: SamplingConfig,
     greedy: bool = False,
     synced_gpus: bool = False,
-    entropies_out: list[Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    record_entropies: bool = False,
+) -> Completions:
     """Sample one completion per prompt row (repeat rows beforehand for G rollouts).
 
     Args:
@@ -182,12 +199,11 @@ def generate_completions(
         sampling: sampling settings.
         greedy: decode greedily instead of sampling (evaluation).
         synced_gpus: keep all ranks in lock-step (needed under DeepSpeed ZeRO-3).
-        entropies_out: if a list is given, the ``(B, T)`` float32 entropies of the sampling distributions
-            (:class:`EntropyRecorder`, 0 on padding) are appended to it.
+        record_entropies: also return the ``(B, T)`` entropies of the sampling distributions
+            (:class:`EntropyRecorder`, or the static decoder's own), recorded while sampling.
 
     Returns:
-        ``(completion_ids, completion_mask, truncated)``: ``(B, T)`` long ids with PAD after EOS, ``(B, T)``
-        bool mask that is True up to and including the first EOS, ``(B,)`` bool True when no EOS was produced.
+        :class:`Completions` (ids, mask, truncated, entropies).
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -215,12 +231,12 @@ def generate_completions(
             out, ent = decoder.generate(
                 ids, mask, sampling.max_new_tokens, eos_id, pad_id, greedy=greedy,
                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                record_entropies=entropies_out is not None,
+                record_entropies=record_entropies,
             )  # (b, T_b), (b, T_b) | None
             pieces.append(out)
             piece_entropies.append(ent)
             continue
-        recorder = EntropyRecorder(sampling.temperature) if entropies_out is not None else None
+        recorder = EntropyRecorder(sampling.temperature) if record_entropies else None
         out = model.generate(
             input_ids=ids, attention_mask=mask, generation_config=gen_cfg, synced_gpus=synced_gpus,
             logits_processor=LogitsProcessorList([recorder]) if recorder is not None else None,
@@ -245,15 +261,15 @@ def generate_completions(
     completion = torch.where(mask, completion, torch.full_like(completion, pad_id))
     lengths = mask.sum(dim=1)  # (B,)
     truncated = ~has_eos & (lengths >= sampling.max_new_tokens)
-    if entropies_out is not None:
-        ent = torch.zeros(completion.shape, dtype=torch.float32, device=completion.device)  # (B, T)
-        row = 0
-        for p, e in zip(pieces, piece_entropies):
-            e = e.to(ent.device)  # (b, T_b)
-            ent[row : row + p.shape[0], : min(e.shape[1], p.shape[1])] = e[:, : p.shape[1]]
-            row += p.shape[0]
-        entropies_out.append(ent * mask)
-    return completion, mask, truncated
+    if not record_entropies:
+        return Completions(completion, mask, truncated)
+    ent = torch.zeros(completion.shape, dtype=torch.float32, device=completion.device)  # (B, T)
+    row = 0
+    for p, e in zip(pieces, piece_entropies):
+        e = e.to(ent.device)  # (b, T_b)
+        ent[row : row + p.shape[0], : min(e.shape[1], p.shape[1])] = e[:, : p.shape[1]]
+        row += p.shape[0]
+    return Completions(completion, mask, truncated, ent * mask)
 
 
 def generate_groups(
@@ -266,8 +282,8 @@ def generate_groups(
     greedy: bool = False,
     synced_gpus: bool = False,
     lockstep_calls: int = 0,
-    entropies_out: list[Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    record_entropies: bool = False,
+) -> Completions:
     """Sample the G completions of each prompt group in its own ``generate`` call(s), seeded per group.
 
     The RNG of group ``j`` is reset to ``seeds[j]`` (inside :func:`torch.random.fork_rng`, so the caller's RNG
@@ -284,39 +300,38 @@ def generate_groups(
         seeds: one seed per group (None: the current RNG state is used).
         greedy: greedy decoding.
         synced_gpus: keep ranks in lock-step inside ``generate`` (DeepSpeed ZeRO-3).
-        entropies_out: if a list is given, the ``(N·G, T)`` entropies of the sampling distributions are
-            appended to it (see :func:`generate_completions`).
+        record_entropies: also return the ``(N·G, T)`` entropies of the sampling distributions (see
+            :func:`generate_completions`).
         lockstep_calls: extra throw-away ``generate`` calls on a one-token prompt, so that every rank makes the
             same number of calls under ZeRO-3 (ranks that skipped prompts make up the difference).
 
     Returns:
-        ``(completion_ids, completion_mask, truncated)`` of shapes ``(N·G, T)``, ``(N·G, T)``, ``(N·G,)``; rows
-        ``j·G … j·G + G − 1`` belong to group ``j``.
+        :class:`Completions` of ``N·G`` rows; rows ``j·G … j·G + G − 1`` belong to group ``j``.
     """
     pad_id = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    outs = []
-    group_entropies: list[Tensor] | None = [] if entropies_out is not None else None
+    outs: list[Completions] = []
     for j, prompt in enumerate(prompts):
         ids = prompt.to(device)[None, :].repeat(num_generations, 1)  # (G, P_j)
         with torch.random.fork_rng(devices=devices):
             if seeds is not None:
                 torch.manual_seed(seeds[j])
             outs.append(generate_completions(
-                model, tokenizer, ids, torch.ones_like(ids), sampling, greedy, synced_gpus,
-                entropies_out=group_entropies,
+                model, tokenizer, ids, torch.ones_like(ids), sampling, greedy, synced_gpus, record_entropies
             ))
     dummy = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
     for _ in range(lockstep_calls):
         generate_completions(model, tokenizer, dummy, torch.ones_like(dummy), sampling, greedy, synced_gpus)
     if not outs:
         empty = torch.zeros(0, 1, dtype=torch.long, device=device)
-        return empty, empty.bool(), torch.zeros(0, dtype=torch.bool, device=device)
-    t = max(c.shape[1] for c, _, _ in outs)
-    comp = torch.cat([torch.nn.functional.pad(c, (0, t - c.shape[1]), value=pad_id) for c, _, _ in outs])  # (B, T)
-    mask = torch.cat([torch.nn.functional.pad(m, (0, t - m.shape[1]), value=False) for _, m, _ in outs])  # (B, T)
-    truncated = torch.cat([tr for _, _, tr in outs])  # (B,)
-    if entropies_out is not None and group_entropies is not None:
-        entropies_out.append(torch.cat([torch.nn.functional.pad(e, (0, t - e.shape[1])) for e in group_entropies]))
-    return comp, mask, truncated
+        no_ent = torch.zeros(0, 1, dtype=torch.float32, device=device) if record_entropies else None
+        return Completions(empty, empty.bool(), torch.zeros(0, dtype=torch.bool, device=device), no_ent)
+    t = max(c.ids.shape[1] for c in outs)
+    comp = torch.cat([torch.nn.functional.pad(c.ids, (0, t - c.ids.shape[1]), value=pad_id) for c in outs])  # (B, T)
+    mask = torch.cat([torch.nn.functional.pad(c.mask, (0, t - c.mask.shape[1]), value=False) for c in outs])  # (B, T)
+    truncated = torch.cat([c.truncated for c in outs])  # (B,)
+    if not record_entropies:
+        return Completions(comp, mask, truncated)
+    ent = torch.cat([torch.nn.functional.pad(c.entropies, (0, t - c.entropies.shape[1])) for c in outs])  # (B, T)
+    return Completions(comp, mask, truncated, ent)

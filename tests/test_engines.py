@@ -38,14 +38,13 @@ def test_per_group_seeds_equal_generate_groups(tiny, name):
     engine = ENGINES[name]()
     engine.setup(model, tok)
     result = engine.generate(prompts, 4, SAMPLING, seeds, record_entropies=True)
-    entropies: list = []
     sampler = "static" if name == "auto" else name  # auto picks static for a plain Qwen2
-    ids, mask, truncated = generate_groups(
-        model, tok, prompts, 4, dataclasses.replace(SAMPLING, engine=sampler), seeds, entropies_out=entropies
+    ids, mask, truncated, entropies = generate_groups(
+        model, tok, prompts, 4, dataclasses.replace(SAMPLING, engine=sampler), seeds, record_entropies=True
     )
     assert torch.equal(result.completion_ids, ids) and torch.equal(result.completion_mask, mask)
     assert torch.equal(result.truncated, truncated)
-    assert torch.equal(result.entropies, entropies[0]) and result.sampler_logprobs is None
+    assert torch.equal(result.entropies, entropies) and result.sampler_logprobs is None
     assert result.size == 12 and len(set(result.completion_mask.sum(1).tolist())) > 1, "rows of varied length"
 
 
@@ -59,13 +58,12 @@ def test_batch_seed_equals_todays_batched_call(tiny, name):
     result = engine.generate(prompts, 4, SAMPLING, [1, 2, 3], batch_seed=batch_seed, record_entropies=True)
     ids, mask = left_pad([p.tolist() for p in prompts], tok.pad_token_id, torch.device("cpu"))
     ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
-    entropies: list = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(batch_seed)
         ref = generate_completions(model, tok, ids, mask, dataclasses.replace(SAMPLING, engine=name),
-                                   entropies_out=entropies)
+                                   record_entropies=True)
     assert all(torch.equal(a, b) for a, b in zip((result.completion_ids, result.completion_mask, result.truncated), ref))
-    assert torch.equal(result.entropies, entropies[0])
+    assert torch.equal(result.entropies, ref.entropies)
 
 
 def test_hf_and_static_engines_agree_and_leave_the_callers_rng_alone(tiny):

@@ -47,7 +47,9 @@ def test_generate_masks_after_eos_and_flags_truncation(tiny, engine):
     eos = tok.eos_token_id
     ids, mask = tokenize_prompts(tok, ["Q: 1\nA:"] * 6, torch.device("cpu"))
     torch.manual_seed(1)
-    comp, cmask, truncated = generate_completions(model, tok, ids, mask, SamplingConfig(max_new_tokens=8, engine=engine))
+    comp, cmask, truncated, no_entropies = generate_completions(model, tok, ids, mask,
+                                                                SamplingConfig(max_new_tokens=8, engine=engine))
+    assert no_entropies is None  # only recorded when asked for
     for row, m, tr in zip(comp, cmask, truncated):
         length = int(m.sum())
         assert bool(m[:length].all()) and not bool(m[length:].any())
@@ -103,20 +105,20 @@ def test_generation_entropies_match_forward_pass(tiny, per_group, engine):
     model, tok = tiny
     sampling = SamplingConfig(max_new_tokens=10, temperature=0.8, engine=engine)
     texts = ["Q: 1+1\nA:", "Q: a longer prompt 12*7\nA:"]
-    recorded: list[torch.Tensor] = []
     torch.manual_seed(3)
     if per_group:
         prompts = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        comp, cmask, _ = generate_groups(model, tok, prompts, 2, sampling, seeds=[1, 2], entropies_out=recorded)
+        comp, cmask, _, recorded = generate_groups(model, tok, prompts, 2, sampling, seeds=[1, 2],
+                                                   record_entropies=True)
         ids, mask = tokenize_prompts(tok, texts, torch.device("cpu"))
         ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
     else:
         ids, mask = tokenize_prompts(tok, texts, torch.device("cpu"))
-        comp, cmask, _ = generate_completions(model, tok, ids, mask, sampling, entropies_out=recorded)
+        comp, cmask, _, recorded = generate_completions(model, tok, ids, mask, sampling, record_entropies=True)
     _, ent = completion_logprobs(model, ids, mask, comp, cmask, temperature=0.8, with_entropy=True)
-    assert recorded[0].shape == ent.shape
-    assert torch.allclose(recorded[0], ent, atol=1e-4)
-    assert bool((recorded[0][~cmask] == 0).all())
+    assert recorded.shape == ent.shape
+    assert torch.allclose(recorded, ent, atol=1e-4)
+    assert bool((recorded[~cmask] == 0).all())
 
 
 def test_pad_token_id_falls_back_to_eos_and_refuses_neither():

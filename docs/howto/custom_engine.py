@@ -93,7 +93,7 @@ class InProcessServer:
         sampling = SamplingConfig(num_generations=n, temperature=params["temperature"], top_p=params["top_p"],
                                   top_k=params["top_k"], max_new_tokens=params["max_tokens"], engine="hf")
         prompt = torch.tensor(prompt_ids)
-        ids, mask, _ = generate_groups(self.model, self.tokenizer, [prompt], n, sampling, [seed], params["greedy"])
+        ids, mask = generate_groups(self.model, self.tokenizer, [prompt], n, sampling, [seed], params["greedy"])[:2]
         prompts = prompt[None, :].repeat(n, 1)  # (n, P)
         logp, _ = completion_logprobs(self.model, prompts, torch.ones_like(prompts), ids, mask, sampling.temperature)
         lengths = mask.sum(dim=1).tolist()
