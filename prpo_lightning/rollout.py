@@ -163,20 +163,15 @@ class EntropyRecorder:
 
 
 class Completions(NamedTuple):
-    """What :func:`generate_completions` and :func:`generate_groups` return.
+    """What :func:`generate_completions` and :func:`generate_groups` return: ``ids`` ``(B, T)`` long completion
+    ids with PAD after EOS; ``mask`` ``(B, T)`` bool, True up to and including the first EOS; ``truncated``
+    ``(B,)`` bool, True when no EOS came within ``max_new_tokens``; ``entropies`` ``(B, T)`` float32 entropies of
+    the sampling distributions (0 on padding) when ``record_entropies`` was set, else None."""
 
-    Attributes:
-        ids: ``(B, T)`` long completion ids, PAD after EOS.
-        mask: ``(B, T)`` bool, True up to and including the first EOS.
-        truncated: ``(B,)`` bool, True when no EOS was produced within ``max_new_tokens``.
-        entropies: ``(B, T)`` float32 entropies of the sampling distributions (0 on padding) when asked for
-            (``record_entropies``), else None.
-    """
-
-    ids: Tensor
-    mask: Tensor
-    truncated: Tensor
-    entropies: Tensor | None = None
+    ids: Tensor  # (B, T)
+    mask: Tensor  # (B, T)
+    truncated: Tensor  # (B,)
+    entropies: Tensor | None = None  # (B, T) | None
 
 
 def generate_completions(
