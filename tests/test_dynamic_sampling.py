@@ -248,3 +248,69 @@ def test_no_group_with_signal_updates_nothing_and_stops(tmp_path):
     for step in range(2):
         assert rec.rows[step]["rounds"] == 2 and rec.rows[step]["groups_kept"] == 0
         assert rec.rows[step]["prompts_consumed"] == 2 + 2 + 2 and rec.rows[step]["groups_dropped"] == 6
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_dynamic_sampling(tmp_path):
+    """4 straight steps == 2 steps + checkpoint + 2 resumed steps: same weights, same rounds and draws."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    tok = tokenizer_dir(tmp_path)
+
+    def run(root, steps, ckpt=None):
+        module, rec = _ds_module(tok, ConstantForSomeVerifier()), MetricsRecorder()
+        saver = ModelCheckpoint(dirpath=str(root), every_n_train_steps=1, save_last=True, save_top_k=-1)
+        with time_limit(300):
+            make_trainer(root, steps, [rec, saver], enable_checkpointing=True).fit(
+                module, ToyPrompts(n=12, batch_size=2), ckpt_path=ckpt)
+        return module, rec
+
+    straight, rec_a = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed, rec_c = run(tmp_path / "c", 4, str(tmp_path / "b" / "last.ckpt"))
+    a, c = straight.policy.state_dict(), resumed.policy.state_dict()
+    for name in a:
+        assert torch.equal(a[name], c[name]), name
+    assert [straight.rounds[s] for s in (2, 3)] == [resumed.rounds[s] for s in (2, 3)]
+    assert rec_a.rows[2:] == rec_c.rows
+    assert sum(r["rounds"] for r in rec_a.rows) > 0  # the resumed steps went through the refill loop
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["grpo", "prpo"])
+def test_cli_fit_two_steps_with_dynamic_sampling(tmp_path, monkeypatch, method):
+    from helpers import tiny_qwen2_config
+
+    from prpo_lightning.cli import cli_main
+
+    monkeypatch.setattr("sys.argv", ["prpo-fit"])
+    import json
+
+    aligner = {"grpo": "components.aligners.GRPOAligner", "prpo": "components.aligners.PRPOAligner"}[method]
+    criterion = {"grpo": "outcome", "prpo": "advantage"}[method]
+    args = [
+        "fit", "--seed_everything=0", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_steps=2",
+        "--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
+        f"--trainer.default_root_dir={tmp_path}", "--model.policy=null",
+        f"--model.policy_config={json.dumps(tiny_qwen2_config(vocab_size=128))}",
+        f"--model.tokenizer={tokenizer_dir(tmp_path)}", "--model.verifier=test_resume.ParityVerifier",
+        f"--model.aligner={aligner}", "--model.sampling.num_generations=4", "--model.sampling.max_new_tokens=16",
+        "--model.sampling.dynamic_sampling.enabled=true", "--model.sampling.dynamic_sampling.max_rounds=2",
+        f"--model.sampling.dynamic_sampling.criterion={criterion}",
+        "--model.optim.lr=1e-4", "--model.optim.micro_batch_size=8", "--model.loss.kl_coef=0.01",
+        "--model.prompt_template=Q: {problem}\nA:\n", "--data=prpo_lightning.data.ArithmeticDataModule",
+        "--data.num_train=16", "--data.num_eval=4", "--data.batch_size=2",
+    ]
+    if method == "prpo":
+        args += ["--model.segmenter=components.segmenters.EntropySpikeSegmenter", "--model.segmenter.min_gap=4",
+                 "--model.prm=components.prms.EquationCheckPRM"]
+    with time_limit(300):
+        cli = cli_main(args)
+    ds = cli.model.sampling.dynamic_sampling
+    assert (ds.enabled, ds.max_rounds, ds.criterion) == (True, 2, criterion)
+    assert cli.trainer.global_step == 2
+    m = cli.trainer.callback_metrics
+    assert 0 <= float(m["train/dynamic_sampling/rounds"]) <= 2
+    assert float(m["train/dynamic_sampling/prompts_consumed"]) >= 2
+    assert float(m["train/dynamic_sampling/groups_kept"]) + float(m["train/dynamic_sampling/groups_dropped"]) \
+        + float(m["train/dynamic_sampling/groups_surplus"]) <= float(m["train/dynamic_sampling/prompts_consumed"])
