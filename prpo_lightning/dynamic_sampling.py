@@ -24,11 +24,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
+import prpo_lightning.batch
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, group_seed
 from prpo_lightning.grouping import group_extrema, group_sum
@@ -158,19 +159,6 @@ def concat_rollouts(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
     return RolloutBatch(**merged)
 
 
-class FillResult(NamedTuple):
-    """What :func:`fill_batch` hands back to the training step."""
-
-    #: the kept groups of this rank (None: none kept, or a skipped PRM failure).
-    rollout: RolloutBatch | None
-    #: the PRM failure that made this rank skip its batch (``on_prm_error: skip``), or None.
-    prm_error: str | None
-    #: no prompt of any round fitted ``max_prompt_length`` on this rank.
-    no_prompts: bool
-    #: no rank kept a single group: the step updates nothing (the same on every rank).
-    no_signal: bool
-
-
 class _Filler:
     """The per-step state of the refill loop on one rank."""
 
@@ -237,9 +225,9 @@ class _Filler:
 
 
 def fill_batch(
-    module: PRPOModule, batch: dict[str, Any], rollout: RolloutBatch | None, prm_error: str | None,
-    metrics: dict[str, float],
-) -> FillResult:
+    module: PRPOModule, batch: dict[str, Any], rollout: prpo_lightning.batch.RolloutBatch | None,
+    prm_error: str | None, metrics: dict[str, float],
+) -> tuple[prpo_lightning.batch.RolloutBatch | None, str | None, bool, bool]:
     """Filter the scored loader batch and refill it with extra rounds (a collective call: every rank calls it).
 
     Args:
@@ -251,7 +239,10 @@ def fill_batch(
             the first scored round are kept.
 
     Returns:
-        The :class:`FillResult` of this rank.
+        ``(rollout, prm_error, no_prompts, no_signal)``: the kept groups of this rank (None: none kept, or a skipped
+        PRM failure); the PRM failure that made this rank skip its batch (``on_prm_error: skip``) or None; whether no
+        prompt of any round fitted ``max_prompt_length`` on this rank; whether no rank kept a single group (the step
+        then updates nothing; the same on every rank).
     """
     filler, cfg = _Filler(module, batch), module.sampling.dynamic_sampling
     fitted = rollout is not None or prm_error is not None
@@ -298,7 +289,7 @@ def fill_batch(
         "dynamic_sampling/batch_filled": float(short_ranks == 0),
     })
     no_prompts = kept is None and prm_error is None and not fitted
-    return FillResult(kept, prm_error, no_prompts, kept_rows == 0)
+    return kept, prm_error, no_prompts, kept_rows == 0
 
 
 # stored in checkpoint hyper-parameters (inside SamplingConfig): allowed under torch.load's weights_only=True, like

@@ -164,9 +164,11 @@ class RecordingModule(PRPOModule):
 class MetricsRecorder(L.Callback):
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self.logged: set[str] = set()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         m = trainer.callback_metrics
+        self.logged |= {k for k in m if k.startswith("train/")}
         self.rows.append({k.removeprefix("train/dynamic_sampling/"): float(v) for k, v in m.items()
                           if k.startswith("train/dynamic_sampling/")})
 
@@ -211,6 +213,10 @@ def test_training_drops_constant_groups_and_refills_the_batch(tmp_path):
         with_signal = [i for i in drawn if i % 3]
         assert kept_ids == with_signal[:4] and m["groups_surplus"] == len(with_signal) - 4
     assert any(len(module.rounds[s]) > 1 for s in range(3))  # some step needed an extra round
+    from test_docs_howto import glossary_terms
+
+    assert "train/dynamic_sampling/rounds" in rec.logged
+    assert not rec.logged - glossary_terms(), "logged metrics missing from docs/metrics.rst"
 
 
 @pytest.mark.slow
