@@ -5,13 +5,22 @@ consumed, final batch size), exhausted rounds, exact resume and 2-step CLI runs.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from test_resume import GroupNormAligner, ToyPrompts, make_module, make_trainer, tokenizer_dir
 
 from prpo_lightning.batch import RolloutBatch
@@ -320,3 +329,53 @@ def test_cli_fit_two_steps_with_dynamic_sampling(tmp_path, monkeypatch, method):
     assert float(m["train/dynamic_sampling/prompts_consumed"]) >= 2
     assert float(m["train/dynamic_sampling/groups_kept"]) + float(m["train/dynamic_sampling/groups_dropped"]) \
         + float(m["train/dynamic_sampling/groups_surplus"]) <= float(m["train/dynamic_sampling/prompts_consumed"])
+
+
+# ---------------------------------------------------------------- DDP
+class RankZeroConstantVerifier(ConstantForSomeVerifier):
+    """On rank 0, groups of even prompt ids have no signal; on rank 1 every group has signal, so only rank 0 needs
+    extra rounds and rank 1 must join them with empty batches."""
+
+    def verify_rows(self, completions, golds, rows) -> list[Verdict]:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return [Verdict(VerdictStatus.INCORRECT, 0.0 if rank == 0 and int(r["id"]) % 2 == 0 else float(k))
+                for k, r in enumerate(rows)]
+
+
+def _ddp_worker(out: Path, tok: str) -> None:
+    module, rec = _ds_module(tok, RankZeroConstantVerifier(), max_rounds=4), MetricsRecorder()
+    trainer = make_trainer(out, 3, [rec], strategy="ddp", devices=2)
+    trainer.fit(module, ToyPrompts(n=40, batch_size=2))
+    kept = {s: (ordered_group_ids(r.group_ids) if r is not None else []) for s, r in module.updated.items()}
+    torch.save({"rounds": module.rounds, "kept": kept, "metrics": rec.rows}, out / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_run_the_same_rounds_and_keep_the_global_batch(tmp_path):
+    tok = tokenizer_dir(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp_path), tok], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for step in range(3):
+        assert len(r0["rounds"][step]) == len(r1["rounds"][step])  # the same rounds on both ranks
+        assert all(not extra for extra in r1["rounds"][step][1:])  # rank 1 joined with empty batches
+        assert len(r0["kept"][step]) == len(r1["kept"][step]) == 2  # each rank filled its own share
+        assert all(i % 2 for i in r0["kept"][step])
+        for m in (r0["metrics"][step], r1["metrics"][step]):
+            assert m["groups_kept"] == 4 and m["batch_filled"] == 1.0  # the global batch: 2 ranks x 2 prompts
+            assert m["rounds"] == len(r0["rounds"][step]) - 1
+            drawn0 = [i for r in r0["rounds"][step] for i in r]
+            assert m["groups_dropped"] == sum(i % 2 == 0 for i in drawn0)
+            assert m["prompts_consumed"] == len(drawn0) + 2
+    assert any(len(r0["rounds"][s]) > 1 for s in range(3))
+
+
+if __name__ == "__main__":  # one DDP worker (re-executed by Lightning for rank 1)
+    torch.set_num_threads(1)
+    _ddp_worker(Path(sys.argv[1]), sys.argv[2])
