@@ -15,8 +15,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from prpo_lightning.dynamic_sampling import DynamicSamplingConfig
 from prpo_lightning.decoding import StaticCacheDecoder, entropy_of, unsupported_reason
+from prpo_lightning.dynamic_sampling import DynamicSamplingConfig
 
 
 @dataclass
@@ -64,6 +64,7 @@ class SamplingConfig:
 
         Raises:
             ValueError: naming the key (``model.sampling.<key>``), its valid range and the value given.
+            TypeError: ``dynamic_sampling`` is neither a mapping nor a ``DynamicSamplingConfig``.
         """
         checks = [
             ("num_generations", self.num_generations >= 1, "an integer >= 1 (completions per prompt)"),
@@ -88,7 +89,7 @@ class SamplingConfig:
                 raise ValueError(f"model.sampling.dynamic_sampling has unknown keys {unknown}; valid keys: {valid}")
             self.dynamic_sampling = DynamicSamplingConfig(**self.dynamic_sampling)
         if not isinstance(self.dynamic_sampling, DynamicSamplingConfig):
-            raise ValueError("model.sampling.dynamic_sampling must be a mapping {enabled, max_rounds, criterion}; "
+            raise TypeError("model.sampling.dynamic_sampling must be a mapping {enabled, max_rounds, criterion}; "
                              f"got {self.dynamic_sampling!r}")
         ds = self.dynamic_sampling
         if ds.enabled and ds.criterion == "outcome" and self.num_generations < 2:

@@ -115,6 +115,30 @@ def test_config_errors_name_the_valid_options(bad, match):
         SamplingConfig(dynamic_sampling={"enabled": True, **bad})
 
 
+def test_dynamic_sampling_must_be_a_mapping():
+    with pytest.raises(TypeError, match="must be a mapping"):
+        SamplingConfig(dynamic_sampling=True)
+
+
+def test_draw_names_the_datamodule_method_to_implement():
+    sampling = SamplingConfig(num_generations=2, dynamic_sampling={"enabled": True})
+
+    class NoExtras:
+        pass
+
+    class Repeats:
+        def extra_prompts(self, count, seed, exclude_ids):
+            return {"id": torch.tensor([5]), "problem": ["x"], "answer": ["y"]}
+
+    for datamodule, error, match in ((None, TypeError, r"no method extra_prompts\(count, seed, exclude_ids\)"),
+                                     (NoExtras(), TypeError, "NoExtras has no method extra_prompts"),
+                                     (Repeats(), ValueError, "none of the excluded ids")):
+        module = SimpleNamespace(sampling=sampling, trainer=SimpleNamespace(datamodule=datamodule),
+                                 hparams=SimpleNamespace(seed=0), global_step=0, global_rank=0)
+        with pytest.raises(error, match=match):
+            _Filler(module, {"id": torch.tensor([5])}).draw(1, round_index=1)
+
+
 def test_outcome_criterion_needs_two_generations():
     with pytest.raises(ValueError, match="needs num_generations >= 2"):
         SamplingConfig(num_generations=1, dynamic_sampling=DynamicSamplingConfig(enabled=True))
@@ -358,7 +382,7 @@ def test_ddp_ranks_run_the_same_rounds_and_keep_the_global_batch(tmp_path):
         port = sock.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp_path), tok], env=env,
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp_path), tok], env=env, check=False,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
