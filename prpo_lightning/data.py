@@ -7,7 +7,7 @@ prompts; the module samples G completions for each. ``id`` is the prompt (group)
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +226,36 @@ class PromptDataModule(L.LightningDataModule):
             collate_fn=collate_prompts,
             progress=progress,
         )
+
+    def extra_prompts(self, count: int, seed: int, exclude_ids: Collection[int] = ()) -> dict[str, Any]:
+        """Extra training prompts for dynamic sampling, collated like a training batch.
+
+        A deterministic draw without replacement from all training rows (on every rank) whose id is not in
+        ``exclude_ids``: the first ``count`` of a permutation seeded by ``seed`` (the module derives it from the
+        run seed, the step, the round and the rank, so resumed runs draw the same prompts). It does not move the
+        training loader. Ranks may draw the same extra prompt; each rank generates its groups whole.
+
+        Args:
+            count: prompts wanted (fewer are returned when fewer rows are left).
+            seed: seed of the draw.
+            exclude_ids: prompt ids not to draw (those already drawn this step).
+
+        Returns:
+            ``{"id": LongTensor (n,), "problem": list[str], "answer": list[str], ...}`` with ``n <= count``.
+
+        Raises:
+            ValueError: if ``count`` is negative or there are no training rows.
+        """
+        if count < 0:
+            raise ValueError(f"{type(self).__name__}.extra_prompts: count must be >= 0, got {count}")
+        if not self.train_rows:
+            raise ValueError(f"{type(self).__name__}.extra_prompts: no training rows (call setup first)")
+        excluded = {int(i) for i in exclude_ids}
+        pool = [row for row in self.train_rows if int(row["id"]) not in excluded]
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(seed)))[:count].tolist()
+        if not order:
+            return {"id": torch.zeros(0, dtype=torch.long), "problem": [], "answer": []}
+        return collate_prompts([pool[i] for i in order])
 
     def eval_dataloader(self) -> DataLoader:
         """Evaluation problems in file order (used by evaluation callbacks and validate/test)."""

@@ -30,6 +30,7 @@ from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
 from prpo_lightning.compat import enable_activation_checkpointing
 from prpo_lightning.config import LossConfig, OptimConfig, check_module_settings
+from prpo_lightning.dynamic_sampling import fill_batch
 from prpo_lightning.engine import RolloutEngine
 from prpo_lightning.evaluation.benchmarks import PAPER_PROMPT
 from prpo_lightning.evaluation.hooks import EvaluationHooks
@@ -293,21 +294,14 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
         if self.engine.capabilities.supports_sleep:
             self.engine.sleep()  # free the engine's memory for scoring and the update
         t1 = time.perf_counter()
-        no_prompts, prm_error = rollout is None, None
+        no_prompts, prm_error, no_signal = rollout is None, None, False
         if rollout is not None:
-            prm = GuardedPRM(self.prm) if self.prm is not None else None
-            try:
-                metrics.update(compute_advantages(rollout, GuardedVerifier(self.verifier), self.aligner,
-                                                  self.segmenter, prm, self.tokenizer,
-                                                  self.reward_shaping, self.sampling.max_new_tokens))
-            except PRMError as err:
-                if self.hparams.on_prm_error == "raise":
-                    raise
-                logging.getLogger(__name__).warning("rank %d, step %d: skipping the batch's update: %s",
-                                                    self.global_rank, self.global_step, err)
-                rollout, prm_error = None, str(err)
+            rollout, prm_error = self.score_rollout(rollout, metrics)
+        if self.sampling.dynamic_sampling.enabled:  # drop groups without signal, refill (prpo_lightning.dynamic_sampling)
+            rollout, prm_error, no_prompts, no_signal = fill_batch(self, batch, rollout, prm_error, metrics)
         budget = SkipBudget.of(self, self.hparams.max_consecutive_skips)
         nothing_to_update = budget.record(self.global_step, no_prompts, prm_error, self.sampling.max_prompt_length)
+        nothing_to_update = nothing_to_update or no_signal
         metrics.update({"faults/prm_errors": float(prm_error is not None), **budget.state()})
         if nothing_to_update:  # on every rank: the step and the LR schedule move on, the weights do not
             metrics["lr"] = float(self.lr_schedulers().get_last_lr()[0])
@@ -326,6 +320,26 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
         if rollout is not None:
             self.log_dict({"reward": metrics["reward/mean"], "acc": metrics["accuracy"]}, prog_bar=True, logger=False)
         return None
+
+    def score_rollout(self, rollout: RolloutBatch, metrics: dict[str, float]) -> tuple[RolloutBatch | None, str | None]:
+        """Grade, segment, score and align ``rollout`` in place (:func:`prpo_lightning.scoring.compute_advantages`),
+        adding its metrics to ``metrics``; returns ``(rollout, None)``, or ``(None, error)`` for a PRM failure
+        under ``on_prm_error: skip`` (logged as a warning).
+
+        Raises:
+            PRMError: the PRM failed and ``on_prm_error`` is ``raise``.
+        """
+        prm = GuardedPRM(self.prm) if self.prm is not None else None
+        try:
+            metrics.update(compute_advantages(rollout, GuardedVerifier(self.verifier), self.aligner, self.segmenter,
+                                              prm, self.tokenizer, self.reward_shaping, self.sampling.max_new_tokens))
+        except PRMError as err:
+            if self.hparams.on_prm_error == "raise":
+                raise
+            logging.getLogger(__name__).warning("rank %d, step %d: skipping the batch's update: %s",
+                                                self.global_rank, self.global_step, err)
+            return None, str(err)
+        return rollout, None
 
     def update_policy(self, rollout: RolloutBatch | None) -> dict[str, float]:
         """PPO-clip updates over ``ppo_epochs`` × mini-batches of the rollout (:func:`prpo_lightning.update.update_policy`);

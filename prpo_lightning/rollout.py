@@ -8,7 +8,7 @@ Shapes: ``B`` completions, ``P`` padded prompt length (left padding), ``T`` padd
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from prpo_lightning.decoding import StaticCacheDecoder, entropy_of, unsupported_reason
+from prpo_lightning.dynamic_sampling import DynamicSamplingConfig
 
 
 @dataclass
@@ -42,6 +43,9 @@ class SamplingConfig:
             vary, see ``docs/benchmarks.md``); it raises for any other model. ``hf``: Hugging Face ``generate``.
             ``auto`` (default): ``static`` when the model is supported and ranks need not run in lock-step
             (ZeRO-3), else ``hf``; the choice, and the reason for a fallback, are announced once per model.
+        dynamic_sampling: DAPO's dynamic sampling, ``{enabled, max_rounds, criterion}``
+            (:class:`~prpo_lightning.dynamic_sampling.DynamicSamplingConfig`; a dict is accepted): groups without
+            learning signal are dropped and the batch is refilled with up to ``max_rounds`` extra rounds.
     """
 
     num_generations: int = 8
@@ -53,12 +57,14 @@ class SamplingConfig:
     generation_batch_size: int | None = None
     seed_per_group: bool = False
     engine: Literal["auto", "hf", "static"] = "auto"
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
 
     def __post_init__(self) -> None:
         """Check every value before any model loads.
 
         Raises:
             ValueError: naming the key (``model.sampling.<key>``), its valid range and the value given.
+            TypeError: ``dynamic_sampling`` is neither a mapping nor a ``DynamicSamplingConfig``.
         """
         checks = [
             ("num_generations", self.num_generations >= 1, "an integer >= 1 (completions per prompt)"),
@@ -76,6 +82,20 @@ class SamplingConfig:
         for key, ok, rule in checks:
             if not ok:
                 raise ValueError(f"model.sampling.{key} must be {rule}; got {getattr(self, key)!r}")
+        if isinstance(self.dynamic_sampling, dict):
+            valid = ("enabled", "max_rounds", "criterion")
+            unknown = sorted(set(self.dynamic_sampling) - set(valid))
+            if unknown:
+                raise ValueError(f"model.sampling.dynamic_sampling has unknown keys {unknown}; valid keys: {valid}")
+            self.dynamic_sampling = DynamicSamplingConfig(**self.dynamic_sampling)
+        if not isinstance(self.dynamic_sampling, DynamicSamplingConfig):
+            raise TypeError("model.sampling.dynamic_sampling must be a mapping {enabled, max_rounds, criterion}; "
+                             f"got {self.dynamic_sampling!r}")
+        ds = self.dynamic_sampling
+        if ds.enabled and ds.criterion == "outcome" and self.num_generations < 2:
+            raise ValueError("model.sampling.dynamic_sampling.criterion 'outcome' needs num_generations >= 2 (a "
+                             "single completion's rewards are always all equal, so every group would be dropped); "
+                             "raise num_generations or use criterion 'advantage'")
 
 
 _ENGINE_LOGGED: set[tuple[int, str]] = set()

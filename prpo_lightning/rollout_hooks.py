@@ -85,6 +85,7 @@ class RolloutHooks:
         num_generations: int | None = None,
         sampling: SamplingConfig | None = None,
         with_logprobs: bool | None = None,
+        round_index: int = 0,
     ) -> tuple[RolloutBatch | None, dict[str, float]]:
         """Sample completions for a prompt batch with the engine and compute old (and reference) log-probs.
 
@@ -101,6 +102,8 @@ class RolloutHooks:
             num_generations: completions per prompt (default: ``sampling.num_generations``, or 1 when greedy).
             sampling: overrides the module's sampling settings for this call (evaluation).
             with_logprobs: compute old/reference log-probs and entropies (default: when not greedy).
+            round_index: the generation round of this step (dynamic sampling's extra rounds are 1, 2, …); it
+                changes the per-batch seed, so an extra round does not replay round 0's random stream.
 
         Returns:
             ``(rollout, metrics)``; ``rollout`` lives on the CPU and is None when every prompt was skipped.
@@ -114,12 +117,14 @@ class RolloutHooks:
         g = num_generations or (1 if greedy else sampling.num_generations)
         templates = batch.get("prompt_template") or [None] * len(batch["problem"])
         texts = [self.format_prompt(p, t) for p, t in zip(batch["problem"], templates)]
-        token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         keep = [i for i, ids in enumerate(token_ids) if len(ids) <= sampling.max_prompt_length]
         metrics = {"data/skipped_long_prompts": float(len(texts) - len(keep))}
         engine = self.setup_engine()
         seeds = [group_seed(self.hparams.seed, self.global_step, int(batch["id"][i])) for i in keep]
         batch_seed = None if sampling.seed_per_group else group_seed(self.hparams.seed, self.global_step, -1 - self.global_rank)
+        if batch_seed is not None and round_index:
+            batch_seed = group_seed(batch_seed, round_index, -1)
         result = engine.generate(
             [torch.tensor(token_ids[i], dtype=torch.long) for i in keep], g, sampling, seeds, greedy,
             record_entropies=with_logprobs and self.records_generation_entropies, batch_seed=batch_seed,
