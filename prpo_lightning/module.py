@@ -33,7 +33,7 @@ from prpo_lightning.config import LossConfig, OptimConfig, check_module_settings
 from prpo_lightning.engine import RolloutEngine
 from prpo_lightning.evaluation.benchmarks import PAPER_PROMPT
 from prpo_lightning.evaluation.hooks import EvaluationHooks
-from prpo_lightning.lora import AdapterDisabledReference, LoRAConfig, apply_lora, trainable_state_keys
+from prpo_lightning.lora import AdapterDisabledReference, LoRAConfig, apply_lora, as_lora_config, trainable_state_keys
 from prpo_lightning.faults import GuardedPRM, GuardedVerifier, PRMError, SkipBudget, advance_without_update
 from prpo_lightning.optim import lr_factor
 from prpo_lightning.models import load_causal_lm, load_tokenizer
@@ -238,7 +238,7 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
         if hp.lora is not None:  # the base is frozen; the reference is the same model with the adapters disabled
             if zero3 is not None:
                 raise ValueError("model.lora is not supported under DeepSpeed ZeRO-3: use ZeRO-2 or DDP")
-            self.policy = apply_lora(self.policy, hp.lora, hp.seed)
+            self.policy = apply_lora(self.policy, as_lora_config(hp.lora), hp.seed)
             if hp.gradient_checkpointing:
                 self.policy.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
             if self.needs_reference:

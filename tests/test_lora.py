@@ -15,7 +15,7 @@ from test_resume import ToyPrompts, cli_fit_args, make_module, make_trainer, tok
 from prpo_lightning.cli import cli_main  # noqa: E402
 from prpo_lightning.export import export_checkpoint  # noqa: E402
 from prpo_lightning.logprobs import batched_logprobs  # noqa: E402
-from prpo_lightning.lora import AdapterDisabledReference, LoRAConfig, merged_weights  # noqa: E402
+from prpo_lightning.lora import AdapterDisabledReference, LoRAConfig, as_lora_config, merged_weights  # noqa: E402
 
 LORA = LoRAConfig(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
 
@@ -181,7 +181,7 @@ def test_fit_two_steps_through_cli_with_lora(tmp_path, tok, method, monkeypatch)
                  "--model.prm=components.prms.EquationCheckPRM"]
     cli = cli_main(args)
     assert cli.trainer.global_step == 2
-    assert cli.model.hparams.lora.r == 4
+    assert as_lora_config(cli.model.hparams.lora) == LoRAConfig(r=4)
     assert isinstance(cli.model._reference, AdapterDisabledReference)
     metrics = cli.trainer.callback_metrics
     for key in ("train/loss", "train/kl", "train/reward/mean"):
