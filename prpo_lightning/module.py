@@ -240,7 +240,7 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
                 raise ValueError("model.lora is not supported under DeepSpeed ZeRO-3: use ZeRO-2 or DDP")
             self.policy = apply_lora(self.policy, as_lora_config(hp.lora), hp.seed)
             if hp.gradient_checkpointing:
-                self.policy.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need a grad input
+                self.policy.enable_input_require_grads()  # frozen embeddings: reentrant checkpointing needs a grad input
             if self.needs_reference:
                 object.__setattr__(self, "_reference", AdapterDisabledReference(self.policy))
         elif self.needs_reference and zero3 is None:  # under ZeRO-3: built from the gathered policy at fit start

@@ -186,3 +186,44 @@ def test_fit_two_steps_through_cli_with_lora(tmp_path, tok, method, monkeypatch)
     metrics = cli.trainer.callback_metrics
     for key in ("train/loss", "train/kl", "train/reward/mean"):
         assert torch.isfinite(metrics[key]), key
+
+
+def test_vllm_sync_streams_merged_weights_with_base_names(tok):
+    """``VLLMEngine``'s weight stream (importable without vLLM): a PEFT policy is sent merged, under base names."""
+    from components.engine_vllm import policy_weights
+
+    module = _lora_module(tok)
+    module.configure_model()
+    _randomise_adapters(module.policy, seed=2)
+    streamed = dict(policy_weights(module.policy))
+    want = dict(copy.deepcopy(module.policy).merge_and_unload().named_parameters(remove_duplicate=False))
+    assert streamed.keys() == want.keys()
+    assert not any("lora" in k or "base_layer" in k for k in streamed)
+    for name, tensor in want.items():
+        torch.testing.assert_close(streamed[name], tensor.detach(), rtol=0, atol=1e-6)
+
+
+def test_adapters_train_under_gradient_checkpointing(tok, tmp_path):
+    module = _lora_module(tok, gradient_checkpointing=True)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+    make_trainer(tmp_path, 1).fit(module, ToyPrompts())
+    changed = [n for n, p in module.policy.named_parameters() if p.requires_grad and not torch.equal(p.detach(), before[n])]
+    assert any(".lora_B." in n for n in changed)
+
+
+def test_export_callback_writes_the_merged_policy(tok, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prpo_lightning.export import HFExportCallback
+
+    module = _lora_module(tok)
+    module.configure_model()
+    _randomise_adapters(module.policy, seed=3)
+    HFExportCallback()._write(module.policy, None, tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    module.policy.eval()
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, module.policy(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
