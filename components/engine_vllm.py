@@ -33,6 +33,7 @@ from torch import Tensor
 
 from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
 from prpo_lightning.engine import EngineCapabilities, RolloutEngine, RolloutResult, pack_completions
+from prpo_lightning.lora import base_model, is_lora, merged_weights
 from prpo_lightning.rollout import SamplingConfig
 
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
@@ -53,13 +54,21 @@ def policy_weights(policy: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     in-place reload restores the *old* tensors of any layer that receives no weights, which would silently
     untie a tied ``lm_head``.
 
+    A PEFT (LoRA) policy streams its merged weights ``W + (α / r)·B A`` under the base model's names
+    (:func:`~prpo_lightning.lora.merged_weights`), so vLLM always holds the policy it samples from.
+
     Raises:
-        ValueError: the policy carries adapter (LoRA/PEFT) parameters, which vLLM cannot load as base weights.
+        ValueError: adapter (``lora_``) parameters outside a PEFT model, or a PEFT policy under ZeRO-3.
     """
     named = list(policy.named_parameters(remove_duplicate=False))
+    if is_lora(policy):
+        if any(hasattr(p, "ds_id") for _, p in named):
+            raise ValueError("VLLMEngine: a LoRA policy under DeepSpeed ZeRO-3 cannot be synced; use ZeRO-2 or DDP")
+        yield from merged_weights(policy)
+        return
     adapters = [n for n, _ in named if "lora_" in n]
     if adapters:
-        raise ValueError(f"VLLMEngine: adapter parameters ({adapters[0]}, …) cannot be synced; merge them first")
+        raise ValueError(f"VLLMEngine: adapter parameters ({adapters[0]}, …) outside a PEFT model cannot be synced")
     if not any(hasattr(p, "ds_id") for _, p in named):
         for name, param in named:
             yield name, param.detach()
@@ -160,8 +169,8 @@ class VLLMEngine(RolloutEngine):
         rank = torch.distributed.get_rank() if distributed else 0
         self._model_dir = tempfile.TemporaryDirectory(prefix="prpo_vllm_")
         config = copy.deepcopy(policy.config)
-        if not getattr(config, "architectures", None):
-            config.architectures = [type(policy).__name__]
+        if not getattr(config, "architectures", None):  # a PEFT policy: the architecture of the model it wraps
+            config.architectures = [type(base_model(policy)).__name__]
         config.save_pretrained(self._model_dir.name)
         dtype = next(policy.parameters()).dtype
         kwargs: dict[str, Any] = dict(

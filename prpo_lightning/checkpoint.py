@@ -86,6 +86,9 @@ def register_safe_globals() -> None:
 
     torch.serialization.add_safe_globals([SamplingConfig, LossConfig, OptimConfig, RolloutCorrectionConfig, MismatchCheck])
     torch.serialization.add_safe_globals([RewardShapingConfig, OverlongConfig, RefSyncConfig])
+    from prpo_lightning.lora import LoRAConfig
+
+    torch.serialization.add_safe_globals([LoRAConfig])
 
 
 def collect_rng_states() -> dict[str, Any]:

@@ -9,7 +9,8 @@ Three ways:
   DeepSpeed's ``zero_to_fp32``);
 - from Python: :func:`export_policy` / :func:`export_checkpoint`.
 
-The result loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and ``AutoTokenizer.from_pretrained(OUT_DIR)``.
+Under ``model.lora`` the adapters are merged into the base weights (``W + (α / r)·B A``) and a plain model is
+written. The result loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and ``AutoTokenizer.from_pretrained(OUT_DIR)``.
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ from typing import Any
 import lightning as L
 import torch
 
-from prpo_lightning.models import load_tokenizer, resolve_model_path, torch_dtype
+from prpo_lightning.lora import apply_lora, as_lora_config, is_lora, merged_model
+from prpo_lightning.models import load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
 
 POLICY_PREFIX = "policy."
 
 
 def export_policy(policy: torch.nn.Module, tokenizer: Any, out_dir: str | Path, dtype: str | None = None) -> Path:
-    """Write ``policy`` (a Hugging Face ``PreTrainedModel``) and ``tokenizer`` to ``out_dir`` as safetensors."""
+    """Write ``policy`` (a Hugging Face ``PreTrainedModel``; a PEFT model is merged first, on a copy) and
+    ``tokenizer`` to ``out_dir`` as safetensors."""
+    if is_lora(policy):
+        policy = merged_model(policy)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
@@ -74,6 +79,11 @@ def export_checkpoint(
     state = {k[len(POLICY_PREFIX) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(POLICY_PREFIX)}
     if not state:
         raise ValueError(f"{ckpt_path}: no 'policy.*' weights in the checkpoint's state_dict")
+    lora = as_lora_config(hp.get("lora"))
+    if lora is not None:
+        model = _rebuild_lora_policy(hp, lora, state, ckpt_path)
+        tok_name = tokenizer or hp.get("tokenizer") or hp.get("policy")
+        return export_policy(model, load_tokenizer(tok_name) if tok_name else None, out_dir, dtype or hp.get("dtype"))
     if hp.get("policy") is not None:
         config = AutoConfig.from_pretrained(resolve_model_path(hp["policy"]))
     elif hp.get("policy_config") is not None:
@@ -90,6 +100,24 @@ def export_checkpoint(
     tok_name = tokenizer or hp.get("tokenizer") or hp.get("policy")
     tok = load_tokenizer(tok_name) if tok_name else None
     return export_policy(model, tok, out_dir, dtype or hp.get("dtype"))
+
+
+def _rebuild_lora_policy(hp: dict[str, Any], lora: Any, adapters: dict[str, torch.Tensor], ckpt_path: Any) -> torch.nn.Module:
+    """The base policy reloaded as in training (``model.policy``, or ``model.policy_config`` with ``model.seed``),
+    wrapped with the checkpoint's adapters and merged (``merge_and_unload``).
+
+    Raises:
+        ValueError: the checkpoint's adapter tensors do not match the ``model.lora`` settings it records.
+    """
+    base = load_causal_lm(hp.get("policy"), hp.get("policy_config"), dtype=hp.get("dtype") or "float32",
+                          seed=int(hp.get("seed", 0)))
+    model = apply_lora(base, lora, int(hp.get("seed", 0)))
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(adapters) != expected:
+        raise ValueError(f"{ckpt_path}: the checkpoint's adapter tensors do not match model.lora {lora} (missing "
+                         f"{sorted(expected - set(adapters))[:3]}, unexpected {sorted(set(adapters) - expected)[:3]})")
+    model.load_state_dict(adapters, strict=False)  # the base weights are the reloaded ones
+    return model.merge_and_unload()
 
 
 class HFExportCallback(L.Callback):
@@ -122,6 +150,8 @@ class HFExportCallback(L.Callback):
         trainer.strategy.barrier("hf_export")
 
     def _write(self, policy: torch.nn.Module, tokenizer: Any, out: Path) -> None:
+        if is_lora(policy):  # a merged copy: the trained policy keeps its adapters
+            policy = merged_model(policy)
         dtype = torch_dtype(self.dtype) if self.dtype else None
         state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).clone() for k, v in policy.state_dict().items()}
         out.mkdir(parents=True, exist_ok=True)

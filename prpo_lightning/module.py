@@ -34,6 +34,7 @@ from prpo_lightning.dynamic_sampling import fill_batch
 from prpo_lightning.engine import RolloutEngine
 from prpo_lightning.evaluation.benchmarks import PAPER_PROMPT
 from prpo_lightning.evaluation.hooks import EvaluationHooks
+from prpo_lightning.lora import AdapterDisabledReference, LoRAConfig, apply_lora, as_lora_config, trainable_state_keys
 from prpo_lightning.faults import GuardedPRM, GuardedVerifier, PRMError, SkipBudget, advance_without_update
 from prpo_lightning.optim import lr_factor
 from prpo_lightning.models import load_causal_lm, load_tokenizer
@@ -90,6 +91,9 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
         reward_weights: one weight per verifier when ``verifier`` is a list (None: all 1.0).
         ref_sync: TRL's reference-model sync (:class:`~prpo_lightning.refsync.RefSyncConfig`): every
             ``ref_model_sync_steps`` optimizer steps the reference becomes ``α·π_θ + (1−α)·π_ref``.
+        lora: LoRA adapters via PEFT (:class:`~prpo_lightning.lora.LoRAConfig`; None: full fine-tuning). Only the
+            adapters train, the reference is the policy with its adapters disabled (no copy), checkpoints hold the
+            adapters only and exports merge them.
 
     Raises:
         ValueError: if the aligner needs process scores and no segmenter/PRM is given, the policy is specified
@@ -123,6 +127,7 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
         reward_shaping: RewardShapingConfig = RewardShapingConfig(),
         reward_weights: list[float] | None = None,
         ref_sync: RefSyncConfig = RefSyncConfig(),
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
         if (policy is None) == (policy_config is None):
@@ -135,6 +140,9 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
             raise ValueError(f"model.max_consecutive_skips must be >= 0, got {max_consecutive_skips}")
         if policy_config is not None and tokenizer is None:
             raise ValueError("a policy built from policy_config needs model.tokenizer (a local tokenizer path)")
+        if lora is not None and ref_sync.sync_ref_model:
+            raise ValueError("model.ref_sync.sync_ref_model cannot be used with model.lora: the reference is the "
+                             "policy's own base weights with the adapters disabled; turn one of them off")
         check_module_settings(aligner, sampling.num_generations, policy, tokenizer)
         self.save_hyperparameters(ignore=["verifier", "aligner", "segmenter", "prm", "engine"])
         if isinstance(verifier, (list, tuple)) or reward_weights is not None:
@@ -228,7 +236,15 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(self.policy)
             self.policy.config.use_cache = False
-        if self.needs_reference and zero3 is None:  # under ZeRO-3: built from the gathered policy at fit start
+        if hp.lora is not None:  # the base is frozen; the reference is the same model with the adapters disabled
+            if zero3 is not None:
+                raise ValueError("model.lora is not supported under DeepSpeed ZeRO-3: use ZeRO-2 or DDP")
+            self.policy = apply_lora(self.policy, as_lora_config(hp.lora), hp.seed)
+            if hp.gradient_checkpointing:
+                self.policy.enable_input_require_grads()  # frozen embeddings: reentrant checkpointing needs a grad input
+            if self.needs_reference:
+                object.__setattr__(self, "_reference", AdapterDisabledReference(self.policy))
+        elif self.needs_reference and zero3 is None:  # under ZeRO-3: built from the gathered policy at fit start
             ref = copy.deepcopy(self.policy).eval()
             ref.requires_grad_(False)
             object.__setattr__(self, "_reference", ref)
@@ -269,6 +285,9 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
         """
         checkpoint["prpo_rng_states"] = collect_rng_states()
         checkpoint["prpo_ref_sync"] = self._ref_sync.state_dict(self._reference)  # the synced reference, if on
+        if self.hparams.lora is not None and "state_dict" in checkpoint:  # the adapters only; the base reloads
+            adapters = trainable_state_keys(self.policy, "policy.")
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in adapters}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # EvaluationHooks: the checkpoint's step labels validate/test
@@ -276,8 +295,28 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
         self._engine_stale = True
         if checkpoint.get("prpo_rng_states") is not None:
             restore_rng_states(checkpoint["prpo_rng_states"])
+        if self.hparams.lora is not None and "state_dict" in checkpoint:
+            self._complete_adapter_state(checkpoint)
         if checkpoint.get("prpo_ref_sync") is not None:  # under ZeRO-3 the reference is built at fit start
             self._ref_sync.load_state_dict(checkpoint["prpo_ref_sync"], self._reference)
+
+    def _complete_adapter_state(self, checkpoint: dict[str, Any]) -> None:
+        """Fill an adapters-only ``state_dict`` with the frozen base weights already loaded, so that the strict
+        load that follows checks every adapter tensor.
+
+        Raises:
+            ValueError: the checkpoint's adapters are not exactly this model's (other ``model.lora`` settings, or a
+                full checkpoint loaded into a LoRA model).
+        """
+        adapters, saved = trainable_state_keys(self.policy, "policy."), set(checkpoint["state_dict"])
+        if saved != adapters:
+            missing, unexpected = sorted(adapters - saved)[:3], sorted(saved - adapters)[:3]
+            raise ValueError(f"PRPOModule: the checkpoint's tensors do not match this model's LoRA adapters (missing "
+                             f"{missing}, unexpected {unexpected}): resume with the model.lora settings it was "
+                             "trained with")
+        full = self.state_dict()
+        full.update(checkpoint["state_dict"])
+        checkpoint["state_dict"] = full
 
     def configure_optimizers(self) -> Any:
         cfg = self.optim_cfg
