@@ -78,17 +78,17 @@ def register_safe_globals() -> None:
     """Allow the project's config dataclasses (stored in checkpoint hyper-parameters) under ``torch.load``'s
     default ``weights_only=True``, so ``--ckpt_path`` resumes without unpickling arbitrary code."""
     from prpo_lightning.config import LossConfig, OptimConfig
+    from prpo_lightning.dynamic_sampling import DynamicSamplingConfig
+    from prpo_lightning.lora import LoRAConfig
     from prpo_lightning.offpolicy import MismatchCheck, RolloutCorrectionConfig
-    from prpo_lightning.rollout import SamplingConfig
-
     from prpo_lightning.refsync import RefSyncConfig
+    from prpo_lightning.rollout import SamplingConfig
     from prpo_lightning.shaping import OverlongConfig, RewardShapingConfig
 
-    torch.serialization.add_safe_globals([SamplingConfig, LossConfig, OptimConfig, RolloutCorrectionConfig, MismatchCheck])
-    torch.serialization.add_safe_globals([RewardShapingConfig, OverlongConfig, RefSyncConfig])
-    from prpo_lightning.lora import LoRAConfig
-
-    torch.serialization.add_safe_globals([LoRAConfig])
+    torch.serialization.add_safe_globals([
+        SamplingConfig, DynamicSamplingConfig, LossConfig, OptimConfig, RolloutCorrectionConfig, MismatchCheck,
+        RewardShapingConfig, OverlongConfig, RefSyncConfig, LoRAConfig,
+    ])
 
 
 def collect_rng_states() -> dict[str, Any]:

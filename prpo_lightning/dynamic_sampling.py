@@ -291,7 +291,3 @@ def fill_batch(
     no_prompts = kept is None and prm_error is None and not fitted
     return kept, prm_error, no_prompts, kept_rows == 0
 
-
-# stored in checkpoint hyper-parameters (inside SamplingConfig): allowed under torch.load's weights_only=True, like
-# the configs prpo_lightning.checkpoint.register_safe_globals lists
-torch.serialization.add_safe_globals([DynamicSamplingConfig])
