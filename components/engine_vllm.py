@@ -34,7 +34,7 @@ from torch import Tensor
 from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
 from prpo_lightning.engine import EngineCapabilities, RolloutEngine, RolloutResult, pack_completions
 from prpo_lightning.lora import base_model, is_lora, merged_weights
-from prpo_lightning.rollout import SamplingConfig
+from prpo_lightning.rollout import SamplingConfig, pad_token_id
 
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
 
@@ -270,7 +270,7 @@ class VLLMEngine(RolloutEngine):
         if not prompts:
             return RolloutResult.empty(self.device)
         eos_id = self.tokenizer.eos_token_id
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos_id
+        pad_id = pad_token_id(self.tokenizer)
         limit = self.llm.llm_engine.model_config.max_model_len
         longest = max(int(p.numel()) for p in prompts)
         if longest + sampling.max_new_tokens > limit:

@@ -22,7 +22,9 @@ from components.engine_vllm import VLLMEngine
 from prpo_lightning.decoding import unsupported_reason
 from prpo_lightning.distributed import all_reduce_max
 from prpo_lightning.engine import EngineCapabilities, RolloutEngine, RolloutResult
-from prpo_lightning.rollout import Completions, SamplingConfig, generate_completions, generate_groups, left_pad
+from prpo_lightning.rollout import (
+    Completions, SamplingConfig, generate_completions, generate_groups, left_pad, pad_token_id,
+)
 
 __all__ = ["AutoEngine", "HFGenerateEngine", "StaticCacheEngine", "VLLMEngine"]
 
@@ -39,10 +41,6 @@ class _PolicyEngine(RolloutEngine):
 
     def _sampling(self, sampling: SamplingConfig) -> SamplingConfig:
         return sampling if sampling.engine == self.sampler else dataclasses.replace(sampling, engine=self.sampler)
-
-    def _pad_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def sample(
         self,
@@ -81,7 +79,7 @@ class _PolicyEngine(RolloutEngine):
         self, prompts: list[Tensor], g: int, sampling: SamplingConfig, greedy: bool, batch_seed: int,
         record_entropies: bool,
     ) -> Completions:
-        ids, mask = left_pad([p.tolist() for p in prompts], self._pad_id(), self.device)  # (N, P) each
+        ids, mask = left_pad([p.tolist() for p in prompts], pad_token_id(self.tokenizer), self.device)  # (N, P) each
         ids, mask = ids.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)  # (B, P) each
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):

@@ -15,7 +15,7 @@ from prpo_lightning.config import LossConfig, OptimConfig
 from prpo_lightning.engine import EngineCapabilities, RolloutResult, StaleWeightsError
 from prpo_lightning.logprobs import completion_logprobs
 from prpo_lightning.offpolicy import MismatchCheck, RolloutCorrectionConfig, SamplerMismatchError
-from prpo_lightning.rollout import left_pad
+from prpo_lightning.rollout import left_pad, pad_token_id
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir
 
 DELTA = 0.1  # the test engine's sampler log-probs are the trainer's minus DELTA on every sampled token
@@ -35,7 +35,7 @@ class OffsetLogprobEngine(HFGenerateEngine):
         res = super().sample(prompts, num_generations, sampling, seeds, greedy, False, batch_seed)
         if not prompts:
             return res
-        ids, mask = left_pad([p.tolist() for p in prompts], self._pad_id(), self.device)  # (N, P)
+        ids, mask = left_pad([p.tolist() for p in prompts], pad_token_id(self.tokenizer), self.device)  # (N, P)
         ids, mask = ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0)  # (B, P)
         with torch.no_grad():
             logp, _ = completion_logprobs(self.policy, ids, mask, res.completion_ids, res.completion_mask,
