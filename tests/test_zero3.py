@@ -51,11 +51,17 @@ SCRIPT = textwrap.dedent("""
     print("FINITE", bool(torch.isfinite(ref(torch.tensor([[1, 2, 3]])).logits).all()))
     from transformers.integrations import is_deepspeed_zero3_enabled
     print("UNREGISTERED", not is_deepspeed_zero3_enabled())
+    from components.engine_vllm import policy_weights  # the VLLMEngine's weight stream, layer by layer
+    streamed = dict(policy_weights(policy))
+    full_names = dict(policy.named_parameters(remove_duplicate=False))
+    print("STREAM_NAMES", sorted(streamed) == sorted(full_names))
+    print("STREAM_FULL", all(torch.equal(streamed[k], full[k]) for k in full)
+          and all(streamed[k].shape == full_names[k].ds_shape for k in streamed))
 """)
 
 
 @pytest.mark.slow
-def test_policy_builds_under_zero_init_and_reference_is_a_full_copy(tmp_path):
+def test_policy_builds_under_zero_init_and_reference_and_vllm_stream_are_full(tmp_path):
     script = tmp_path / "zero3_build.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT), PORT="29541", OMP_NUM_THREADS="1")
@@ -70,3 +76,5 @@ def test_policy_builds_under_zero_init_and_reference_is_a_full_copy(tmp_path):
     assert lines["PADDING_ROW_ZERO"] == "True"
     assert lines["FINITE"] == "True"
     assert lines["UNREGISTERED"] == "True"
+    assert lines["STREAM_NAMES"] == "True"  # every name, tied lm_head included, as vLLM's reload expects
+    assert lines["STREAM_FULL"] == "True"  # gathered full tensors, not the empty shards
