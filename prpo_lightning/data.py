@@ -227,18 +227,22 @@ class PromptDataModule(L.LightningDataModule):
             progress=progress,
         )
 
-    def extra_prompts(self, count: int, seed: int, exclude_ids: Collection[int] = ()) -> dict[str, Any]:
+    def extra_prompts(
+        self, count: int, seed: int, exclude_ids: Collection[int] = (), shard: tuple[int, int] = (0, 1)
+    ) -> dict[str, Any]:
         """Extra training prompts for dynamic sampling, collated like a training batch.
 
-        A deterministic draw without replacement from all training rows (on every rank) whose id is not in
+        A deterministic draw without replacement from the training rows of this rank's shard (prompt id modulo
+        the number of ranks equals the rank, so two ranks never draw the same prompt) whose id is not in
         ``exclude_ids``: the first ``count`` of a permutation seeded by ``seed`` (the module derives it from the
         run seed, the step, the round and the rank, so resumed runs draw the same prompts). It does not move the
-        training loader. Ranks may draw the same extra prompt; each rank generates its groups whole.
+        training loader.
 
         Args:
             count: prompts wanted (fewer are returned when fewer rows are left).
             seed: seed of the draw.
-            exclude_ids: prompt ids not to draw (those already drawn this step).
+            exclude_ids: prompt ids not to draw (those any rank trains on or drew this step).
+            shard: ``(rank, world_size)``.
 
         Returns:
             ``{"id": LongTensor (n,), "problem": list[str], "answer": list[str], ...}`` with ``n <= count``.
@@ -251,7 +255,8 @@ class PromptDataModule(L.LightningDataModule):
         if not self.train_rows:
             raise ValueError(f"{type(self).__name__}.extra_prompts: no training rows (call setup first)")
         excluded = {int(i) for i in exclude_ids}
-        pool = [row for row in self.train_rows if int(row["id"]) not in excluded]
+        rank, world = shard
+        pool = [row for row in self.train_rows if int(row["id"]) not in excluded and int(row["id"]) % world == rank]
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(seed)))[:count].tolist()
         if not order:
             return {"id": torch.zeros(0, dtype=torch.long), "problem": [], "answer": []}

@@ -31,7 +31,7 @@ from torch import Tensor
 
 import prpo_lightning.batch
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, group_seed
+from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, group_seed, is_distributed
 from prpo_lightning.grouping import group_extrema, group_sum
 
 if TYPE_CHECKING:
@@ -159,13 +159,22 @@ def concat_rollouts(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
     return RolloutBatch(**merged)
 
 
+def _ids_of_all_ranks(ids: list[int]) -> set[int]:
+    """The prompt ids of every rank's loader batch (this rank's alone without DDP), so no rank draws them."""
+    if not is_distributed():
+        return {int(i) for i in ids}
+    gathered: list[list[int] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, [int(i) for i in ids])
+    return {i for part in gathered for i in (part or [])}
+
+
 class _Filler:
     """The per-step state of the refill loop on one rank."""
 
     def __init__(self, module: PRPOModule, batch: dict[str, Any]) -> None:
         self.module, self.cfg = module, module.sampling.dynamic_sampling
         self.target = len(batch["id"])  # groups this rank trains on (its loader batch size)
-        self.seen = {int(i) for i in batch["id"].tolist()}  # prompt ids drawn this step (never drawn twice)
+        self.seen = _ids_of_all_ranks(batch["id"].tolist())  # prompt ids any rank trains on this step
         self.kept: list[RolloutBatch] = []
         self.kept_groups = self.generated = self.dropped = self.surplus = 0
         self.consumed = self.target
@@ -210,11 +219,14 @@ class _Filler:
         draw = getattr(datamodule, "extra_prompts", None)
         if draw is None:
             raise TypeError(f"model.sampling.dynamic_sampling needs extra prompts, and the datamodule "
-                            f"{type(datamodule).__name__} has no method extra_prompts(count, seed, exclude_ids): "
+                            f"{type(datamodule).__name__} has no method extra_prompts(count, seed, exclude_ids) "
+                            "(taking shard=(rank, world_size) under DDP): "
                             "derive it from prpo_lightning.data.PromptDataModule or implement that method "
                             "(return a collated prompt batch), or turn dynamic sampling off")
         seed = draw_seed(module.hparams.seed, module.global_step, round_index, module.global_rank)
-        extra = draw(count, seed, frozenset(self.seen))
+        world = module.trainer.world_size
+        shard = {"shard": (module.global_rank, world)} if world > 1 else {}  # disjoint draws across ranks
+        extra = draw(count, seed, frozenset(self.seen), **shard)
         ids = [int(i) for i in extra["id"].tolist()]
         if len(ids) > count or len(set(ids)) != len(ids) or self.seen & set(ids):
             raise ValueError(f"{type(datamodule).__name__}.extra_prompts({count}, ...) returned prompt ids {ids}: "

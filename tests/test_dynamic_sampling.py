@@ -133,7 +133,7 @@ def test_draw_names_the_datamodule_method_to_implement():
     for datamodule, error, match in ((None, TypeError, r"no method extra_prompts\(count, seed, exclude_ids\)"),
                                      (NoExtras(), TypeError, "NoExtras has no method extra_prompts"),
                                      (Repeats(), ValueError, "none of the excluded ids")):
-        module = SimpleNamespace(sampling=sampling, trainer=SimpleNamespace(datamodule=datamodule),
+        module = SimpleNamespace(sampling=sampling, trainer=SimpleNamespace(datamodule=datamodule, world_size=1),
                                  hparams=SimpleNamespace(seed=0), global_step=0, global_rank=0)
         with pytest.raises(error, match=match):
             _Filler(module, {"id": torch.tensor([5])}).draw(1, round_index=1)
@@ -357,12 +357,12 @@ def test_cli_fit_two_steps_with_dynamic_sampling(tmp_path, monkeypatch, method):
 
 # ---------------------------------------------------------------- DDP
 class RankZeroConstantVerifier(ConstantForSomeVerifier):
-    """On rank 0, groups of even prompt ids have no signal; on rank 1 every group has signal, so only rank 0 needs
-    extra rounds and rank 1 must join them with empty batches."""
+    """On rank 0, groups of prompt ids divisible by 3 have no signal; on rank 1 every group has signal, so only rank 0
+    needs extra rounds and rank 1 must join them with empty batches."""
 
     def verify_rows(self, completions, golds, rows) -> list[Verdict]:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        return [Verdict(VerdictStatus.INCORRECT, 0.0 if rank == 0 and int(r["id"]) % 2 == 0 else float(k))
+        return [Verdict(VerdictStatus.INCORRECT, 0.0 if rank == 0 and int(r["id"]) % 3 == 0 else float(k))
                 for k, r in enumerate(rows)]
 
 
@@ -390,12 +390,15 @@ def test_ddp_ranks_run_the_same_rounds_and_keep_the_global_batch(tmp_path):
         assert len(r0["rounds"][step]) == len(r1["rounds"][step])  # the same rounds on both ranks
         assert all(not extra for extra in r1["rounds"][step][1:])  # rank 1 joined with empty batches
         assert len(r0["kept"][step]) == len(r1["kept"][step]) == 2  # each rank filled its own share
-        assert all(i % 2 for i in r0["kept"][step])
+        assert all(i % 3 for i in r0["kept"][step])
+        extra0 = [i for r in r0["rounds"][step][1:] for i in r]  # rank 0's extra draws: its shard (even ids) only,
+        assert all(i % 2 == 0 for i in extra0)  # so never a prompt rank 1 could draw,
+        assert not set(extra0) & set(r1["rounds"][step][0])  # nor one rank 1 trains on this step
         for m in (r0["metrics"][step], r1["metrics"][step]):
             assert m["groups_kept"] == 4 and m["batch_filled"] == 1.0  # the global batch: 2 ranks x 2 prompts
             assert m["rounds"] == len(r0["rounds"][step]) - 1
             drawn0 = [i for r in r0["rounds"][step] for i in r]
-            assert m["groups_dropped"] == sum(i % 2 == 0 for i in drawn0)
+            assert m["groups_dropped"] == sum(i % 3 == 0 for i in drawn0)
             assert m["prompts_consumed"] == len(drawn0) + 2
     assert any(len(r0["rounds"][s]) > 1 for s in range(3))
 
