@@ -1,7 +1,9 @@
 """Reference-model sync (TRL's ``sync_ref_model``, ``ref_model_mixup_alpha``, ``ref_model_sync_steps``).
 
-Every ``ref_model_sync_steps`` optimizer steps (after steps k, 2k, 3k, ... counted from the start of training, as
-TRL's ``SyncRefModelCallback`` fires at ``global_step % ref_model_sync_steps == 0``) each reference parameter
+Every ``ref_model_sync_steps`` optimizer steps (after optimizer steps k, 2k, 3k, ... counted from the start of
+training, as TRL's ``SyncRefModelCallback`` fires at ``global_step % ref_model_sync_steps == 0``; a batch skipped
+without an update, which advances our ``global_step``, is not counted, and with ``ppo_epochs`` or mini-batches every
+optimizer step of a batch is) each reference parameter
 becomes ``α·θ + (1 − α)·θ_ref`` (in place: ``θ_ref.mul_(1 − α).add_(θ, alpha=α)``, TRL's formula). ``α = 1``
 copies the policy; ``α = 0`` leaves the reference as it is.
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from test_resume import GroupNormAligner, ToyPrompts, make_module, make_trainer, tokenizer_dir
+from test_skips import RunStalled
 
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.dynamic_sampling import (
@@ -208,8 +209,10 @@ class MetricsRecorder(L.Callback):
 
 @contextlib.contextmanager
 def time_limit(seconds: int):
+    """Fail instead of hanging; the error is a ``BaseException`` so no ``except Exception`` can swallow it."""
+
     def fail(signum, frame):
-        raise TimeoutError(f"dynamic sampling did not finish within {seconds} s")
+        raise RunStalled(f"dynamic sampling did not finish within {seconds} s")
 
     old = signal.signal(signal.SIGALRM, fail)
     signal.alarm(seconds)

@@ -24,12 +24,17 @@ from prpo_lightning.segmenter import Segmenter
 from prpo_lightning.verifier import OutcomeVerifier
 
 
+class RunStalled(BaseException):
+    """Raised by :func:`deadline`; a ``BaseException``, so no ``except Exception`` in the framework (the PRM guard
+    turns exceptions into skippable PRM errors) can swallow it."""
+
+
 @contextmanager
 def deadline(seconds: int):
-    """Fail with TimeoutError instead of hanging when the body runs longer than ``seconds``."""
+    """Fail with :class:`RunStalled` instead of hanging when the body runs longer than ``seconds``."""
 
     def _expired(signum, frame):
-        raise TimeoutError(f"the run did not stop within {seconds} s: it stalls")
+        raise RunStalled(f"the run did not stop within {seconds} s: it stalls")
 
     previous = signal.signal(signal.SIGALRM, _expired)
     signal.alarm(seconds)
