@@ -211,7 +211,7 @@ class WeightedVerifiers(OutcomeVerifier):
         self.reward_weights = [float(w) for w in weights]
         keys = [_component_key(v) for v in verifiers]
         self.keys = [key if keys.count(key) == 1 else f"{key}_{k}" for k, key in enumerate(keys)]
-        self._last_rewards: list[list[float]] | None = None  # per verifier, of the last graded batch
+        self._last_verdicts: list[list[Verdict]] | None = None  # per verifier, of the last graded batch
 
     def verify(self, completion: str, gold: str) -> Verdict:
         return self.verify_rows([completion], [gold], [{}])[0]
@@ -229,7 +229,7 @@ class WeightedVerifiers(OutcomeVerifier):
             if not isinstance(verdicts, list) or len(verdicts) != size:
                 raise ValueError(f"WeightedVerifiers: verifier {key} returned {len(verdicts)} verdicts for {size} "
                                  "completions")
-        self._last_rewards = [[v.reward for v in verdicts] for verdicts in per_verifier]
+        self._last_verdicts = per_verifier
         combined = []
         for i in range(size):
             first = per_verifier[0][i]
@@ -241,13 +241,16 @@ class WeightedVerifiers(OutcomeVerifier):
         return combined
 
     def batch_metrics(self, completions: Sequence[str], verdicts: Sequence[Verdict]) -> dict[str, float]:
-        """Every verifier's own metrics, plus ``reward/<name>/mean`` of each for the last graded batch."""
+        """Every verifier's own metrics on its own verdicts of the last graded batch (on the combined ``verdicts``
+        when that batch is not this one), plus ``reward/<name>/mean`` of each."""
         metrics: dict[str, float] = {}
-        for verifier in self.verifiers:
-            metrics.update(verifier.batch_metrics(completions, verdicts))
-        if self._last_rewards is not None and all(len(r) == len(verdicts) for r in self._last_rewards):
-            for key, rewards in zip(self.keys, self._last_rewards):
-                metrics[f"reward/{key}/mean"] = math.fsum(rewards) / max(len(rewards), 1)
+        own = self._last_verdicts
+        fresh = own is not None and all(len(v) == len(verdicts) for v in own)
+        for k, verifier in enumerate(self.verifiers):
+            metrics.update(verifier.batch_metrics(completions, own[k] if fresh else verdicts))
+        if fresh:
+            for key, mine in zip(self.keys, own):
+                metrics[f"reward/{key}/mean"] = math.fsum(v.reward for v in mine) / max(len(mine), 1)
         return metrics
 
     def close(self) -> None:

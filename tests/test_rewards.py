@@ -247,3 +247,30 @@ def test_fit_two_steps_with_reward_options(tmp_path, monkeypatch, method):
                 "train/reward/answer_in_text/mean", "train/reward/mean", "train/kl"):
         assert key in metrics and torch.isfinite(metrics[key]), key
     assert json.loads(json.dumps(module.hparams["reward_weights"])) == [1.0, 0.2, 0.1]
+
+
+class _StatusCounter(OutcomeVerifier):
+    """Correct when the completion contains ``word``; its metric counts the CORRECT statuses it is given."""
+
+    def __init__(self, word: str) -> None:
+        self.word = word
+
+    def verify(self, completion: str, gold: str) -> Verdict:
+        ok = self.word in completion
+        return Verdict(VerdictStatus.CORRECT if ok else VerdictStatus.INCORRECT, 1.0 if ok else 0.0)
+
+    def batch_metrics(self, completions, verdicts) -> dict[str, float]:
+        return {f"count/{self.word}": float(sum(v.status is VerdictStatus.CORRECT for v in verdicts))}
+
+
+def test_each_verifiers_metrics_see_its_own_verdicts():
+    """The combined verdict's status is the first verifier's; a later verifier's metrics must still be computed on
+    its own verdicts (found in review: every verifier saw the combined ones)."""
+    combined = WeightedVerifiers([_StatusCounter("a"), _StatusCounter("b")], reward_weights=[1.0, 0.5])
+    completions = ["a", "b", "b", "c"]
+    verdicts = combined.verify_batch(completions, ["", "", "", ""])
+    assert [v.reward for v in verdicts] == [1.0, 0.5, 0.5, 0.0]
+    assert sum(v.status is VerdictStatus.CORRECT for v in verdicts) == 1  # the combined status is the first's
+    metrics = combined.batch_metrics(completions, verdicts)
+    assert metrics["count/a"] == 1.0  # "a"
+    assert metrics["count/b"] == 2.0  # "b", "b": its own verdicts (the combined statuses would give 1)
