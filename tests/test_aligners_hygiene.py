@@ -13,7 +13,7 @@ import prpo_lightning.aligner as framework_aligner
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("prpo_lightning", "components")
 #: where a public name may be used: code, tests, configs and docs of the repository
-USAGE_DIRS = ("prpo_lightning", "components", "tests", "docs", "benchmarks", "scripts", "configs")
+USAGE_DIRS = ("prpo_lightning", "components", "docs", "benchmarks", "scripts", "configs")
 USAGE_SUFFIXES = {".py", ".yaml", ".yml", ".rst", ".md", ".toml"}
 STEP_SCORE_HELPERS = {"token_step_scores", "checked_step_scores", "step_values_to_tokens"}
 #: names the step-score helpers had in components before they were merged into the framework's
