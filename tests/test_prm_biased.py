@@ -153,3 +153,21 @@ def test_base_must_score_every_segment():
 
     with pytest.raises(ValueError, match="must score every segment"):
         BiasedPRM(ShortPRM(), short_step_bonus=0.1).score(make_batch(ROWS, SPANS, [0, 1]), None)
+
+
+def test_module_sees_the_base_flags(tmp_path):
+    """Wrapping ImplicitPRM keeps its needs: the module builds a reference and computes π_old log-probs."""
+    from test_resume import make_module, tokenizer_dir
+    from components.aligners import PRPOAligner
+    from components.prms import EquationCheckPRM, ImplicitPRM
+    from components.segmenters import EntropySpikeSegmenter
+    from prpo_lightning.config import LossConfig
+
+    tok = tokenizer_dir(tmp_path)
+    implicit = make_module(tok, aligner=PRPOAligner(), prm=BiasedPRM(ImplicitPRM(), noise_std=0.1),
+                           segmenter=EntropySpikeSegmenter(),
+                           loss=LossConfig(kl_coef=0.0))
+    assert implicit.needs_reference and implicit.needs_rollout_logprobs
+    rule = make_module(tok, aligner=PRPOAligner(), prm=BiasedPRM(EquationCheckPRM(), noise_std=0.1),
+                       segmenter=EntropySpikeSegmenter(), loss=LossConfig(kl_coef=0.0))
+    assert not rule.prm.requires_reference and not rule.needs_reference
