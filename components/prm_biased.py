@@ -45,6 +45,7 @@ class BiasedPRM(ProcessRewardModel):
         seed: seed of the noise.
 
     Raises:
+        TypeError: ``base`` is not a :class:`ProcessRewardModel`.
         ValueError: a negative strength, ``late_fraction`` outside [0, 1], or ``early_stop_bonus > 0`` without a
             positive ``max_new_tokens``.
     """
@@ -61,7 +62,7 @@ class BiasedPRM(ProcessRewardModel):
         seed: int = 0,
     ) -> None:
         if not isinstance(base, ProcessRewardModel):
-            raise ValueError(f"BiasedPRM: base must be a ProcessRewardModel, got {type(base).__name__}")
+            raise TypeError(f"BiasedPRM: base must be a ProcessRewardModel, got {type(base).__name__}")
         for name, val in (("noise_std", noise_std), ("short_step_bonus", short_step_bonus),
                           ("early_stop_bonus", early_stop_bonus), ("late_step_penalty", late_step_penalty)):
             if val < 0:

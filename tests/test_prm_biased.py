@@ -105,7 +105,7 @@ def test_same_seed_same_scores_and_rows_follow_permutation():
     rows = [[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6], [9, 9, 2]]
     spans = [[(0, 1), (1, 2), (2, 8)], [(0, 1), (1, 2), (2, 4)], [(0, 3)]]
     groups = [0, 1, 1]
-    kw = dict(noise_std=0.2, short_step_bonus=0.1, seed=7)
+    kw = {"noise_std": 0.2, "short_step_bonus": 0.1, "seed": 7}
     a = BiasedPRM(ConstantPRM(0.5), **kw).score(make_batch(rows, spans, groups), None)
     b = BiasedPRM(ConstantPRM(0.5), **kw).score(make_batch(rows, spans, groups), None)
     assert torch.equal(a.step_scores, b.step_scores) and torch.equal(a.step_mask, b.step_mask)
@@ -137,13 +137,18 @@ def test_flags_and_hooks_delegate_to_base():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(noise_std=-0.1), "noise_std must be >= 0"),
-    (dict(late_fraction=1.5), "late_fraction"),
-    (dict(early_stop_bonus=0.2), "max_new_tokens"),
+    ({"noise_std": -0.1}, "noise_std must be >= 0"),
+    ({"late_fraction": 1.5}, "late_fraction"),
+    ({"early_stop_bonus": 0.2}, "max_new_tokens"),
 ])
 def test_invalid_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BiasedPRM(ConstantPRM(0.5), **kwargs)
+
+
+def test_base_must_be_a_prm():
+    with pytest.raises(TypeError, match="base must be a ProcessRewardModel"):
+        BiasedPRM(object())  # type: ignore[arg-type]
 
 
 def test_base_must_score_every_segment():
@@ -158,6 +163,7 @@ def test_base_must_score_every_segment():
 def test_module_sees_the_base_flags(tmp_path):
     """Wrapping ImplicitPRM keeps its needs: the module builds a reference and computes π_old log-probs."""
     from test_resume import make_module, tokenizer_dir
+
     from components.aligners import PRPOAligner
     from components.prms import EquationCheckPRM, ImplicitPRM
     from components.segmenters import EntropySpikeSegmenter

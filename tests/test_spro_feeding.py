@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import torch
-
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir
+
 from components.aligners import SPROAligner
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.config import LossConfig, OptimConfig
