@@ -8,9 +8,15 @@ Usage::
 
     .venv/bin/python benchmarks/replicate.py --seeds 0 1 2 3 4 --max-steps 20 --eval-every 5
     .venv/bin/python benchmarks/replicate.py --report-only     # re-aggregate finished runs
+    .venv/bin/python benchmarks/replicate.py --grid h1 --seeds 0 1 2 3 4          # Hypothesis 1, biased PRMs
+    .venv/bin/python benchmarks/replicate.py --grid spro-sweep --seeds 0 1 2      # SPRO beta x lr
+
+Method grids live in ``benchmarks/replicate_grids.py``; each grid writes its own block of ``docs/replication.md``
+and its own plots.
 
 Outputs: ``runs/replicate/<method>/seed<k>/`` (logs, ``result.json``), ``docs/replication.md``,
-``docs/_static/replication_accuracy.png``, ``docs/_static/replication_collapse.png``.
+``docs/_static/<tag>_accuracy.png``, ``docs/_static/<tag>_collapse.png`` and ``benchmarks/results/<tag>.json``
+(tag ``replication`` for the main grid, ``replication-h1``, ``replication-spro-sweep``).
 """
 
 from __future__ import annotations
@@ -27,16 +33,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-EQ_PRM = "components.prms.EquationCheckPRM"
-METHODS: dict[str, list[str]] = {
-    "grpo": ["--model.aligner=components.aligners.GRPOAligner"],
-    "prpo_rule_prm": ["--model.aligner=components.aligners.PRPOAligner", f"--model.prm={EQ_PRM}"],
-    "prpo_implicit_prm": ["--model.aligner=components.aligners.PRPOAligner", "--model.prm=components.prms.ImplicitPRM"],
-    "process_only": ["--model.aligner=components.aligners.ProcessOnlyAligner", f"--model.prm={EQ_PRM}"],
-    "prm_avg": ["--model.aligner=components.aligners.PRMAvgAligner", f"--model.prm={EQ_PRM}"],
-    "spro": ["--model.aligner=components.aligners.SPROAligner"],
-    "pure": ["--model.aligner=components.aligners.PUREAligner", f"--model.prm={EQ_PRM}"],
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from replicate_grids import GRIDS  # the method grids: main table, Hypothesis 1, SPRO sweep
+
+METHODS: dict[str, list[str]] = {name: args for methods, _ in GRIDS.values() for name, args in methods.items()}
 # The replication budget is pinned here (not taken from demo.yaml, which may be retuned): 16 prompts x G=8 per
 # step, AdamW at a constant lr of 3e-4, every method the same.
 BUDGET = ["--data.init_args.batch_size=16", "--model.optim.lr=3e-4", "--model.optim.schedule=constant"]
@@ -74,7 +74,7 @@ def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, 
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     with (rd / "stdout.log").open("w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} seed {seed} failed (exit {proc.returncode}); see {rd / 'stdout.log'}")
     curves = read_curves(rd / "logs" / "version_0" / "training_curves.csv")
@@ -166,7 +166,7 @@ def aggregate(results: list[dict], threshold: float) -> tuple[dict, list[str]]:
     return table, sorted(by_method)
 
 
-def plot(results: list[dict], methods: list[str], static: Path) -> None:
+def plot(results: list[dict], methods: list[str], static: Path, tag: str = "replication") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +192,7 @@ def plot(results: list[dict], methods: list[str], static: Path) -> None:
     ax.set(xlabel="optimizer step", ylabel="held-out accuracy (greedy)", title="Held-out accuracy, mean and 95% CI over seeds")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(static / "replication_accuracy.png", dpi=110)
+    fig.savefig(static / f"{tag}_accuracy.png", dpi=110)
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for m in methods:
@@ -202,14 +202,14 @@ def plot(results: list[dict], methods: list[str], static: Path) -> None:
     axes[1].set(xlabel="optimizer step", ylabel="fraction", title="Completions without \\boxed{} (collapse check)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(static / "replication_collapse.png", dpi=110)
+    fig.savefig(static / f"{tag}_collapse.png", dpi=110)
     plt.close(fig)
 
 
-def write_report(table: dict, methods: list[str], args: argparse.Namespace, path: Path) -> None:
+def write_report(table: dict, methods: list[str], args: argparse.Namespace, path: Path, tag: str = "replication") -> None:
     cmd = (f".venv/bin/python benchmarks/replicate.py --seeds {' '.join(map(str, args.seeds))} "
            f"--max-steps {args.max_steps} --eval-every {args.eval_every} --threshold {args.threshold} "
-           f"--methods {' '.join(args.methods)}")
+           f"--grid {args.grid} --methods {' '.join(args.methods)}")
     lines = [
         "# Small-scale replication on the offline arithmetic task",
         "",
@@ -219,9 +219,9 @@ def write_report(table: dict, methods: list[str], args: argparse.Namespace, path
         f"x G=8 per step, constant lr 3e-4; the same prompts per step, G, lengths, lr and warm-started policy for every "
         f"method); held-out greedy accuracy (200 problems) every {args.eval_every} steps.",
         "",
-        "![held-out accuracy](_static/replication_accuracy.png)",
+        f"![held-out accuracy](_static/{tag}_accuracy.png)",
         "",
-        "![collapse check](_static/replication_collapse.png)",
+        f"![collapse check](_static/{tag}_collapse.png)",
         "",
         f"| method | seeds | acc. before | final acc. mean ± std | steps to {args.threshold:.0%} (per seed) | final length | no-`\\boxed` frac. | Δ vs GRPO | paired t p | sign-flip p | min/run |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -236,17 +236,22 @@ def write_report(table: dict, methods: list[str], args: argparse.Namespace, path
             + (f"{vs[0] * 100:+.1f} pts | {vs[1]:.3f} | {vs[2]:.3f}" if vs else "— | — | —")
             + f" | {r['minutes_per_run']:.1f} |"
         )
-    block = "<!-- BEGIN replication -->\n" + "\n".join(lines[2:]) + "\n<!-- END replication -->"
-    text = path.read_text() if path.exists() else lines[0] + "\n\n" + block + "\n"
-    if "<!-- BEGIN replication -->" in text:  # keep hand-written findings outside the generated block
-        head, rest = text.split("<!-- BEGIN replication -->", 1)
-        text = head + block + rest.split("<!-- END replication -->", 1)[1]
+    begin, end = f"<!-- BEGIN {tag} -->", f"<!-- END {tag} -->"
+    block = begin + "\n" + "\n".join(lines[2:]) + "\n" + end
+    text = path.read_text() if path.exists() else lines[0] + "\n\n"
+    if begin in text:  # keep hand-written findings outside the generated block
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:  # a grid's first report: append its block
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--grid", choices=list(GRIDS), default="main",
+                    help="method grid: the main table, h1 (biased PRMs) or spro-sweep (beta x lr)")
+    ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="default: the grid's methods")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--max-steps", type=int, default=20)
     ap.add_argument("--eval-every", type=int, default=5)
@@ -257,6 +262,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more prpo-fit overrides for every run")
     args = ap.parse_args()
+    grid_methods, tag = GRIDS[args.grid]
+    args.methods = args.methods or list(grid_methods)
     grid = [(m, seed) for seed in args.seeds for m in args.methods]  # seed-major: partial grids stay balanced
     results = []
     if args.report_only:
@@ -280,9 +287,9 @@ def main() -> None:
     if not results:
         sys.exit("no finished runs")
     table, methods = aggregate(results, args.threshold)
-    plot(results, methods, REPO / "docs" / "_static")
-    write_report(table, methods, args, REPO / "docs" / "replication.md")
-    raw = REPO / "benchmarks" / "results" / "replication.json"
+    plot(results, methods, REPO / "docs" / "_static", tag)
+    write_report(table, methods, args, REPO / "docs" / "replication.md", tag)
+    raw = REPO / "benchmarks" / "results" / f"{tag}.json"
     raw.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
                                "budget": BUDGET, "table": table, "runs": results}, indent=1, default=str))
     print((REPO / "docs" / "replication.md").read_text())

@@ -5,7 +5,9 @@ Re-exports the implementations:
 * :class:`~components.prm_qwen.QwenMathPRM`: Qwen2.5-Math-PRM checkpoints, native head (no remote code);
 * :class:`~components.prm_shepherd.MathShepherdPRM`: Math-Shepherd causal LM with " ки" step tags;
 * :class:`~components.prm_implicit.ImplicitPRM`: β·(log π_old − log π_ref), no extra model;
-* :class:`~components.equation_check.EquationCheckPRM`: offline rule-based arithmetic checker (the demo's PRM).
+* :class:`~components.equation_check.EquationCheckPRM`: offline rule-based arithmetic checker (the demo's PRM);
+* :class:`~components.prm_biased.BiasedPRM`: wraps any PRM and biases its scores (noise, short steps, early
+  stopping, late-step penalty) in seeded, controlled ways (Hypothesis-1 experiments).
 
 Every PRM returns ``ProcessScores(step_scores (B, S), step_mask (B, S), token_scores (B, T) | None)`` with
 step scores conventionally P(step correct) in [0, 1]. Model PRMs run without grad, in eval mode, in
@@ -17,12 +19,14 @@ micro-batches, on the device given to ``setup`` (the policy's). Example::
 """
 
 from components.equation_check import EquationCheckPRM
+from components.prm_biased import BiasedPRM
 from components.prm_common import TaggedStepPRM, segment_texts, truncate_keep_first_tag
 from components.prm_implicit import ImplicitPRM
 from components.prm_qwen import QwenMathPRM, Qwen2ForProcessRewardModel, qwen_prm_text
 from components.prm_shepherd import MathShepherdPRM
 
 __all__ = [
+    "BiasedPRM",
     "EquationCheckPRM",
     "ImplicitPRM",
     "MathShepherdPRM",

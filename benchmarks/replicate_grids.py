@@ -1,0 +1,76 @@
+"""Method grids of ``benchmarks/replicate.py``: the main table, Hypothesis 1 (biased PRMs) and the SPRO β × lr sweep.
+
+Each grid maps a method name to the ``prpo-fit`` overrides that swap its components into ``configs/demo.yaml``
+(after the pinned budget, so a grid's own ``--model.optim.lr`` wins). Every grid holds ``grpo``, the baseline of
+the "Δ vs GRPO" column.
+"""
+
+from __future__ import annotations
+
+import json
+
+EQ_PRM = "components.prms.EquationCheckPRM"
+ALIGNERS = "components.aligners"
+#: ``configs/demo.yaml``'s ``sampling.max_new_tokens``: the budget the early-stop bias is relative to.
+DEMO_MAX_NEW_TOKENS = 64
+
+MAIN: dict[str, list[str]] = {
+    "grpo": [f"--model.aligner={ALIGNERS}.GRPOAligner"],
+    "prpo_rule_prm": [f"--model.aligner={ALIGNERS}.PRPOAligner", f"--model.prm={EQ_PRM}"],
+    # the authors' srpo2 setting (configs/prpo_reference.yaml): triangular prior, raw-score last token
+    "prpo_reference": [f"--model.aligner={ALIGNERS}.PRPOAligner", "--model.aligner.init_args.prior=triangular",
+                       "--model.aligner.init_args.last_token_quirk=true", f"--model.prm={EQ_PRM}"],
+    "prpo_implicit_prm": [f"--model.aligner={ALIGNERS}.PRPOAligner", "--model.prm=components.prms.ImplicitPRM"],
+    "process_only": [f"--model.aligner={ALIGNERS}.ProcessOnlyAligner", f"--model.prm={EQ_PRM}"],
+    "prm_avg": [f"--model.aligner={ALIGNERS}.PRMAvgAligner", f"--model.prm={EQ_PRM}"],
+    "spro": [f"--model.aligner={ALIGNERS}.SPROAligner"],
+    "pure": [f"--model.aligner={ALIGNERS}.PUREAligner", f"--model.prm={EQ_PRM}"],
+}
+
+#: Hypothesis 1: bias strengths of ``BiasedPRM`` over the exact rule PRM.
+H1_NOISE_STD = (0.0, 0.2, 0.4)
+H1_EARLY_STOP = (0.0, 0.3)
+H1_ALIGNERS = {"process_only": "ProcessOnlyAligner", "prpo": "PRPOAligner"}
+
+#: SPRO sweep: β of the implicit reward × learning rate (the main table's lr is 3e-4).
+SPRO_BETAS = (0.01, 0.05, 0.2)
+SPRO_LRS = (3e-5, 1e-4, 3e-4)
+
+
+def biased_prm(noise_std: float, early_stop_bonus: float, seed: int = 0) -> str:
+    """``--model.prm`` override: ``BiasedPRM`` over ``EquationCheckPRM`` (one fixed biased scorer per ``seed``)."""
+    spec = {"class_path": "components.prms.BiasedPRM", "init_args": {
+        "base": {"class_path": EQ_PRM}, "noise_std": noise_std, "early_stop_bonus": early_stop_bonus,
+        "max_new_tokens": DEMO_MAX_NEW_TOKENS, "seed": seed}}
+    return f"--model.prm={json.dumps(spec)}"
+
+
+def hypothesis1() -> dict[str, list[str]]:
+    """Process-only and PRPO over ``BiasedPRM`` at every (noise σ, early-stop bonus), plus GRPO (which reads no
+    PRM, so one row stands for every bias strength)."""
+    grid = {"grpo": MAIN["grpo"]}
+    for short, aligner in H1_ALIGNERS.items():
+        for sigma in H1_NOISE_STD:
+            for early in H1_EARLY_STOP:
+                grid[f"h1_{short}_noise{sigma:g}_early{early:g}"] = [
+                    f"--model.aligner={ALIGNERS}.{aligner}", biased_prm(sigma, early)]
+    return grid
+
+
+def spro_sweep() -> dict[str, list[str]]:
+    """SPRO at every (β, lr), plus GRPO at the main lr."""
+    grid = {"grpo": MAIN["grpo"]}
+    for beta in SPRO_BETAS:
+        for lr in SPRO_LRS:
+            grid[f"spro_beta{beta:g}_lr{lr:g}"] = [
+                f"--model.aligner={ALIGNERS}.SPROAligner", f"--model.aligner.init_args.beta={beta}",
+                f"--model.optim.lr={lr}"]
+    return grid
+
+
+#: grid name → (methods, report block / file tag). The tag names the docs block and the plot files.
+GRIDS: dict[str, tuple[dict[str, list[str]], str]] = {
+    "main": (MAIN, "replication"),
+    "h1": (hypothesis1(), "replication-h1"),
+    "spro-sweep": (spro_sweep(), "replication-spro-sweep"),
+}
