@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from prpo_lightning.zero3 import apply_gathered
+
 
 @dataclass
 class RefSyncConfig:
@@ -50,10 +52,6 @@ class RefSyncConfig:
                              f"got {self.ref_model_sync_steps!r}")
 
 
-def _is_partitioned(param: torch.nn.Parameter) -> bool:
-    return hasattr(param, "ds_id")  # a ZeRO-3 parameter (its .data is a shard)
-
-
 @torch.no_grad()
 def mix_into_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float) -> None:
     """``θ_ref ← α·θ + (1 − α)·θ_ref`` for every parameter, matched by name.
@@ -63,20 +61,7 @@ def mix_into_reference(policy: torch.nn.Module, reference: torch.nn.Module, alph
     Raises:
         ValueError: when a policy parameter has no reference parameter of the same name and shape.
     """
-    targets = dict(reference.named_parameters(remove_duplicate=False))
-    for name, param in policy.named_parameters():
-        target = targets.get(name)
-        shape = tuple(getattr(param, "ds_shape", param.shape))
-        if target is None or tuple(target.shape) != shape:
-            raise ValueError(f"ref_sync: policy parameter {name!r} {shape} has no reference parameter of that name "
-                             "and shape; the reference must be a copy of the policy")
-        if _is_partitioned(param):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                target.mul_(1.0 - alpha).add_(param.data.to(target.device, target.dtype), alpha=alpha)
-        else:
-            target.mul_(1.0 - alpha).add_(param.data.to(target.device, target.dtype), alpha=alpha)
+    apply_gathered(policy, reference, lambda ref, full: ref.mul_(1.0 - alpha).add_(full, alpha=alpha), "ref_sync")
 
 
 class ReferenceSync:

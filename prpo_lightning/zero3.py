@@ -16,10 +16,11 @@ partitioned into an empty placeholder as soon as its module is built. Two things
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 
 
 def zero3_config(trainer: Any) -> dict[str, Any] | None:
@@ -50,6 +51,40 @@ def transformers_zero3(ds_config: dict[str, Any] | None) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
+@torch.no_grad()
+def apply_gathered(
+    source: torch.nn.Module, target: torch.nn.Module, update: Callable[[Tensor, Tensor], Any], what: str
+) -> None:
+    """``update(target_param, full_source_param)`` for every parameter of ``source``, matched by name and shape.
+
+    A ZeRO-3-partitioned source parameter is gathered for its update, one at a time, so the extra memory stays at
+    one parameter (a collective: every rank must call this, in the same order); a plain one is used as it is.
+
+    Args:
+        source: the policy (partitioned or not).
+        target: a full module with the same parameter names (the reference).
+        update: writes into the target parameter in place; the source tensor is on the target's device and dtype.
+        what: names the caller in the error.
+
+    Raises:
+        ValueError: a source parameter has no target parameter of the same name and shape.
+    """
+    targets = dict(target.named_parameters(remove_duplicate=False))
+    for name, param in source.named_parameters():
+        into = targets.get(name)
+        shape = tuple(getattr(param, "ds_shape", param.shape))
+        if into is None or tuple(into.shape) != shape:
+            raise ValueError(f"{what}: parameter {name!r} {shape} has no parameter of that name and shape in the "
+                             "target; it must be built from the policy's config (a plain transformers model)")
+        if hasattr(param, "ds_id"):  # a ZeRO-3 parameter: its .data is a shard
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                update(into, param.data.to(into.device, into.dtype))
+        else:
+            update(into, param.data.to(into.device, into.dtype))
+
+
 def unpartitioned_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """A frozen, full (unpartitioned) copy of a ZeRO-3-partitioned Hugging Face model on ``device``.
 
@@ -64,22 +99,13 @@ def unpartitioned_copy(model: torch.nn.Module, device: torch.device) -> torch.nn
     Raises:
         ValueError: the copy's parameter names or shapes differ from the policy's.
     """
-    import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     dtype = next(model.parameters()).dtype
     with torch.device(device), no_init_weights():
         copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
-    own = dict(copy.named_parameters(remove_duplicate=False))
-    for name, param in model.named_parameters():
-        target = own.get(name)
-        shape = tuple(getattr(param, "ds_shape", param.shape))
-        if target is None or tuple(target.shape) != shape:
-            raise ValueError(f"reference copy under ZeRO-3: parameter {name!r} {shape} has no match in a model "
-                             f"built from the policy's config; the policy must be a plain transformers model")
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            target.data.copy_(param.data)
+    apply_gathered(model, copy, lambda target, full: target.copy_(full), "reference copy under ZeRO-3")
     copy.tie_weights()
     copy.eval().requires_grad_(False)
     return copy

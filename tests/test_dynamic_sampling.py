@@ -4,9 +4,7 @@ consumed, final batch size), exhausted rounds, exact resume and 2-step CLI runs.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from test_resume import GroupNormAligner, ToyPrompts, make_module, make_trainer, tokenizer_dir
-from test_skips import RunStalled
+from test_skips import deadline as time_limit  # fails the test instead of hanging
 
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.dynamic_sampling import (
@@ -205,22 +203,6 @@ class MetricsRecorder(L.Callback):
         self.logged |= {k for k in m if k.startswith("train/")}
         self.rows.append({k.removeprefix("train/dynamic_sampling/"): float(v) for k, v in m.items()
                           if k.startswith("train/dynamic_sampling/")})
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    """Fail instead of hanging; the error is a ``BaseException`` so no ``except Exception`` can swallow it."""
-
-    def fail(signum, frame):
-        raise RunStalled(f"dynamic sampling did not finish within {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _ds_module(tok: str, verifier: OutcomeVerifier, max_rounds: int = 3, **kw: Any) -> RecordingModule:
