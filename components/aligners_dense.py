@@ -91,12 +91,32 @@ class SPROAligner(AdvantageAligner):
         base = group_position_mean(cpr, mask, batch.group_ids)  # (B, T) b_{g,t}, exact for equal R̃
         return (cpr - base) * m
 
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float32 advantages."""
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """``{"outcome": Â^o broadcast, "process": c·MSA}``, both ``(B, T)`` float64, 0 on padding."""
         mask = batch.completion_mask
         ao = normalized_outcome(outcome_rewards(batch), batch.group_ids, True, self.epsilon,
                                 scale_rewards=self.scale_rewards)  # (B,)
-        return finish(broadcast(ao, mask) + self.msa_coef * self.masked_step_advantage(batch), mask)
+        return {"outcome": broadcast(ao, mask), "process": self.msa_coef * self.masked_step_advantage(batch)}
+
+    def align(self, batch: RolloutBatch) -> Tensor:
+        """Return ``(B, T)`` float32 advantages."""
+        terms = self.advantage_terms(batch)
+        return finish(terms["outcome"] + terms["process"], batch.completion_mask)
+
+    def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        """The implicit process reward: ``implicit_reward/token_mean`` and ``token_abs_mean`` (β·δ per valid token),
+        ``cpr_final_mean`` and ``cpr_final_std`` (β·Σ δ over each non-empty completion: R̃ at its last token)."""
+        mask = batch.completion_mask  # (B, T)
+        reward = self.beta * _log_ratio(batch)  # (B, T) 0 on padding
+        n_tok = mask.sum().clamp(min=1)
+        alive = mask.any(dim=1)  # (B,)
+        final = reward.sum(dim=1)[alive]  # (B',) R̃ at each completion's last token
+        return {
+            "implicit_reward/token_mean": float(reward.sum() / n_tok),
+            "implicit_reward/token_abs_mean": float(reward.abs().sum() / n_tok),
+            "implicit_reward/cpr_final_mean": float(final.mean()) if final.numel() else 0.0,
+            "implicit_reward/cpr_final_std": float(final.std()) if final.numel() > 1 else 0.0,
+        }
 
 
 @register_aligner("pure")

@@ -80,10 +80,13 @@ class GRPOAligner(AdvantageAligner):
             r, batch.group_ids, True, self.epsilon, self.unbiased, self.min_std, self.scale_rewards
         )  # (B,)
 
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """``{"outcome": the sequence advantage broadcast}``: ``(B, T)`` float64, 0 on padding."""
+        return {"outcome": broadcast(self.sequence_advantages(batch), batch.completion_mask)}  # (B, T)
+
     def align(self, batch: RolloutBatch) -> Tensor:
         """Return ``(B, T)`` float32 advantages."""
-        mask = batch.completion_mask  # (B, T)
-        return finish(broadcast(self.sequence_advantages(batch), mask), mask)  # (B, T)
+        return finish(self.advantage_terms(batch)["outcome"], batch.completion_mask)  # (B, T)
 
 
 @register_aligner("dr_grpo")

@@ -169,13 +169,18 @@ class PRPOAligner(_FixedPriorZ, AdvantageAligner):
             return r - group_mean(r, batch.group_ids.to(r.device))
         return normalized_outcome(r, batch.group_ids, True, self.outcome_epsilon, scale_rewards=self.scale_rewards)
 
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float32 advantages."""
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """``{"outcome": β_i broadcast (the location shift), "process": Z}``, both ``(B, T)`` float64, 0 on padding."""
         mask = batch.completion_mask  # (B, T)
         r_tok = token_step_scores(batch, CALC)  # (B, T)
         z = self.process_z(batch, r_tok)  # (B, T)
         beta = self.outcome_advantage(batch, r_tok)  # (B,)
-        return finish(z + broadcast(beta, mask), mask)
+        return {"outcome": broadcast(beta, mask), "process": z}
+
+    def align(self, batch: RolloutBatch) -> Tensor:
+        """Return ``(B, T)`` float32 advantages."""
+        terms = self.advantage_terms(batch)
+        return finish(terms["outcome"] + terms["process"], batch.completion_mask)
 
 
 @register_aligner("process_only")
@@ -207,9 +212,13 @@ class ProcessOnlyAligner(_FixedPriorZ, AdvantageAligner):
     ) -> None:
         self._init_prior(prior, sigma0, prior_mean, last_token_quirk)
 
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """``{"process": Z}``: ``(B, T)`` float64, 0 on padding (there is no outcome term)."""
+        return {"process": self.process_z(batch, token_step_scores(batch, CALC))}
+
     def align(self, batch: RolloutBatch) -> Tensor:
         """Return ``(B, T)`` float32 advantages."""
-        return finish(self.process_z(batch, token_step_scores(batch, CALC)), batch.completion_mask)
+        return finish(self.advantage_terms(batch)["process"], batch.completion_mask)
 
 
 @register_aligner("prm_avg")

@@ -34,6 +34,29 @@ class AdvantageAligner(ABC):
     def align(self, batch: RolloutBatch) -> Tensor:
         """Return ``(B, T)`` float token advantages, zero where ``batch.completion_mask`` is False."""
 
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor] | None:
+        """Named ``(B, T)`` parts whose sum is :meth:`align`'s advantages, for diagnostics (optional).
+
+        The bundled aligners name them ``"outcome"`` (the part every token of a completion shares) and
+        ``"process"`` (the per-token part): PRPO and SPRO return both, process-only returns ``"process"`` and the
+        GRPO family ``"outcome"``. The module logs the mean absolute value of each part over valid tokens as
+        ``train/advantage/<name>_abs_mean``, and ``train/advantage/process_to_outcome`` (their ratio) when both
+        are there, so a run shows when the process term outweighs the outcome signal. Called under
+        ``torch.no_grad()`` with the same batch view as :meth:`align`.
+
+        Returns:
+            ``{name: (B, T) tensor}``, or None (the default) for an aligner that does not split its advantages.
+        """
+        return None
+
+    def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        """Method-specific diagnostics of one scored batch, logged as ``train/aligner/<key>`` (optional).
+
+        SPRO, for example, logs its implicit process reward. Called under ``torch.no_grad()`` after
+        :meth:`align`, with the same batch view. Default: no metrics.
+        """
+        return {}
+
 
 def checked_step_scores(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
     """Validated step tensors of a scored batch.

@@ -173,7 +173,51 @@ def compute_advantages(
         raise ValueError(f"{name} produced NaN/inf advantages")
     batch.advantages = adv.float().detach() * batch.completion_mask  # (B, T)
     metrics.update(rollout_metrics(batch))
+    with torch.no_grad():
+        view = declared_inputs_view(batch, aligner, "aligner")
+        metrics.update(advantage_term_metrics(aligner.advantage_terms(view), batch.advantages, batch.completion_mask,
+                                              name))
+        metrics.update({f"aligner/{k}": float(v) for k, v in aligner.batch_metrics(view).items()})
     return metrics
+
+
+def advantage_term_metrics(terms: dict[str, Tensor] | None, advantages: Tensor, mask: Tensor,
+                           aligner_name: str) -> dict[str, float]:
+    """Mean ``|term|`` over valid tokens for each part of an aligner's advantages, and the process/outcome ratio.
+
+    Args:
+        terms: :meth:`~prpo_lightning.aligner.AdvantageAligner.advantage_terms`' ``{name: (B, T)}``, or None.
+        advantages: ``(B, T)`` the aligner's advantages (zero on padding).
+        mask: ``(B, T)`` bool valid tokens.
+        aligner_name: for the error message.
+
+    Returns:
+        ``{"advantage/<name>_abs_mean": ...}``, plus ``"advantage/process_to_outcome"`` when both parts exist and
+        the outcome part is not zero everywhere; ``{}`` for None.
+
+    Raises:
+        ComponentContractError: if a term is not ``(B, T)`` or the terms do not sum to the advantages.
+    """
+    if terms is None:
+        return {}
+    total = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)  # (B, T)
+    out: dict[str, float] = {}
+    n_tok = mask.sum().clamp(min=1)
+    for key, term in terms.items():
+        if not isinstance(term, Tensor) or term.shape != mask.shape:
+            shape = tuple(term.shape) if isinstance(term, Tensor) else type(term).__name__
+            raise ComponentContractError(f"aligner {aligner_name}.advantage_terms returned {key!r} of shape {shape}, "
+                                         f"expected (B, T) = {tuple(mask.shape)}")
+        term = torch.where(mask, term.to(mask.device, torch.float64), torch.zeros((), dtype=torch.float64))  # (B, T)
+        total += term
+        out[f"advantage/{key}_abs_mean"] = float(term.abs().sum() / n_tok)
+    scale = 1e-5 * max(1.0, float(advantages.abs().max())) if advantages.numel() else 1e-5
+    if not torch.allclose(total.float(), advantages.to(mask.device).float(), rtol=0.0, atol=scale):
+        raise ComponentContractError(f"aligner {aligner_name}.advantage_terms does not sum to its align() advantages: "
+                                     "the terms must split the advantages exactly (or return None)")
+    if out.get("advantage/outcome_abs_mean", 0.0) > 0 and "advantage/process_abs_mean" in out:
+        out["advantage/process_to_outcome"] = out["advantage/process_abs_mean"] / out["advantage/outcome_abs_mean"]
+    return out
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:

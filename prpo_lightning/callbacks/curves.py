@@ -24,6 +24,11 @@ DEFAULT_KEYS = (
     "train/segments/per_completion",
     "train/prm/score_mean",
     "train/loss",
+    "train/advantage/outcome_abs_mean",
+    "train/advantage/process_abs_mean",
+    "train/advantage/process_to_outcome",
+    "train/aligner/implicit_reward/token_mean",
+    "train/aligner/implicit_reward/cpr_final_mean",
 )
 
 

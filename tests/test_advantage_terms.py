@@ -1,0 +1,139 @@
+"""Advantage parts and aligner diagnostics: ``advantage_terms`` splits each bundled aligner's advantages exactly,
+SPRO's implicit-reward metrics and the logged ``advantage/*_abs_mean`` values equal hand-computed ones, and a
+broken split is refused (docs/replication.md, "What drives SPRO's collapse")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_aligners import A1_CODE, A1_LENGTHS, a1_batch, make_batch, spro_batch
+from test_faults import _ByText
+
+from components.aligners import GRPOAligner, PRPOAligner, ProcessOnlyAligner, SPROAligner
+from prpo_lightning.aligner import AdvantageAligner
+from prpo_lightning.batch import ComponentContractError, RolloutBatch
+from prpo_lightning.scoring import advantage_term_metrics, compute_advantages
+
+A1_OUTCOME = [-0.5, 1.5, -0.5, -0.5]  # PRPO's centred outcome term on A1 (rewards -1, 1, -1, -1)
+
+
+@pytest.mark.parametrize("aligner, batch_fn", [
+    (GRPOAligner(), spro_batch),
+    (SPROAligner(beta=0.5), spro_batch),
+    (PRPOAligner(), a1_batch),
+    (PRPOAligner(prior="triangular", last_token_quirk=True), a1_batch),
+    (ProcessOnlyAligner(prior="triangular", last_token_quirk=True), a1_batch),
+])
+def test_terms_sum_to_the_advantages_and_are_zero_on_padding(aligner, batch_fn):
+    batch = batch_fn()
+    terms = aligner.advantage_terms(batch)
+    total = sum(terms.values())  # (B, T)
+    torch.testing.assert_close(total.float(), aligner.align(batch), atol=1e-6, rtol=0)
+    for term in terms.values():
+        assert torch.all(term[~batch.completion_mask] == 0)
+
+
+def test_prpo_terms_are_the_location_shift_and_the_z_scores():
+    batch = a1_batch()
+    terms = PRPOAligner(prior="triangular", last_token_quirk=True).advantage_terms(batch)
+    mask = batch.completion_mask
+    for i, (length, beta) in enumerate(zip(A1_LENGTHS, A1_OUTCOME)):
+        assert torch.all(terms["outcome"][i, :length] == beta)
+        torch.testing.assert_close(terms["process"][i, :length].float(),
+                                   torch.tensor(A1_CODE[i]) - beta, atol=1e-5, rtol=0)
+    assert set(ProcessOnlyAligner().advantage_terms(batch)) == {"process"}
+    assert set(GRPOAligner().advantage_terms(batch)) == {"outcome"}
+    assert int(mask.sum()) == 87
+
+
+def test_spro_terms_are_the_grpo_outcome_and_the_msa():
+    batch = spro_batch()
+    aligner = SPROAligner(beta=0.5, epsilon=0.0)
+    terms = aligner.advantage_terms(batch)
+    torch.testing.assert_close(terms["outcome"].float(), GRPOAligner(epsilon=0.0).align(batch))
+    torch.testing.assert_close(terms["process"], aligner.masked_step_advantage(batch))
+
+
+def test_spro_implicit_reward_metrics_hand_values():
+    # beta = 0.5, delta rows [0.2, -0.1, 0.3, 0.0], [0.1, 0.1, -0.2], [-0.3, 0.4] (9 valid tokens)
+    # final CPR = 0.5 * row sums = [0.2, 0.0, 0.05]
+    got = SPROAligner(beta=0.5).batch_metrics(spro_batch())
+    assert got["implicit_reward/token_mean"] == pytest.approx(0.5 * 0.5 / 9, abs=1e-7)
+    assert got["implicit_reward/token_abs_mean"] == pytest.approx(0.5 * 1.7 / 9, abs=1e-7)
+    assert got["implicit_reward/cpr_final_mean"] == pytest.approx(0.25 / 3, abs=1e-7)
+    assert got["implicit_reward/cpr_final_std"] == pytest.approx(0.1040833, abs=1e-6)  # unbiased std of the three
+
+
+def test_spro_metrics_are_exactly_zero_when_the_policy_is_the_reference():
+    batch = spro_batch()
+    batch.ref_logprobs = batch.old_logprobs.clone()
+    got = SPROAligner(beta=0.5).batch_metrics(batch)
+    assert all(v == 0.0 for v in got.values()), got
+
+
+def test_term_metrics_hand_values_and_ratio():
+    mask = torch.tensor([[True, True, False], [True, False, False]])  # 3 valid tokens
+    outcome = torch.tensor([[1.0, 1.0, 0.0], [-2.0, 0.0, 0.0]], dtype=torch.float64)
+    process = torch.tensor([[0.5, -0.5, 0.0], [0.2, 0.0, 0.0]], dtype=torch.float64)
+    adv = (outcome + process).float()
+    got = advantage_term_metrics({"outcome": outcome, "process": process}, adv, mask, "X")
+    assert got["advantage/outcome_abs_mean"] == pytest.approx(4.0 / 3)
+    assert got["advantage/process_abs_mean"] == pytest.approx(1.2 / 3)
+    assert got["advantage/process_to_outcome"] == pytest.approx(0.3)
+    # no outcome signal (a constant group): the ratio is left out, not inf
+    zero = advantage_term_metrics({"outcome": outcome * 0, "process": process}, process.float(), mask, "X")
+    assert "advantage/process_to_outcome" not in zero and zero["advantage/outcome_abs_mean"] == 0.0
+    assert advantage_term_metrics(None, adv, mask, "X") == {}
+
+
+def test_term_metrics_refuse_terms_that_do_not_sum_or_have_the_wrong_shape():
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    adv = torch.ones(2, 3)
+    with pytest.raises(ComponentContractError, match="does not sum to its align"):
+        advantage_term_metrics({"outcome": torch.ones(2, 3), "process": torch.ones(2, 3)}, adv, mask, "Bad")
+    with pytest.raises(ComponentContractError, match=r"'process' of shape \(2,\)"):
+        advantage_term_metrics({"process": torch.ones(2)}, adv, mask, "Bad")
+
+
+class _ExtraTermGRPO(GRPOAligner):
+    """Reports a process part that its advantages do not contain: its terms no longer sum to them."""
+
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        mask = batch.completion_mask
+        return {"outcome": super().advantage_terms(batch)["outcome"], "process": mask.to(torch.float64)}
+
+
+def _graded_spro_batch() -> RolloutBatch:
+    batch = spro_batch()
+    batch.completions = ["ok", "no", "ok"]
+    return batch
+
+
+def test_compute_advantages_logs_the_parts_and_the_aligner_metrics():
+    metrics = compute_advantages(_graded_spro_batch(), _ByText(), SPROAligner(beta=0.5, epsilon=0.0), None, None, None)
+    batch = _graded_spro_batch()
+    terms = SPROAligner(beta=0.5, epsilon=0.0).advantage_terms(batch)
+    n = 9
+    # outcome term: GRPO with epsilon 0 on rewards [1, 0, 1]: [0.57735, -1.1547, 0.57735] on 4, 3, 2 tokens
+    outcome_abs = (4 * 0.5773503 + 3 * 1.1547005 + 2 * 0.5773503) / n
+    assert metrics["advantage/outcome_abs_mean"] == pytest.approx(outcome_abs, abs=1e-6)
+    assert metrics["advantage/process_abs_mean"] == pytest.approx(float(terms["process"].abs().sum()) / n, abs=1e-7)
+    # MSA oracle |values| (test_aligners.test_spro_oracle_masked_step_advantage): sum 0.5666667
+    assert metrics["advantage/process_abs_mean"] == pytest.approx(0.5666667 / n, abs=1e-6)
+    assert metrics["advantage/process_to_outcome"] == pytest.approx(0.5666667 / (outcome_abs * n), abs=1e-6)
+    assert metrics["aligner/implicit_reward/cpr_final_mean"] == pytest.approx(0.25 / 3, abs=1e-7)
+    with pytest.raises(ComponentContractError, match="_ExtraTermGRPO.advantage_terms does not sum"):
+        compute_advantages(_graded_spro_batch(), _ByText(), _ExtraTermGRPO(), None, None, None)
+
+
+def test_an_aligner_without_terms_logs_no_parts():
+    class Plain(AdvantageAligner):  # the base class's advantage_terms: None
+        group_relative = True
+
+        def align(self, batch):
+            return GRPOAligner().align(batch)
+
+    batch = make_batch([2, 2], [1.0, 0.0])
+    batch.completions = ["ok", "no"]
+    metrics = compute_advantages(batch, _ByText(), Plain(), None, None, None)
+    assert not any(k.startswith("advantage/") and k.endswith("_abs_mean") for k in metrics)
