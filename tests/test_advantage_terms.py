@@ -9,7 +9,7 @@ import torch
 from test_aligners import A1_CODE, A1_LENGTHS, a1_batch, make_batch, spro_batch
 from test_faults import _ByText
 
-from components.aligners import GRPOAligner, PRPOAligner, ProcessOnlyAligner, SPROAligner
+from components.aligners import GRPOAligner, ProcessOnlyAligner, PRPOAligner, SPROAligner
 from prpo_lightning.aligner import AdvantageAligner
 from prpo_lightning.batch import ComponentContractError, RolloutBatch
 from prpo_lightning.scoring import advantage_term_metrics, compute_advantages
