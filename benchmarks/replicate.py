@@ -16,7 +16,8 @@ and its own plots.
 
 Outputs: ``runs/replicate/<method>/seed<k>/`` (logs, ``result.json``), ``docs/replication.md``,
 ``docs/_static/<tag>_accuracy.png``, ``docs/_static/<tag>_collapse.png`` and ``benchmarks/results/<tag>.json``
-(tag ``replication`` for the main grid, ``replication-h1``, ``replication-spro-sweep``).
+(tag ``replication`` for the main grid, ``replication-h1``, ``replication-spro-sweep``), plus the grid's extra plot
+(``replication-spro-sweep_mechanism.png``, ``replication-h1_summary.png``; ``benchmarks/replicate_plots.py``).
 """
 
 from __future__ import annotations
@@ -34,14 +35,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replicate_grids import GRIDS  # the method grids: main table, Hypothesis 1, SPRO sweep
+from replicate_grids import GRIDS, MAIN_LR, baseline_of  # the method grids: main table, Hypothesis 1, SPRO sweep
+from replicate_plots import extra_plots  # grid-specific plots
 
 METHODS: dict[str, list[str]] = {name: args for methods, _ in GRIDS.values() for name, args in methods.items()}
 # The replication budget is pinned here (not taken from demo.yaml, which may be retuned): 16 prompts x G=8 per
-# step, AdamW at a constant lr of 3e-4, every method the same.
-BUDGET = ["--data.init_args.batch_size=16", "--model.optim.lr=3e-4", "--model.optim.schedule=constant"]
+# step, AdamW at a constant lr of MAIN_LR (1e-4), every method the same unless its grid sets another lr.
+BUDGET = ["--data.init_args.batch_size=16", f"--model.optim.lr={MAIN_LR:g}", "--model.optim.schedule=constant"]
 CURVE_KEYS = ("eval/accuracy", "train/completion/length_mean", "train/completion/no_boxed_frac",
-              "train/completion/truncated_frac", "train/reward/mean")
+              "train/completion/truncated_frac", "train/reward/mean", "train/accuracy",
+              "train/advantage/outcome_abs_mean", "train/advantage/process_abs_mean",
+              "train/advantage/process_to_outcome", "train/aligner/implicit_reward/token_mean",
+              "train/aligner/implicit_reward/cpr_final_mean", "train/prm/score_mean")
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
@@ -52,8 +57,14 @@ def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, 
     """Train one (method, seed) and write ``result.json``; skip if it already exists."""
     rd = run_dir(out, method, seed)
     done = rd / "result.json"
+    overrides = [*BUDGET, *METHODS[method], *extra]
     if done.exists():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result.get("overrides") != overrides or result.get("max_steps") != max_steps:
+            raise RuntimeError(f"{done} was trained with other settings ({result.get('overrides')}, "
+                               f"{result.get('max_steps')} steps) than {method} has now ({overrides}, {max_steps} "
+                               "steps): delete that run folder or pass another --out")
+        return result
     rd.mkdir(parents=True, exist_ok=True)
     cmd = [
         str(REPO / ".venv/bin/prpo-fit"), "fit", "--config", str(REPO / "configs/demo.yaml"),
@@ -78,7 +89,8 @@ def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, 
     if proc.returncode != 0:
         raise RuntimeError(f"{method} seed {seed} failed (exit {proc.returncode}); see {rd / 'stdout.log'}")
     curves = read_curves(rd / "logs" / "version_0" / "training_curves.csv")
-    result = {"method": method, "seed": seed, "max_steps": max_steps, "seconds": time.time() - t0, "curves": curves}
+    result = {"method": method, "seed": seed, "max_steps": max_steps, "overrides": overrides,
+              "seconds": time.time() - t0, "curves": curves}
     done.write_text(json.dumps(result))
     return result
 
@@ -143,8 +155,9 @@ def aggregate(results: list[dict], threshold: float) -> tuple[dict, list[str]]:
     for r in results:
         by_method.setdefault(r["method"], []).append(r)
     table = {}
-    grpo = {r["seed"]: r for r in by_method.get("grpo", [])}
     for method, runs in by_method.items():
+        baseline = baseline_of(method)
+        grpo = {r["seed"]: r for r in by_method.get(baseline, [])}
         finals = [r["curves"]["eval/accuracy"][-1][1] for r in runs]
         starts = [r["curves"]["eval/accuracy"][0][1] for r in runs]
         hits = [next((s for s, v in r["curves"]["eval/accuracy"] if v >= threshold), None) for r in runs]
@@ -160,8 +173,9 @@ def aggregate(results: list[dict], threshold: float) -> tuple[dict, list[str]]:
         }
         paired = [(r["curves"]["eval/accuracy"][-1][1], grpo[r["seed"]]["curves"]["eval/accuracy"][-1][1])
                   for r in runs if r["seed"] in grpo]
-        if method != "grpo" and len(paired) >= 2:
+        if method != baseline and len(paired) >= 2:
             row["vs_grpo"] = paired_tests([a for a, _ in paired], [b for _, b in paired])
+            row["baseline"] = baseline
         table[method] = row
     return table, sorted(by_method)
 
@@ -216,8 +230,9 @@ def write_report(table: dict, methods: list[str], args: argparse.Namespace, path
         f"Regenerate with `{cmd}` (finished runs are skipped; `--report-only` re-aggregates).",
         "",
         f"Budget per run: {args.max_steps} optimizer steps of `configs/demo.yaml` with `{' '.join(BUDGET)}` (16 prompts "
-        f"x G=8 per step, constant lr 3e-4; the same prompts per step, G, lengths, lr and warm-started policy for every "
-        f"method); held-out greedy accuracy (200 problems) every {args.eval_every} steps.",
+        f"x G=8 per step, constant lr {MAIN_LR:g} unless the method's name gives another; the same prompts per step, G, "
+        f"lengths and warm-started policy for every method); held-out greedy accuracy (200 problems) every "
+        f"{args.eval_every} steps. \"Δ vs GRPO\" pairs each seed with GRPO at the method's own lr.",
         "",
         f"![held-out accuracy](_static/{tag}_accuracy.png)",
         "",
@@ -288,6 +303,7 @@ def main() -> None:
         sys.exit("no finished runs")
     table, methods = aggregate(results, args.threshold)
     plot(results, methods, REPO / "docs" / "_static", tag)
+    extra_plots(results, REPO / "docs" / "_static", tag)  # SPRO mechanism, Hypothesis-1 summary
     write_report(table, methods, args, REPO / "docs" / "replication.md", tag)
     raw = REPO / "benchmarks" / "results" / f"{tag}.json"
     raw.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},

@@ -1,0 +1,141 @@
+"""Grid-specific plots of ``benchmarks/replicate.py``: SPRO's collapse mechanism and the Hypothesis-1 summary.
+
+* ``replication-spro-sweep_mechanism.png``: per optimizer step, for every (β, lr) of the SPRO sweep, the implicit
+  process reward (β·Σ δ at the last token), the size of the process term against the outcome term, completion
+  length and the fraction of completions without ``\\boxed{}`` (mean over seeds, 95% band).
+* ``replication-h1_summary.png``: final held-out accuracy, completion length and no-``\\boxed`` fraction against
+  the biased PRM's noise σ, for process-only and PRPO at each early-stop bonus, with GRPO as a band.
+
+Each run's curves come from its ``result.json`` (``replicate.read_curves``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+Result = dict
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and 95% t half-width (the t quantile is looked up for up to 9 degrees of freedom)."""
+    t975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, 0.0
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return m, t975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def _band(ax, runs: list[Result], key: str, **style) -> None:
+    """Mean over seeds and 95% band of ``key`` at every step that all runs logged."""
+    steps = sorted({s for r in runs for s, _ in r["curves"].get(key, [])})
+    xs, ms, los, his = [], [], [], []
+    for s in steps:
+        vals = [v for r in runs for st, v in r["curves"].get(key, []) if st == s]
+        if len(vals) == len(runs):
+            m, h = _mean_ci(vals)
+            xs.append(s), ms.append(m), los.append(m - h), his.append(m + h)
+    if xs:
+        line, = ax.plot(xs, ms, **style)
+        ax.fill_between(xs, los, his, alpha=0.12, color=line.get_color())
+
+
+def _by_method(results: list[Result]) -> dict[str, list[Result]]:
+    out: dict[str, list[Result]] = {}
+    for r in results:
+        out.setdefault(r["method"], []).append(r)
+    return out
+
+
+def spro_mechanism(results: list[Result], static: Path, tag: str) -> Path | None:
+    """Four panels over optimizer steps for every ``spro_beta<β>_lr<lr>`` method: colour = β, line style = lr."""
+    import matplotlib.pyplot as plt
+
+    runs = {m: rs for m, rs in _by_method(results).items() if m.startswith("spro_beta")}
+    if not runs:
+        return None
+    parsed = {m: tuple(float(x) for x in re.fullmatch(r"spro_beta([\d.e-]+)_lr([\d.e-]+)", m).groups()) for m in runs}
+    betas = sorted({b for b, _ in parsed.values()})
+    lrs = sorted({lr for _, lr in parsed.values()})
+    colours = dict(zip(betas, ("tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple")))
+    styles = dict(zip(lrs, (":", "--", "-", "-.")))
+    panels = [
+        ("train/aligner/implicit_reward/cpr_final_mean", "β·Σ(log π_old − log π_ref) per completion",
+         "Implicit process reward at the last token"),
+        ("train/advantage/process_to_outcome", "mean |process| / mean |outcome|", "Process term against outcome term"),
+        ("train/completion/length_mean", "tokens", "Completion length (sampled)"),
+        ("train/completion/no_boxed_frac", "fraction", "Completions without \\boxed{}"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for ax, (key, ylabel, title) in zip(axes.flat, panels):
+        for m in sorted(runs, key=lambda k: parsed[k]):
+            beta, lr = parsed[m]
+            _band(ax, runs[m], key, color=colours[beta], linestyle=styles[lr], label=f"β={beta:g}, lr={lr:g}")
+        ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+    axes[0, 1].set_yscale("log")
+    axes[0, 0].legend(fontsize=7, ncol=3)
+    fig.suptitle("SPRO sweep: mean over seeds, 95% band (colour: β, line: lr)")
+    fig.tight_layout()
+    path = static / f"{tag}_mechanism.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def h1_summary(results: list[Result], static: Path, tag: str) -> Path | None:
+    """Final accuracy, length and no-``\\boxed`` fraction against noise σ; one line per (aligner, early-stop bonus)."""
+    import matplotlib.pyplot as plt
+
+    by_method = _by_method(results)
+    pattern = re.compile(r"h1_(process_only|prpo)_noise([\d.]+)_early([\d.]+)")
+    lines: dict[tuple[str, float], list[tuple[float, list[Result]]]] = {}
+    for m, rs in by_method.items():
+        hit = pattern.fullmatch(m)
+        if hit:
+            lines.setdefault((hit[1], float(hit[3])), []).append((float(hit[2]), rs))
+    if not lines:
+        return None
+    panels = [("eval/accuracy", "held-out accuracy (greedy)"), ("train/completion/length_mean", "completion length"),
+              ("train/completion/no_boxed_frac", "no-\\boxed fraction")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (key, ylabel) in zip(axes, panels):
+        def final(rs: list[Result], key: str = key) -> list[float]:
+            return [r["curves"][key][-1][1] for r in rs if r["curves"].get(key)]
+
+        for (aligner, early), points in sorted(lines.items()):
+            points.sort()
+            stats = [_mean_ci(final(rs)) for _, rs in points]
+            ax.errorbar([s for s, _ in points], [m for m, _ in stats], yerr=[h for _, h in stats], capsize=3,
+                        marker="o" if aligner == "prpo" else "s", linestyle="-" if aligner == "prpo" else "--",
+                        label=f"{'PRPO' if aligner == 'prpo' else 'process-only'}, early-stop bonus {early:g}")
+        if "grpo" in by_method and final(by_method["grpo"]):
+            m, h = _mean_ci(final(by_method["grpo"]))
+            ax.axhspan(m - h, m + h, color="grey", alpha=0.2, label="GRPO (reads no PRM), 95% CI")
+            ax.axhline(m, color="grey", linewidth=1)
+        ax.set(xlabel="PRM noise σ", ylabel=ylabel, title=f"Final {ylabel} (step 20), mean and 95% CI")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = static / f"{tag}_summary.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+#: report tag → its extra plot (written next to the tag's accuracy and collapse plots).
+EXTRA_PLOTS: dict[str, Callable[[list[Result], Path, str], Path | None]] = {
+    "replication-spro-sweep": spro_mechanism,
+    "replication-h1": h1_summary,
+}
+
+
+def extra_plots(results: list[Result], static: Path, tag: str) -> Path | None:
+    """Draw the grid's extra plot, if it has one; return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fn = EXTRA_PLOTS.get(tag)
+    return fn(results, static, tag) if fn else None
