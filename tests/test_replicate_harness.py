@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import replicate  # noqa: E402
-import replicate_grids  # noqa: E402
-import replicate_plots  # noqa: E402
+import replicate
+import replicate_grids
+import replicate_plots
 
 
 def test_paired_tests_hand_values():
