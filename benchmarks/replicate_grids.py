@@ -31,6 +31,8 @@ MAIN: dict[str, list[str]] = {
 H1_NOISE_STD = (0.0, 0.2, 0.4)
 H1_EARLY_STOP = (0.0, 0.3)
 H1_ALIGNERS = {"process_only": "ProcessOnlyAligner", "prpo": "PRPOAligner"}
+#: The unbiased point (σ = 0, no bonus) of each H1 aligner is the main table's run with the exact rule PRM.
+H1_UNBIASED = {"process_only": "process_only", "prpo": "prpo_rule_prm"}
 
 #: The replication budget's learning rate (``BUDGET`` in ``replicate.py``): the highest lr of the SPRO sweep at
 #: which GRPO does not lose held-out accuracy in 20 steps (docs/replication.md, "Budget").
@@ -55,6 +57,9 @@ def hypothesis1() -> dict[str, list[str]]:
     for short, aligner in H1_ALIGNERS.items():
         for sigma in H1_NOISE_STD:
             for early in H1_EARLY_STOP:
+                if sigma == 0 and early == 0:  # BiasedPRM with no bias returns the base's scores exactly
+                    grid[H1_UNBIASED[short]] = MAIN[H1_UNBIASED[short]]
+                    continue
                 grid[f"h1_{short}_noise{sigma:g}_early{early:g}"] = [
                     f"--model.aligner={ALIGNERS}.{aligner}", biased_prm(sigma, early)]
     return grid

@@ -93,8 +93,9 @@ def h1_summary(results: list[Result], static: Path, tag: str) -> Path | None:
     by_method = _by_method(results)
     pattern = re.compile(r"h1_(process_only|prpo)_noise([\d.]+)_early([\d.]+)")
     lines: dict[tuple[str, float], list[tuple[float, list[Result]]]] = {}
+    unbiased = {"process_only": "h1_process_only_noise0_early0", "prpo_rule_prm": "h1_prpo_noise0_early0"}
     for m, rs in by_method.items():
-        hit = pattern.fullmatch(m)
+        hit = pattern.fullmatch(unbiased.get(m, m))  # the main table's exact-PRM runs are the σ = 0 point
         if hit:
             lines.setdefault((hit[1], float(hit[3])), []).append((float(hit[2]), rs))
     if not lines:

@@ -78,11 +78,19 @@ def test_a_run_trained_with_other_settings_is_refused_not_reused(tmp_path):
     assert replicate.run_one(tmp_path, method, seed, max_steps=20, eval_every=10, extra=[]) == same
 
 
+def test_h1_reuses_the_main_tables_exact_prm_runs_as_its_unbiased_point():
+    grid = replicate_grids.hypothesis1()
+    assert grid["prpo_rule_prm"] == replicate.METHODS["prpo_rule_prm"]
+    assert grid["process_only"] == replicate.METHODS["process_only"]
+    assert not any(name.endswith("_noise0_early0") for name in grid)
+    assert len(grid) == 1 + 2 * 3 * 2  # GRPO + two aligners x three noise levels x two bonuses
+
+
 def test_grid_plots_are_written(tmp_path):
     results = []
     for seed in (0, 1):
         for method in ("spro_beta0.05_lr3e-05", "spro_beta0.2_lr0.0003", "grpo", "h1_prpo_noise0.2_early0",
-                       "h1_process_only_noise0_early0.3"):
+                       "h1_process_only_noise0_early0.3", "prpo_rule_prm"):
             r = _result(method, seed, 0.4 + 0.01 * seed)
             r["curves"]["train/aligner/implicit_reward/cpr_final_mean"] = [(1, 0.0), (2, 0.1 * (seed + 1))]
             r["curves"]["train/advantage/process_to_outcome"] = [(1, 1e-8), (2, 0.5)]
