@@ -1,8 +1,9 @@
 """Grid-specific plots of ``benchmarks/replicate.py``: SPRO's collapse mechanism and the Hypothesis-1 summary.
 
 * ``replication-spro-sweep_mechanism.png``: per optimizer step, for every (β, lr) of the SPRO sweep, the implicit
-  process reward (β·Σ δ at the last token), the size of the process term against the outcome term, completion
-  length and the fraction of completions without ``\\boxed{}`` (mean over seeds, 95% band).
+  process reward (β·Σ δ at the last token), the size of the process term against the outcome term, training
+  accuracy, completion length and the fraction of completions without ``\\boxed{}`` (mean over seeds, min–max
+  band), and one point per run: its peak process/outcome ratio against its final accuracy minus GRPO's.
 * ``replication-h1_summary.png``: final held-out accuracy, completion length and no-``\\boxed`` fraction against
   the biased PRM's noise σ, for process-only and PRPO at each early-stop bonus, with GRPO as a band.
 
@@ -30,15 +31,17 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
     return m, t975.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
-def _band(ax, runs: list[Result], key: str, **style) -> None:
-    """Mean over seeds and 95% band of ``key`` at every step that all runs logged."""
+def _band(ax, runs: list[Result], key: str, spread: str = "ci", **style) -> None:
+    """Mean over seeds of ``key`` at every step that all runs logged, with its 95% CI (``spread="ci"``) or the
+    seeds' min–max range (``"range"``) as a band."""
     steps = sorted({s for r in runs for s, _ in r["curves"].get(key, [])})
     xs, ms, los, his = [], [], [], []
     for s in steps:
         vals = [v for r in runs for st, v in r["curves"].get(key, []) if st == s]
         if len(vals) == len(runs):
             m, h = _mean_ci(vals)
-            xs.append(s), ms.append(m), los.append(m - h), his.append(m + h)
+            lo, hi = (m - h, m + h) if spread == "ci" else (min(vals), max(vals))
+            xs.append(s), ms.append(m), los.append(lo), his.append(hi)
     if xs:
         line, = ax.plot(xs, ms, **style)
         ax.fill_between(xs, los, his, alpha=0.12, color=line.get_color())
@@ -67,23 +70,48 @@ def spro_mechanism(results: list[Result], static: Path, tag: str) -> Path | None
         ("train/aligner/implicit_reward/cpr_final_mean", "β·Σ(log π_old − log π_ref) per completion",
          "Implicit process reward at the last token"),
         ("train/advantage/process_to_outcome", "mean |process| / mean |outcome|", "Process term against outcome term"),
+        ("train/accuracy", "fraction correct", "Training accuracy (sampled)"),
         ("train/completion/length_mean", "tokens", "Completion length (sampled)"),
         ("train/completion/no_boxed_frac", "fraction", "Completions without \\boxed{}"),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5))
     for ax, (key, ylabel, title) in zip(axes.flat, panels):
         for m in sorted(runs, key=lambda k: parsed[k]):
             beta, lr = parsed[m]
-            _band(ax, runs[m], key, color=colours[beta], linestyle=styles[lr], label=f"β={beta:g}, lr={lr:g}")
+            _band(ax, runs[m], key, spread="range", color=colours[beta], linestyle=styles[lr],
+                  label=f"β={beta:g}, lr={lr:g}")
         ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
-    axes[0, 1].set_yscale("log")
+    axes[0, 1].set(yscale="log", ylim=(1e-4, None))  # step 1: ~1e-8, the rounding of two separate passes
     axes[0, 0].legend(fontsize=7, ncol=3)
-    fig.suptitle("SPRO sweep: mean over seeds, 95% band (colour: β, line: lr)")
+    _ratio_scatter(axes[1, 2], _by_method(results), runs, parsed, colours, lr_markers=dict(zip(lrs, "^os")))
+    fig.suptitle("SPRO sweep: mean over seeds, band from the lowest to the highest seed (colour: β, line: lr)")
     fig.tight_layout()
     path = static / f"{tag}_mechanism.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _ratio_scatter(ax, by_method: dict[str, list[Result]], runs: dict[str, list[Result]],
+                   parsed: dict[str, tuple[float, float]], colours: dict[float, str], lr_markers: dict[float, str]) -> None:
+    """One point per SPRO run: the peak process/outcome ratio against its final held-out accuracy minus that of
+    GRPO with the same seed and lr (``replicate_grids.baseline_of``)."""
+    from replicate_grids import baseline_of
+
+    for m, rs in runs.items():
+        beta, lr = parsed[m]
+        grpo = {r["seed"]: r["curves"]["eval/accuracy"][-1][1] for r in by_method.get(baseline_of(m), [])}
+        points = [(max(v for _, v in r["curves"]["train/advantage/process_to_outcome"]),
+                   100 * (r["curves"]["eval/accuracy"][-1][1] - grpo[r["seed"]]))
+                  for r in rs if r["seed"] in grpo and r["curves"].get("train/advantage/process_to_outcome")]
+        if points:
+            ax.scatter([x for x, _ in points], [y for _, y in points], color=colours[beta], marker=lr_markers[lr],
+                       label=f"β={beta:g}, lr={lr:g}", alpha=0.8)
+    ax.axvline(1.0, color="grey", linewidth=1, linestyle=":")
+    ax.axhline(0.0, color="grey", linewidth=1)
+    ax.set(xscale="log", xlabel="peak mean |process| / mean |outcome| over the run",
+           ylabel="final held-out acc. − GRPO (same seed, lr), points", title="Peak ratio against the outcome")
+    ax.legend(fontsize=6, ncol=2)
 
 
 def h1_summary(results: list[Result], static: Path, tag: str) -> Path | None:
