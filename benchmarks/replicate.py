@@ -10,14 +10,17 @@ Usage::
     .venv/bin/python benchmarks/replicate.py --report-only     # re-aggregate finished runs
     .venv/bin/python benchmarks/replicate.py --grid h1 --seeds 0 1 2 3 4          # Hypothesis 1, biased PRMs
     .venv/bin/python benchmarks/replicate.py --grid spro-sweep --seeds 0 1 2      # SPRO beta x lr
+    .venv/bin/python benchmarks/replicate.py --grid implicit-sweep --seeds 0 1 2  # PRPO over ImplicitPRM, beta x lr
+    .venv/bin/python benchmarks/replicate.py --grid spro-cap --seeds 0 1 2        # SPRO with its process cap
 
 Method grids live in ``benchmarks/replicate_grids.py``; each grid writes its own block of ``docs/replication.md``
 and its own plots.
 
 Outputs: ``runs/replicate/<method>/seed<k>/`` (logs, ``result.json``), ``docs/replication.md``,
 ``docs/_static/<tag>_accuracy.png``, ``docs/_static/<tag>_collapse.png`` and ``benchmarks/results/<tag>.json``
-(tag ``replication`` for the main grid, ``replication-h1``, ``replication-spro-sweep``), plus the grid's extra plot
-(``replication-spro-sweep_mechanism.png``, ``replication-h1_summary.png``; ``benchmarks/replicate_plots.py``).
+(tag ``replication`` for the main grid, else ``replication-<grid>``), plus the grid's extra plot
+(``replication-spro-sweep_mechanism.png``, ``replication-implicit-sweep_mechanism.png``,
+``replication-h1_summary.png``; ``benchmarks/replicate_plots.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ CURVE_KEYS = ("eval/accuracy", "train/completion/length_mean", "train/completion
               "train/completion/truncated_frac", "train/reward/mean", "train/accuracy",
               "train/advantage/outcome_abs_mean", "train/advantage/process_abs_mean",
               "train/advantage/process_to_outcome", "train/aligner/implicit_reward/token_mean",
-              "train/aligner/implicit_reward/cpr_final_mean", "train/prm/score_mean")
+              "train/aligner/implicit_reward/cpr_final_mean", "train/prm/score_mean", "train/prm/score_std")
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
@@ -229,10 +232,10 @@ def write_report(table: dict, methods: list[str], args: argparse.Namespace, path
         "",
         f"Regenerate with `{cmd}` (finished runs are skipped; `--report-only` re-aggregates).",
         "",
-        f"Budget per run: {args.max_steps} optimizer steps of `configs/demo.yaml` with `{' '.join(BUDGET)}` (16 prompts "
-        f"x G=8 per step, constant lr {MAIN_LR:g} unless the method's name gives another; the same prompts per step, G, "
-        f"lengths and warm-started policy for every method); held-out greedy accuracy (200 problems) every "
-        f"{args.eval_every} steps. \"Δ vs GRPO\" pairs each seed with GRPO at the method's own lr.",
+        (f"Budget per run: {args.max_steps} optimizer steps of `configs/demo.yaml` with `{' '.join(BUDGET)}` (16 "
+         f"prompts x G=8 per step, constant lr {MAIN_LR:g} unless the method's name gives another; the same prompts "
+         f"per step, G, lengths and warm-started policy for every method); held-out greedy accuracy (200 problems) "
+         f"every {args.eval_every} steps. \"Δ vs GRPO\" pairs each seed with GRPO at the method's own lr."),
         "",
         f"![held-out accuracy](_static/{tag}_accuracy.png)",
         "",
@@ -265,7 +268,8 @@ def write_report(table: dict, methods: list[str], args: argparse.Namespace, path
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", choices=list(GRIDS), default="main",
-                    help="method grid: the main table, h1 (biased PRMs) or spro-sweep (beta x lr)")
+                    help="method grid: the main table, h1 (biased PRMs), spro-sweep or implicit-sweep (beta x lr), "
+                         "spro-cap (SPRO with its process cap)")
     ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="default: the grid's methods")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--max-steps", type=int, default=20)

@@ -1,4 +1,5 @@
-"""Method grids of ``benchmarks/replicate.py``: the main table, Hypothesis 1 (biased PRMs) and the SPRO β × lr sweep.
+"""Method grids of ``benchmarks/replicate.py``: the main table, Hypothesis 1 (biased PRMs), the β × lr sweeps of
+SPRO and of PRPO over ``ImplicitPRM``, and SPRO with its optional process cap.
 
 Each grid maps a method name to the ``prpo-fit`` overrides that swap its components into ``configs/demo.yaml``
 (after the pinned budget, so a grid's own ``--model.optim.lr`` wins). Every grid holds ``grpo``, the baseline of
@@ -80,6 +81,35 @@ def spro_sweep() -> dict[str, list[str]]:
     return grid
 
 
+def implicit_sweep() -> dict[str, list[str]]:
+    """PRPO over ``ImplicitPRM`` at every (β, lr) of the SPRO sweep, plus GRPO at every lr."""
+    grid = {name: args for name, args in spro_sweep().items() if name.startswith("grpo")}
+    for beta in SPRO_BETAS:
+        for lr in SPRO_LRS:
+            grid[f"prpo_implicit_beta{beta:g}_lr{lr:g}"] = [
+                f"--model.aligner={ALIGNERS}.PRPOAligner", "--model.prm=components.prms.ImplicitPRM",
+                f"--model.prm.init_args.beta={beta}", f"--model.optim.lr={lr}"]
+    return grid
+
+
+#: The cap of SPRO's process term tried against the collapse (``SPROAligner(max_process_to_outcome=κ)``).
+SPRO_CAP = 0.25
+
+
+def spro_cap() -> dict[str, list[str]]:
+    """SPRO with and without the process cap where uncapped SPRO collapsed (β ∈ {0.05, 0.2} × lr ∈ {1e-4, 3e-4}),
+    plus GRPO at those lrs."""
+    sweep = spro_sweep()
+    grid = {name: sweep[name] for name in ("grpo", "grpo_lr0.0003")}
+    for beta in (0.05, 0.2):
+        for lr in (1e-4, 3e-4):
+            plain = f"spro_beta{beta:g}_lr{lr:g}"
+            grid[plain] = sweep[plain]
+            grid[f"spro_cap{SPRO_CAP:g}_beta{beta:g}_lr{lr:g}"] = [
+                *sweep[plain], f"--model.aligner.init_args.max_process_to_outcome={SPRO_CAP}"]
+    return grid
+
+
 def baseline_of(method: str) -> str:
     """The GRPO row a method is compared with: ``grpo_lr<lr>`` for a method run at another lr, else ``grpo``."""
     lr = method.rsplit("_lr", 1)[1] if "_lr" in method else None
@@ -91,4 +121,6 @@ GRIDS: dict[str, tuple[dict[str, list[str]], str]] = {
     "main": (MAIN, "replication"),
     "h1": (hypothesis1(), "replication-h1"),
     "spro-sweep": (spro_sweep(), "replication-spro-sweep"),
+    "implicit-sweep": (implicit_sweep(), "replication-implicit-sweep"),
+    "spro-cap": (spro_cap(), "replication-spro-cap"),
 }

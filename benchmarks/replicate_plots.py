@@ -4,6 +4,8 @@
   process reward (β·Σ δ at the last token), the size of the process term against the outcome term, training
   accuracy, completion length and the fraction of completions without ``\\boxed{}`` (mean over seeds, min–max
   band), and one point per run: its peak process/outcome ratio against its final accuracy minus GRPO's.
+* ``replication-implicit-sweep_mechanism.png``: the same for PRPO over ``ImplicitPRM``, whose implicit reward is
+  shown as the spread of its step scores ``σ(β·Σ_step δ)``.
 * ``replication-h1_summary.png``: final held-out accuracy, completion length and no-``\\boxed`` fraction against
   the biased PRM's noise σ, for process-only and PRPO at each early-stop bonus, with GRPO as a band.
 
@@ -54,21 +56,42 @@ def _by_method(results: list[Result]) -> dict[str, list[Result]]:
     return out
 
 
+#: sweep method prefix → (its implicit-reward metric, the axis label, the panel title, the figure's name)
+SWEEPS = {
+    "spro": ("train/aligner/implicit_reward/cpr_final_mean", "β·Σ(log π_old − log π_ref) per completion",
+             "Implicit process reward at the last token", "SPRO"),
+    "prpo_implicit": ("train/prm/score_std", "std of the step scores σ(β·Σ_step δ)",
+                      "Spread of the implicit PRM's step scores", "PRPO over ImplicitPRM"),
+}
+
+
 def spro_mechanism(results: list[Result], static: Path, tag: str) -> Path | None:
-    """Four panels over optimizer steps for every ``spro_beta<β>_lr<lr>`` method: colour = β, line style = lr."""
+    """SPRO sweep: :func:`sweep_mechanism` of the ``spro_beta<β>_lr<lr>`` methods."""
+    return sweep_mechanism(results, static, tag, "spro")
+
+
+def implicit_mechanism(results: list[Result], static: Path, tag: str) -> Path | None:
+    """Implicit-PRM sweep: :func:`sweep_mechanism` of the ``prpo_implicit_beta<β>_lr<lr>`` methods."""
+    return sweep_mechanism(results, static, tag, "prpo_implicit")
+
+
+def sweep_mechanism(results: list[Result], static: Path, tag: str, prefix: str) -> Path | None:
+    """Five panels over optimizer steps for every ``<prefix>_beta<β>_lr<lr>`` method (colour = β, line style = lr)
+    and one point per run (peak process/outcome ratio against the accuracy gap to GRPO)."""
     import matplotlib.pyplot as plt
 
-    runs = {m: rs for m, rs in _by_method(results).items() if m.startswith("spro_beta")}
+    pattern = re.compile(re.escape(prefix) + r"_beta([\d.e-]+)_lr([\d.e-]+)")
+    runs = {m: rs for m, rs in _by_method(results).items() if pattern.fullmatch(m)}
     if not runs:
         return None
-    parsed = {m: tuple(float(x) for x in re.fullmatch(r"spro_beta([\d.e-]+)_lr([\d.e-]+)", m).groups()) for m in runs}
+    implicit_key, implicit_label, implicit_title, name = SWEEPS[prefix]
+    parsed = {m: tuple(float(x) for x in pattern.fullmatch(m).groups()) for m in runs}
     betas = sorted({b for b, _ in parsed.values()})
     lrs = sorted({lr for _, lr in parsed.values()})
     colours = dict(zip(betas, ("tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple")))
     styles = dict(zip(lrs, (":", "--", "-", "-.")))
     panels = [
-        ("train/aligner/implicit_reward/cpr_final_mean", "β·Σ(log π_old − log π_ref) per completion",
-         "Implicit process reward at the last token"),
+        (implicit_key, implicit_label, implicit_title),
         ("train/advantage/process_to_outcome", "mean |process| / mean |outcome|", "Process term against outcome term"),
         ("train/accuracy", "fraction correct", "Training accuracy (sampled)"),
         ("train/completion/length_mean", "tokens", "Completion length (sampled)"),
@@ -84,7 +107,7 @@ def spro_mechanism(results: list[Result], static: Path, tag: str) -> Path | None
     axes[0, 1].set(yscale="log", ylim=(1e-4, None))  # step 1: ~1e-8, the rounding of two separate passes
     axes[0, 0].legend(fontsize=7, ncol=3)
     _ratio_scatter(axes[1, 2], _by_method(results), runs, parsed, colours, lr_markers=dict(zip(lrs, "^os")))
-    fig.suptitle("SPRO sweep: mean over seeds, band from the lowest to the highest seed (colour: β, line: lr)")
+    fig.suptitle(f"{name} sweep: mean over seeds, band from the lowest to the highest seed (colour: β, line: lr)")
     fig.tight_layout()
     path = static / f"{tag}_mechanism.png"
     fig.savefig(path, dpi=110)
@@ -157,6 +180,7 @@ def h1_summary(results: list[Result], static: Path, tag: str) -> Path | None:
 #: report tag → its extra plot (written next to the tag's accuracy and collapse plots).
 EXTRA_PLOTS: dict[str, Callable[[list[Result], Path, str], Path | None]] = {
     "replication-spro-sweep": spro_mechanism,
+    "replication-implicit-sweep": implicit_mechanism,
     "replication-h1": h1_summary,
 }
 

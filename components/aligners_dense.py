@@ -63,6 +63,15 @@ class SPROAligner(AdvantageAligner):
         std_normalize: GRPO std division of the outcome term (False: ``scale_rewards="none"``).
         epsilon: ε of the outcome term.
         scale_rewards: std of the outcome term: ``"group"`` (default), ``"batch"`` or ``"none"`` (TRL's names).
+        max_process_to_outcome: κ, an optional cap on the process term (not in the paper; None, the default, is
+            the paper's SPRO). When the batch's mean ``|c·MSA|`` over valid tokens exceeds κ times its mean
+            ``|Â^o|``, the process term is scaled down to exactly that size: ``c·MSA·κ·mean|Â^o| / mean|c·MSA|``.
+            A batch with no outcome signal (every group's rewards equal) then gets a process term of exactly 0.
+            The cap bounds the self-reinforcing drift that collapses uncapped SPRO at large lr·β
+            (docs/replication.md, "SPRO"). κ = 0 gives GRPO exactly.
+
+    Raises:
+        ValueError: for an unknown ``scale_rewards`` or a negative ``max_process_to_outcome``.
     """
 
     uses_process_scores = False
@@ -76,7 +85,12 @@ class SPROAligner(AdvantageAligner):
         std_normalize: bool = True,
         epsilon: float = 1e-6,
         scale_rewards: str = "group",
+        max_process_to_outcome: float | None = None,
     ) -> None:
+        if max_process_to_outcome is not None and not max_process_to_outcome >= 0:
+            raise ValueError(f"SPROAligner: max_process_to_outcome must be None (no cap) or >= 0, "
+                             f"got {max_process_to_outcome}")
+        self.max_process_to_outcome = max_process_to_outcome
         self.scale_rewards = resolve_scale_rewards("SPROAligner", scale_rewards, std_normalize)
         self.beta = beta
         self.msa_coef = msa_coef
@@ -92,11 +106,19 @@ class SPROAligner(AdvantageAligner):
         return (cpr - base) * m
 
     def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
-        """``{"outcome": Â^o broadcast, "process": c·MSA}``, both ``(B, T)`` float64, 0 on padding."""
+        """``{"outcome": Â^o broadcast, "process": c·MSA}`` (capped by ``max_process_to_outcome``), both ``(B, T)``
+        float64, 0 on padding."""
         mask = batch.completion_mask
         ao = normalized_outcome(outcome_rewards(batch), batch.group_ids, True, self.epsilon,
                                 scale_rewards=self.scale_rewards)  # (B,)
-        return {"outcome": broadcast(ao, mask), "process": self.msa_coef * self.masked_step_advantage(batch)}
+        outcome = broadcast(ao, mask)  # (B, T)
+        process = self.msa_coef * self.masked_step_advantage(batch)  # (B, T)
+        if self.max_process_to_outcome is not None:
+            limit = self.max_process_to_outcome * outcome.abs().sum()  # κ·Σ|Â^o| (the token counts cancel)
+            size = process.abs().sum()  # Σ|c·MSA|
+            if size > limit:
+                process = process * (limit / size)  # (B, T) mean |process| = κ·mean |outcome| exactly
+        return {"outcome": outcome, "process": process}
 
     def align(self, batch: RolloutBatch) -> Tensor:
         """Return ``(B, T)`` float32 advantages."""

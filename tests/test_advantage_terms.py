@@ -137,3 +137,37 @@ def test_an_aligner_without_terms_logs_no_parts():
     batch.completions = ["ok", "no"]
     metrics = compute_advantages(batch, _ByText(), Plain(), None, None, None)
     assert not any(k.startswith("advantage/") and k.endswith("_abs_mean") for k in metrics)
+
+
+# ---------------------------------------------------------------- SPRO's optional process cap
+SPRO_OUTCOME_ABS = 4 * 0.5773503 + 3 * 1.1547005 + 2 * 0.5773503  # Σ|Â^o| over the 9 tokens (ε = 0)
+SPRO_PROCESS_ABS = 0.5666667  # Σ|MSA| (β = 0.5), so the uncapped ratio is 0.0818
+
+
+def test_spro_cap_scales_the_process_term_to_exactly_kappa_times_the_outcome():
+    batch = spro_batch()
+    free = SPROAligner(beta=0.5, epsilon=0.0).advantage_terms(batch)
+    capped = SPROAligner(beta=0.5, epsilon=0.0, max_process_to_outcome=0.05).advantage_terms(batch)
+    scale = 0.05 * SPRO_OUTCOME_ABS / SPRO_PROCESS_ABS  # 0.6113
+    torch.testing.assert_close(capped["process"], free["process"] * scale, atol=1e-6, rtol=0)
+    assert float(capped["process"].abs().sum() / capped["outcome"].abs().sum()) == pytest.approx(0.05, abs=1e-12)
+    assert torch.equal(capped["outcome"], free["outcome"])  # the outcome term is never touched
+    loose = SPROAligner(beta=0.5, epsilon=0.0, max_process_to_outcome=0.1).advantage_terms(batch)
+    assert torch.equal(loose["process"], free["process"])  # under the cap: exactly the paper's SPRO
+
+
+def test_spro_cap_zero_is_grpo_and_no_outcome_signal_means_no_process_term():
+    batch = spro_batch()
+    torch.testing.assert_close(SPROAligner(beta=0.5, max_process_to_outcome=0.0).align(batch),
+                               GRPOAligner().align(batch), atol=0, rtol=0)
+    batch.outcome_rewards = torch.ones(3)  # every reward equal: no outcome signal
+    adv = SPROAligner(beta=0.5, max_process_to_outcome=2.0).align(batch)
+    assert torch.equal(adv, torch.zeros_like(adv))
+    assert float(SPROAligner(beta=0.5).masked_step_advantage(batch).abs().max()) > 0.1  # uncapped: not 0
+
+
+def test_spro_cap_must_be_none_or_non_negative():
+    with pytest.raises(ValueError, match="max_process_to_outcome must be None"):
+        SPROAligner(max_process_to_outcome=-0.1)
+    with pytest.raises(ValueError, match="max_process_to_outcome must be None"):
+        SPROAligner(max_process_to_outcome=float("nan"))

@@ -86,16 +86,28 @@ def test_h1_reuses_the_main_tables_exact_prm_runs_as_its_unbiased_point():
     assert len(grid) == 1 + 2 * 3 * 2  # GRPO + two aligners x three noise levels x two bonuses
 
 
+def test_implicit_sweep_and_spro_cap_grids():
+    implicit = replicate_grids.implicit_sweep()
+    assert len(implicit) == 3 + 3 * 3  # GRPO at each lr + beta x lr
+    assert "--model.prm.init_args.beta=0.2" in implicit["prpo_implicit_beta0.2_lr0.0003"]
+    cap = replicate_grids.spro_cap()
+    capped = cap["spro_cap0.25_beta0.2_lr0.0003"]
+    assert capped[:-1] == replicate.METHODS["spro_beta0.2_lr0.0003"]  # the same run, plus the cap
+    assert capped[-1] == "--model.aligner.init_args.max_process_to_outcome=0.25"
+    assert replicate_grids.baseline_of("spro_cap0.25_beta0.2_lr0.0003") == "grpo_lr0.0003"
+
+
 def test_grid_plots_are_written(tmp_path):
     results = []
     for seed in (0, 1):
         for method in ("spro_beta0.05_lr3e-05", "spro_beta0.2_lr0.0003", "grpo", "h1_prpo_noise0.2_early0",
-                       "h1_process_only_noise0_early0.3", "prpo_rule_prm"):
+                       "h1_process_only_noise0_early0.3", "prpo_rule_prm", "prpo_implicit_beta0.05_lr3e-05"):
             r = _result(method, seed, 0.4 + 0.01 * seed)
             r["curves"]["train/aligner/implicit_reward/cpr_final_mean"] = [(1, 0.0), (2, 0.1 * (seed + 1))]
             r["curves"]["train/advantage/process_to_outcome"] = [(1, 1e-8), (2, 0.5)]
             results.append(r)
-    for tag, name in (("replication-spro-sweep", "mechanism"), ("replication-h1", "summary")):
+    for tag, name in (("replication-spro-sweep", "mechanism"), ("replication-h1", "summary"),
+                      ("replication-implicit-sweep", "mechanism")):
         path = replicate_plots.extra_plots(results, tmp_path, tag)
         assert path == tmp_path / f"{tag}_{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

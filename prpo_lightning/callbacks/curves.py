@@ -23,6 +23,7 @@ DEFAULT_KEYS = (
     "train/clip_frac",
     "train/segments/per_completion",
     "train/prm/score_mean",
+    "train/prm/score_std",
     "train/loss",
     "train/advantage/outcome_abs_mean",
     "train/advantage/process_abs_mean",
