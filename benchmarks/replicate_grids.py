@@ -34,6 +34,10 @@ H1_EARLY_STOP = (0.0, 0.3)
 H1_ALIGNERS = {"process_only": "ProcessOnlyAligner", "prpo": "PRPOAligner"}
 #: The unbiased point (σ = 0, no bonus) of each H1 aligner is the main table's run with the exact rule PRM.
 H1_UNBIASED = {"process_only": "process_only", "prpo": "prpo_rule_prm"}
+#: Stronger biases, one kind at a time (``BiasedPRM`` argument → strengths): noise σ, the early-stop bonus, the
+#: penalty on steps in the second half of a completion and the bonus for short steps.
+H1_ONE_FACTOR = {"noise_std": (0.8,), "early_stop_bonus": (1.0,), "late_step_penalty": (0.5, 1.0),
+                 "short_step_bonus": (0.5, 1.0)}
 
 #: The replication budget's learning rate (``BUDGET`` in ``replicate.py``): the highest lr of the SPRO sweep at
 #: which GRPO does not lose held-out accuracy in 20 steps (docs/replication.md, "Budget").
@@ -51,9 +55,26 @@ def biased_prm(noise_std: float, early_stop_bonus: float, seed: int = 0) -> str:
     return f"--model.prm={json.dumps(spec)}"
 
 
+def biased_prm_one(kind: str, strength: float, seed: int = 0) -> str:
+    """``--model.prm`` override: ``BiasedPRM`` over ``EquationCheckPRM`` with one bias ``kind`` at ``strength``."""
+    spec = {"class_path": "components.prms.BiasedPRM", "init_args": {
+        "base": {"class_path": EQ_PRM}, kind: strength, "max_new_tokens": DEMO_MAX_NEW_TOKENS, "seed": seed}}
+    return f"--model.prm={json.dumps(spec)}"
+
+
+def h1_method_name(aligner: str, kind: str, strength: float) -> str:
+    """``h1_<aligner>_noise<σ>_early<c_e>`` for noise and early-stop biases (the first grid's names), else
+    ``h1_<aligner>_late<c_l>`` / ``h1_<aligner>_short<c_s>``."""
+    if kind == "noise_std":
+        return f"h1_{aligner}_noise{strength:g}_early0"
+    if kind == "early_stop_bonus":
+        return f"h1_{aligner}_noise0_early{strength:g}"
+    return f"h1_{aligner}_{kind.split('_')[0]}{strength:g}"
+
+
 def hypothesis1() -> dict[str, list[str]]:
-    """Process-only and PRPO over ``BiasedPRM`` at every (noise σ, early-stop bonus), plus GRPO (which reads no
-    PRM, so one row stands for every bias strength)."""
+    """Process-only and PRPO over ``BiasedPRM`` at every (noise σ, early-stop bonus) and at the stronger one-kind
+    biases of :data:`H1_ONE_FACTOR`, plus GRPO (which reads no PRM, so one row stands for every bias)."""
     grid = {"grpo": MAIN["grpo"]}
     for short, aligner in H1_ALIGNERS.items():
         for sigma in H1_NOISE_STD:
@@ -63,6 +84,11 @@ def hypothesis1() -> dict[str, list[str]]:
                     continue
                 grid[f"h1_{short}_noise{sigma:g}_early{early:g}"] = [
                     f"--model.aligner={ALIGNERS}.{aligner}", biased_prm(sigma, early)]
+        for kind, strengths in H1_ONE_FACTOR.items():
+            for strength in strengths:
+                prm = (biased_prm(strength if kind == "noise_std" else 0.0, strength if kind == "early_stop_bonus" else 0.0)
+                       if kind in ("noise_std", "early_stop_bonus") else biased_prm_one(kind, strength))
+                grid[h1_method_name(short, kind, strength)] = [f"--model.aligner={ALIGNERS}.{aligner}", prm]
     return grid
 
 

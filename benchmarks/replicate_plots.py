@@ -7,7 +7,8 @@
 * ``replication-implicit-sweep_mechanism.png``: the same for PRPO over ``ImplicitPRM``, whose implicit reward is
   shown as the spread of its step scores ``σ(β·Σ_step δ)``.
 * ``replication-h1_summary.png``: final held-out accuracy, completion length and no-``\\boxed`` fraction against
-  the biased PRM's noise σ, for process-only and PRPO at each early-stop bonus, with GRPO as a band.
+  the strength of each kind of PRM bias (noise, early-stop bonus, late-step penalty, short-step bonus), for
+  process-only and PRPO, with GRPO as a band.
 
 Each run's curves come from its ``result.json`` (``replicate.read_curves``).
 """
@@ -137,39 +138,66 @@ def _ratio_scatter(ax, by_method: dict[str, list[Result]], runs: dict[str, list[
     ax.legend(fontsize=6, ncol=2)
 
 
+#: Hypothesis-1 bias kinds: name pattern → (kind, the strength's group index); the noise/early-stop combinations
+#: (both non-zero) are in the table only.
+H1_KINDS = ("noise σ", "early-stop bonus", "late-step penalty", "short-step bonus")
+
+
+def h1_points(by_method: dict[str, list[Result]]) -> dict[tuple[str, str], list[tuple[float, list[Result]]]]:
+    """``{(aligner, kind): [(strength, runs), ...]}`` of the one-kind H1 methods; the main table's exact-PRM runs
+    (``process_only``, ``prpo_rule_prm``) are every kind's strength-0 point."""
+    grid = re.compile(r"h1_(process_only|prpo)_noise([\d.]+)_early([\d.]+)")
+    one = re.compile(r"h1_(process_only|prpo)_(late|short)([\d.]+)")
+    out: dict[tuple[str, str], list[tuple[float, list[Result]]]] = {}
+    for m, rs in by_method.items():
+        if m in ("process_only", "prpo_rule_prm"):
+            for kind in H1_KINDS:
+                out.setdefault(("prpo" if m == "prpo_rule_prm" else m, kind), []).append((0.0, rs))
+        elif hit := grid.fullmatch(m):
+            sigma, early = float(hit[2]), float(hit[3])
+            if early == 0 or sigma == 0:
+                kind, strength = ("noise σ", sigma) if early == 0 else ("early-stop bonus", early)
+                out.setdefault((hit[1], kind), []).append((strength, rs))
+        elif hit := one.fullmatch(m):
+            kind = "late-step penalty" if hit[2] == "late" else "short-step bonus"
+            out.setdefault((hit[1], kind), []).append((float(hit[3]), rs))
+    return out
+
+
 def h1_summary(results: list[Result], static: Path, tag: str) -> Path | None:
-    """Final accuracy, length and no-``\\boxed`` fraction against noise σ; one line per (aligner, early-stop bonus)."""
+    """One column per bias kind (strength on x): final held-out accuracy, completion length and no-``\\boxed``
+    fraction, for process-only and PRPO, with GRPO (which reads no PRM) as a grey band; mean and 95% CI."""
     import matplotlib.pyplot as plt
 
     by_method = _by_method(results)
-    pattern = re.compile(r"h1_(process_only|prpo)_noise([\d.]+)_early([\d.]+)")
-    lines: dict[tuple[str, float], list[tuple[float, list[Result]]]] = {}
-    unbiased = {"process_only": "h1_process_only_noise0_early0", "prpo_rule_prm": "h1_prpo_noise0_early0"}
-    for m, rs in by_method.items():
-        hit = pattern.fullmatch(unbiased.get(m, m))  # the main table's exact-PRM runs are the σ = 0 point
-        if hit:
-            lines.setdefault((hit[1], float(hit[3])), []).append((float(hit[2]), rs))
-    if not lines:
+    points = h1_points(by_method)
+    if not any(s > 0 for pts in points.values() for s, _ in pts):
         return None
-    panels = [("eval/accuracy", "held-out accuracy (greedy)"), ("train/completion/length_mean", "completion length"),
-              ("train/completion/no_boxed_frac", "no-\\boxed fraction")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (key, ylabel) in zip(axes, panels):
+    rows = [("eval/accuracy", "held-out accuracy"), ("train/completion/length_mean", "completion length"),
+            ("train/completion/no_boxed_frac", "no-\\boxed fraction")]
+    fig, axes = plt.subplots(len(rows), len(H1_KINDS), figsize=(18, 10), squeeze=False)
+    for r, (key, ylabel) in enumerate(rows):
         def final(rs: list[Result], key: str = key) -> list[float]:
-            return [r["curves"][key][-1][1] for r in rs if r["curves"].get(key)]
+            return [x["curves"][key][-1][1] for x in rs if x["curves"].get(key)]
 
-        for (aligner, early), points in sorted(lines.items()):
-            points.sort()
-            stats = [_mean_ci(final(rs)) for _, rs in points]
-            ax.errorbar([s for s, _ in points], [m for m, _ in stats], yerr=[h for _, h in stats], capsize=3,
-                        marker="o" if aligner == "prpo" else "s", linestyle="-" if aligner == "prpo" else "--",
-                        label=f"{'PRPO' if aligner == 'prpo' else 'process-only'}, early-stop bonus {early:g}")
-        if "grpo" in by_method and final(by_method["grpo"]):
-            m, h = _mean_ci(final(by_method["grpo"]))
-            ax.axhspan(m - h, m + h, color="grey", alpha=0.2, label="GRPO (reads no PRM), 95% CI")
-            ax.axhline(m, color="grey", linewidth=1)
-        ax.set(xlabel="PRM noise σ", ylabel=ylabel, title=f"Final {ylabel} (step 20), mean and 95% CI")
-    axes[0].legend(fontsize=7)
+        for c, kind in enumerate(H1_KINDS):
+            ax = axes[r, c]
+            for aligner in ("process_only", "prpo"):
+                pts = sorted(points.get((aligner, kind), []), key=lambda p: p[0])
+                stats = [_mean_ci(final(rs)) for _, rs in pts]
+                if pts:
+                    ax.errorbar([s for s, _ in pts], [m for m, _ in stats], yerr=[h for _, h in stats], capsize=3,
+                                marker="o" if aligner == "prpo" else "s", linestyle="-" if aligner == "prpo" else "--",
+                                label="PRPO" if aligner == "prpo" else "process-only")
+            if "grpo" in by_method and final(by_method["grpo"]):
+                m, h = _mean_ci(final(by_method["grpo"]))
+                ax.axhspan(m - h, m + h, color="grey", alpha=0.2, label="GRPO, 95% CI")
+                ax.axhline(m, color="grey", linewidth=1)
+            ax.set(xlabel=f"PRM {kind}", ylabel=f"final {ylabel}")
+            if r == 0:
+                ax.set_title(f"BiasedPRM: {kind}")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("Hypothesis 1: final values (step 20) against the PRM's bias, mean and 95% CI over seeds")
     fig.tight_layout()
     path = static / f"{tag}_summary.png"
     fig.savefig(path, dpi=110)

@@ -83,7 +83,21 @@ def test_h1_reuses_the_main_tables_exact_prm_runs_as_its_unbiased_point():
     assert grid["prpo_rule_prm"] == replicate.METHODS["prpo_rule_prm"]
     assert grid["process_only"] == replicate.METHODS["process_only"]
     assert not any(name.endswith("_noise0_early0") for name in grid)
-    assert len(grid) == 1 + 2 * 3 * 2  # GRPO + two aligners x three noise levels x two bonuses
+    # GRPO + two aligners x (three noise levels x two bonuses + six stronger one-kind biases)
+    assert len(grid) == 1 + 2 * (3 * 2 + 6)
+    late = json.loads(grid["h1_prpo_late1"][-1].split("=", 1)[1])["init_args"]
+    assert late["late_step_penalty"] == 1.0 and "noise_std" not in late
+
+
+def test_h1_points_put_each_run_on_its_bias_kind():
+    names = ["process_only", "prpo_rule_prm", "h1_prpo_noise0.4_early0", "h1_prpo_noise0_early1",
+             "h1_prpo_noise0.2_early0.3", "h1_process_only_late0.5", "h1_prpo_short1", "grpo"]
+    points = replicate_plots.h1_points({name: [name] for name in names})
+    assert points[("prpo", "noise σ")] == [(0.0, ["prpo_rule_prm"]), (0.4, ["h1_prpo_noise0.4_early0"])]
+    assert points[("prpo", "early-stop bonus")] == [(0.0, ["prpo_rule_prm"]), (1.0, ["h1_prpo_noise0_early1"])]
+    assert points[("process_only", "late-step penalty")] == [(0.0, ["process_only"]), (0.5, ["h1_process_only_late0.5"])]
+    assert points[("prpo", "short-step bonus")] == [(0.0, ["prpo_rule_prm"]), (1.0, ["h1_prpo_short1"])]
+    assert not any("h1_prpo_noise0.2_early0.3" in runs for pts in points.values() for _, runs in pts)  # a combination
 
 
 def test_implicit_sweep_and_spro_cap_grids():
@@ -101,6 +115,7 @@ def test_grid_plots_are_written(tmp_path):
     results = []
     for seed in (0, 1):
         for method in ("spro_beta0.05_lr3e-05", "spro_beta0.2_lr0.0003", "grpo", "h1_prpo_noise0.2_early0",
+                       "h1_prpo_late0.5",
                        "h1_process_only_noise0_early0.3", "prpo_rule_prm", "prpo_implicit_beta0.05_lr3e-05"):
             r = _result(method, seed, 0.4 + 0.01 * seed)
             r["curves"]["train/aligner/implicit_reward/cpr_final_mean"] = [(1, 0.0), (2, 0.1 * (seed + 1))]
