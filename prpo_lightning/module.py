@@ -346,7 +346,7 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
             metrics["lr"] = float(self.lr_schedulers().get_last_lr()[0])
             advance_without_update(self.trainer, self.lr_schedulers())
             self.sync_engine()  # wakes the engine; the weights did not change, so nothing is streamed
-            self.log_dict({f"train/{k}": v for k, v in metrics.items()})
+            self.log_step_metrics(metrics)
             return None
         t2 = time.perf_counter()
         metrics.update(self.update_policy(rollout))  # a rank without rows joins with zero-weighted passes
@@ -355,10 +355,17 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
         t4 = time.perf_counter()
         metrics.update({"time/rollout_s": t1 - t0, "time/scoring_s": t2 - t1, "time/update_s": t3 - t2,
                         "time/weight_sync_s": t4 - t3})
-        self.log_dict({f"train/{k}": float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False)
+        self.log_step_metrics(metrics)
         if rollout is not None:
             self.log_dict({"reward": metrics["reward/mean"], "acc": metrics["accuracy"]}, prog_bar=True, logger=False)
         return None
+
+    def log_step_metrics(self, metrics: dict[str, float]) -> None:
+        """Log one step's metrics as ``train/<key>`` and keep exactly them in :attr:`step_metrics`, so that a
+        callback can tell a metric this step did not log (e.g. ``advantage/process_to_outcome`` without outcome
+        signal) from the previous step's value that ``trainer.callback_metrics`` still holds."""
+        self.step_metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
+        self.log_dict(self.step_metrics, on_step=True, on_epoch=False)
 
     def score_rollout(self, rollout: RolloutBatch, metrics: dict[str, float]) -> tuple[RolloutBatch | None, str | None]:
         """Grade, segment, score and align ``rollout`` in place (:func:`prpo_lightning.scoring.compute_advantages`),

@@ -171,3 +171,25 @@ def test_spro_cap_must_be_none_or_non_negative():
         SPROAligner(max_process_to_outcome=-0.1)
     with pytest.raises(ValueError, match="max_process_to_outcome must be None"):
         SPROAligner(max_process_to_outcome=float("nan"))
+
+
+def test_training_curves_record_only_the_metrics_a_step_logged():
+    """A step without outcome signal logs no process/outcome ratio: its CSV cell stays empty instead of repeating
+    the last value, which ``trainer.callback_metrics`` still holds."""
+    from types import SimpleNamespace
+
+    from prpo_lightning.callbacks import TrainingCurves
+
+    ratio = "train/advantage/process_to_outcome"
+    curves = TrainingCurves(keys=("train/reward/mean", ratio))
+    trainer = SimpleNamespace(global_step=1, callback_metrics={"train/reward/mean": 0.5, ratio: 2.0})
+    module = SimpleNamespace(step_metrics={"train/reward/mean": 0.5, ratio: 2.0})
+    curves.on_train_batch_end(trainer, module, None, None, 0)
+    trainer.global_step = 2
+    trainer.callback_metrics["train/reward/mean"] = -1.0  # the ratio stays at 2.0 there: stale
+    module.step_metrics = {"train/reward/mean": -1.0}
+    curves.on_train_batch_end(trainer, module, None, None, 1)
+    assert curves.rows == [{"step": 1.0, "train/reward/mean": 0.5, ratio: 2.0}, {"step": 2.0, "train/reward/mean": -1.0}]
+    # a LightningModule without step_metrics: the callback falls back to callback_metrics
+    curves.on_train_batch_end(SimpleNamespace(global_step=3, callback_metrics={ratio: 1.0}), object(), None, None, 2)
+    assert curves.rows[-1] == {"step": 3.0, ratio: 1.0}

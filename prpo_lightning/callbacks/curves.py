@@ -56,7 +56,9 @@ class TrainingCurves(L.Callback):
         self.rows = list(state_dict["rows"])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        metrics = trainer.callback_metrics
+        # this step's own metrics: callback_metrics keeps a metric that a step did not log at its last value
+        metrics = getattr(pl_module, "step_metrics", None)
+        metrics = trainer.callback_metrics if metrics is None else metrics
         row = {"step": float(trainer.global_step)}
         row.update({k: float(metrics[k]) for k in self.keys if k in metrics})
         self.rows.append(row)
