@@ -124,7 +124,8 @@ SPRO_CAP = 0.25
 
 def spro_cap() -> dict[str, list[str]]:
     """SPRO with and without the process cap where uncapped SPRO collapsed (β ∈ {0.05, 0.2} × lr ∈ {1e-4, 3e-4}),
-    plus GRPO at those lrs."""
+    GRPO at those lrs, and the control ``spro_msa0_*``: SPRO with ``msa_coef = 0``, whose advantages are GRPO's
+    exactly but which logs the drift β·Σ(log π_old − log π_ref) that GRPO's own updates accumulate."""
     sweep = spro_sweep()
     grid = {name: sweep[name] for name in ("grpo", "grpo_lr0.0003")}
     for beta in (0.05, 0.2):
@@ -133,6 +134,8 @@ def spro_cap() -> dict[str, list[str]]:
             grid[plain] = sweep[plain]
             grid[f"spro_cap{SPRO_CAP:g}_beta{beta:g}_lr{lr:g}"] = [
                 *sweep[plain], f"--model.aligner.init_args.max_process_to_outcome={SPRO_CAP}"]
+    for lr in (1e-4, 3e-4):  # control: GRPO's advantages (msa_coef 0) with SPRO's implicit-reward logging
+        grid[f"spro_msa0_beta0.2_lr{lr:g}"] = [*sweep[f"spro_beta0.2_lr{lr:g}"], "--model.aligner.init_args.msa_coef=0.0"]
     return grid
 
 

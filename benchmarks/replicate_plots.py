@@ -6,6 +6,8 @@
   band), and one point per run: its peak process/outcome ratio against its final accuracy minus GRPO's.
 * ``replication-implicit-sweep_mechanism.png``: the same for PRPO over ``ImplicitPRM``, whose implicit reward is
   shown as the spread of its step scores ``σ(β·Σ_step δ)``.
+* ``replication-spro-cap_drift.png``: at β = 0.2, the drift β·Σ δ, the process/outcome ratio and held-out
+  accuracy over steps for GRPO (``msa_coef = 0``: drift logged, advantages GRPO's), SPRO and capped SPRO.
 * ``replication-h1_summary.png``: final held-out accuracy, completion length and no-``\\boxed`` fraction against
   the strength of each kind of PRM bias (noise, early-stop bonus, late-step penalty, short-step bonus), for
   process-only and PRPO, with GRPO as a band.
@@ -138,6 +140,40 @@ def _ratio_scatter(ax, by_method: dict[str, list[Result]], runs: dict[str, list[
     ax.legend(fontsize=6, ncol=2)
 
 
+def spro_cap_drift(results: list[Result], static: Path, tag: str) -> Path | None:
+    """Drift and process/outcome ratio over steps at β = 0.2: GRPO's own drift (``spro_msa0_*``, SPRO's logging with
+    GRPO's advantages), SPRO, and SPRO with its process cap; one column per lr."""
+    import matplotlib.pyplot as plt
+
+    by_method = _by_method(results)
+    variants = {"spro_msa0": ("GRPO (msa_coef 0: drift only)", "tab:grey"), "spro": ("SPRO", "tab:red"),
+                "spro_cap0.25": ("SPRO, process capped at 0.25 x outcome", "tab:blue")}
+    lrs = sorted({float(m.rsplit("_lr", 1)[1]) for m in by_method if m.startswith("spro_msa0_beta0.2_lr")})
+    if not lrs:
+        return None
+    panels = [("train/aligner/implicit_reward/cpr_final_mean", "β·Σ(log π_old − log π_ref), β = 0.2"),
+              ("train/advantage/process_to_outcome", "mean |process| / mean |outcome|"),
+              ("eval/accuracy", "held-out accuracy")]
+    fig, axes = plt.subplots(len(panels), len(lrs), figsize=(6 * len(lrs), 11), squeeze=False)
+    for c, lr in enumerate(lrs):
+        for r, (key, ylabel) in enumerate(panels):
+            ax = axes[r, c]
+            for prefix, (label, colour) in variants.items():
+                runs = by_method.get(f"{prefix}_beta0.2_lr{lr:g}", [])
+                if runs:
+                    _band(ax, runs, key, spread="range", color=colour, label=label)
+            ax.set(xlabel="optimizer step", ylabel=ylabel, title=f"lr {lr:g}")
+            if key != "eval/accuracy":
+                ax.set_yscale("symlog", linthresh=1e-3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("SPRO at β = 0.2: the drift it feeds on, with and without the cap (mean over seeds, min–max band)")
+    fig.tight_layout()
+    path = static / f"{tag}_drift.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 #: Hypothesis-1 bias kinds: name pattern → (kind, the strength's group index); the noise/early-stop combinations
 #: (both non-zero) are in the table only.
 H1_KINDS = ("noise σ", "early-stop bonus", "late-step penalty", "short-step bonus")
@@ -210,6 +246,7 @@ EXTRA_PLOTS: dict[str, Callable[[list[Result], Path, str], Path | None]] = {
     "replication-spro-sweep": spro_mechanism,
     "replication-implicit-sweep": implicit_mechanism,
     "replication-h1": h1_summary,
+    "replication-spro-cap": spro_cap_drift,
 }
 
 
