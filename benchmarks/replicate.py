@@ -139,12 +139,16 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def paired_tests(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Mean paired difference a−b, paired t-test p and exact sign-flip permutation p (two-sided)."""
+    """Mean paired difference a−b, paired t-test p and exact sign-flip permutation p (two-sided).
+
+    The t-test p is NaN (``n/a`` in the table) when every seed has the same non-zero difference: t is undefined
+    there, and only the sign-flip p applies."""
     d = [x - y for x, y in zip(a, b)]
     n = len(d)
     mean = sum(d) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
-    t_p = 1.0 if sd == 0 and mean == 0 else (0.0 if sd == 0 else t_two_sided_p(mean / (sd / math.sqrt(n)), n - 1))
+    # equal differences on every seed (sd 0): no difference gives p = 1; a constant non-zero one leaves t undefined
+    t_p = (1.0 if mean == 0 else float("nan")) if sd == 0 else t_two_sided_p(mean / (sd / math.sqrt(n)), n - 1)
     extreme = 0
     for mask in range(2**n):
         s = sum(x if (mask >> i) & 1 == 0 else -x for i, x in enumerate(d))
@@ -251,7 +255,8 @@ def write_report(table: dict, methods: list[str], args: argparse.Namespace, path
             f"| {m} | {r['seeds']} | {r['start_mean']:.1%} | {r['final_mean']:.1%} ± {r['final_std']:.1%} | "
             f"{', '.join('—' if h is None else str(h) for h in r['steps_to_threshold'])} | {r['final_length']:.1f} | "
             f"{r['final_no_boxed']:.2f} | "
-            + (f"{vs[0] * 100:+.1f} pts | {vs[1]:.3f} | {vs[2]:.3f}" if vs else "— | — | —")
+            + (f"{vs[0] * 100:+.1f} pts | {'n/a' if math.isnan(vs[1]) else f'{vs[1]:.3f}'} | {vs[2]:.3f}" if vs
+               else "— | — | —")
             + f" | {r['minutes_per_run']:.1f} |"
         )
     begin, end = f"<!-- BEGIN {tag} -->", f"<!-- END {tag} -->"

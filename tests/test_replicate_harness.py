@@ -24,6 +24,8 @@ def test_paired_tests_hand_values():
     assert t_p == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)
     assert flip_p == 0.25  # only the all-plus and all-minus sign patterns are as extreme: 2 of 8
     assert replicate.paired_tests([0.4, 0.4], [0.4, 0.4])[1:] == (1.0, 1.0)  # no difference at all
+    mean, t_p, flip_p = replicate.paired_tests([0.5, 0.5, 0.5], [0.4, 0.4, 0.4])  # the same gain on every seed
+    assert mean == pytest.approx(0.1) and math.isnan(t_p) and flip_p == 0.25  # t undefined, not "p = 0"
 
 
 def test_t_quantile_and_confidence_interval_hand_values():
