@@ -181,7 +181,8 @@ def aggregate(results: list[dict], threshold: float) -> tuple[dict, list[str]]:
         paired = [(r["curves"]["eval/accuracy"][-1][1], grpo[r["seed"]]["curves"]["eval/accuracy"][-1][1])
                   for r in runs if r["seed"] in grpo]
         if method != baseline and len(paired) >= 2:
-            row["vs_grpo"] = paired_tests([a for a, _ in paired], [b for _, b in paired])
+            mean, t_p, flip_p = paired_tests([a for a, _ in paired], [b for _, b in paired])
+            row["vs_grpo"] = (mean, None if math.isnan(t_p) else t_p, flip_p)  # None: JSON null, "n/a" in the table
             row["baseline"] = baseline
         table[method] = row
     return table, sorted(by_method)
@@ -255,7 +256,7 @@ def write_report(table: dict, methods: list[str], args: argparse.Namespace, path
             f"| {m} | {r['seeds']} | {r['start_mean']:.1%} | {r['final_mean']:.1%} ± {r['final_std']:.1%} | "
             f"{', '.join('—' if h is None else str(h) for h in r['steps_to_threshold'])} | {r['final_length']:.1f} | "
             f"{r['final_no_boxed']:.2f} | "
-            + (f"{vs[0] * 100:+.1f} pts | {'n/a' if math.isnan(vs[1]) else f'{vs[1]:.3f}'} | {vs[2]:.3f}" if vs
+            + (f"{vs[0] * 100:+.1f} pts | {'n/a' if vs[1] is None else f'{vs[1]:.3f}'} | {vs[2]:.3f}" if vs
                else "— | — | —")
             + f" | {r['minutes_per_run']:.1f} |"
         )
