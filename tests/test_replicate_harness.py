@@ -91,6 +91,15 @@ def test_h1_reuses_the_main_tables_exact_prm_runs_as_its_unbiased_point():
     assert late["late_step_penalty"] == 1.0 and "noise_std" not in late
 
 
+def test_h1_hot_grid_reruns_the_strongest_biases_at_lr_3e_4_against_grpo_at_3e_4():
+    hot = replicate_grids.hypothesis1_hot()
+    h1 = replicate_grids.hypothesis1()
+    assert hot["h1_prpo_late1_lr0.0003"] == [*h1["h1_prpo_late1"], "--model.optim.lr=0.0003"]
+    assert hot["grpo_lr0.0003"] == replicate.METHODS["grpo_lr0.0003"]  # the sweep's GRPO run, trained once
+    assert {replicate_grids.baseline_of(m) for m in hot} == {"grpo_lr0.0003"}
+    assert len(hot) == 1 + 2 * (1 + 4)
+
+
 def test_h1_points_put_each_run_on_its_bias_kind():
     names = ["process_only", "prpo_rule_prm", "h1_prpo_noise0.4_early0", "h1_prpo_noise0_early1",
              "h1_prpo_noise0.2_early0.3", "h1_process_only_late0.5", "h1_prpo_short1", "grpo"]
