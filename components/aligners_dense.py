@@ -67,8 +67,9 @@ class SPROAligner(AdvantageAligner):
             the paper's SPRO). When the batch's mean ``|c·MSA|`` over valid tokens exceeds κ times its mean
             ``|Â^o|``, the process term is scaled down to exactly that size: ``c·MSA·κ·mean|Â^o| / mean|c·MSA|``.
             A batch with no outcome signal (every group's rewards equal) then gets a process term of exactly 0.
-            The cap bounds the self-reinforcing drift that collapses uncapped SPRO at large lr·β
-            (docs/replication.md, "SPRO"). κ = 0 gives GRPO exactly.
+            κ = 0 gives GRPO exactly. The cap bounds the process term's size, not the policy's drift: in the
+            replication (docs/replication.md, "SPRO") κ = 0.25 softened SPRO's collapse at large lr·β but did
+            not prevent it.
 
     Raises:
         ValueError: for an unknown ``scale_rewards`` or a negative ``max_process_to_outcome``.
