@@ -6,6 +6,7 @@
   band), and one point per run: its peak process/outcome ratio against its final accuracy minus GRPO's.
 * ``replication-implicit-sweep_mechanism.png``: the same for PRPO over ``ImplicitPRM``, whose implicit reward is
   shown as the spread of its step scores ``σ(β·Σ_step δ)``.
+* ``replication-h1-hot_summary.png``: the same at lr 3e-4 for the strongest bias of each kind.
 * ``replication-spro-cap_drift.png``: at β = 0.2, the drift β·Σ δ, the process/outcome ratio and held-out
   accuracy over steps for GRPO (``msa_coef = 0``: drift logged, advantages GRPO's), SPRO and capped SPRO.
 * ``replication-h1_summary.png``: final held-out accuracy, completion length and no-``\\boxed`` fraction against
@@ -200,12 +201,20 @@ def h1_points(by_method: dict[str, list[Result]]) -> dict[tuple[str, str], list[
     return out
 
 
-def h1_summary(results: list[Result], static: Path, tag: str) -> Path | None:
+def h1_hot_summary(results: list[Result], static: Path, tag: str) -> Path | None:
+    """:func:`h1_summary` of the ``h1-hot`` grid: its methods (and GRPO) carry the suffix ``_lr0.0003``."""
+    suffix = "_lr0.0003"
+    renamed = [dict(r, method=r["method"].removesuffix(suffix)) for r in results if r["method"].endswith(suffix)]
+    return h1_summary(renamed, static, tag, title_note=" at lr 3e-4")
+
+
+def h1_summary(results: list[Result], static: Path, tag: str, title_note: str = "") -> Path | None:
     """One column per bias kind (strength on x): final held-out accuracy, completion length and no-``\\boxed``
     fraction, for process-only and PRPO, with GRPO (which reads no PRM) as a grey band; mean and 95% CI."""
     import matplotlib.pyplot as plt
 
     by_method = _by_method(results)
+    by_method.setdefault("grpo", by_method.get("grpo_lr0.0003", []))  # h1-hot: GRPO at the grid's lr
     points = h1_points(by_method)
     if not any(s > 0 for pts in points.values() for s, _ in pts):
         return None
@@ -233,7 +242,7 @@ def h1_summary(results: list[Result], static: Path, tag: str) -> Path | None:
             if r == 0:
                 ax.set_title(f"BiasedPRM: {kind}")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("Hypothesis 1: final values (step 20) against the PRM's bias, mean and 95% CI over seeds")
+    fig.suptitle(f"Hypothesis 1{title_note}: final values (step 20) against the PRM's bias, mean and 95% CI over seeds")
     fig.tight_layout()
     path = static / f"{tag}_summary.png"
     fig.savefig(path, dpi=110)
@@ -247,6 +256,7 @@ EXTRA_PLOTS: dict[str, Callable[[list[Result], Path, str], Path | None]] = {
     "replication-implicit-sweep": implicit_mechanism,
     "replication-h1": h1_summary,
     "replication-spro-cap": spro_cap_drift,
+    "replication-h1-hot": h1_hot_summary,
 }
 
 

@@ -127,13 +127,15 @@ def test_grid_plots_are_written(tmp_path):
     for seed in (0, 1):
         for method in ("spro_beta0.05_lr3e-05", "spro_beta0.2_lr0.0003", "grpo", "h1_prpo_noise0.2_early0",
                        "h1_prpo_late0.5", "spro_msa0_beta0.2_lr0.0003", "spro_beta0.2_lr0.0001",
+                       "h1_prpo_late1_lr0.0003", "process_only_lr0.0003", "grpo_lr0.0003",
                        "h1_process_only_noise0_early0.3", "prpo_rule_prm", "prpo_implicit_beta0.05_lr3e-05"):
             r = _result(method, seed, 0.4 + 0.01 * seed)
             r["curves"]["train/aligner/implicit_reward/cpr_final_mean"] = [(1, 0.0), (2, 0.1 * (seed + 1))]
             r["curves"]["train/advantage/process_to_outcome"] = [(1, 1e-8), (2, 0.5)]
             results.append(r)
     for tag, name in (("replication-spro-sweep", "mechanism"), ("replication-h1", "summary"),
-                      ("replication-implicit-sweep", "mechanism"), ("replication-spro-cap", "drift")):
+                      ("replication-implicit-sweep", "mechanism"), ("replication-spro-cap", "drift"),
+                      ("replication-h1-hot", "summary")):
         path = replicate_plots.extra_plots(results, tmp_path, tag)
         assert path == tmp_path / f"{tag}_{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
