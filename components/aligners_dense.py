@@ -121,11 +121,6 @@ class SPROAligner(AdvantageAligner):
                 process = process * (limit / size)  # (B, T) mean |process| = κ·mean |outcome| exactly
         return {"outcome": outcome, "process": process}
 
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float32 advantages."""
-        terms = self.advantage_terms(batch)
-        return finish(terms["outcome"] + terms["process"], batch.completion_mask)
-
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         """The implicit process reward: ``implicit_reward/token_mean`` and ``token_abs_mean`` (β·δ per valid token),
         ``cpr_final_mean`` and ``cpr_final_std`` (β·Σ δ over each non-empty completion: R̃ at its last token)."""

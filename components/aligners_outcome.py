@@ -84,10 +84,6 @@ class GRPOAligner(AdvantageAligner):
         """``{"outcome": the sequence advantage broadcast}``: ``(B, T)`` float64, 0 on padding."""
         return {"outcome": broadcast(self.sequence_advantages(batch), batch.completion_mask)}  # (B, T)
 
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float32 advantages."""
-        return finish(self.advantage_terms(batch)["outcome"], batch.completion_mask)  # (B, T)
-
 
 @register_aligner("dr_grpo")
 class DrGRPOAligner(GRPOAligner):

@@ -177,11 +177,6 @@ class PRPOAligner(_FixedPriorZ, AdvantageAligner):
         beta = self.outcome_advantage(batch, r_tok)  # (B,)
         return {"outcome": broadcast(beta, mask), "process": z}
 
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float32 advantages."""
-        terms = self.advantage_terms(batch)
-        return finish(terms["outcome"] + terms["process"], batch.completion_mask)
-
 
 @register_aligner("process_only")
 class ProcessOnlyAligner(_FixedPriorZ, AdvantageAligner):
@@ -215,10 +210,6 @@ class ProcessOnlyAligner(_FixedPriorZ, AdvantageAligner):
     def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
         """``{"process": Z}``: ``(B, T)`` float64, 0 on padding (there is no outcome term)."""
         return {"process": self.process_z(batch, token_step_scores(batch, CALC))}
-
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float32 advantages."""
-        return finish(self.advantage_terms(batch)["process"], batch.completion_mask)
 
 
 @register_aligner("prm_avg")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 
 import torch
 from torch import Tensor
@@ -30,12 +30,23 @@ class AdvantageAligner(ABC):
     #: advantages everywhere (GRPO, RLOO, ...): the module then refuses ``sampling.num_generations: 1``.
     group_relative: bool = False
 
-    @abstractmethod
     def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float token advantages, zero where ``batch.completion_mask`` is False."""
+        """Return ``(B, T)`` float token advantages, zero where ``batch.completion_mask`` is False.
+
+        Default: the sum of :meth:`advantage_terms` (:func:`sum_of_terms`). An aligner implements
+        :meth:`advantage_terms` (then the module computes its terms once and logs them), :meth:`align`, or both
+        (then the module checks that the terms sum to ``align``'s result).
+
+        Raises:
+            NotImplementedError: if the aligner implements neither.
+        """
+        terms = self.advantage_terms(batch)
+        if terms is None:
+            raise NotImplementedError(f"{type(self).__name__}: implement align(batch) or advantage_terms(batch)")
+        return sum_of_terms(terms, batch.completion_mask)
 
     def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor] | None:
-        """Named ``(B, T)`` parts whose sum is :meth:`align`'s advantages, for diagnostics (optional).
+        """Named ``(B, T)`` parts whose sum is :meth:`align`'s advantages.
 
         The bundled aligners name them ``"outcome"`` (the part every token of a completion shares) and
         ``"process"`` (the per-token part): PRPO and SPRO return both, process-only returns ``"process"`` and the
@@ -56,6 +67,12 @@ class AdvantageAligner(ABC):
         :meth:`align`, with the same batch view. Default: no metrics.
         """
         return {}
+
+
+def sum_of_terms(terms: dict[str, Tensor], mask: Tensor) -> Tensor:
+    """``(B, T)`` float32 sum of :meth:`AdvantageAligner.advantage_terms`' parts, exactly 0 where ``mask`` is False."""
+    total = sum(terms.values())  # (B, T)
+    return torch.where(mask, total, torch.zeros_like(total)).to(torch.float32)  # (B, T)
 
 
 def checked_step_scores(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prpo_lightning.aligner import AdvantageAligner
+from prpo_lightning.aligner import AdvantageAligner, sum_of_terms
 from prpo_lightning.batch import (
     ComponentContractError,
     RolloutBatch,
@@ -162,8 +162,12 @@ def compute_advantages(
                     f"{component_name(aligner)} uses process scores: configure model.segmenter and model.prm"
                 )
             metrics.update(segment_and_score(batch, segmenter, prm, tokenizer))
-        adv = aligner.align(declared_inputs_view(batch, aligner, "aligner"))  # (B, T)
-    name = component_name(aligner)
+        view = declared_inputs_view(batch, aligner, "aligner")
+        name = component_name(aligner)
+        terms = checked_terms(aligner.advantage_terms(view), batch.completion_mask, name)
+        # an aligner that only splits its advantages (the base class's align) is summed here, not computed twice
+        derived = terms is not None and type(aligner).align is AdvantageAligner.align
+        adv = sum_of_terms(terms, batch.completion_mask) if derived else aligner.align(view)  # (B, T)
     if not isinstance(adv, Tensor):
         raise ComponentContractError(f"aligner {name}.align returned a {type(adv).__name__}: it must return a (B, T) "
                                      "float tensor of token advantages")
@@ -173,48 +177,61 @@ def compute_advantages(
         raise ValueError(f"{name} produced NaN/inf advantages")
     batch.advantages = adv.float().detach() * batch.completion_mask  # (B, T)
     metrics.update(rollout_metrics(batch))
+    if terms is not None:
+        if not derived:  # align and advantage_terms both implemented: they must agree
+            check_terms_sum(terms, batch.advantages, batch.completion_mask, name)
+        metrics.update(advantage_term_metrics(terms, batch.completion_mask))
     with torch.no_grad():
-        view = declared_inputs_view(batch, aligner, "aligner")
-        metrics.update(advantage_term_metrics(aligner.advantage_terms(view), batch.advantages, batch.completion_mask,
-                                              name))
         metrics.update({f"aligner/{k}": float(v) for k, v in aligner.batch_metrics(view).items()})
     return metrics
 
 
-def advantage_term_metrics(terms: dict[str, Tensor] | None, advantages: Tensor, mask: Tensor,
-                           aligner_name: str) -> dict[str, float]:
-    """Mean ``|term|`` over valid tokens for each part of an aligner's advantages, and the process/outcome ratio.
-
-    Args:
-        terms: :meth:`~prpo_lightning.aligner.AdvantageAligner.advantage_terms`' ``{name: (B, T)}``, or None.
-        advantages: ``(B, T)`` the aligner's advantages (zero on padding).
-        mask: ``(B, T)`` bool valid tokens.
-        aligner_name: for the error message.
-
-    Returns:
-        ``{"advantage/<name>_abs_mean": ...}``, plus ``"advantage/process_to_outcome"`` when both parts exist and
-        the outcome part is not zero everywhere; ``{}`` for None.
+def checked_terms(terms: Any, mask: Tensor, aligner_name: str) -> dict[str, Tensor] | None:
+    """``advantage_terms``' result, checked: None, or a dict of ``(B, T)`` tensors.
 
     Raises:
-        ComponentContractError: if a term is not ``(B, T)`` or the terms do not sum to the advantages.
+        ComponentContractError: naming the aligner and the part that is not a ``(B, T)`` tensor.
     """
     if terms is None:
-        return {}
-    total = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)  # (B, T)
-    out: dict[str, float] = {}
-    n_tok = mask.sum().clamp(min=1)
+        return None
+    if not isinstance(terms, dict):
+        raise ComponentContractError(f"aligner {aligner_name}.advantage_terms returned a {type(terms).__name__}: it "
+                                     "must return a dict of (B, T) tensors or None")
     for key, term in terms.items():
         if not isinstance(term, Tensor) or term.shape != mask.shape:
             shape = tuple(term.shape) if isinstance(term, Tensor) else type(term).__name__
             raise ComponentContractError(f"aligner {aligner_name}.advantage_terms returned {key!r} of shape {shape}, "
                                          f"expected (B, T) = {tuple(mask.shape)}")
-        term = torch.where(mask, term.to(mask.device, torch.float64), torch.zeros((), dtype=torch.float64))  # (B, T)
-        total += term
-        out[f"advantage/{key}_abs_mean"] = float(term.abs().sum() / n_tok)
+    return terms
+
+
+def check_terms_sum(terms: dict[str, Tensor], advantages: Tensor, mask: Tensor, aligner_name: str) -> None:
+    """For an aligner that implements both ``align`` and ``advantage_terms``: the parts must sum to ``advantages``.
+
+    Raises:
+        ComponentContractError: if they do not (to 1e-5 of the largest advantage).
+    """
+    total = sum_of_terms(terms, mask.to(advantages.device))  # (B, T)
     scale = 1e-5 * max(1.0, float(advantages.abs().max())) if advantages.numel() else 1e-5
-    if not torch.allclose(total.float(), advantages.to(mask.device).float(), rtol=0.0, atol=scale):
+    if not torch.allclose(total, advantages.float(), rtol=0.0, atol=scale):
         raise ComponentContractError(f"aligner {aligner_name}.advantage_terms does not sum to its align() advantages: "
                                      "the terms must split the advantages exactly (or return None)")
+
+
+def advantage_term_metrics(terms: dict[str, Tensor], mask: Tensor) -> dict[str, float]:
+    """Mean ``|part|`` over valid tokens for each part of an aligner's advantages, and the process/outcome ratio.
+
+    Args:
+        terms: :meth:`~prpo_lightning.aligner.AdvantageAligner.advantage_terms`' ``{name: (B, T)}``.
+        mask: ``(B, T)`` bool valid tokens.
+
+    Returns:
+        ``{"advantage/<name>_abs_mean": ...}``, plus ``"advantage/process_to_outcome"`` when both parts exist and
+        the outcome part is not zero everywhere.
+    """
+    n_tok = mask.sum().clamp(min=1)
+    out = {f"advantage/{key}_abs_mean": float((term.abs() * mask.to(term.device)).sum() / n_tok)
+           for key, term in terms.items()}
     if out.get("advantage/outcome_abs_mean", 0.0) > 0 and "advantage/process_abs_mean" in out:
         out["advantage/process_to_outcome"] = out["advantage/process_abs_mean"] / out["advantage/outcome_abs_mean"]
     return out

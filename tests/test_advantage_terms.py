@@ -12,7 +12,7 @@ from test_faults import _ByText
 from components.aligners import GRPOAligner, ProcessOnlyAligner, PRPOAligner, SPROAligner
 from prpo_lightning.aligner import AdvantageAligner
 from prpo_lightning.batch import ComponentContractError, RolloutBatch
-from prpo_lightning.scoring import advantage_term_metrics, compute_advantages
+from prpo_lightning.scoring import advantage_term_metrics, check_terms_sum, checked_terms, compute_advantages
 
 A1_OUTCOME = [-0.5, 1.5, -0.5, -0.5]  # PRPO's centred outcome term on A1 (rewards -1, 1, -1, -1)
 
@@ -76,27 +76,32 @@ def test_term_metrics_hand_values_and_ratio():
     outcome = torch.tensor([[1.0, 1.0, 0.0], [-2.0, 0.0, 0.0]], dtype=torch.float64)
     process = torch.tensor([[0.5, -0.5, 0.0], [0.2, 0.0, 0.0]], dtype=torch.float64)
     adv = (outcome + process).float()
-    got = advantage_term_metrics({"outcome": outcome, "process": process}, adv, mask, "X")
+    got = advantage_term_metrics({"outcome": outcome, "process": process}, mask)
     assert got["advantage/outcome_abs_mean"] == pytest.approx(4.0 / 3)
     assert got["advantage/process_abs_mean"] == pytest.approx(1.2 / 3)
     assert got["advantage/process_to_outcome"] == pytest.approx(0.3)
     # no outcome signal (a constant group): the ratio is left out, not inf
-    zero = advantage_term_metrics({"outcome": outcome * 0, "process": process}, process.float(), mask, "X")
+    zero = advantage_term_metrics({"outcome": outcome * 0, "process": process}, mask)
     assert "advantage/process_to_outcome" not in zero and zero["advantage/outcome_abs_mean"] == 0.0
-    assert advantage_term_metrics(None, adv, mask, "X") == {}
+    check_terms_sum({"outcome": outcome, "process": process}, adv, mask, "X")  # they do sum: no error
 
 
 def test_term_metrics_refuse_terms_that_do_not_sum_or_have_the_wrong_shape():
     mask = torch.ones(2, 3, dtype=torch.bool)
     adv = torch.ones(2, 3)
     with pytest.raises(ComponentContractError, match="does not sum to its align"):
-        advantage_term_metrics({"outcome": torch.ones(2, 3), "process": torch.ones(2, 3)}, adv, mask, "Bad")
+        check_terms_sum({"outcome": torch.ones(2, 3), "process": torch.ones(2, 3)}, adv, mask, "Bad")
     with pytest.raises(ComponentContractError, match=r"'process' of shape \(2,\)"):
-        advantage_term_metrics({"process": torch.ones(2)}, adv, mask, "Bad")
+        checked_terms({"process": torch.ones(2)}, mask, "Bad")
+    with pytest.raises(ComponentContractError, match="returned a list"):
+        checked_terms([torch.ones(2, 3)], mask, "Bad")
 
 
 class _ExtraTermGRPO(GRPOAligner):
-    """Reports a process part that its advantages do not contain: its terms no longer sum to them."""
+    """Implements align and reports a process part that align's advantages do not contain."""
+
+    def align(self, batch: RolloutBatch) -> torch.Tensor:
+        return GRPOAligner().align(batch)
 
     def advantage_terms(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
         mask = batch.completion_mask
@@ -124,6 +129,32 @@ def test_compute_advantages_logs_the_parts_and_the_aligner_metrics():
     assert metrics["aligner/implicit_reward/cpr_final_mean"] == pytest.approx(0.25 / 3, abs=1e-7)
     with pytest.raises(ComponentContractError, match="_ExtraTermGRPO.advantage_terms does not sum"):
         compute_advantages(_graded_spro_batch(), _ByText(), _ExtraTermGRPO(), None, None, None)
+
+
+class _CountingSPRO(SPROAligner):
+    """SPRO that counts its advantage_terms calls."""
+
+    calls = 0
+
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
+        type(self).calls += 1
+        return super().advantage_terms(batch)
+
+
+def test_an_aligner_that_only_splits_is_computed_once_per_batch():
+    batch = _graded_spro_batch()
+    _CountingSPRO.calls = 0
+    compute_advantages(batch, _ByText(), _CountingSPRO(beta=0.5), None, None, None)
+    assert _CountingSPRO.calls == 1  # align is the base class's sum of the terms: not computed a second time
+    torch.testing.assert_close(batch.advantages, SPROAligner(beta=0.5).align(_graded_spro_batch()), atol=0, rtol=0)
+
+
+def test_an_aligner_with_neither_align_nor_terms_says_what_to_implement():
+    class Empty(AdvantageAligner):
+        pass
+
+    with pytest.raises(NotImplementedError, match="Empty: implement align"):
+        Empty().align(make_batch([2], [1.0]))
 
 
 def test_an_aligner_without_terms_logs_no_parts():
