@@ -39,7 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replicate_grids import GRIDS, MAIN_LR, baseline_of  # the method grids: main table, Hypothesis 1, SPRO sweep
-from replicate_plots import extra_plots  # grid-specific plots
+from replicate_plots import band, by_method_of, extra_plots, save  # plots shared by every grid and grid-specific
+from replicate_stats import paired_tests  # the paired tests against GRPO
 
 METHODS: dict[str, list[str]] = {name: args for methods, _ in GRIDS.values() for name, args in methods.items()}
 # The replication budget is pinned here (not taken from demo.yaml, which may be retuned): 16 prompts x G=8 per
@@ -109,58 +110,9 @@ def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-# ---------------------------------------------------------------- statistics (no scipy: mpmath ships with sympy)
-def t_two_sided_p(t: float, df: int) -> float:
-    """Two-sided p-value of Student's t: ``I_{df/(df+t²)}(df/2, 1/2)``."""
-    import mpmath
-
-    if df <= 0 or math.isnan(t):
-        return float("nan")
-    return float(mpmath.betainc(df / 2, 0.5, 0, df / (df + t * t), regularized=True))
-
-
-def t_quantile_975(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF)."""
-    lo, hi = 0.0, 100.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 0.05 else (lo, mid)
-    return (lo + hi) / 2
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t confidence interval."""
-    n = len(values)
-    m = sum(values) / n
-    if n < 2:
-        return m, 0.0
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    return m, t_quantile_975(n - 1) * sd / math.sqrt(n)
-
-
-def paired_tests(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Mean paired difference a−b, paired t-test p and exact sign-flip permutation p (two-sided).
-
-    The t-test p is NaN (``n/a`` in the table) when every seed has the same non-zero difference: t is undefined
-    there, and only the sign-flip p applies."""
-    d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
-    # equal differences on every seed (sd 0): no difference gives p = 1; a constant non-zero one leaves t undefined
-    t_p = (1.0 if mean == 0 else float("nan")) if sd == 0 else t_two_sided_p(mean / (sd / math.sqrt(n)), n - 1)
-    extreme = 0
-    for mask in range(2**n):
-        s = sum(x if (mask >> i) & 1 == 0 else -x for i, x in enumerate(d))
-        extreme += abs(s) >= abs(sum(d)) - 1e-12
-    return mean, t_p, extreme / 2**n
-
-
 # ---------------------------------------------------------------- report
 def aggregate(results: list[dict], threshold: float) -> tuple[dict, list[str]]:
-    by_method: dict[str, list[dict]] = {}
-    for r in results:
-        by_method.setdefault(r["method"], []).append(r)
+    by_method = by_method_of(results)
     table = {}
     for method, runs in by_method.items():
         baseline = baseline_of(method)
@@ -195,37 +147,21 @@ def plot(results: list[dict], methods: list[str], static: Path, tag: str = "repl
     import matplotlib.pyplot as plt
 
     static.mkdir(parents=True, exist_ok=True)
-
-    def band(ax, method: str, key: str) -> None:
-        runs = [r for r in results if r["method"] == method]
-        steps = sorted({s for r in runs for s, _ in r["curves"][key]})
-        xs, ms, los, his = [], [], [], []
-        for s in steps:
-            vals = [v for r in runs for st, v in r["curves"][key] if st == s]
-            if len(vals) == len(runs):
-                m, h = mean_ci(vals)
-                xs.append(s), ms.append(m), los.append(m - h), his.append(m + h)
-        ax.plot(xs, ms, label=method)
-        ax.fill_between(xs, los, his, alpha=0.15)
-
+    runs = by_method_of(results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
-        band(ax, m, "eval/accuracy")
+        band(ax, runs[m], "eval/accuracy", label=m)
     ax.set(xlabel="optimizer step", ylabel="held-out accuracy (greedy)", title="Held-out accuracy, mean and 95% CI over seeds")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(static / f"{tag}_accuracy.png", dpi=110)
-    plt.close(fig)
+    save(fig, static / f"{tag}_accuracy.png")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for m in methods:
-        band(axes[0], m, "train/completion/length_mean")
-        band(axes[1], m, "train/completion/no_boxed_frac")
+        band(axes[0], runs[m], "train/completion/length_mean", label=m)
+        band(axes[1], runs[m], "train/completion/no_boxed_frac", label=m)
     axes[0].set(xlabel="optimizer step", ylabel="tokens", title="Completion length (sampled)")
     axes[1].set(xlabel="optimizer step", ylabel="fraction", title="Completions without \\boxed{} (collapse check)")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(static / f"{tag}_collapse.png", dpi=110)
-    plt.close(fig)
+    save(fig, static / f"{tag}_collapse.png")
 
 
 def write_report(table: dict, methods: list[str], args: argparse.Namespace, path: Path, tag: str = "replication") -> None:

@@ -18,26 +18,16 @@ Each run's curves come from its ``result.json`` (``replicate.read_curves``).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
 
+from replicate_stats import mean_ci
+
 Result = dict
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and 95% t half-width (the t quantile is looked up for up to 9 degrees of freedom)."""
-    t975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-    n = len(values)
-    m = sum(values) / n
-    if n < 2:
-        return m, 0.0
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    return m, t975.get(n - 1, 1.96) * sd / math.sqrt(n)
-
-
-def _band(ax, runs: list[Result], key: str, spread: str = "ci", **style) -> None:
+def band(ax, runs: list[Result], key: str, spread: str = "ci", **style) -> None:
     """Mean over seeds of ``key`` at every step that all runs logged, with its 95% CI (``spread="ci"``) or the
     seeds' min–max range (``"range"``) as a band."""
     steps = sorted({s for r in runs for s, _ in r["curves"].get(key, [])})
@@ -45,7 +35,7 @@ def _band(ax, runs: list[Result], key: str, spread: str = "ci", **style) -> None
     for s in steps:
         vals = [v for r in runs for st, v in r["curves"].get(key, []) if st == s]
         if len(vals) == len(runs):
-            m, h = _mean_ci(vals)
+            m, h = mean_ci(vals)
             lo, hi = (m - h, m + h) if spread == "ci" else (min(vals), max(vals))
             xs.append(s), ms.append(m), los.append(lo), his.append(hi)
     if xs:
@@ -53,7 +43,18 @@ def _band(ax, runs: list[Result], key: str, spread: str = "ci", **style) -> None
         ax.fill_between(xs, los, his, alpha=0.12, color=line.get_color())
 
 
-def _by_method(results: list[Result]) -> dict[str, list[Result]]:
+def save(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close ``fig``; return ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def by_method_of(results: list[Result]) -> dict[str, list[Result]]:
+    """``{method: [its runs]}``."""
     out: dict[str, list[Result]] = {}
     for r in results:
         out.setdefault(r["method"], []).append(r)
@@ -85,7 +86,7 @@ def sweep_mechanism(results: list[Result], static: Path, tag: str, prefix: str) 
     import matplotlib.pyplot as plt
 
     pattern = re.compile(re.escape(prefix) + r"_beta([\d.e-]+)_lr([\d.e-]+)")
-    runs = {m: rs for m, rs in _by_method(results).items() if pattern.fullmatch(m)}
+    runs = {m: rs for m, rs in by_method_of(results).items() if pattern.fullmatch(m)}
     if not runs:
         return None
     implicit_key, implicit_label, implicit_title, name = SWEEPS[prefix]
@@ -105,18 +106,14 @@ def sweep_mechanism(results: list[Result], static: Path, tag: str, prefix: str) 
     for ax, (key, ylabel, title) in zip(axes.flat, panels):
         for m in sorted(runs, key=lambda k: parsed[k]):
             beta, lr = parsed[m]
-            _band(ax, runs[m], key, spread="range", color=colours[beta], linestyle=styles[lr],
+            band(ax, runs[m], key, spread="range", color=colours[beta], linestyle=styles[lr],
                   label=f"β={beta:g}, lr={lr:g}")
         ax.set(xlabel="optimizer step", ylabel=ylabel, title=title)
     axes[0, 1].set(yscale="log", ylim=(1e-4, None))  # step 1: ~1e-8, the rounding of two separate passes
     axes[0, 0].legend(fontsize=7, ncol=3)
-    _ratio_scatter(axes[1, 2], _by_method(results), runs, parsed, colours, lr_markers=dict(zip(lrs, "^os")))
+    _ratio_scatter(axes[1, 2], by_method_of(results), runs, parsed, colours, lr_markers=dict(zip(lrs, "^os")))
     fig.suptitle(f"{name} sweep: mean over seeds, band from the lowest to the highest seed (colour: β, line: lr)")
-    fig.tight_layout()
-    path = static / f"{tag}_mechanism.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, static / f"{tag}_mechanism.png")
 
 
 def _ratio_scatter(ax, by_method: dict[str, list[Result]], runs: dict[str, list[Result]],
@@ -146,7 +143,7 @@ def spro_cap_drift(results: list[Result], static: Path, tag: str) -> Path | None
     GRPO's advantages), SPRO, and SPRO with its process cap; one column per lr."""
     import matplotlib.pyplot as plt
 
-    by_method = _by_method(results)
+    by_method = by_method_of(results)
     variants = {"spro_msa0": ("GRPO (msa_coef 0: drift only)", "tab:grey"), "spro": ("SPRO", "tab:red"),
                 "spro_cap0.25": ("SPRO, process capped at 0.25 x outcome", "tab:blue")}
     lrs = sorted({float(m.rsplit("_lr", 1)[1]) for m in by_method if m.startswith("spro_msa0_beta0.2_lr")})
@@ -162,17 +159,13 @@ def spro_cap_drift(results: list[Result], static: Path, tag: str) -> Path | None
             for prefix, (label, colour) in variants.items():
                 runs = by_method.get(f"{prefix}_beta0.2_lr{lr:g}", [])
                 if runs:
-                    _band(ax, runs, key, spread="range", color=colour, label=label)
+                    band(ax, runs, key, spread="range", color=colour, label=label)
             ax.set(xlabel="optimizer step", ylabel=ylabel, title=f"lr {lr:g}")
             if key != "eval/accuracy":
                 ax.set_yscale("symlog", linthresh=1e-3)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("SPRO at β = 0.2: the drift it feeds on, with and without the cap (mean over seeds, min–max band)")
-    fig.tight_layout()
-    path = static / f"{tag}_drift.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, static / f"{tag}_drift.png")
 
 
 #: Hypothesis-1 bias kinds: name pattern → (kind, the strength's group index); the noise/early-stop combinations
@@ -213,7 +206,7 @@ def h1_summary(results: list[Result], static: Path, tag: str, title_note: str = 
     fraction, for process-only and PRPO, with GRPO (which reads no PRM) as a grey band; mean and 95% CI."""
     import matplotlib.pyplot as plt
 
-    by_method = _by_method(results)
+    by_method = by_method_of(results)
     by_method.setdefault("grpo", by_method.get("grpo_lr0.0003", []))  # h1-hot: GRPO at the grid's lr
     points = h1_points(by_method)
     if not any(s > 0 for pts in points.values() for s, _ in pts):
@@ -229,13 +222,13 @@ def h1_summary(results: list[Result], static: Path, tag: str, title_note: str = 
             ax = axes[r, c]
             for aligner in ("process_only", "prpo"):
                 pts = sorted(points.get((aligner, kind), []), key=lambda p: p[0])
-                stats = [_mean_ci(final(rs)) for _, rs in pts]
+                stats = [mean_ci(final(rs)) for _, rs in pts]
                 if pts:
                     ax.errorbar([s for s, _ in pts], [m for m, _ in stats], yerr=[h for _, h in stats], capsize=3,
                                 marker="o" if aligner == "prpo" else "s", linestyle="-" if aligner == "prpo" else "--",
                                 label="PRPO" if aligner == "prpo" else "process-only")
             if "grpo" in by_method and final(by_method["grpo"]):
-                m, h = _mean_ci(final(by_method["grpo"]))
+                m, h = mean_ci(final(by_method["grpo"]))
                 ax.axhspan(m - h, m + h, color="grey", alpha=0.2, label="GRPO, 95% CI")
                 ax.axhline(m, color="grey", linewidth=1)
             ax.set(xlabel=f"PRM {kind}", ylabel=f"final {ylabel}")
@@ -243,11 +236,7 @@ def h1_summary(results: list[Result], static: Path, tag: str, title_note: str = 
                 ax.set_title(f"BiasedPRM: {kind}")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"Hypothesis 1{title_note}: final values (step 20) against the PRM's bias, mean and 95% CI over seeds")
-    fig.tight_layout()
-    path = static / f"{tag}_summary.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, static / f"{tag}_summary.png")
 
 
 #: report tag → its extra plot (written next to the tag's accuracy and collapse plots).

@@ -14,25 +14,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import replicate
 import replicate_grids
 import replicate_plots
+import replicate_stats
 
 
 def test_paired_tests_hand_values():
     # d = [0.1, 0.2, 0.3]: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3); for df = 2, p = 1 - t / sqrt(2 + t^2)
-    mean, t_p, flip_p = replicate.paired_tests([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])
+    mean, t_p, flip_p = replicate_stats.paired_tests([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])
     t = 0.2 / (0.1 / math.sqrt(3))
     assert mean == pytest.approx(0.2)
     assert t_p == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)
     assert flip_p == 0.25  # only the all-plus and all-minus sign patterns are as extreme: 2 of 8
-    assert replicate.paired_tests([0.4, 0.4], [0.4, 0.4])[1:] == (1.0, 1.0)  # no difference at all
-    mean, t_p, flip_p = replicate.paired_tests([0.5, 0.5, 0.5], [0.4, 0.4, 0.4])  # the same gain on every seed
+    assert replicate_stats.paired_tests([0.4, 0.4], [0.4, 0.4])[1:] == (1.0, 1.0)  # no difference at all
+    mean, t_p, flip_p = replicate_stats.paired_tests([0.5, 0.5, 0.5], [0.4, 0.4, 0.4])  # the same gain on every seed
     assert mean == pytest.approx(0.1) and math.isnan(t_p) and flip_p == 0.25  # t undefined, not "p = 0"
 
 
 def test_t_quantile_and_confidence_interval_hand_values():
-    assert replicate.t_quantile_975(4) == pytest.approx(2.776445, abs=1e-5)
-    mean, half = replicate.mean_ci([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.302653
+    assert replicate_stats.t_quantile_975(4) == pytest.approx(2.776445, abs=1e-5)
+    mean, half = replicate_stats.mean_ci([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.302653
     assert (mean, half) == pytest.approx((2.0, 4.302653 / math.sqrt(3)), abs=1e-5)
-    assert replicate_plots._mean_ci([1.0, 2.0, 3.0]) == pytest.approx((2.0, 4.303 / math.sqrt(3)), abs=1e-4)
 
 
 @pytest.mark.parametrize("method, baseline", [
