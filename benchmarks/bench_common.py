@@ -133,7 +133,7 @@ def reward_value(completion: str, answer: str) -> float:
 
 
 def make_verifier() -> Any:
-    from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
+    from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
     class BoxedMatchVerifier(OutcomeVerifier):
         """Boxed-answer match with rewards 1/0 (the same function TRL's reward gets)."""

@@ -28,8 +28,8 @@ import torch  # noqa: E402
 
 from components.engines import HFGenerateEngine, StaticCacheEngine, VLLMEngine  # noqa: E402
 from helpers import build_char_tokenizer  # noqa: E402
-from prpo_lightning.models import load_causal_lm, load_tokenizer  # noqa: E402
-from prpo_lightning.rollout import SamplingConfig  # noqa: E402
+from prpo_lightning.runtime.models import load_causal_lm, load_tokenizer  # noqa: E402
+from prpo_lightning.config import SamplingConfig  # noqa: E402
 
 GROUPS = (4, 16, 32)  # prompt groups per call; G = 8 completions each
 G, NEW_TOKENS = 8, 64

@@ -86,7 +86,7 @@ def prompts(
 ) -> tuple[Tensor, Tensor]:
     """``n_prompts`` random prompts of lengths spread over ``[min_len, max_len]``, each repeated ``group`` times,
     left-padded: ``(n_prompts * group, max_len)`` ids and mask."""
-    from prpo_lightning.rollout import left_pad
+    from prpo_lightning.rollout.sampling import left_pad
 
     gen = torch.Generator().manual_seed(7)
     lengths = torch.linspace(min_len, max_len, n_prompts).round().long().tolist()
@@ -200,7 +200,7 @@ def _hf_generate(model: Any, ids: Tensor, mask: Tensor, seed: int, new_tokens: i
 
 
 def _static_generate(model: Any, ids: Tensor, mask: Tensor, seed: int, new_tokens: int, **kw: Any) -> Tensor:
-    from prpo_lightning.decoding import StaticCacheDecoder
+    from prpo_lightning.rollout.decoding import StaticCacheDecoder
 
     torch.manual_seed(seed)
     return StaticCacheDecoder(model).generate(ids, mask, new_tokens, EOS, PAD, **kw)[0]
@@ -263,7 +263,7 @@ def _hf_rounding_reference(model: Any, ids: Tensor, mask: Tensor, new_tokens: in
 
 
 def _logprob_pass(model: Any, ids: Tensor, mask: Tensor, comp: Tensor, cmask: Tensor, share: bool) -> tuple:
-    from prpo_lightning.logprobs import completion_logprobs
+    from prpo_lightning.training.logprobs import completion_logprobs
 
     weights = torch.linspace(-1, 1, comp.numel(), device=comp.device).view_as(comp)  # (B, T) fixed "advantages"
     model.zero_grad(set_to_none=True)
@@ -328,7 +328,8 @@ def _generation_rate(
     model: Any, engine: str, batch: int, new_tokens: int, p: Any, device: torch.device
 ) -> dict[str, Any]:
     """Tokens/s of one ``generate_completions`` call with ``engine`` on ``batch`` rows (G-row prompt groups)."""
-    from prpo_lightning.rollout import SamplingConfig, generate_completions
+    from prpo_lightning.config import SamplingConfig
+    from prpo_lightning.rollout.sampling import generate_completions
 
     tok = SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)
     group = min(p.train_group, batch)
@@ -348,7 +349,7 @@ def _generation_rate(
 
 def _update_pass(model: Any, p: Any, device: torch.device, share: bool, peak_tflops: float) -> dict[str, Any]:
     """Time fwd+bwd of one micro-batch through the framework's update forward (``completion_logprobs``)."""
-    from prpo_lightning.logprobs import completion_logprobs
+    from prpo_lightning.training.logprobs import completion_logprobs
 
     rows, group = p.mfu_rows, p.train_group
     ids, mask = prompts(rows // group, group, p.vocab, p.mfu_prompt_len, p.mfu_prompt_len, device)  # (rows, P)

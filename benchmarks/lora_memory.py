@@ -44,7 +44,7 @@ PROMPTS, G, NEW_TOKENS, STEPS = 4, 2, 32, 2
 
 def smollm2_dir() -> Path:
     """The SmolLM2 GGUF converted to a Hugging Face directory (cached under the project's cache)."""
-    from prpo_lightning.models import cache_dir
+    from prpo_lightning.runtime.models import cache_dir
 
     out = cache_dir() / "models" / "smollm2-135m-instruct-f32"
     if (out / "config.json").exists():
@@ -77,9 +77,9 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
 
     from components.aligners import GRPOAligner
     from prpo_lightning.config import LossConfig, OptimConfig
-    from prpo_lightning.lora import LoRAConfig
+    from prpo_lightning.config import LoRAConfig
     from prpo_lightning.module import PRPOModule
-    from prpo_lightning.rollout import SamplingConfig
+    from prpo_lightning.config import SamplingConfig
 
     torch.set_num_threads(2)
     use_lora, kl = CONFIGS[args.config]

@@ -71,10 +71,10 @@ class StageClock:
 
 def timed_components(clock: StageClock, verifier: Any, aligner: Any, segmenter: Any, prm: Any) -> tuple[Any, ...]:
     """Wrap the four components so that every call is timed into ``clock`` (behaviour unchanged)."""
-    from prpo_lightning.aligner import AdvantageAligner
-    from prpo_lightning.prm import ProcessRewardModel
-    from prpo_lightning.segmenter import Segmenter
-    from prpo_lightning.verifier import OutcomeVerifier
+    from prpo_lightning.scoring.aligner import AdvantageAligner
+    from prpo_lightning.scoring.prm import ProcessRewardModel
+    from prpo_lightning.scoring.segmenter import Segmenter
+    from prpo_lightning.scoring.verifier import OutcomeVerifier
 
     class TimedVerifier(OutcomeVerifier):
         def verify(self, completion: str, gold: str) -> Any:
@@ -164,7 +164,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     from components.segmenters import EntropySpikeSegmenter
     from prpo_lightning.config import LossConfig, OptimConfig
     from prpo_lightning.module import PRPOModule
-    from prpo_lightning.rollout import SamplingConfig
+    from prpo_lightning.config import SamplingConfig
 
     torch.set_num_threads(args.threads)
     b = args.prompts * args.G

@@ -1,8 +1,8 @@
 """Benchmark 3: scaling of generation throughput with batch size and of step time with completion length.
 
-* **Generation throughput.** :func:`prpo_lightning.rollout.generate_completions` with each sampler
+* **Generation throughput.** :func:`prpo_lightning.rollout.sampling.generate_completions` with each sampler
   (``sampling.engine``: ``hf`` = HF ``generate`` with its dynamic KV cache, ``static`` = the
-  :class:`~prpo_lightning.decoding.StaticCacheDecoder`; sampling at temperature 1) on the benchmark's random Qwen2
+  :class:`~prpo_lightning.rollout.decoding.StaticCacheDecoder`; sampling at temperature 1) on the benchmark's random Qwen2
   for batch sizes 1 … 64 of distinct prompts; tokens/s = generated tokens / wall time, median of ``--repeats``
   calls after one warm-up call.
 * **Step time against completion length.** A full GRPO training step of :class:`~prpo_lightning.module.PRPOModule`
@@ -58,7 +58,8 @@ def gen_throughput(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prpo_lightning.rollout import SamplingConfig, generate_completions, tokenize_prompts
+    from prpo_lightning.config import SamplingConfig
+    from prpo_lightning.rollout.sampling import generate_completions, tokenize_prompts
 
     device = torch.device(args.device)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
@@ -93,7 +94,8 @@ def ragged_generation(args: argparse.Namespace, model: Any, tok: Any, device: An
     their completions must be identical (checked)."""
     import torch
 
-    from prpo_lightning.rollout import SamplingConfig, generate_completions, tokenize_prompts
+    from prpo_lightning.config import SamplingConfig
+    from prpo_lightning.rollout.sampling import generate_completions, tokenize_prompts
 
     model.generation_config.suppress_tokens = None
     rows = prompt_rows(args.ragged_prompts)
@@ -129,7 +131,7 @@ def step_time(args: argparse.Namespace) -> dict[str, Any]:
     from components.aligners import GRPOAligner
     from prpo_lightning.config import LossConfig, OptimConfig
     from prpo_lightning.module import PRPOModule
-    from prpo_lightning.rollout import SamplingConfig
+    from prpo_lightning.config import SamplingConfig
 
     b = args.prompts * args.G
     module = PRPOModule(
@@ -159,7 +161,7 @@ def engine_throughput(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from components.engines import HFGenerateEngine, StaticCacheEngine, VLLMEngine
-    from prpo_lightning.rollout import SamplingConfig
+    from prpo_lightning.config import SamplingConfig
 
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.dtype))

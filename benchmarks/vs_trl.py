@@ -64,7 +64,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from components.aligners import GRPOAligner
     from prpo_lightning.config import LossConfig, OptimConfig
     from prpo_lightning.module import PRPOModule
-    from prpo_lightning.rollout import SamplingConfig
+    from prpo_lightning.config import SamplingConfig
 
     b = args.prompts * args.G
     sampling_kwargs: dict[str, Any] = dict(

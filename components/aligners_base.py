@@ -2,8 +2,8 @@
 
 Shape legend: ``B`` completions, ``T`` padded completion length, ``S`` max segments per completion,
 ``n`` number of prompt groups. Everything is computed in float64 and returned as float32. Group statistics
-come from :mod:`prpo_lightning.grouping`, which is exact for groups whose values are all equal; step scores
-are read with :func:`prpo_lightning.aligner.checked_step_scores`.
+come from :mod:`prpo_lightning.scoring.grouping`, which is exact for groups whose values are all equal; step scores
+are read with :func:`prpo_lightning.scoring.aligner.checked_step_scores`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from prpo_lightning.aligner import AdvantageAligner
+from prpo_lightning.scoring.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.grouping import (
+from prpo_lightning.scoring.grouping import (
     batch_scaled_centred,
     group_count,
     group_loo_mean,
@@ -130,7 +130,7 @@ def normalized_outcome(
     ``std`` is the group's (``scale_rewards="group"``, default) or the whole batch's (``"batch"``); ``"none"``
     (or ``std_normalize=False``) returns ``r_i − mean_g r`` (Dr. GRPO). A group whose rewards are all equal gives
     exactly 0 for every setting, ``ε`` and ``min_std``, and so does a singleton (see
-    :func:`prpo_lightning.grouping.group_zscore` and :func:`~prpo_lightning.grouping.batch_scaled_centred`).
+    :func:`prpo_lightning.scoring.grouping.group_zscore` and :func:`~prpo_lightning.scoring.grouping.batch_scaled_centred`).
 
     Args:
         r: ``(B,)`` rewards.

@@ -21,9 +21,16 @@ from components.aligners_base import (
     register_aligner,
     resolve_scale_rewards,
 )
-from prpo_lightning.aligner import AdvantageAligner, checked_step_scores, step_values_to_tokens
+from prpo_lightning.scoring.aligner import AdvantageAligner, checked_step_scores, step_values_to_tokens
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.grouping import group_count, group_loo_mean, group_position_mean, group_sum, masked_row_mean
+from prpo_lightning.scoring.needs import ComponentNeeds
+from prpo_lightning.scoring.grouping import (
+    group_count,
+    group_loo_mean,
+    group_position_mean,
+    group_sum,
+    masked_row_mean,
+)
 
 __all__ = ["PRIMEAligner", "PUREAligner", "SPROAligner", "reverse_cumsum"]
 
@@ -238,8 +245,8 @@ class PUREAligner(AdvantageAligner):
             r_hat = r_star
         return reverse_cumsum(r_hat, dim=1) * hf, seg
 
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float32 advantages."""
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """``{"process": (B, T)}`` float32 advantages (per token)."""
         mask = batch.completion_mask
         g, seg = self.step_returns(batch)
         adv = step_values_to_tokens(g, seg)  # (B, T)
@@ -248,7 +255,7 @@ class PUREAligner(AdvantageAligner):
             adv = adv + broadcast(self.vr_coef * loo_advantage(v, batch.group_ids), mask)
         if self.whiten:
             adv = masked_whiten(adv, mask)
-        return finish(adv, mask)
+        return {"process": finish(adv, mask)}
 
 
 @register_aligner("prime")
@@ -299,8 +306,8 @@ class PRIMEAligner(AdvantageAligner):
         self.process_coef = process_coef
         self.outcome_coef = outcome_coef
         self.whiten = whiten
-        self.requires_reference = reward_source == "logprobs"
-        self.uses_process_scores = reward_source == "token_scores"
+        self.needs = ComponentNeeds(reference_logprobs=reward_source == "logprobs",
+                                    process_scores=reward_source == "token_scores")
 
     def token_rewards(self, batch: RolloutBatch) -> Tensor:
         """``(B, T)`` float64 implicit token rewards, 0 on padding."""
@@ -312,8 +319,8 @@ class PRIMEAligner(AdvantageAligner):
         r = batch.token_scores.to(mask.device, CALC)
         return torch.where(mask, r, torch.zeros_like(r))
 
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float32 advantages."""
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """``{"process": (B, T)}`` float32 advantages (per token)."""
         mask = batch.completion_mask
         m = mask.to(CALC)
         r = self.token_rewards(batch)  # (B, T)
@@ -329,4 +336,4 @@ class PRIMEAligner(AdvantageAligner):
         adv = self.process_coef * process + broadcast(self.outcome_coef * loo_advantage(ro, gid), mask)
         if self.whiten:
             adv = masked_whiten(adv, mask)
-        return finish(adv, mask)
+        return {"process": finish(adv, mask)}

@@ -21,9 +21,9 @@ from components.aligners_base import (
     register_aligner,
     resolve_scale_rewards,
 )
-from prpo_lightning.aligner import AdvantageAligner
+from prpo_lightning.scoring.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.grouping import group_mean
+from prpo_lightning.scoring.grouping import group_mean
 
 __all__ = ["DrGRPOAligner", "GRPOAligner", "RLOOAligner", "ReinforcePPBaselineAligner"]
 
@@ -115,10 +115,10 @@ class RLOOAligner(AdvantageAligner):
         r = outcome_rewards(batch)  # (B,)
         return loo_advantage(r, batch.group_ids)  # (B,)
 
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float32 advantages."""
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """``{"outcome": (B, T)}`` float32 advantages."""
         mask = batch.completion_mask
-        return finish(broadcast(self.sequence_advantages(batch), mask), mask)
+        return {"outcome": finish(broadcast(self.sequence_advantages(batch), mask), mask)}
 
 
 @register_aligner("reinforce_pp_baseline")
@@ -143,12 +143,12 @@ class ReinforcePPBaselineAligner(AdvantageAligner):
     def __init__(self, whiten: bool = True) -> None:
         self.whiten = whiten
 
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float32 advantages."""
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """``{"outcome": (B, T)}`` float32 advantages (whitened over the batch's tokens)."""
         mask = batch.completion_mask  # (B, T)
         r = outcome_rewards(batch)  # (B,)
         a = r - group_mean(r, batch.group_ids.to(r.device))  # (B,)
         tok = broadcast(a, mask)  # (B, T)
         if self.whiten:
             tok = masked_whiten(tok, mask)  # (B, T)
-        return finish(tok, mask)
+        return {"outcome": finish(tok, mask)}

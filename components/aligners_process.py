@@ -21,9 +21,9 @@ from components.aligners_base import (
     register_aligner,
     resolve_scale_rewards,
 )
-from prpo_lightning.aligner import AdvantageAligner, token_step_scores
+from prpo_lightning.scoring.aligner import AdvantageAligner, token_step_scores
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.grouping import group_mean, group_moments, masked_row_mean
+from prpo_lightning.scoring.grouping import group_mean, group_moments, masked_row_mean
 
 __all__ = ["SIGMA0_CODE", "SIGMA0_UNIFORM", "PRMAvgAligner", "PRPOAligner", "ProcessOnlyAligner"]
 
@@ -260,9 +260,9 @@ class PRMAvgAligner(AdvantageAligner):
         r_tok = token_step_scores(batch, CALC)  # (B, T)
         return outcome_rewards(batch) + mean_token_prm(r_tok, batch.completion_mask, self.mean_over, self.pad_length)
 
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float32 advantages."""
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """``{"outcome": (B, T)}`` float32 advantages (one value per completion)."""
         mask = batch.completion_mask
         r_aug = self.augmented_rewards(batch)  # (B,)
         a = normalized_outcome(r_aug, batch.group_ids, True, self.epsilon, scale_rewards=self.scale_rewards)  # (B,)
-        return finish(broadcast(a, mask), mask)
+        return {"outcome": finish(broadcast(a, mask), mask)}

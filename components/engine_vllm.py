@@ -13,7 +13,7 @@ taken under the distribution it was drawn from (temperature, top-k, top-p applie
 
 vLLM's tokens are not drawn from exactly the trainer's distribution (other kernels, other numerics), so
 ``capabilities.exact_trainer_distribution`` is False: the module recomputes ``log π_old`` with the trainer,
-checks it against ``sampler_logprobs`` (:mod:`prpo_lightning.offpolicy`) and corrects the loss.
+checks it against ``sampler_logprobs`` (:mod:`prpo_lightning.rollout.offpolicy`) and corrects the loss.
 
 Shapes: ``N`` groups, ``G`` completions per group, ``B = N·G``, ``T`` completion length.
 """
@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prpo_lightning.checkpoint import collect_rng_states, restore_rng_states
-from prpo_lightning.engine import EngineCapabilities, RolloutEngine, RolloutResult, pack_completions
-from prpo_lightning.lora import base_model, is_lora, merged_weights
-from prpo_lightning.rollout import SamplingConfig, pad_token_id
+from prpo_lightning.runtime.checkpoint import collect_rng_states, restore_rng_states
+from prpo_lightning.rollout.engine import EngineCapabilities, RolloutEngine, RolloutResult, SampleRequest, pack_completions
+from prpo_lightning.training.lora import base_model, is_lora, merged_weights
+from prpo_lightning.rollout.sampling import pad_token_id
 
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
 
@@ -55,7 +55,7 @@ def policy_weights(policy: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     untie a tied ``lm_head``.
 
     A PEFT (LoRA) policy streams its merged weights ``W + (α / r)·B A`` under the base model's names
-    (:func:`~prpo_lightning.lora.merged_weights`), so vLLM always holds the policy it samples from.
+    (:func:`~prpo_lightning.training.lora.merged_weights`), so vLLM always holds the policy it samples from.
 
     Raises:
         ValueError: adapter (``lora_``) parameters outside a PEFT model, or a PEFT policy under ZeRO-3.
@@ -251,19 +251,13 @@ class VLLMEngine(RolloutEngine):
             self._model_dir.cleanup()
             self._model_dir = None
 
-    def sample(
-        self,
-        prompts: list[Tensor],
-        num_generations: int,
-        sampling: SamplingConfig,
-        seeds: list[int],
-        greedy: bool,
-        record_entropies: bool,
-        batch_seed: int | None,
-    ) -> RolloutResult:
+    def sample(self, request: SampleRequest) -> RolloutResult:
         """One vLLM request per group with ``n=G`` and the group's seed (``batch_seed`` is not used: every
         request is seeded on its own, so the two seed modes give the same samples)."""
         from vllm import SamplingParams
+
+        prompts, num_generations, sampling = request.prompts, request.num_generations, request.sampling
+        seeds, greedy = request.seeds, request.greedy
 
         if self._asleep:
             raise RuntimeError("VLLMEngine: generate called while asleep; call wake_up() first")

@@ -14,7 +14,7 @@ from typing import Any
 from components.math_answer.arithmetic import ArithmeticUndefined, Token, evaluate_tokens, tokenize_arithmetic
 from components.prm_common import segment_texts
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.prm import ProcessRewardModel, ProcessScores, pad_step_scores
+from prpo_lightning.scoring.prm import ProcessRewardModel, ProcessScores, pad_step_scores
 
 __all__ = ["Equation", "EquationCheckPRM", "check_equation", "find_equations"]
 

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.prm import ProcessRewardModel, ProcessScores
+from prpo_lightning.scoring.needs import ComponentNeeds
+from prpo_lightning.scoring.prm import ProcessRewardModel, ProcessScores
 
 __all__ = ["BiasedPRM"]
 
@@ -81,12 +82,13 @@ class BiasedPRM(ProcessRewardModel):
         self.seed = int(seed)
 
     @property
-    def requires_reference(self) -> bool:  # type: ignore[override]
-        return bool(getattr(self.base, "requires_reference", False))
+    def needs(self) -> ComponentNeeds:  # type: ignore[override]
+        """The base PRM's needs."""
+        return self.base.needs
 
-    @property
-    def requires_rollout_logprobs(self) -> bool:  # type: ignore[override]
-        return bool(getattr(self.base, "requires_rollout_logprobs", False))
+    def batch_metrics(self) -> dict[str, float]:
+        """The base PRM's statistics of the last call."""
+        return self.base.batch_metrics()
 
     def setup(self, device: torch.device) -> None:
         """The base's ``setup``."""

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.prm import ProcessRewardModel, ProcessScores, pad_step_scores
+from prpo_lightning.scoring.prm import ProcessRewardModel, ProcessScores, pad_step_scores
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class TaggedStepPRM(ProcessRewardModel):
     **Truncation rule** (``truncation="carry_forward"``, default): inputs longer than ``max_length`` tokens
     are right-truncated (:func:`truncate_keep_first_tag`). A step whose separator fell beyond the limit gets
     the score of the last step the PRM could read (carried forward), never 0; the first step is always read.
-    The counts are in ``last_stats`` (``prm/truncated_rows``, ``prm/carried_steps``).
+    The counts of the last call are its :meth:`batch_metrics` (logged as ``train/prm/truncated_rows`` and
+    ``train/prm/carried_steps``).
     ``truncation="error"`` raises ``ValueError`` instead.
 
     All scoring runs under ``torch.no_grad()`` in eval mode, in micro-batches of ``micro_batch_size``
@@ -105,6 +106,10 @@ class TaggedStepPRM(ProcessRewardModel):
         self.device = torch.device("cpu")
         self.last_stats: dict[str, float] = {}
 
+    def batch_metrics(self) -> dict[str, float]:
+        """``truncated_rows`` and ``carried_steps`` of the last :meth:`score` call."""
+        return dict(self.last_stats)
+
     # ----------------------------------------------------------------- hooks
     @property
     @abstractmethod
@@ -132,7 +137,7 @@ class TaggedStepPRM(ProcessRewardModel):
     # ----------------------------------------------------------------- lifecycle
     def setup(self, device: torch.device | str = "cpu") -> None:
         """Load tokenizer and model once (a tokenizer already set is kept), eval mode, no grad, move to ``device``."""
-        from prpo_lightning.models import resolve_model_path, torch_dtype
+        from prpo_lightning.runtime.models import resolve_model_path, torch_dtype
 
         self.device = torch.device(device)
         if self.tokenizer is None:
@@ -196,7 +201,7 @@ class TaggedStepPRM(ProcessRewardModel):
         for i, row in enumerate(steps):
             vals = read.get(i, [])
             out.append(vals + [vals[-1]] * (len(row) - len(vals)) if row else [])  # carry forward
-        self.last_stats = {"prm/truncated_rows": float(truncated), "prm/carried_steps": float(carried)}
+        self.last_stats = {"truncated_rows": float(truncated), "carried_steps": float(carried)}
         if truncated:
             log.warning("%s: %d inputs exceeded max_length=%d; %d steps carry the last read score",
                         type(self).__name__, truncated, self.max_length, carried)

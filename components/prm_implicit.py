@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.prm import ProcessRewardModel, ProcessScores
+from prpo_lightning.scoring.prm import ProcessRewardModel, ProcessScores
 
 __all__ = ["ImplicitPRM"]
 

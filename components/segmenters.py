@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from prpo_lightning.batch import RolloutBatch, Span
-from prpo_lightning.segmenter import Segmenter
+from prpo_lightning.scoring.segmenter import Segmenter
 
 __all__ = [
     "DelimiterSegmenter",

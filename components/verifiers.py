@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from components.math_answer.compare import (
     PERCENT_POLICIES,
@@ -40,7 +41,7 @@ from components.math_answer.compare import (
 )
 from components.math_answer.extract import extract_answer, extract_last_boxed
 from components.math_answer.pool import TaskResult, TimeoutPool
-from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
+from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
 __all__ = ["SympyMathVerifier"]
 
@@ -140,8 +141,11 @@ class SympyMathVerifier(OutcomeVerifier):
         """
         return self.verify_batch([completion], [gold])[0]
 
-    def verify_batch(self, completions: Sequence[str], golds: Sequence[str]) -> list[Verdict]:
-        """Grades ``completions[i]`` against ``golds[i]``; symbolic checks run in parallel in the workers.
+    def verify_batch(
+        self, completions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[Verdict]:
+        """Grades ``completions[i]`` against ``golds[i]``; symbolic checks run in parallel in the workers (the rows'
+        other fields are not read).
 
         Args:
             completions: model responses (untrusted).

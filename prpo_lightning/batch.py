@@ -11,12 +11,13 @@ Shape legend used throughout the project:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from prpo_lightning.verifier import Verdict
+if TYPE_CHECKING:
+    from prpo_lightning.scoring.verifier import Verdict
 
 Span = tuple[int, int]
 
@@ -43,7 +44,7 @@ class RolloutBatch:
             each token (0 on padding).
         ref_logprobs: ``(B, T)`` float or None, log π_ref of each sampled token.
         is_weights: ``(B, T)`` float or None, off-policy correction weight of each token's policy-gradient term
-            (:func:`~prpo_lightning.offpolicy.correction_weights`; None: weights ≡ 1).
+            (:func:`~prpo_lightning.rollout.offpolicy.correction_weights`; None: weights ≡ 1).
         verdicts: ``B`` verifier verdicts.
         outcome_rewards: ``(B,)`` float, the verifier reward of each row.
         segment_spans: ``B`` lists of half-open token spans ``(start, end)`` that tile ``[0, L_i)``.
@@ -110,6 +111,27 @@ class RolloutBatch:
             elif isinstance(value, list) and len(value) == self.size:
                 updates[f.name] = [value[r] for r in rows]
         return replace(self, **updates)
+
+
+#: the per-row fields :func:`rollout_rows` gives :meth:`~prpo_lightning.scoring.verifier.OutcomeVerifier.verify_batch`
+#: besides completion and answer.
+ROW_FIELDS = ("problem", "id", "truncated", "num_tokens")
+
+
+def rollout_rows(batch: RolloutBatch) -> list[dict[str, Any]]:
+    """The per-row fields of a rollout batch a verifier may read besides the completion and the answer.
+
+    Returns:
+        One dict per row with ``problem`` (the question text), ``id`` (the prompt id, shared by the row's group),
+        ``truncated`` (generation hit ``max_new_tokens`` without EOS) and ``num_tokens`` (valid completion tokens).
+    """
+    ids = batch.group_ids.tolist()
+    truncated = batch.truncated.tolist() if batch.truncated is not None else [False] * len(ids)
+    lengths = batch.completion_mask.sum(dim=1).tolist()
+    return [
+        {"problem": problem, "id": int(pid), "truncated": bool(cut), "num_tokens": int(n)}
+        for problem, pid, cut, n in zip(batch.problems, ids, truncated, lengths)
+    ]
 
 
 def spans_to_segment_ids(spans: list[list[Span]], mask: Tensor) -> Tensor:
@@ -181,20 +203,19 @@ def check_spans_tile(spans: list[Span], length: int, row_index: int = 0, source:
     raise SpanContractError(f"{source}: row {row_index}: spans {list(spans)} do not tile [0, {length}): {TILING_RULE}")
 
 
-# Inputs a component must declare before reading them: field -> role -> the capability flags that grant it.
-# ``requires_reference`` grants ``old_logprobs`` too (a log-ratio against the reference needs both).
+# Inputs a component must declare before reading them: field -> role -> the needs that grant it.
+# ``reference_logprobs`` grants ``old_logprobs`` too (a log-ratio against the reference needs both).
 _DECLARED_INPUTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "old_logprobs": {"prm": ("requires_rollout_logprobs", "requires_reference"),
-                     "aligner": ("requires_rollout_logprobs", "requires_reference")},
-    "ref_logprobs": {"prm": ("requires_reference",), "aligner": ("requires_reference",)},
-    "entropies": {"segmenter": ("requires_entropies",), "prm": ("requires_rollout_logprobs",),
-                  "aligner": ("requires_rollout_logprobs",)},
+    "old_logprobs": {"prm": ("rollout_logprobs", "reference_logprobs"),
+                     "aligner": ("rollout_logprobs", "reference_logprobs")},
+    "ref_logprobs": {"prm": ("reference_logprobs",), "aligner": ("reference_logprobs",)},
+    "entropies": {"segmenter": ("entropies",), "prm": ("rollout_logprobs",), "aligner": ("rollout_logprobs",)},
 }
 
 
 def component_name(component: Any) -> str:
-    """The class name of a component, looking through fault-policy wrappers (their ``inner`` component)."""
-    return type(getattr(component, "inner", component)).__name__
+    """The class name of a component."""
+    return type(component).__name__
 
 
 class _DeclaredInputsView(RolloutBatch):
@@ -218,33 +239,71 @@ class _DeclaredInputsView(RolloutBatch):
 def declared_inputs_view(batch: RolloutBatch, component: Any, role: str) -> RolloutBatch:
     """The batch as ``component`` may see it: inputs it did not declare raise a clear error instead of being None.
 
-    Reading ``old_logprobs``, ``ref_logprobs`` or ``entropies`` without the capability flag that makes the module
+    Reading ``old_logprobs``, ``ref_logprobs`` or ``entropies`` without declaring the need that makes the module
     compute them would work only by accident (e.g. off-policy, or because another component asked for them); the
-    view makes it fail on every configuration, naming the component, the field and the flag to set.
+    view makes it fail on every configuration, naming the component, the field and the need to declare.
 
     Args:
         batch: the rollout batch.
-        component: the segmenter, PRM or aligner (a fault-policy wrapper is looked through).
+        component: the segmenter, PRM or aligner (its ``needs``, a
+            :class:`~prpo_lightning.scoring.needs.ComponentNeeds`).
         role: ``"segmenter"``, ``"prm"`` or ``"aligner"``.
 
     Returns:
         ``batch`` itself when the component declared every input, else a view sharing its tensors and lists.
     """
-    inner = getattr(component, "inner", component)
+    needs = component.needs
     undeclared: dict[str, str] = {}
     for name, by_role in _DECLARED_INPUTS.items():
-        flags = by_role.get(role, ())
-        if any(getattr(inner, f, False) for f in flags):
+        granted_by = by_role.get(role, ())
+        if any(getattr(needs, need) for need in granted_by):
             continue
-        if flags:
-            alt = f" (or `{flags[1]} = True`)" if len(flags) > 1 else ""
-            fix = f"set the class attribute `{flags[0]} = True`{alt} so that the module computes it"
+        if granted_by:
+            alt = f" (or {granted_by[1]}=True)" if len(granted_by) > 1 else ""
+            fix = f"declare needs = ComponentNeeds({granted_by[0]}=True){alt} so that the module computes it"
         else:
             fix = f"a {role} cannot read it; read it in a PRM or an aligner instead"
-        undeclared[name] = (f"{role} {type(inner).__name__} read batch.{name}, an input it did not declare: {fix} "
-                            f"(see the capability flags in docs/howto)")
+        undeclared[name] = (f"{role} {type(component).__name__} read batch.{name}, an input it did not declare: "
+                            f"{fix} (see ComponentNeeds in docs/howto)")
     if not undeclared:
         return batch
     view = _DeclaredInputsView(**{f.name: getattr(batch, f.name) for f in fields(batch)})
     view.__dict__.update(_undeclared=undeclared, _source=batch, _component=component, _role=role)
     return view
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where one training (or evaluation) step runs; passed explicitly to the collector and the updater.
+
+    Attributes:
+        step: ``global_step`` at the start of the step (it seeds sampling and shuffling).
+        rank: this process's global rank.
+        world_size: number of ranks.
+        device: the policy's device.
+        datamodule: the trainer's datamodule (dynamic sampling draws extra prompts from it), or None.
+    """
+
+    step: int
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    datamodule: Any = None
+
+
+@dataclass
+class Round:
+    """One generate → score round of a step.
+
+    Attributes:
+        rollout: the scored rollout of this rank (None: no prompt fitted ``max_prompt_length``, or a skipped PRM
+            failure).
+        prm_error: the PRM failure that made this rank skip the round (``on_prm_error: skip``), or None.
+        metrics: the round's metrics (``data/*``, ``rollout/*``, the scoring metrics, ``time/*``).
+        fitted: some prompt fitted ``max_prompt_length`` (so the round was generated and scored).
+    """
+
+    rollout: RolloutBatch | None
+    prm_error: str | None
+    metrics: dict[str, float]
+    fitted: bool

@@ -28,7 +28,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from prpo_lightning.callbacks.progress import StepProgressBar
-from prpo_lightning.checkpoint import AtomicCheckpointIO
+from prpo_lightning.runtime.checkpoint import AtomicCheckpointIO
 from prpo_lightning.module import PRPOModule
 
 #: Files that a run writes before it has done anything (a failed run with only these leaves no ``version_N``).
@@ -106,7 +106,7 @@ class PRPOCLI(LightningCLI):
     """LightningCLI with PRPOModule as the model and any LightningDataModule subclass as data.
 
     On top of Lightning's CLI: checkpoints are written atomically
-    (:class:`~prpo_lightning.checkpoint.AtomicCheckpointIO`, unless the config installs another ``CheckpointIO``);
+    (:class:`~prpo_lightning.runtime.checkpoint.AtomicCheckpointIO`, unless the config installs another ``CheckpointIO``);
     ``ModelCheckpoint`` callbacks without a ``dirpath`` save to :func:`checkpoint_root`; ``--ckpt_path last`` is
     checked (see the module docstring); Lightning's default progress bar is replaced by :class:`StepProgressBar`;
     repetitive warnings are shown once (:func:`quiet_repeated_warnings`); a run that fails before producing

@@ -1,11 +1,25 @@
-"""Typed configuration groups of :class:`~prpo_lightning.module.PRPOModule` (jsonargparse turns them into CLI groups)."""
+"""Every run argument of :class:`~prpo_lightning.module.PRPOModule`, in one place (LitGPT's ``args.py`` is the model).
+
+Each dataclass is one ``model.<group>`` of the YAML/CLI; each field has its docstring right under it. Every value is
+checked in ``__post_init__``, before any model loads, and an error names the key (``model.<group>.<key>``), its
+valid range and the value given. This module imports nothing of the framework: every other module may import it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import math
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from prpo_lightning.losses import ImportanceSamplingLevel, KLEstimator, LossAggregation, PolicyLoss
+KLEstimator = Literal["k1", "k2", "k3"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
+PolicyLoss = Literal["ppo_clip", "cispo"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+CorrectionMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "icepop"]
+MismatchMetric = Literal["logp_diff_mean", "logp_diff_max", "kl"]
+
+log = logging.getLogger(__name__)
 
 
 def _check(group: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:
@@ -15,55 +29,133 @@ def _check(group: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:
             raise ValueError(f"model.{group}.{key} must be {rule}; got {getattr(obj, key)!r}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
+@dataclass
+class DynamicSamplingConfig:
+    """``model.sampling.dynamic_sampling`` (DAPO): drop prompt groups without learning signal, refill the batch."""
+
+    enabled: bool = False
+    """Drop groups without signal and refill the batch (False: every group is trained on)."""
+    max_rounds: int = 3
+    """Extra generation rounds allowed per step to refill the batch (0: only drop)."""
+    criterion: Literal["outcome", "advantage"] = "outcome"
+    """``outcome``: drop a group whose outcome rewards are all equal (DAPO, verl, OpenRLHF); ``advantage``: drop a
+    group only when every token advantage in it is exactly 0 (keeps process signal)."""
+
+    def __post_init__(self) -> None:
+        key = "model.sampling.dynamic_sampling"
+        if self.criterion not in ("outcome", "advantage"):
+            raise ValueError(f"{key}.criterion must be 'outcome' (drop groups with equal rewards) or 'advantage' "
+                             f"(drop groups whose token advantages are all 0); got {self.criterion!r}")
+        if not _is_int(self.max_rounds) or self.max_rounds < 0:
+            raise ValueError(f"{key}.max_rounds must be an integer >= 0 (extra generation rounds per step); "
+                             f"got {self.max_rounds!r}")
+
+
+@dataclass
+class SamplingConfig:
+    """``model.sampling``: how completions are sampled. The sampler itself is ``model.engine``."""
+
+    num_generations: int = 8
+    """G, completions sampled per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature (also divides the logits of log-probs and entropies)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 disables it)."""
+    top_k: int = 0
+    """Top-k sampling (0 disables it; the paper samples with top-k off)."""
+    max_new_tokens: int = 2048
+    """Completion budget; a completion that reaches it without EOS is *truncated*."""
+    max_prompt_length: int = 2048
+    """Prompts longer than this many tokens are skipped and counted (``train/data/skipped_long_prompts``)."""
+    generation_batch_size: int | None = None
+    """Sequences per sampler call (None: all at once)."""
+    seed_per_group: bool = False
+    """False: one batched sampler call per rank seeded from ``(seed, step, rank)`` (fast; reruns with the same
+    number of ranks draw the same completions). True: each prompt's G completions are seeded from ``(seed, step,
+    prompt id)``, so they do not depend on batch composition, rank or world size (about 4x slower on CPU)."""
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    """DAPO's dynamic sampling, ``{enabled, max_rounds, criterion}`` (a dict is accepted)."""
+    engine: str | None = None
+    """Removed: the sampler is chosen with ``model.engine``. Any value is refused with a message saying so."""
+
+    def __post_init__(self) -> None:
+        if self.engine is not None:
+            raise ValueError(
+                f"model.sampling.engine was removed (got {self.engine!r}): choose the sampler with model.engine, e.g. "
+                "model.engine: components.engines.AutoEngine (default), components.engines.HFGenerateEngine "
+                "(for 'hf'), components.engines.StaticCacheEngine (for 'static') or components.engines.VLLMEngine")
+        _check("sampling", self, [
+            ("num_generations", _is_int(self.num_generations) and self.num_generations >= 1,
+             "an integer >= 1 (completions per prompt)"),
+            ("temperature", self.temperature > 0, "> 0: sampling needs a positive temperature, it also divides the "
+             "logits of log-probs and entropies, and temperature 0 (greedy) would make the G completions of a "
+             "prompt identical"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1.0 disables nucleus sampling)"),
+            ("top_k", self.top_k >= 0, "an integer >= 0 (0 disables top-k)"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1 (the completion budget)"),
+            ("max_prompt_length", self.max_prompt_length >= 1, "an integer >= 1"),
+            ("generation_batch_size", self.generation_batch_size is None or self.generation_batch_size >= 1,
+             "null (all at once) or an integer >= 1"),
+        ])
+        if isinstance(self.dynamic_sampling, dict):
+            valid = ("enabled", "max_rounds", "criterion")
+            unknown = sorted(set(self.dynamic_sampling) - set(valid))
+            if unknown:
+                raise ValueError(f"model.sampling.dynamic_sampling has unknown keys {unknown}; valid keys: {valid}")
+            self.dynamic_sampling = DynamicSamplingConfig(**self.dynamic_sampling)
+        if not isinstance(self.dynamic_sampling, DynamicSamplingConfig):
+            raise TypeError("model.sampling.dynamic_sampling must be a mapping {enabled, max_rounds, criterion}; "
+                            f"got {self.dynamic_sampling!r}")
+        ds = self.dynamic_sampling
+        if ds.enabled and ds.criterion == "outcome" and self.num_generations < 2:
+            raise ValueError("model.sampling.dynamic_sampling.criterion 'outcome' needs num_generations >= 2 (a "
+                             "single completion's rewards are always all equal, so every group would be dropped); "
+                             "raise num_generations or use criterion 'advantage'")
+
+
+# ----------------------------------------------------------------------------------------------------- loss
 @dataclass
 class LossConfig:
-    """The policy loss.
-
-    Args:
-        eps_low: PPO lower clip range ε_low.
-        eps_high: PPO upper clip range ε_high (DAPO clip-higher: 0.28).
-        dual_clip: dual-clip constant c (> 1) for negative advantages, or None.
-        kl_coef: β_KL of the KL-to-reference loss term; a reference model is created only when > 0
-            (or when a component needs reference log-probs).
-        kl_estimator: ``k1``, ``k2`` or ``k3`` (verl's ``low_var_kl``).
-        aggregation: ``token-mean`` | ``seq-mean-token-mean`` | ``seq-mean-token-sum`` | ``seq-mean-token-sum-norm``.
-        norm_constant: C of ``seq-mean-token-sum-norm`` (Dr. GRPO); default: ``max_new_tokens``.
-        mask_truncated_completions: leave completions that hit ``max_new_tokens`` without EOS out of the loss
-            (and out of its token/sequence counts), as TRL's option of the same name; they are still graded,
-            take part in group statistics and are counted under ``completion/truncated_frac``.
-        importance_sampling_level: ``token`` (PPO) or ``sequence`` (GSPO: every token of a completion gets the ratio
-            ``exp(mean_t(log π_θ − log π_old))`` of its sequence; TRL's ``importance_sampling_level``, verl's
-            ``loss_mode=gspo``). Applies to both policy losses and to ``kl_bias_correction``.
-        policy_loss: ``ppo_clip`` (clipped surrogate with ``eps_low``/``eps_high``/``dual_clip``) or ``cispo``
-            (``−sg[min(ρ, cispo_max_ratio)]·A·log π_θ``, TRL's ``loss_type="cispo"``).
-        cispo_max_ratio: ρ_max of ``cispo``, the cap of the detached importance weight (TRL's ``epsilon_high`` when
-            ``loss_type="cispo"``; ScaleRL recommends 5).
-        kl_bias_correction: multiply the per-token KL term by the importance ratio ρ (with grad), so its gradient is
-            the unbiased reverse-KL gradient off-policy (TRL's ``use_bias_correction_kl``, DeepSeek-V3.2). Changes the
-            KL gradient even on-policy, where ρ = 1 in value.
-        entropy_coef: entropy bonus: the loss gets ``− entropy_coef · H̄``, H̄ the current policy's full-vocabulary
-            entropy summed over the loss tokens (only the kept ones under ``top_entropy_quantile``) and divided by
-            the mini-batch's loss-token count, whatever ``aggregation`` is. 0 disables it.
-        top_entropy_quantile: ρ of "Beyond the 80/20 rule" (TRL's option of the same name): the policy-gradient term
-            keeps only loss tokens whose entropy is ≥ the ``1 − ρ`` quantile of the entropies of the micro-batch's
-            loss tokens (each rank's own); dropped tokens still count in the normalisers and in the KL term.
-            1 keeps every token; 0 keeps only the highest-entropy token(s).
-    """
+    """``model.loss``: the policy loss."""
 
     eps_low: float = 0.2
+    """PPO lower clip range ε_low."""
     eps_high: float = 0.2
+    """PPO upper clip range ε_high (DAPO clip-higher: 0.28)."""
     dual_clip: float | None = 3.0
+    """Dual-clip constant c (> 1) for negative advantages, or None."""
     kl_coef: float = 0.0
+    """β_KL of the KL-to-reference term; a reference model is created only when > 0 (or a component needs one)."""
     kl_estimator: KLEstimator = "k3"
+    """``k1``, ``k2`` or ``k3`` (verl's ``low_var_kl``)."""
     aggregation: LossAggregation = "token-mean"
+    """``token-mean`` | ``seq-mean-token-mean`` | ``seq-mean-token-sum`` | ``seq-mean-token-sum-norm``."""
     norm_constant: float | None = None
+    """C of ``seq-mean-token-sum-norm`` (Dr. GRPO); default: ``max_new_tokens``."""
     mask_truncated_completions: bool = False
+    """Leave completions that hit ``max_new_tokens`` without EOS out of the loss and its counts (TRL's option); they
+    are still graded, take part in group statistics and are counted under ``completion/truncated_frac``."""
     importance_sampling_level: ImportanceSamplingLevel = "token"
+    """``token`` (PPO) or ``sequence`` (GSPO: every token gets its sequence's ratio ``exp(mean_t(log π_θ − log
+    π_old))``). Applies to both policy losses and to ``kl_bias_correction``."""
     policy_loss: PolicyLoss = "ppo_clip"
+    """``ppo_clip`` (clipped surrogate) or ``cispo`` (``−sg[min(ρ, cispo_max_ratio)]·A·log π_θ``, TRL's ``cispo``)."""
     cispo_max_ratio: float = 5.0
+    """ρ_max of ``cispo``, the cap of the detached importance weight (ScaleRL recommends 5)."""
     kl_bias_correction: bool = False
+    """Multiply the per-token KL by the importance ratio ρ (with grad): the unbiased reverse-KL gradient off-policy
+    (TRL's ``use_bias_correction_kl``). Changes the KL gradient even on-policy, where ρ = 1 in value."""
     entropy_coef: float = 0.0
+    """Entropy bonus: the loss gets ``− entropy_coef · H̄``, the full-vocabulary entropy summed over the (kept)
+    loss tokens and divided by the mini-batch's loss-token count, whatever ``aggregation`` is. 0 disables it."""
     top_entropy_quantile: float = 1.0
+    """ρ of "Beyond the 80/20 rule": the policy-gradient term keeps only loss tokens whose entropy is ≥ the ``1 − ρ``
+    quantile of the micro-batch's loss tokens; dropped tokens still count in the normalisers and the KL term."""
 
     def __post_init__(self) -> None:
         _check("loss", self, [
@@ -83,42 +175,36 @@ class LossConfig:
         ])
 
 
+# ----------------------------------------------------------------------------------------------------- optimisation
 @dataclass
 class OptimConfig:
-    """AdamW, the LR schedule and the PPO update structure.
-
-    Args:
-        lr: peak learning rate.
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        warmup_steps: linear warm-up in optimizer steps.
-        schedule: ``constant``, ``linear`` (decay to 0) or ``cosine`` after warm-up.
-        total_steps: optimizer steps for the decay; default: ``trainer.max_steps`` × updates per step.
-        grad_clip: max global grad norm, or None.
-        ppo_epochs: passes over each rollout batch.
-        mini_batch_size: completions per optimizer step (None: the whole rollout batch, i.e. on-policy).
-        micro_batch_size: completions per forward/backward (gradient accumulation inside a mini-batch).
-        share_prompt_prefix: in every log-prob forward pass (training, old and reference log-probs), run each
-            distinct prompt of a micro-batch once and let its completions attend to the shared KV cache, instead of
-            recomputing the prompt for each of its G completions. Exact: the same log-probs and gradients up to
-            float rounding (``tests/test_share_prompts.py``). Not applied under gradient checkpointing (Hugging
-            Face disables the KV cache there) or DeepSpeed ZeRO-3 (ranks must make equal numbers of forward
-            calls). On-policy, micro-batches hold consecutive rows and a prompt's G completions are consecutive, so
-            a ``micro_batch_size`` that is a multiple of G computes each prompt once; with mini-batches rows are
-            shuffled and prompts share only within a micro-batch.
-    """
+    """``model.optim``: AdamW, the LR schedule and the PPO update structure."""
 
     lr: float = 1e-6
+    """Peak learning rate."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
     warmup_steps: int = 0
+    """Linear warm-up, in optimizer steps."""
     schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After warm-up: ``constant``, ``linear`` (decay to 0) or ``cosine``."""
     total_steps: int | None = None
+    """Optimizer steps of the decay; default: ``trainer.max_steps`` × updates per step."""
     grad_clip: float | None = 1.0
+    """Max global gradient norm, or None."""
     ppo_epochs: int = 1
+    """Passes over each rollout batch."""
     mini_batch_size: int | None = None
+    """Completions per optimizer step (None: the whole rollout batch, i.e. on-policy)."""
     micro_batch_size: int = 8
+    """Completions per forward/backward (gradient accumulation inside a mini-batch)."""
     share_prompt_prefix: bool = True
+    """Run each distinct prompt of a micro-batch once in every log-prob pass and let its completions attend to the
+    shared KV cache. Exact up to float rounding. Not applied under gradient checkpointing (no KV cache there) or
+    ZeRO-3 with several ranks (equal forward calls). A ``micro_batch_size`` that is a multiple of G computes each
+    prompt once on-policy."""
 
     def __post_init__(self) -> None:
         _check("optim", self, [
@@ -136,26 +222,164 @@ class OptimConfig:
         ])
 
 
-def check_module_settings(aligner: Any, num_generations: int, policy: str | None, tokenizer: str | None) -> None:
-    """Checks of ``PRPOModule``'s settings that involve more than one config group, before any model loads.
+# ----------------------------------------------------------------------------------------------------- off-policy
+class SamplerMismatchError(RuntimeError):
+    """The sampler's log-probs are too far from the trainer's (e.g. a weight sync was missed)."""
 
-    Args:
-        aligner: the advantage aligner (its ``group_relative`` flag).
-        num_generations: ``model.sampling.num_generations``.
-        policy: ``model.policy`` (a builtin name is checked against the registered builtins).
-        tokenizer: ``model.tokenizer`` (likewise).
+
+@dataclass
+class MismatchCheck:
+    """``model.rollout_check``: the sampler-vs-trainer self-check, run every step when the engine returns log-probs."""
+
+    metric: MismatchMetric = "logp_diff_mean"
+    """``logp_diff_mean``, ``logp_diff_max`` or ``kl`` (see :func:`~prpo_lightning.rollout.sampling.offpolicy.mismatch_metrics`)."""
+    threshold: float = 0.1
+    """The largest acceptable value (0.1 mean absolute log-prob difference is several times a synced bf16 engine's)."""
+    mode: Literal["warn", "raise"] = "warn"
+    """``warn`` logs a warning; ``raise`` raises :class:`SamplerMismatchError`."""
+
+    def __post_init__(self) -> None:
+        if self.metric not in get_args(MismatchMetric):
+            raise ValueError(f"MismatchCheck.metric must be one of {get_args(MismatchMetric)}, got {self.metric!r}")
+        if self.mode not in ("warn", "raise"):
+            raise ValueError(f"MismatchCheck.mode must be 'warn' or 'raise', got {self.mode!r}")
+        if not self.threshold >= 0:
+            raise ValueError(f"MismatchCheck.threshold must be >= 0, got {self.threshold}")
+
+    def __call__(self, metrics: dict[str, float], step: int | None = None) -> bool:
+        """Check ``metrics`` (``rollout/<metric>``); True when within the threshold.
+
+        Raises:
+            SamplerMismatchError: the metric exceeds the threshold and ``mode`` is ``raise``.
+        """
+        value = metrics[f"rollout/{self.metric}"]
+        if value <= self.threshold:
+            return True
+        msg = (f"rollout/{self.metric} = {value:.4g} exceeds {self.threshold:.4g}"
+               f"{'' if step is None else f' at step {step}'}: the sampler does not sample from the trained weights "
+               "(a missed engine.sync_weights, or a sampler with other numerics); check the weight sync, or raise "
+               "the threshold if this mismatch is expected")
+        if self.mode == "raise":
+            raise SamplerMismatchError(msg)
+        log.warning(msg)
+        return False
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """``model.rollout_correction``: importance-sampling correction of the loss by ``ρ = π_old / π_sampler``.
+
+    Modes (``ρ_t`` per token, ``ρ_seq = exp(Σ_t log ρ_t)``): ``token_truncate`` (TIS) ``clamp(ρ_t, min, max)``;
+    ``token_mask`` ``ρ_t`` inside ``[min, max]`` else 0; ``sequence_truncate`` / ``sequence_mask`` the same with
+    ``ρ_seq``; ``icepop`` ``token_mask`` with bounds ``[0.5, 5]``.
+    """
+
+    mode: CorrectionMode | None = "token_truncate"
+    """One of the modes above, or None to disable the correction (weights ≡ 1)."""
+    clip_max: float | None = None
+    """Upper bound C (default 2.0, TIS's; ``icepop``: 5.0)."""
+    clip_min: float | None = None
+    """Lower bound (default: none, i.e. 0; ``icepop``: 0.5)."""
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in get_args(CorrectionMode):
+            raise ValueError(f"RolloutCorrectionConfig.mode must be one of {get_args(CorrectionMode)} or None, got "
+                             f"{self.mode!r}")
+        if self.clip_max is None:
+            self.clip_max = 5.0 if self.mode == "icepop" else 2.0
+        if self.clip_min is None and self.mode == "icepop":
+            self.clip_min = 0.5
+        if self.clip_max <= 0 or (self.clip_min is not None and self.clip_min > self.clip_max):
+            raise ValueError(f"RolloutCorrectionConfig: need 0 < clip_max and clip_min <= clip_max, got "
+                             f"[{self.clip_min}, {self.clip_max}]")
+
+
+# ----------------------------------------------------------------------------------------------------- rewards
+@dataclass
+class OverlongConfig:
+    """``model.reward_shaping.overlong``: DAPO's soft overlong punishment (0 up to ``max_new_tokens −
+    buffer_length`` tokens, then linear to ``−penalty`` at ``max_new_tokens``)."""
+
+    buffer_length: int
+    """L_cache, the length of the punishment ramp in tokens (>= 1, at most ``max_new_tokens``)."""
+    penalty: float = 1.0
+    """The penalty at ``max_new_tokens`` tokens (>= 0; DAPO and TRL: 1)."""
+
+    def __post_init__(self) -> None:
+        if self.buffer_length < 1:
+            raise ValueError(f"model.reward_shaping.overlong.buffer_length must be an integer >= 1 (the length of the "
+                             f"punishment ramp in tokens); got {self.buffer_length!r}")
+        if self.penalty < 0:
+            raise ValueError(f"model.reward_shaping.overlong.penalty must be >= 0 (the penalty at max_new_tokens); "
+                             f"got {self.penalty!r}")
+
+
+@dataclass
+class RewardShapingConfig:
+    """``model.reward_shaping``: shaping added to the outcome rewards after grading, before the aligner."""
+
+    overlong: OverlongConfig | None = None
+    """DAPO's soft overlong punishment, or None (off)."""
+
+
+# ----------------------------------------------------------------------------------------------------- reference, LoRA
+@dataclass
+class RefSyncConfig:
+    """``model.ref_sync``: TRL's reference-model sync, ``θ_ref ← α·θ + (1 − α)·θ_ref`` every k optimizer steps."""
+
+    sync_ref_model: bool = False
+    """Mix the policy into the reference (needs a reference: ``loss.kl_coef > 0`` or a component that needs one)."""
+    ref_model_mixup_alpha: float = 0.6
+    """α, in [0, 1] (TRL's default 0.6)."""
+    ref_model_sync_steps: int = 512
+    """Optimizer steps between syncs, >= 1 (TRL's default 512)."""
+
+    def __post_init__(self) -> None:
+        alpha = self.ref_model_mixup_alpha
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"model.ref_sync.ref_model_mixup_alpha must be in [0, 1], got {alpha!r}")
+        if not _is_int(self.ref_model_sync_steps) or self.ref_model_sync_steps < 1:
+            raise ValueError(f"model.ref_sync.ref_model_sync_steps must be an integer >= 1, "
+                             f"got {self.ref_model_sync_steps!r}")
+
+
+@dataclass
+class LoRAConfig:
+    """``model.lora``: LoRA adapters via PEFT (only the adapters train; the reference is the base)."""
+
+    r: int = 8
+    """Rank of the adapters (``A``: r × in, ``B``: out × r)."""
+    alpha: float = 16.0
+    """Scaling numerator; the update is scaled by ``alpha / r``."""
+    dropout: float = 0.0
+    """Dropout on the adapter input during training (0 = none)."""
+    target_modules: list[str] | str = field(default="all-linear")
+    """Module names to adapt (e.g. ``[q_proj, v_proj]``), or ``all-linear`` (every linear layer but the head)."""
+
+    def __post_init__(self) -> None:
+        if int(self.r) < 1:
+            raise ValueError(f"model.lora.r must be >= 1, got {self.r}")
+        if not float(self.alpha) > 0:
+            raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules is empty: name the modules to adapt, or use 'all-linear'")
+
+
+#: Every config dataclass (registered as safe globals for ``torch.load(weights_only=True)`` of checkpoints).
+CONFIGS: tuple[type, ...] = (SamplingConfig, DynamicSamplingConfig, LossConfig, OptimConfig, MismatchCheck,
+                             RolloutCorrectionConfig, OverlongConfig, RewardShapingConfig, RefSyncConfig, LoRAConfig)
+
+
+def check_module_settings(group_relative: bool, num_generations: int, aligner_name: str) -> None:
+    """Checks that involve more than one config group, before any model loads.
 
     Raises:
-        ValueError: a group-relative aligner with ``num_generations: 1`` (every advantage would be 0, so the run
-            would train with loss 0), or a misspelt builtin model name.
+        ValueError: a group-relative aligner with ``num_generations: 1`` (every advantage would be 0).
     """
-    from prpo_lightning.models import check_builtin_name
-
-    if getattr(aligner, "group_relative", False) and num_generations < 2:
-        raise ValueError(f"model.sampling.num_generations must be >= 2 with {type(aligner).__name__}; got "
-                         f"{num_generations}: its advantages are relative to the prompt's group, so a lone completion "
-                         "gets advantage 0 and the run would train with loss 0; raise num_generations or choose an "
-                         "aligner that is not group-relative")
-    for key, name in (("model.policy", policy), ("model.tokenizer", tokenizer)):
-        if name is not None:
-            check_builtin_name(name, key)
+    if group_relative and num_generations < 2:
+        raise ValueError(f"model.sampling.num_generations must be >= 2 with {aligner_name}; got {num_generations}: "
+                         "its advantages are relative to the prompt's group, so a lone completion gets advantage 0 "
+                         "and the run would train with loss 0; raise num_generations or choose an aligner that is "
+                         "not group-relative")

@@ -273,6 +273,24 @@ class PromptDataModule(L.LightningDataModule):
         return self.eval_dataloader()
 
 
+def _import_function(path: str, key: str) -> Any:
+    """The function named by an import path ``package.module.function``.
+
+    Raises:
+        ValueError: naming ``key`` when the path does not name an importable callable.
+    """
+    import importlib
+
+    module_name, _, attr = path.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{key} = {path!r} does not name an importable function ({err})") from err
+    if not callable(function):
+        raise ValueError(f"{key} = {path!r} is not callable")
+    return function
+
+
 class JsonlMathDataModule(PromptDataModule):
     """Problems from local JSONL files or a Hugging Face dataset.
 
@@ -285,6 +303,8 @@ class JsonlMathDataModule(PromptDataModule):
         problem_key / answer_key: field names.
         answer_from_solution: take the gold answer as the last ``\\boxed{}`` of this field instead
             (MATH train has only a ``solution`` field).
+        answer_extractor: import path of the function that extracts it (default: the math verifier's own
+            ``components.math_answer.extract.extract_last_boxed``, so gold and graded answers are cut alike).
     """
 
     def __init__(
@@ -296,6 +316,7 @@ class JsonlMathDataModule(PromptDataModule):
         problem_key: str = "problem",
         answer_key: str = "answer",
         answer_from_solution: str | None = None,
+        answer_extractor: str = "components.math_answer.extract.extract_last_boxed",
         batch_size: int = 8,
         eval_batch_size: int = 32,
         seed: int = 0,
@@ -305,7 +326,7 @@ class JsonlMathDataModule(PromptDataModule):
         self.train_path, self.eval_path = train_path, eval_path
         self.train_hub_split, self.eval_hub_split = train_hub_split, eval_hub_split
         self.problem_key, self.answer_key = problem_key, answer_key
-        self.answer_from_solution = answer_from_solution
+        self.answer_from_solution, self.answer_extractor = answer_from_solution, answer_extractor
 
     def _load(self, path: str | None, hub_split: str | None) -> list[dict[str, Any]]:
         if path is None:
@@ -314,13 +335,12 @@ class JsonlMathDataModule(PromptDataModule):
             return read_jsonl(path, self.problem_key, self.answer_key)
         from datasets import load_dataset  # optional dependency, hub access
 
+        extract = _import_function(self.answer_extractor, "data.answer_extractor") if self.answer_from_solution else None
         rows = []
         for i, ex in enumerate(load_dataset(path, split=hub_split)):
             answer = ex.get(self.answer_key)
-            if self.answer_from_solution:
-                from components.math_answer.extract import extract_last_boxed  # the verifier's own extraction
-
-                answer = extract_last_boxed(ex[self.answer_from_solution])
+            if extract is not None:
+                answer = extract(ex[self.answer_from_solution])
             if not ex.get(self.problem_key) or not answer:
                 continue
             rows.append({"id": i, "problem": ex[self.problem_key], "answer": answer})

@@ -24,8 +24,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from prpo_lightning.lora import apply_lora, as_lora_config, is_lora, merged_model
-from prpo_lightning.models import load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
+from prpo_lightning.training.lora import apply_lora, as_lora_config, is_lora, merged_model
+from prpo_lightning.runtime.models import load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
 
 POLICY_PREFIX = "policy."
 

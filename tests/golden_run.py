@@ -48,7 +48,7 @@ class DigitSharePRM(ProcessRewardModel):
     """A deterministic rule PRM: a step's score is the share of its characters that are digits."""
 
     def score(self, batch: Any, tokenizer: Any) -> ProcessScores:
-        from prpo_lightning.prm import pad_step_scores
+        from prpo_lightning.scoring.prm import pad_step_scores
 
         rows = []
         for ids, spans in zip(batch.completion_ids.tolist(), batch.segment_spans):
@@ -101,7 +101,7 @@ class MetricsRecorder:
 
 
 def _sampling(**kw: Any) -> Any:
-    from prpo_lightning.rollout import SamplingConfig  # moved by the redesign: imported through the old path
+    from prpo_lightning.config import SamplingConfig  # moved by the redesign: imported through the old path
 
     return SamplingConfig(**kw)
 

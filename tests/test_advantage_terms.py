@@ -10,9 +10,9 @@ from test_aligners import A1_CODE, A1_LENGTHS, a1_batch, make_batch, spro_batch
 from test_faults import _ByText
 
 from components.aligners import GRPOAligner, ProcessOnlyAligner, PRPOAligner, SPROAligner
-from prpo_lightning.aligner import AdvantageAligner
+from prpo_lightning.scoring.aligner import AdvantageAligner
 from prpo_lightning.batch import ComponentContractError, RolloutBatch
-from prpo_lightning.scoring import advantage_term_metrics, check_terms_sum, checked_terms, compute_advantages
+from prpo_lightning.scoring.pipeline import advantage_term_metrics, check_terms_sum, checked_terms, compute_advantages
 
 A1_OUTCOME = [-0.5, 1.5, -0.5, -0.5]  # PRPO's centred outcome term on A1 (rewards -1, 1, -1, -1)
 

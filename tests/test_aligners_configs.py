@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prpo_lightning.aligner import AdvantageAligner
-from prpo_lightning.prm import ProcessRewardModel
-from prpo_lightning.segmenter import Segmenter
+from prpo_lightning.scoring.aligner import AdvantageAligner
+from prpo_lightning.scoring.prm import ProcessRewardModel
+from prpo_lightning.scoring.segmenter import Segmenter
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MINE = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import components.aligners_dense as aligners_dense
 import components.aligners_process as aligners_process
-import prpo_lightning.aligner as framework_aligner
+import prpo_lightning.scoring.aligner as framework_aligner
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("prpo_lightning", "components")

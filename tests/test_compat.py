@@ -1,4 +1,4 @@
-"""Forward compatibility: the version-dependent transformers names (prpo_lightning.compat) and the test-suite guard
+"""Forward compatibility: the version-dependent transformers names (prpo_lightning.runtime.compat) and the test-suite guard
 that fails a test on a DeprecationWarning/FutureWarning triggered by a call in project code (tests/conftest.py)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 
-from prpo_lightning.compat import cache_kwarg, enable_activation_checkpointing, output_cache
-from prpo_lightning.logprobs import completion_logprobs
+from prpo_lightning.runtime.compat import cache_kwarg, enable_activation_checkpointing, output_cache
+from prpo_lightning.training.logprobs import completion_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
 V = 64

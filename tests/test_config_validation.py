@@ -92,7 +92,7 @@ def test_lengths_beyond_the_context_window_fail_before_weights_load(tmp_path, ch
     ``prpo-fit fit`` after the (cheap) tokenizer and config are read but before any weights are built."""
     import transformers
 
-    from prpo_lightning import models
+    import prpo_lightning.runtime.models as models
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _tok(char_tokenizer))
     monkeypatch.setattr(models, "load_tokenizer", lambda name: _tok(char_tokenizer))

@@ -24,7 +24,7 @@ from components.verifiers import SympyMathVerifier
 from helpers import build_char_tokenizer, tiny_qwen2_config
 from prpo_lightning.batch import ComponentContractError, SpanContractError
 from prpo_lightning.cli import cli_main
-from prpo_lightning.faults import PRMError
+from prpo_lightning.scoring.faults import PRMError
 
 CALLS: list[tuple[str, Any]] = []  # (event, value) recorded by the components below, in call order
 
@@ -48,15 +48,15 @@ class RecordingPRM(EquationCheckPRM):
 
 
 class RecordingVerifier(SympyMathVerifier):
-    def verify_batch(self, completions, golds):
+    def verify_batch(self, completions, golds, rows=None):
         CALLS.append(("verifier.grad", torch.is_grad_enabled()))
-        return super().verify_batch(completions, golds)
+        return super().verify_batch(completions, golds, rows)
 
 
 class RecordingAligner(PRPOAligner):
-    def align(self, batch):
+    def advantage_terms(self, batch):
         CALLS.append(("aligner.grad", torch.is_grad_enabled()))
-        return super().align(batch)
+        return super().advantage_terms(batch)
 
 
 class ListPRM(EquationCheckPRM):
@@ -87,8 +87,9 @@ class OldLogprobPRM(EquationCheckPRM):
 class EntropyAligner(GRPOAligner):
     """Reads ``entropies`` without declaring ``requires_rollout_logprobs``."""
 
-    def align(self, batch):
-        return super().align(batch) * (batch.entropies > -1)
+    def advantage_terms(self, batch):
+        _ = batch.entropies
+        return super().advantage_terms(batch)
 
 
 class LogprobSegmenter(FixedLengthSegmenter):
@@ -201,7 +202,7 @@ def test_prpo_fit_test_counts_problems_skipped_as_too_long(tmp_path, char_tokeni
 
 def test_no_boxed_fraction_is_the_math_verifiers_metric():
     """Item 13: ``completion/no_boxed_frac`` comes from the math verifier (complete boxes only), not generic scoring."""
-    from prpo_lightning.verifier import OutcomeVerifier
+    from prpo_lightning.scoring.verifier import OutcomeVerifier
 
     texts = ["so \\boxed{3}", "no box here", "cut off \\boxed{1", "\\fbox{2}"]
     verifier = SympyMathVerifier(num_workers=1)

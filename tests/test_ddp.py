@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir  # noqa: E402
 
 from prpo_lightning.module import PRPOModule  # noqa: E402
-from prpo_lightning.rollout import SamplingConfig  # noqa: E402
+from prpo_lightning.config import SamplingConfig  # noqa: E402
 
 LONG = "9" * 40 + "="  # over max_prompt_length=32
 SCENARIOS = {

@@ -7,9 +7,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from prpo_lightning.decoding import StaticCacheDecoder, sample_next, unsupported_reason
-from prpo_lightning.logprobs import completion_logprobs
-from prpo_lightning.rollout import SamplingConfig, generate_completions, left_pad, resolve_engine
+from prpo_lightning.rollout.decoding import StaticCacheDecoder, sample_next, unsupported_reason
+from prpo_lightning.training.logprobs import completion_logprobs
+from prpo_lightning.config import SamplingConfig
+from prpo_lightning.rollout.sampling import generate_completions, left_pad, resolve_engine
 
 EOS, PAD, V = 1, 0, 96
 
@@ -163,7 +164,7 @@ def test_unsupported_models_are_refused_with_the_reason(breaks, reason, monkeypa
     with pytest.raises(ValueError, match=reason):
         resolve_engine(model, SamplingConfig(engine="static"), synced_gpus=False)
     said: list[str] = []
-    monkeypatch.setattr("prpo_lightning.rollout.rank_zero_info", said.append)
+    monkeypatch.setattr("prpo_lightning.rollout.sampling.rank_zero_info", said.append)
     assert resolve_engine(model, SamplingConfig(engine="auto"), synced_gpus=False) == "hf"
     assert len(said) == 1 and "'hf'" in said[0] and reason in said[0], "auto names its fallback and the reason"
 
@@ -216,7 +217,7 @@ def test_bfloat16_policies_decode_like_hf(name):
 
 def test_entropy_of_matches_the_e1_oracle_and_ignores_suppressed_tokens():
     """prpo_spec §9 E1: H(0.5, 0.25, 0.25) = 1.039721 nats; a -inf logit (suppressed token) adds nothing."""
-    from prpo_lightning.decoding import entropy_of
+    from prpo_lightning.rollout.decoding import entropy_of
 
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]]))  # row 0 ends in -inf
     assert entropy_of(logits, 1.0).tolist() == pytest.approx([1.039721, 1.386294], abs=1e-6)

@@ -71,7 +71,7 @@ def test_prompt_template_and_sft_labels(tok):
 
 def test_builtin_warm_start_smoke(tmp_path, monkeypatch):
     """The registered builder runs (with a few SFT steps) into $PRPO_CACHE and loads like a hub model."""
-    from prpo_lightning.models import builtin_model_names, load_causal_lm, load_tokenizer, resolve_model_path
+    from prpo_lightning.runtime.models import builtin_model_names, load_causal_lm, load_tokenizer, resolve_model_path
 
     monkeypatch.setenv("PRPO_CACHE", str(tmp_path))
     threads = torch.get_num_threads()
@@ -83,7 +83,7 @@ def test_builtin_warm_start_smoke(tmp_path, monkeypatch):
 
 
 def _smoke(tmp_path, monkeypatch):
-    from prpo_lightning.models import builtin_model_names, load_causal_lm, load_tokenizer, resolve_model_path
+    from prpo_lightning.runtime.models import builtin_model_names, load_causal_lm, load_tokenizer, resolve_model_path
 
     monkeypatch.setattr(
         policy,

@@ -62,7 +62,7 @@ def test_every_public_class_is_documented(built_docs: Path) -> None:
 
 
 def test_one_page_per_bundled_aligner(built_docs: Path) -> None:
-    from prpo_lightning.aligner import AdvantageAligner
+    from prpo_lightning.scoring.aligner import AdvantageAligner
 
     pages = "\n".join(p.read_text(encoding="utf-8") for p in (DOCS / "aligners").glob("*.rst"))
     missing = [
@@ -75,7 +75,7 @@ def test_one_page_per_bundled_aligner(built_docs: Path) -> None:
 
 def test_config_reference_lists_every_config_field(built_docs: Path) -> None:
     html = (built_docs / "reference" / "config.html").read_text(encoding="utf-8")
-    for path in ("prpo_lightning.rollout.SamplingConfig", "prpo_lightning.config.LossConfig", "prpo_lightning.config.OptimConfig"):
+    for path in ("prpo_lightning.config.SamplingConfig", "prpo_lightning.config.LossConfig", "prpo_lightning.config.OptimConfig"):
         obj = prpo_docs.import_object(path)
         prefix = {"SamplingConfig": "model.sampling", "LossConfig": "model.loss", "OptimConfig": "model.optim"}[obj.__name__]
         for name, *_ in prpo_docs.config_rows(obj):

@@ -143,7 +143,7 @@ def test_grpo_step_metrics_are_in_the_glossary(char_tokenizer: str) -> None:
     from prpo_lightning.config import OptimConfig
     from prpo_lightning.data import ArithmeticDataModule
     from prpo_lightning.module import PRPOModule
-    from prpo_lightning.rollout import SamplingConfig
+    from prpo_lightning.config import SamplingConfig
 
     mod = _load("custom_verifier")
     module = PRPOModule(
@@ -164,7 +164,7 @@ def test_custom_engine_trains_syncs_and_passes_the_self_check(tmp_path) -> None:
     """The how-to's RemoteEngine through two training steps: weights pushed at setup and after each update, the
     server's log-probs equal the trainer's (the self-check in ``raise`` mode passes)."""
     from prpo_lightning.config import LossConfig
-    from prpo_lightning.offpolicy import MismatchCheck
+    from prpo_lightning.config import MismatchCheck
     from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir
 
     mod = _load("custom_engine")

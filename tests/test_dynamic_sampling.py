@@ -23,8 +23,8 @@ from test_resume import GroupNormAligner, ToyPrompts, make_module, make_trainer,
 from test_skips import deadline as time_limit  # fails the test instead of hanging
 
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.dynamic_sampling import (
-    DynamicSamplingConfig,
+from prpo_lightning.config import DynamicSamplingConfig
+from prpo_lightning.rollout.dynamic_sampling import (
     _Filler,
     concat_rollouts,
     draw_seed,
@@ -32,8 +32,8 @@ from prpo_lightning.dynamic_sampling import (
     signal_mask,
 )
 from prpo_lightning.module import PRPOModule
-from prpo_lightning.rollout import SamplingConfig
-from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
+from prpo_lightning.config import SamplingConfig
+from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
 
 def _batch(ids: list[int], rewards: list[float], adv: list[list[float]] | None = None, t: int = 3,
@@ -243,7 +243,7 @@ def test_exhausted_rounds_train_on_what_was_kept(tmp_path, caplog):
     module, rec = _ds_module(tok, ConstantForSomeVerifier(), max_rounds=0), MetricsRecorder()
     dm = ToyPrompts(n=12, batch_size=4, rows=[{"id": i, "problem": f"{i}+{i}=", "answer": str(2 * i)}
                                               for i in (0, 3, 6, 1, 2, 4, 5, 7, 8, 9, 10, 11)])
-    with time_limit(300), caplog.at_level("WARNING", logger="prpo_lightning.dynamic_sampling"):
+    with time_limit(300), caplog.at_level("WARNING", logger="prpo_lightning.rollout.dynamic_sampling"):
         make_trainer(tmp_path, 2, [rec]).fit(module, dm)
     for step in range(2):
         drawn = module.rounds[step][0]

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from components.engines import AutoEngine, HFGenerateEngine
-from prpo_lightning import update
+import prpo_lightning.training.updater as update
 from prpo_lightning.config import LossConfig, OptimConfig
-from prpo_lightning.engine import EngineCapabilities, RolloutResult, StaleWeightsError
-from prpo_lightning.logprobs import completion_logprobs
-from prpo_lightning.offpolicy import MismatchCheck, RolloutCorrectionConfig, SamplerMismatchError
-from prpo_lightning.rollout import left_pad, pad_token_id
+from prpo_lightning.rollout.engine import EngineCapabilities, RolloutResult, StaleWeightsError
+from prpo_lightning.training.logprobs import completion_logprobs
+from prpo_lightning.config import MismatchCheck, RolloutCorrectionConfig, SamplerMismatchError
+from prpo_lightning.rollout.sampling import left_pad, pad_token_id
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir
 
 DELTA = 0.1  # the test engine's sampler log-probs are the trainer's minus DELTA on every sampled token

@@ -10,10 +10,11 @@ import torch
 
 from components.engines import AutoEngine, HFGenerateEngine, StaticCacheEngine
 from helpers import build_char_tokenizer, tiny_qwen2_config
-from prpo_lightning.distributed import group_seed
-from prpo_lightning.engine import RolloutResult, StaleWeightsError, pack_completions
-from prpo_lightning.models import load_causal_lm, load_tokenizer
-from prpo_lightning.rollout import SamplingConfig, generate_completions, generate_groups, left_pad
+from prpo_lightning.runtime.distributed import group_seed
+from prpo_lightning.rollout.engine import RolloutResult, StaleWeightsError, pack_completions
+from prpo_lightning.runtime.models import load_causal_lm, load_tokenizer
+from prpo_lightning.config import SamplingConfig
+from prpo_lightning.rollout.sampling import generate_completions, generate_groups, left_pad
 
 ENGINES = {"hf": HFGenerateEngine, "static": StaticCacheEngine, "auto": AutoEngine}
 

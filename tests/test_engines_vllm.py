@@ -17,11 +17,13 @@ import torch  # noqa: E402
 
 from components.engines import HFGenerateEngine, VLLMEngine  # noqa: E402
 from helpers import build_char_tokenizer  # noqa: E402
-from prpo_lightning.engine import StaleWeightsError  # noqa: E402
-from prpo_lightning.logprobs import completion_logprobs  # noqa: E402
-from prpo_lightning.models import load_causal_lm, load_tokenizer  # noqa: E402
-from prpo_lightning.offpolicy import MismatchCheck, SamplerMismatchError, mismatch_metrics  # noqa: E402
-from prpo_lightning.rollout import SamplingConfig, left_pad  # noqa: E402
+from prpo_lightning.rollout.engine import StaleWeightsError  # noqa: E402
+from prpo_lightning.training.logprobs import completion_logprobs  # noqa: E402
+from prpo_lightning.runtime.models import load_causal_lm, load_tokenizer  # noqa: E402
+from prpo_lightning.config import MismatchCheck, SamplerMismatchError
+from prpo_lightning.rollout.offpolicy import mismatch_metrics  # noqa: E402
+from prpo_lightning.config import SamplingConfig
+from prpo_lightning.rollout.sampling import left_pad  # noqa: E402
 
 # Largest |log π_vLLM − log π_HF| over sampled tokens measured on this CPU in float32: ~1e-6 (see the report);
 # the tolerance leaves two orders of magnitude of room for other CPUs' kernels.

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from components.engines import HFGenerateEngine, VLLMEngine  # noqa: E402
 from prpo_lightning.config import LossConfig, OptimConfig  # noqa: E402
 from prpo_lightning.data import ArithmeticDataModule, collate_prompts  # noqa: E402
-from prpo_lightning.engine import RolloutEngine  # noqa: E402
-from prpo_lightning.offpolicy import MismatchCheck, SamplerMismatchError  # noqa: E402
+from prpo_lightning.rollout.engine import RolloutEngine  # noqa: E402
+from prpo_lightning.config import MismatchCheck, SamplerMismatchError  # noqa: E402
 from test_engines_vllm import SAMPLING, qwen2_config  # noqa: E402
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir  # noqa: E402
 
@@ -188,7 +188,7 @@ def _ddp_run(out: Path, devices: int, tok: str):
     """``DDP_STEPS`` steps over ``DDP_ROWS`` on ``devices`` ranks; saves each rank's records and weights."""
     from test_ddp import RecordingModule
 
-    from prpo_lightning.rollout import SamplingConfig
+    from prpo_lightning.config import SamplingConfig
 
     rows = [{"id": i, "problem": p, "answer": "0"} for i, p in enumerate(DDP_ROWS)]
     # per-group seeds: a prompt's completions do not depend on the rank that draws it

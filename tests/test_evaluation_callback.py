@@ -19,8 +19,8 @@ from prpo_lightning.evaluation.benchmarks import DATA_DIR_ENV
 from prpo_lightning.evaluation.datamodule import MathBenchmarkDataModule
 from prpo_lightning.evaluation.runner import EvalConfig
 from prpo_lightning.module import PRPOModule
-from prpo_lightning.rollout import SamplingConfig
-from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
+from prpo_lightning.config import SamplingConfig
+from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data"

@@ -23,7 +23,7 @@ from prpo_lightning.evaluation.benchmarks import (
 )
 from prpo_lightning.evaluation.datamodule import MathBenchmarkDataModule
 from prpo_lightning.evaluation.runner import BenchmarkEvaluator, EvalConfig
-from prpo_lightning.verifier import Verdict, VerdictStatus
+from prpo_lightning.scoring.verifier import Verdict, VerdictStatus
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA_DIR / "math500" / "test.jsonl").exists(), reason=f"no data at {DATA_DIR}")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from prpo_lightning.data import PromptDataset, collate_prompts
 from prpo_lightning.evaluation.runner import BenchmarkEvaluator, EvalConfig
-from prpo_lightning.verifier import Verdict, VerdictStatus
+from prpo_lightning.scoring.verifier import Verdict, VerdictStatus
 
 N = 500
 

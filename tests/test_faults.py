@@ -24,11 +24,11 @@ from test_resume import GroupNormAligner, ParityVerifier, ToyPrompts, make_modul
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.config import LossConfig
 from prpo_lightning.data import DataFileError, read_jsonl
-from prpo_lightning.faults import PRMError, VerifierError
-from prpo_lightning.prm import ProcessRewardModel
-from prpo_lightning.scoring import compute_advantages, grade
-from prpo_lightning.segmenter import Segmenter
-from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
+from prpo_lightning.scoring.faults import PRMError, VerifierError
+from prpo_lightning.scoring.prm import ProcessRewardModel
+from prpo_lightning.scoring.pipeline import compute_advantages, grade
+from prpo_lightning.scoring.segmenter import Segmenter
+from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
 
 # ---------------------------------------------------------------- data rows

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prpo_lightning.batch import RolloutBatch, check_spans_tile, spans_to_segment_ids
-from prpo_lightning.grouping import (
+from prpo_lightning.scoring.grouping import (
     group_constant,
     group_loo_mean,
     group_mean,
@@ -19,8 +19,8 @@ from prpo_lightning.grouping import (
     masked_row_mean,
     zero_variance_fraction,
 )
-from prpo_lightning.scoring import grade
-from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
+from prpo_lightning.scoring.pipeline import grade
+from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
 
 def test_group_stats_o1_oracle():

@@ -14,8 +14,9 @@ from test_resume import ToyPrompts, cli_fit_args, make_module, make_trainer, tok
 
 from prpo_lightning.cli import cli_main  # noqa: E402
 from prpo_lightning.export import export_checkpoint  # noqa: E402
-from prpo_lightning.logprobs import batched_logprobs  # noqa: E402
-from prpo_lightning.lora import AdapterDisabledReference, LoRAConfig, as_lora_config, merged_weights  # noqa: E402
+from prpo_lightning.training.logprobs import batched_logprobs  # noqa: E402
+from prpo_lightning.training.lora import AdapterDisabledReference, as_lora_config, merged_weights
+from prpo_lightning.config import LoRAConfig  # noqa: E402
 
 LORA = LoRAConfig(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
 
@@ -45,7 +46,7 @@ def test_config_is_checked():
 
 
 def test_ref_sync_with_lora_is_refused(tok):
-    from prpo_lightning.refsync import RefSyncConfig
+    from prpo_lightning.config import RefSyncConfig
 
     with pytest.raises(ValueError, match="model.lora"):
         _lora_module(tok, ref_sync=RefSyncConfig(sync_ref_model=True))

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from helpers import build_char_tokenizer, tiny_qwen2_config
-from prpo_lightning import update
+import prpo_lightning.training.updater as update
 from prpo_lightning.cli import cli_main
 from prpo_lightning.config import LossConfig
-from prpo_lightning.logprobs import completion_logprobs
-from prpo_lightning.losses import cispo_loss, importance_ratio, top_entropy_mask
+from prpo_lightning.training.logprobs import completion_logprobs
+from prpo_lightning.training.losses import cispo_loss, importance_ratio, top_entropy_mask
 from prpo_lightning.module import PRPOModule
-from prpo_lightning.shaping import OverlongConfig, RewardShapingConfig, apply_reward_shaping, overlong_penalty
+from prpo_lightning.config import OverlongConfig, RewardShapingConfig
+from prpo_lightning.scoring.shaping import apply_reward_shaping, overlong_penalty
 
 CFG = dict(eps_low=0.2, eps_high=0.2, dual_clip=None)
 

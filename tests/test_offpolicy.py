@@ -8,13 +8,8 @@ import math
 import pytest
 import torch
 
-from prpo_lightning.offpolicy import (
-    MismatchCheck,
-    RolloutCorrectionConfig,
-    SamplerMismatchError,
-    correction_weights,
-    mismatch_metrics,
-)
+from prpo_lightning.config import MismatchCheck, RolloutCorrectionConfig, SamplerMismatchError
+from prpo_lightning.rollout.offpolicy import correction_weights, mismatch_metrics
 
 # Two rows; ρ = π_old / π_sampler per token. Row 0: ρ = [4, 0.45, 1 | pad], row 1: ρ = [3, 0.4 | pad, pad].
 RHO = torch.tensor([[4.0, 0.45, 1.0, 7.0], [3.0, 0.4, 9.0, 9.0]], dtype=torch.float64)  # (B, T)

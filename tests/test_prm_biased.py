@@ -7,7 +7,7 @@ import torch
 
 from components.prms import BiasedPRM
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.prm import ProcessRewardModel, ProcessScores, pad_step_scores
+from prpo_lightning.scoring.prm import ProcessRewardModel, ProcessScores, pad_step_scores
 
 
 class ConstantPRM(ProcessRewardModel):

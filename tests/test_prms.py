@@ -213,7 +213,7 @@ def test_qwen_prm_truncation_carries_last_read_score_never_zero(qwen_tokenizer, 
     row0 = cut.step_scores[0].tolist()
     assert row0[:2] == pytest.approx(full.step_scores[0, :2].tolist(), abs=1e-5)  # causal: prefix unchanged
     assert row0[2] == pytest.approx(row0[1], abs=1e-7)  # step 3 carries step 2's score
-    assert prm.last_stats["prm/carried_steps"] >= 1 and prm.last_stats["prm/truncated_rows"] >= 1
+    assert prm.batch_metrics()["carried_steps"] >= 1 and prm.batch_metrics()["truncated_rows"] >= 1
     assert bool((cut.step_scores[cut.step_mask] > 0).all())
     # no separator fits: the input is cut and one separator appended, so step 1 is still read
     prm.max_length = pos[0] - 2

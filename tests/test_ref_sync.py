@@ -8,7 +8,8 @@ import torch
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir
 
 from prpo_lightning.config import LossConfig, OptimConfig
-from prpo_lightning.refsync import RefSyncConfig, ReferenceSync, mix_into_reference
+from prpo_lightning.config import RefSyncConfig
+from prpo_lightning.training.refsync import ReferenceSync, mix_into_reference
 
 
 def test_mix_formula_hand_values():
@@ -133,9 +134,9 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK=
 dist.init_process_group("gloo", rank=0, world_size=1)
 import deepspeed
 import prpo_lightning.module
-from prpo_lightning.models import load_causal_lm
-from prpo_lightning.refsync import mix_into_reference
-from prpo_lightning.zero3 import transformers_zero3, unpartitioned_copy
+from prpo_lightning.runtime.models import load_causal_lm
+from prpo_lightning.training.refsync import mix_into_reference
+from prpo_lightning.runtime.zero3 import transformers_zero3, unpartitioned_copy
 cfg = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, pad_token_id=0)
 ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}

@@ -21,15 +21,15 @@ import pytest
 import torch
 from helpers import build_char_tokenizer, tiny_qwen2_config
 
-from prpo_lightning.aligner import AdvantageAligner
+from prpo_lightning.scoring.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.checkpoint import AtomicCheckpointIO, atomic_torch_save
+from prpo_lightning.runtime.checkpoint import AtomicCheckpointIO, atomic_torch_save
 from prpo_lightning.config import LossConfig, OptimConfig
 from prpo_lightning.data import PromptDataModule
-from prpo_lightning.grouping import group_mean, group_std
+from prpo_lightning.scoring.grouping import group_mean, group_std
 from prpo_lightning.module import PRPOModule
-from prpo_lightning.rollout import SamplingConfig
-from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
+from prpo_lightning.config import SamplingConfig
+from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,10 +46,10 @@ class ParityVerifier(OutcomeVerifier):
 class GroupNormAligner(AdvantageAligner):
     """GRPO: ``(r − mean_g) / (std_g + 1e-4)`` broadcast over each completion's tokens."""
 
-    def align(self, batch: RolloutBatch) -> torch.Tensor:
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
         r = batch.outcome_rewards
         adv = (r - group_mean(r, batch.group_ids)) / (group_std(r, batch.group_ids) + 1e-4)  # (B,)
-        return adv[:, None] * batch.completion_mask.float()  # (B, T)
+        return {"outcome": adv[:, None] * batch.completion_mask.float()}  # (B, T)
 
 
 class ToyPrompts(PromptDataModule):
@@ -201,8 +201,8 @@ _KILL_CHILD = r"""
 import sys, time, torch
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-import prpo_lightning.checkpoint as ck
-from prpo_lightning.checkpoint import AtomicCheckpointIO
+import prpo_lightning.runtime.checkpoint as ck
+from prpo_lightning.runtime.checkpoint import AtomicCheckpointIO
 
 path, flag = Path(sys.argv[1]), Path(sys.argv[2])
 io = AtomicCheckpointIO()

@@ -16,9 +16,10 @@ import yaml
 from components.rewards import RewardFunctionError, combine_verifiers
 from components.verifiers import BoxedFormatReward, CallableReward, SympyMathVerifier, WeightedVerifiers
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.faults import ComponentError, GuardedVerifier, VerifierError
-from prpo_lightning.scoring import grade
-from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus, rollout_rows
+from prpo_lightning.scoring.faults import ComponentError, GuardedVerifier, VerifierError
+from prpo_lightning.scoring.pipeline import grade
+from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
+from prpo_lightning.batch import rollout_rows
 
 SEEN_ROWS: list[dict] = []
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from helpers import build_char_tokenizer, tiny_qwen2_config
-from prpo_lightning.models import load_causal_lm, load_tokenizer
-from prpo_lightning.logprobs import completion_logprobs
-from prpo_lightning.rollout import SamplingConfig, generate_completions, pad_token_id, tokenize_prompts
+from prpo_lightning.runtime.models import load_causal_lm, load_tokenizer
+from prpo_lightning.training.logprobs import completion_logprobs
+from prpo_lightning.config import SamplingConfig
+from prpo_lightning.rollout.sampling import generate_completions, pad_token_id, tokenize_prompts
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_temperature_divides_logits():
 def test_generation_entropies_match_forward_pass(tiny, per_group, engine):
     """Both samplers (HF ``generate`` + EntropyRecorder, StaticCacheDecoder) give, for free, the entropies a
     separate forward pass computes (left padding too)."""
-    from prpo_lightning.rollout import generate_groups
+    from prpo_lightning.rollout.sampling import generate_groups
 
     model, tok = tiny
     sampling = SamplingConfig(max_new_tokens=10, temperature=0.8, engine=engine)

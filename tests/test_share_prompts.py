@@ -8,10 +8,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir
-from prpo_lightning.compat import enable_activation_checkpointing
+from prpo_lightning.runtime.compat import enable_activation_checkpointing
 from prpo_lightning.config import LossConfig, OptimConfig
-from prpo_lightning.logprobs import completion_logprobs, shared_prompt_logits
-from prpo_lightning.rollout import left_pad
+from prpo_lightning.training.logprobs import completion_logprobs, shared_prompt_logits
+from prpo_lightning.rollout.sampling import left_pad
 
 PAD, V = 0, 64
 

@@ -18,10 +18,10 @@ from test_resume import (GroupNormAligner, StepRecorder, ToyPrompts, cli_fit_arg
 
 from prpo_lightning.config import OptimConfig
 from prpo_lightning.batch import ComponentContractError
-from prpo_lightning.faults import SkipBudget, SkippedBatchesError
-from prpo_lightning.prm import ProcessRewardModel, pad_step_scores
-from prpo_lightning.segmenter import Segmenter
-from prpo_lightning.verifier import OutcomeVerifier
+from prpo_lightning.training.outcome import SkipBudget, SkippedBatchesError
+from prpo_lightning.scoring.prm import ProcessRewardModel, pad_step_scores
+from prpo_lightning.scoring.segmenter import Segmenter
+from prpo_lightning.scoring.verifier import OutcomeVerifier
 
 
 class RunStalled(BaseException):

@@ -18,13 +18,13 @@ class RecordingSPRO(SPROAligner):
         super().__init__(beta=0.05)
         self.seen: list[dict[str, torch.Tensor]] = []
 
-    def align(self, batch: RolloutBatch) -> torch.Tensor:
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
         mask = batch.completion_mask
         self.seen.append({
             "log_ratio": torch.where(mask, batch.old_logprobs - batch.ref_logprobs, torch.zeros_like(batch.old_logprobs)),
             "msa": self.masked_step_advantage(batch),
         })
-        return super().align(batch)
+        return super().advantage_terms(batch)
 
 
 def test_spro_log_ratio_is_zero_at_the_first_rollout_and_moves_after_an_update(tmp_path):

@@ -17,7 +17,7 @@ import torch
 
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.config import LossConfig, OptimConfig
-from prpo_lightning.logprobs import completion_logprobs
+from prpo_lightning.training.logprobs import completion_logprobs
 from test_resume import make_module, tokenizer_dir
 
 trl = pytest.importorskip("trl")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from components.verifiers import SympyMathVerifier
-from prpo_lightning.verifier import Verdict, VerdictStatus
+from prpo_lightning.scoring.verifier import Verdict, VerdictStatus
 
 MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
 TIMEOUT = 3.0

@@ -15,7 +15,7 @@ from components.math_answer.numeric import parse_number
 from components.math_answer.parse import UnsafeExpression, check_latex
 from components.math_answer.pool import TimeoutPool
 from components.verifiers import SympyMathVerifier
-from prpo_lightning.verifier import OutcomeVerifier, VerdictStatus
+from prpo_lightning.scoring.verifier import OutcomeVerifier, VerdictStatus
 
 
 def slow_task(payload):

@@ -1,4 +1,4 @@
-"""Models under DeepSpeed ZeRO-3 (prpo_lightning.zero3), on the CPU with one gloo rank.
+"""Models under DeepSpeed ZeRO-3 (prpo_lightning.runtime.zero3), on the CPU with one gloo rank.
 
 Found by the GPU check (benchmarks/gpu_check.py, train_zero3): under Lightning's ``zero.Init`` a policy built from a
 config failed in transformers' weight initialisation (``IndexError ... size 0``), and a KL reference made by
@@ -25,8 +25,8 @@ SCRIPT = textwrap.dedent("""
     dist.init_process_group("gloo", rank=0, world_size=1)
     import deepspeed
     import prpo_lightning.module  # as in a real run, torch._dynamo is imported before zero.Init patches tensors
-    from prpo_lightning.models import load_causal_lm
-    from prpo_lightning.zero3 import transformers_zero3, unpartitioned_copy
+    from prpo_lightning.runtime.models import load_causal_lm
+    from prpo_lightning.runtime.zero3 import transformers_zero3, unpartitioned_copy
     cfg = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
                pad_token_id=0)

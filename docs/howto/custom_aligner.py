@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from prpo_lightning import AdvantageAligner, RolloutBatch
-from prpo_lightning.aligner import token_step_scores
-from prpo_lightning.grouping import group_mean, group_std
+from prpo_lightning.scoring.aligner import token_step_scores
+from prpo_lightning.scoring.grouping import group_mean, group_std
 
 
 # [aligner-class]

@@ -8,9 +8,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from prpo_lightning.engine import EngineCapabilities, RolloutEngine, RolloutResult, pack_completions
-from prpo_lightning.logprobs import completion_logprobs
-from prpo_lightning.rollout import SamplingConfig, generate_groups
+from prpo_lightning.rollout.engine import EngineCapabilities, RolloutEngine, RolloutResult, pack_completions
+from prpo_lightning.training.logprobs import completion_logprobs
+from prpo_lightning.config import SamplingConfig
+from prpo_lightning.rollout.sampling import generate_groups
 
 
 # [engine-class]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from prpo_lightning import ProcessRewardModel, ProcessScores, RolloutBatch
-from prpo_lightning.prm import pad_step_scores
+from prpo_lightning.scoring.prm import pad_step_scores
 
 
 # [prm-class]

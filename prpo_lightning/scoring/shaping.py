@@ -8,41 +8,16 @@ verl's ``reward_model.overlong_buffer: {len, penalty_factor}``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from torch import Tensor
 
-
-@dataclass
-class OverlongConfig:
-    """DAPO's soft overlong punishment.
-
-    Args:
-        buffer_length: L_cache, the length of the punishment ramp in tokens (>= 1, at most ``max_new_tokens``).
-        penalty: the penalty at ``max_new_tokens`` tokens (>= 0; DAPO and TRL: 1).
-    """
-
-    buffer_length: int
-    penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.buffer_length < 1:
-            raise ValueError(f"model.reward_shaping.overlong.buffer_length must be an integer >= 1 (the length of the "
-                             f"punishment ramp in tokens); got {self.buffer_length!r}")
-        if self.penalty < 0:
-            raise ValueError(f"model.reward_shaping.overlong.penalty must be >= 0 (the penalty at max_new_tokens); "
-                             f"got {self.penalty!r}")
+from prpo_lightning.config import OverlongConfig, RewardShapingConfig
 
 
-@dataclass
-class RewardShapingConfig:
-    """Shaping added to the outcome rewards after grading, before the aligner.
 
-    Args:
-        overlong: DAPO's soft overlong punishment, or None (off).
-    """
 
-    overlong: OverlongConfig | None = None
+
+
 
 
 def overlong_penalty(lengths: Tensor, max_new_tokens: int, cfg: OverlongConfig) -> Tensor:

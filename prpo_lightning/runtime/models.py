@@ -143,7 +143,7 @@ def check_context(hf_config: Any, sampling: Any, model_name: str) -> None:
 
     Args:
         hf_config: the policy's ``PretrainedConfig``.
-        sampling: a :class:`~prpo_lightning.rollout.SamplingConfig`.
+        sampling: a :class:`~prpo_lightning.config.SamplingConfig`.
         model_name: the policy's name, for the message.
 
     Raises:
@@ -173,7 +173,7 @@ def load_causal_lm(
             used when ``name_or_path`` is None (tests, tiny models).
         dtype: parameter dtype name.
         seed: torch seed for random initialisation from ``config``.
-        sampling: a :class:`~prpo_lightning.rollout.SamplingConfig` whose lengths are checked against the model's
+        sampling: a :class:`~prpo_lightning.config.SamplingConfig` whose lengths are checked against the model's
             context window (:func:`check_context`) before the weights load.
 
     Raises:

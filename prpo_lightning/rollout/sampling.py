@@ -1,6 +1,6 @@
-"""Sampling completions with HF ``generate`` or :class:`~prpo_lightning.decoding.StaticCacheDecoder`.
+"""Sampling completions with HF ``generate`` or :class:`~prpo_lightning.rollout.decoding.StaticCacheDecoder`.
 
-Log-probs of sampled completions are in :mod:`prpo_lightning.logprobs`.
+Log-probs of sampled completions are in :mod:`prpo_lightning.training.logprobs`.
 
 Shapes: ``B`` completions, ``P`` padded prompt length (left padding), ``T`` padded completion length
 (right padding), ``V`` vocabulary size.
@@ -8,117 +8,44 @@ Shapes: ``B`` completions, ``P`` padded prompt length (left padding), ``T`` padd
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from prpo_lightning.decoding import StaticCacheDecoder, entropy_of, unsupported_reason
-from prpo_lightning.dynamic_sampling import DynamicSamplingConfig
+from prpo_lightning.config import SamplingConfig
+from prpo_lightning.rollout.decoding import StaticCacheDecoder, entropy_of, unsupported_reason
 
-
-@dataclass
-class SamplingConfig:
-    """How completions are sampled.
-
-    Args:
-        num_generations: G, completions sampled per prompt.
-        temperature: sampling temperature (also divides the logits for log-probs and entropies).
-        top_p: nucleus sampling threshold (1.0 disables it).
-        top_k: top-k sampling (0 disables it; the paper samples with top-k off).
-        max_new_tokens: completion budget; a completion that reaches it without EOS is *truncated*.
-        max_prompt_length: prompts longer than this many tokens are skipped and counted.
-        generation_batch_size: sequences per ``generate`` call (None: all at once).
-        seed_per_group: False (default): one batched ``generate`` call per rank, with the RNG seeded from
-            ``(seed, global_step, rank)``: fast, and reruns/resumed runs with the same number of ranks draw the
-            same completions. True: each prompt's G completions get their own ``generate`` call seeded from
-            ``(seed, global_step, prompt id)``, so completions do not depend on batch composition, rank or world
-            size (exact 1-process vs N-process equality), at the cost of batching (about 4x slower on CPU for 16
-            prompts x 8 samples).
-        engine: the sampler. ``static``: :class:`~prpo_lightning.decoding.StaticCacheDecoder`, a preallocated-KV
-            loop over the policy's own weights for Qwen2/Qwen3/Llama/Mistral (token-identical to ``hf`` for the
-            same RNG state and logits; on CPU 1.3-1.7x the speed of ``hf`` at fixed length and ~4x when lengths
-            vary, see ``docs/benchmarks.md``); it raises for any other model. ``hf``: Hugging Face ``generate``.
-            ``auto`` (default): ``static`` when the model is supported and ranks need not run in lock-step
-            (ZeRO-3), else ``hf``; the choice, and the reason for a fallback, are announced once per model.
-        dynamic_sampling: DAPO's dynamic sampling, ``{enabled, max_rounds, criterion}``
-            (:class:`~prpo_lightning.dynamic_sampling.DynamicSamplingConfig`; a dict is accepted): groups without
-            learning signal are dropped and the batch is refilled with up to ``max_rounds`` extra rounds.
-    """
-
-    num_generations: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 2048
-    max_prompt_length: int = 2048
-    generation_batch_size: int | None = None
-    seed_per_group: bool = False
-    engine: Literal["auto", "hf", "static"] = "auto"
-    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
-
-    def __post_init__(self) -> None:
-        """Check every value before any model loads.
-
-        Raises:
-            ValueError: naming the key (``model.sampling.<key>``), its valid range and the value given.
-            TypeError: ``dynamic_sampling`` is neither a mapping nor a ``DynamicSamplingConfig``.
-        """
-        checks = [
-            ("num_generations", self.num_generations >= 1, "an integer >= 1 (completions per prompt)"),
-            ("temperature", self.temperature > 0, "> 0: sampling needs a positive temperature, it also divides the "
-             "logits of log-probs and entropies, and temperature 0 (greedy) would make the G completions of a "
-             "prompt identical"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1.0 disables nucleus sampling)"),
-            ("top_k", self.top_k >= 0, "an integer >= 0 (0 disables top-k)"),
-            ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1 (the completion budget)"),
-            ("max_prompt_length", self.max_prompt_length >= 1, "an integer >= 1"),
-            ("generation_batch_size", self.generation_batch_size is None or self.generation_batch_size >= 1,
-             "null (all at once) or an integer >= 1"),
-            ("engine", self.engine in ("auto", "hf", "static"), "'auto', 'hf' or 'static'"),
-        ]
-        for key, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"model.sampling.{key} must be {rule}; got {getattr(self, key)!r}")
-        if isinstance(self.dynamic_sampling, dict):
-            valid = ("enabled", "max_rounds", "criterion")
-            unknown = sorted(set(self.dynamic_sampling) - set(valid))
-            if unknown:
-                raise ValueError(f"model.sampling.dynamic_sampling has unknown keys {unknown}; valid keys: {valid}")
-            self.dynamic_sampling = DynamicSamplingConfig(**self.dynamic_sampling)
-        if not isinstance(self.dynamic_sampling, DynamicSamplingConfig):
-            raise TypeError("model.sampling.dynamic_sampling must be a mapping {enabled, max_rounds, criterion}; "
-                             f"got {self.dynamic_sampling!r}")
-        ds = self.dynamic_sampling
-        if ds.enabled and ds.criterion == "outcome" and self.num_generations < 2:
-            raise ValueError("model.sampling.dynamic_sampling.criterion 'outcome' needs num_generations >= 2 (a "
-                             "single completion's rewards are always all equal, so every group would be dropped); "
-                             "raise num_generations or use criterion 'advantage'")
+Sampler = Literal["auto", "hf", "static"]
 
 
 _ENGINE_LOGGED: set[tuple[int, str]] = set()
 
 
-def resolve_engine(model: torch.nn.Module, sampling: SamplingConfig, synced_gpus: bool) -> str:
-    """The sampler ``generate_completions`` uses: ``"static"`` or ``"hf"`` (see ``SamplingConfig.engine``).
+def resolve_sampler(model: torch.nn.Module, sampler: Sampler, synced_gpus: bool) -> str:
+    """The sampler ``generate_completions`` uses: ``"static"`` or ``"hf"``.
+
+    ``hf``: Hugging Face ``generate``. ``static``: :class:`~prpo_lightning.rollout.decoding.StaticCacheDecoder`
+    (raises for a model it cannot run). ``auto``: ``static`` when the model is supported and ranks need not run in
+    lock-step, else ``hf``; the choice, and the reason for a fallback, are announced once per model.
 
     Raises:
-        ValueError: ``engine`` is ``static`` and the model is not supported, or ranks must run in lock-step.
+        ValueError: ``sampler`` is ``static`` and the model is not supported, or ranks must run in lock-step.
     """
-    if sampling.engine == "hf":
+    if sampler == "hf":
         return "hf"
     reason = "ranks generate in lock-step (synced_gpus, ZeRO-3)" if synced_gpus else unsupported_reason(model)
-    if sampling.engine == "static":
+    if sampler == "static":
         if reason is not None:
-            raise ValueError(f"sampling.engine 'static' cannot run here: {reason}. Use 'hf' or 'auto'.")
+            raise ValueError(f"the static-cache sampler (components.engines.StaticCacheEngine) cannot run here: "
+                             f"{reason}. Use model.engine: components.engines.HFGenerateEngine or AutoEngine.")
         return "static"
     choice = "static" if reason is None else "hf"
     if (id(model), choice) not in _ENGINE_LOGGED:
         _ENGINE_LOGGED.add((id(model), choice))
         why = "" if reason is None else f" ({reason})"
-        rank_zero_info(f"[prpo] sampling.engine 'auto': sampling {type(model).__name__} with {choice!r}{why}")
+        rank_zero_info(f"[prpo] AutoEngine: sampling {type(model).__name__} with {choice!r}{why}")
     return choice
 
 
@@ -164,7 +91,7 @@ class EntropyRecorder:
 
     Hugging Face applies custom logits processors before its temperature/top-k/top-p warpers, so ``scores``
     are the model's raw next-token logits: the recorded value is ``H(softmax(logits / T))`` in nats, the same
-    quantity :func:`~prpo_lightning.logprobs.completion_logprobs` computes with a separate forward pass, obtained
+    quantity :func:`~prpo_lightning.training.logprobs.completion_logprobs` computes with a separate forward pass, obtained
     here for free.
     """
 
@@ -203,6 +130,7 @@ def generate_completions(
     greedy: bool = False,
     synced_gpus: bool = False,
     record_entropies: bool = False,
+    sampler: Sampler = "auto",
 ) -> Completions:
     """Sample one completion per prompt row (repeat rows beforehand for G rollouts).
 
@@ -216,6 +144,7 @@ def generate_completions(
         synced_gpus: keep all ranks in lock-step (needed under DeepSpeed ZeRO-3).
         record_entropies: also return the ``(B, T)`` entropies of the sampling distributions
             (:class:`EntropyRecorder`, or the static decoder's own), recorded while sampling.
+        sampler: ``auto``, ``hf`` or ``static`` (:func:`resolve_sampler`).
 
     Returns:
         :class:`Completions` (ids, mask, truncated, entropies).
@@ -224,7 +153,7 @@ def generate_completions(
 
     eos_id = tokenizer.eos_token_id
     pad_id = pad_token_id(tokenizer)
-    engine = resolve_engine(model, sampling, synced_gpus)
+    engine = resolve_sampler(model, sampler, synced_gpus)
     gen_cfg = GenerationConfig(
         do_sample=not greedy,
         temperature=sampling.temperature if not greedy else None,
@@ -298,6 +227,7 @@ def generate_groups(
     synced_gpus: bool = False,
     lockstep_calls: int = 0,
     record_entropies: bool = False,
+    sampler: Sampler = "auto",
 ) -> Completions:
     """Sample the G completions of each prompt group in its own ``generate`` call(s), seeded per group.
 
@@ -319,6 +249,7 @@ def generate_groups(
             :func:`generate_completions`).
         lockstep_calls: extra throw-away ``generate`` calls on a one-token prompt, so that every rank makes the
             same number of calls under ZeRO-3 (ranks that skipped prompts make up the difference).
+        sampler: ``auto``, ``hf`` or ``static`` (:func:`resolve_sampler`).
 
     Returns:
         :class:`Completions` of ``N·G`` rows; rows ``j·G … j·G + G − 1`` belong to group ``j``.
@@ -333,11 +264,12 @@ def generate_groups(
             if seeds is not None:
                 torch.manual_seed(seeds[j])
             outs.append(generate_completions(
-                model, tokenizer, ids, torch.ones_like(ids), sampling, greedy, synced_gpus, record_entropies
+                model, tokenizer, ids, torch.ones_like(ids), sampling, greedy, synced_gpus, record_entropies, sampler
             ))
     dummy = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
     for _ in range(lockstep_calls):
-        generate_completions(model, tokenizer, dummy, torch.ones_like(dummy), sampling, greedy, synced_gpus)
+        generate_completions(model, tokenizer, dummy, torch.ones_like(dummy), sampling, greedy, synced_gpus,
+                             sampler=sampler)
     if not outs:
         empty = torch.zeros(0, 1, dtype=torch.long, device=device)
         no_ent = torch.zeros(0, 1, dtype=torch.float32, device=device) if record_entropies else None

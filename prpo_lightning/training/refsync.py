@@ -8,7 +8,7 @@ becomes ``α·θ + (1 − α)·θ_ref`` (in place: ``θ_ref.mul_(1 − α).add_(
 copies the policy; ``α = 0`` leaves the reference as it is.
 
 Under ZeRO-3 the policy's parameters are partitioned and the reference is a full copy
-(:func:`~prpo_lightning.zero3.unpartitioned_copy`): each policy parameter is gathered in turn (every rank takes
+(:func:`~prpo_lightning.runtime.zero3.unpartitioned_copy`): each policy parameter is gathered in turn (every rank takes
 part) and mixed into the reference on every rank. A synced reference is no longer the initial policy, so it is
 saved in checkpoints (``prpo_ref_sync``) with the optimizer-step count, and restored on resume.
 """
@@ -16,40 +16,15 @@ saved in checkpoints (``prpo_ref_sync``) with the optimizer-step count, and rest
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from prpo_lightning.zero3 import apply_gathered
+from prpo_lightning.config import RefSyncConfig
+from prpo_lightning.runtime.zero3 import apply_gathered
 
 
-@dataclass
-class RefSyncConfig:
-    """``model.ref_sync``: TRL's reference-model sync.
 
-    Args:
-        sync_ref_model: mix the policy into the reference every ``ref_model_sync_steps`` optimizer steps
-            (needs a reference model: ``loss.kl_coef > 0`` or a component that requires one).
-        ref_model_mixup_alpha: α in ``θ_ref ← α·θ + (1 − α)·θ_ref``, in [0, 1] (TRL's default 0.6).
-        ref_model_sync_steps: optimizer steps between syncs, ≥ 1 (TRL's default 512).
-
-    Raises:
-        ValueError: for α outside [0, 1] or fewer than 1 step.
-    """
-
-    sync_ref_model: bool = False
-    ref_model_mixup_alpha: float = 0.6
-    ref_model_sync_steps: int = 512
-
-    def __post_init__(self) -> None:
-        alpha = self.ref_model_mixup_alpha
-        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"model.ref_sync.ref_model_mixup_alpha must be in [0, 1], got {alpha!r}")
-        if isinstance(self.ref_model_sync_steps, bool) or not isinstance(self.ref_model_sync_steps, int) \
-                or self.ref_model_sync_steps < 1:
-            raise ValueError(f"model.ref_sync.ref_model_sync_steps must be an integer >= 1, "
-                             f"got {self.ref_model_sync_steps!r}")
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from prpo_lightning.batch import RolloutBatch
+from prpo_lightning.scoring.needs import ComponentNeeds, declare_needs
 
 
 @dataclass
@@ -38,12 +39,13 @@ class ProcessRewardModel(ABC):
     must follow a documented rule and never silently return 0.
     """
 
-    #: Whether the PRM needs ``batch.ref_logprobs`` (the module then creates a reference model; ``old_logprobs``
-    #: are computed too, so the PRM may read both).
-    requires_reference: bool = False
-    #: Whether the PRM reads ``batch.old_logprobs``/``batch.entropies`` (the module then computes them in a
-    #: separate no-grad pass even for on-policy updates).
-    requires_rollout_logprobs: bool = False
+    #: What the PRM reads: ``reference_logprobs`` (the module keeps a reference model and fills ``ref_logprobs``
+    #: and ``old_logprobs``) and ``rollout_logprobs`` (``old_logprobs``/``entropies`` from a no-grad pass).
+    needs: ComponentNeeds = ComponentNeeds()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declare_needs(cls, "prm")
 
     def setup(self, device: torch.device) -> None:  # noqa: B027 - optional hook
         """Load weights / move to ``device``. Called by the module at the start of fit, validate and test."""
@@ -57,6 +59,13 @@ class ProcessRewardModel(ABC):
         Args:
             tokenizer: the policy's tokenizer, the one later passed to :meth:`score`.
         """
+
+    def batch_metrics(self) -> dict[str, float]:
+        """Statistics of the last :meth:`score` call, logged as ``train/prm/<key>`` (e.g. truncated rows).
+
+        Called once after every successful :meth:`score`; the default has none.
+        """
+        return {}
 
     @abstractmethod
     def score(self, batch: RolloutBatch, tokenizer: Any) -> ProcessScores:

@@ -6,45 +6,53 @@ is taken by ``batch.group_ids`` (prompt id), so the result does not depend on ro
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from prpo_lightning.aligner import AdvantageAligner, sum_of_terms
 from prpo_lightning.batch import (
     ComponentContractError,
     RolloutBatch,
+    StepContext,
     check_segment_spans,
     component_name,
     declared_inputs_view,
+    rollout_rows,
 )
-from prpo_lightning.grouping import group_index, zero_variance_fraction
-from prpo_lightning.prm import ProcessRewardModel, ProcessScores
-from prpo_lightning.segmenter import Segmenter
-from prpo_lightning.shaping import RewardShapingConfig, apply_reward_shaping
-from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus, rollout_rows
+from prpo_lightning.config import RewardShapingConfig
+from prpo_lightning.scoring.aligner import AdvantageAligner, sum_of_terms
+from prpo_lightning.scoring.faults import PRMError, guarded_call
+from prpo_lightning.scoring.grouping import group_index, zero_variance_fraction
+from prpo_lightning.scoring.prm import ProcessRewardModel, ProcessScores
+from prpo_lightning.scoring.segmenter import Segmenter
+from prpo_lightning.scoring.shaping import apply_reward_shaping
+from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
 
 def grade(batch: RolloutBatch, verifier: OutcomeVerifier) -> dict[str, float]:
     """Fill ``batch.verdicts`` and ``batch.outcome_rewards`` ``(B,)``; return verifier metrics.
 
-    The verifier's own :meth:`~prpo_lightning.verifier.OutcomeVerifier.batch_metrics` (e.g. the math verifier's
+    The verifier's own :meth:`~prpo_lightning.scoring.verifier.OutcomeVerifier.batch_metrics` (e.g. the math verifier's
     ``completion/no_boxed_frac``) are added to the generic counts.
 
     Raises:
         ComponentContractError: if ``verify_batch`` does not return one ``Verdict`` per completion.
     """
-    verdicts = verifier.verify_rows(batch.completions, batch.answers, rollout_rows(batch))
     name = component_name(verifier)
+    verdicts = guarded_call("verifier", verifier, "verify_batch",
+                            lambda: verifier.verify_batch(batch.completions, batch.answers, rollout_rows(batch)),
+                            batch.size)
     if not isinstance(verdicts, list) or len(verdicts) != batch.size:
         got = f"{len(verdicts)} items" if isinstance(verdicts, list) else f"a {type(verdicts).__name__}"
         raise ComponentContractError(f"verifier {name}.verify_batch returned {got} for {batch.size} completions: "
-                                     "it must return a list with one prpo_lightning.verifier.Verdict per completion")
+                                     "it must return a list with one prpo_lightning.scoring.verifier.Verdict per completion")
     wrong = next((v for v in verdicts if not isinstance(v, Verdict)), None)
     if wrong is not None:
         raise ComponentContractError(f"verifier {name}.verify_batch returned a {type(wrong).__name__} where a "
-                                     "prpo_lightning.verifier.Verdict is expected: build one Verdict(status, reward) "
+                                     "prpo_lightning.scoring.verifier.Verdict is expected: build one Verdict(status, reward) "
                                      "per completion")
     batch.verdicts = verdicts
     batch.outcome_rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32)
@@ -53,7 +61,7 @@ def grade(batch: RolloutBatch, verifier: OutcomeVerifier) -> dict[str, float]:
         "verifier/timeouts": float(sum(v.timed_out for v in verdicts)),
         "verifier/errors": float(sum(v.error is not None for v in verdicts)),
     }
-    metrics.update(getattr(verifier, "inner", verifier).batch_metrics(batch.completions, verdicts))
+    metrics.update(verifier.batch_metrics(batch.completions, verdicts))
     return metrics
 
 
@@ -64,8 +72,8 @@ def check_process_scores(scores: Any, batch: RolloutBatch, prm: ProcessRewardMod
         ComponentContractError: naming the PRM, what it returned, the rule and the fix.
     """
     name = component_name(prm)
-    fix = ("return prpo_lightning.prm.ProcessScores(step_scores (B, S) float, step_mask (B, S) bool); "
-           "prpo_lightning.prm.pad_step_scores(per_row_scores) builds it from one list of step scores per row")
+    fix = ("return prpo_lightning.scoring.prm.ProcessScores(step_scores (B, S) float, step_mask (B, S) bool); "
+           "prpo_lightning.scoring.prm.pad_step_scores(per_row_scores) builds it from one list of step scores per row")
     if not isinstance(scores, ProcessScores):
         raise ComponentContractError(f"PRM {name}.score returned a {type(scores).__name__}: {fix}")
     b = batch.size
@@ -103,7 +111,9 @@ def segment_and_score(
                                      f"{type(spans).__name__}: it must return one list of (start, end) spans per row")
     check_segment_spans(spans, batch.lengths.tolist(), source=f"segmenter {component_name(segmenter)}.segment")
     batch.segment_spans = spans
-    scores = check_process_scores(prm.score(declared_inputs_view(batch, prm, "prm"), tokenizer), batch, prm)
+    view = declared_inputs_view(batch, prm, "prm")
+    scores = check_process_scores(guarded_call("PRM", prm, "score", lambda: prm.score(view, tokenizer), batch.size),
+                                  batch, prm)
     counts = torch.tensor([len(r) for r in spans], dtype=torch.float32)  # (B,)
     batch.step_scores = scores.step_scores.float().cpu()
     batch.step_mask = scores.step_mask.bool().cpu()
@@ -122,6 +132,8 @@ def segment_and_score(
                 "prm/score_max": float(valid.max()),
             }
         )
+    metrics.update({f"prm/{k}": float(v) for k, v in prm.batch_metrics().items()})
+    metrics.update({f"segments/{k}": float(v) for k, v in segmenter.batch_metrics(spans).items()})
     return metrics
 
 
@@ -156,7 +168,7 @@ def compute_advantages(
             batch.outcome_rewards, shaping_metrics = apply_reward_shaping(
                 batch.outcome_rewards, batch.lengths, max_new_tokens, reward_shaping)  # (B,)
             metrics.update(shaping_metrics)
-        if aligner.uses_process_scores:
+        if aligner.needs.process_scores:
             if segmenter is None or prm is None:
                 raise ValueError(
                     f"{component_name(aligner)} uses process scores: configure model.segmenter and model.prm"
@@ -165,38 +177,27 @@ def compute_advantages(
         view = declared_inputs_view(batch, aligner, "aligner")
         name = component_name(aligner)
         terms = checked_terms(aligner.advantage_terms(view), batch.completion_mask, name)
-        # an aligner that only splits its advantages (the base class's align) is summed here, not computed twice
-        derived = terms is not None and type(aligner).align is AdvantageAligner.align
-        adv = sum_of_terms(terms, batch.completion_mask) if derived else aligner.align(view)  # (B, T)
-    if not isinstance(adv, Tensor):
-        raise ComponentContractError(f"aligner {name}.align returned a {type(adv).__name__}: it must return a (B, T) "
-                                     "float tensor of token advantages")
-    if adv.shape != batch.completion_mask.shape:
-        raise ValueError(f"{name} returned shape {tuple(adv.shape)}, expected {tuple(batch.completion_mask.shape)}")
+        adv = sum_of_terms(terms, batch.completion_mask)  # (B, T): the aligner's align, computed once
     if not torch.isfinite(adv).all():
         raise ValueError(f"{name} produced NaN/inf advantages")
     batch.advantages = adv.float().detach() * batch.completion_mask  # (B, T)
     metrics.update(rollout_metrics(batch))
-    if terms is not None:
-        if not derived:  # align and advantage_terms both implemented: they must agree
-            check_terms_sum(terms, batch.advantages, batch.completion_mask, name)
-        metrics.update(advantage_term_metrics(terms, batch.completion_mask))
+    metrics.update(advantage_term_metrics(terms, batch.completion_mask))
     with torch.no_grad():
         metrics.update({f"aligner/{k}": float(v) for k, v in aligner.batch_metrics(view).items()})
     return metrics
 
 
-def checked_terms(terms: Any, mask: Tensor, aligner_name: str) -> dict[str, Tensor] | None:
-    """``advantage_terms``' result, checked: None, or a dict of ``(B, T)`` tensors.
+def checked_terms(terms: Any, mask: Tensor, aligner_name: str) -> dict[str, Tensor]:
+    """``advantage_terms``' result, checked: a non-empty dict of ``(B, T)`` tensors.
 
     Raises:
         ComponentContractError: naming the aligner and the part that is not a ``(B, T)`` tensor.
     """
-    if terms is None:
-        return None
-    if not isinstance(terms, dict):
-        raise ComponentContractError(f"aligner {aligner_name}.advantage_terms returned a {type(terms).__name__}: it "
-                                     "must return a dict of (B, T) tensors or None")
+    if not isinstance(terms, dict) or not terms:
+        got = "an empty dict" if isinstance(terms, dict) else f"a {type(terms).__name__}"
+        raise ComponentContractError(f"aligner {aligner_name}.advantage_terms returned {got}: it must return a dict "
+                                     "of (B, T) tensors, e.g. {'outcome': adv}")
     for key, term in terms.items():
         if not isinstance(term, Tensor) or term.shape != mask.shape:
             shape = tuple(term.shape) if isinstance(term, Tensor) else type(term).__name__
@@ -205,24 +206,11 @@ def checked_terms(terms: Any, mask: Tensor, aligner_name: str) -> dict[str, Tens
     return terms
 
 
-def check_terms_sum(terms: dict[str, Tensor], advantages: Tensor, mask: Tensor, aligner_name: str) -> None:
-    """For an aligner that implements both ``align`` and ``advantage_terms``: the parts must sum to ``advantages``.
-
-    Raises:
-        ComponentContractError: if they do not (to 1e-5 of the largest advantage).
-    """
-    total = sum_of_terms(terms, mask.to(advantages.device))  # (B, T)
-    scale = 1e-5 * max(1.0, float(advantages.abs().max())) if advantages.numel() else 1e-5
-    if not torch.allclose(total, advantages.float(), rtol=0.0, atol=scale):
-        raise ComponentContractError(f"aligner {aligner_name}.advantage_terms does not sum to its align() advantages: "
-                                     "the terms must split the advantages exactly (or return None)")
-
-
 def advantage_term_metrics(terms: dict[str, Tensor], mask: Tensor) -> dict[str, float]:
     """Mean ``|part|`` over valid tokens for each part of an aligner's advantages, and the process/outcome ratio.
 
     Args:
-        terms: :meth:`~prpo_lightning.aligner.AdvantageAligner.advantage_terms`' ``{name: (B, T)}``.
+        terms: :meth:`~prpo_lightning.scoring.aligner.AdvantageAligner.advantage_terms`' ``{name: (B, T)}``.
         mask: ``(B, T)`` bool valid tokens.
 
     Returns:
@@ -262,3 +250,48 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         out["advantage/mean"] = float(adv.mean()) if adv.numel() else 0.0
         out["advantage/std"] = float(adv.std()) if adv.numel() > 1 else 0.0
     return out
+
+
+@dataclass
+class Scorer:
+    """The scoring stage of a step: the four scoring components, the reward shaping and the PRM fault policy.
+
+    Attributes:
+        verifier: grades each completion against its own gold answer.
+        aligner: turns rewards (and step scores) into token advantages.
+        segmenter: cuts completions into steps (when the aligner reads process scores).
+        prm: scores the steps (likewise).
+        tokenizer: the policy's tokenizer (segment texts).
+        reward_shaping: shaping added to the outcome rewards before the aligner.
+        max_new_tokens: the completion budget (the overlong penalty's reference).
+        on_prm_error: ``raise`` or ``skip`` (a PRM failure skips this rank's update, counted and warned).
+    """
+
+    verifier: OutcomeVerifier
+    aligner: AdvantageAligner
+    segmenter: Segmenter | None
+    prm: ProcessRewardModel | None
+    tokenizer: Any
+    reward_shaping: RewardShapingConfig
+    max_new_tokens: int
+    on_prm_error: Literal["raise", "skip"] = "raise"
+
+    def score(self, rollout: RolloutBatch, ctx: StepContext) -> tuple[RolloutBatch | None, str | None, dict[str, float]]:
+        """Grade, segment, score and align ``rollout`` in place (:func:`compute_advantages`).
+
+        Returns:
+            ``(rollout, None, metrics)``, or ``(None, error, {})`` for a PRM failure under ``on_prm_error: skip``.
+
+        Raises:
+            PRMError: the PRM failed and ``on_prm_error`` is ``raise``.
+        """
+        try:
+            metrics = compute_advantages(rollout, self.verifier, self.aligner, self.segmenter, self.prm,
+                                         self.tokenizer, self.reward_shaping, self.max_new_tokens)
+        except PRMError as err:
+            if self.on_prm_error == "raise":
+                raise
+            logging.getLogger(__name__).warning("rank %d, step %d: skipping the batch's update: %s",
+                                                ctx.rank, ctx.step, err)
+            return None, str(err), {}
+        return rollout, None, metrics

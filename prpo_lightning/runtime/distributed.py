@@ -62,3 +62,8 @@ def group_seed(seed: int, step: int, group_id: int) -> int:
     x ^= x >> 31
     x = (x * 0xD6E8FEB86659FD93) & _MASK
     return x ^ (x >> 29)
+
+
+def world_size() -> int:
+    """Ranks of the active ``torch.distributed`` process group (1 in a single process)."""
+    return dist.get_world_size() if is_distributed() else 1

@@ -74,21 +74,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
+#: Where each config class lived before the layout of issue 21: checkpoints written then name these paths.
+_EARLIER_CONFIG_PATHS = {
+    "SamplingConfig": "prpo_lightning.rollout", "DynamicSamplingConfig": "prpo_lightning.dynamic_sampling",
+    "MismatchCheck": "prpo_lightning.offpolicy", "RolloutCorrectionConfig": "prpo_lightning.offpolicy",
+    "RefSyncConfig": "prpo_lightning.refsync", "LoRAConfig": "prpo_lightning.lora",
+    "OverlongConfig": "prpo_lightning.shaping", "RewardShapingConfig": "prpo_lightning.shaping",
+}
+
+
 def register_safe_globals() -> None:
     """Allow the project's config dataclasses (stored in checkpoint hyper-parameters) under ``torch.load``'s
-    default ``weights_only=True``, so ``--ckpt_path`` resumes without unpickling arbitrary code."""
-    from prpo_lightning.config import LossConfig, OptimConfig
-    from prpo_lightning.dynamic_sampling import DynamicSamplingConfig
-    from prpo_lightning.lora import LoRAConfig
-    from prpo_lightning.offpolicy import MismatchCheck, RolloutCorrectionConfig
-    from prpo_lightning.refsync import RefSyncConfig
-    from prpo_lightning.rollout import SamplingConfig
-    from prpo_lightning.shaping import OverlongConfig, RewardShapingConfig
+    default ``weights_only=True``, so ``--ckpt_path`` resumes without unpickling arbitrary code; checkpoints that
+    name a config's earlier module path load too."""
+    from prpo_lightning.config import CONFIGS
 
-    torch.serialization.add_safe_globals([
-        SamplingConfig, DynamicSamplingConfig, LossConfig, OptimConfig, RolloutCorrectionConfig, MismatchCheck,
-        RewardShapingConfig, OverlongConfig, RefSyncConfig, LoRAConfig,
-    ])
+    earlier = [(cls, f"{_EARLIER_CONFIG_PATHS[cls.__name__]}.{cls.__name__}") for cls in CONFIGS
+               if cls.__name__ in _EARLIER_CONFIG_PATHS]
+    torch.serialization.add_safe_globals([*CONFIGS, *earlier])
 
 
 def collect_rng_states() -> dict[str, Any]:

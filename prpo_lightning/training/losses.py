@@ -7,15 +7,10 @@ Conventions follow verl (``core_algos.py``) and process_methods_spec.md §0.3–
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
-KLEstimator = Literal["k1", "k2", "k3"]
-ImportanceSamplingLevel = Literal["token", "sequence"]
-PolicyLoss = Literal["ppo_clip", "cispo"]
-LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+from prpo_lightning.config import ImportanceSamplingLevel, KLEstimator, LossAggregation, PolicyLoss  # noqa: E402,F401
 LOSS_AGGREGATIONS: tuple[str, ...] = (
     "token-mean",
     "seq-mean-token-mean",

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from prpo_lightning.batch import RolloutBatch, Span
+from prpo_lightning.scoring.needs import ComponentNeeds, declare_needs
 
 
 class Segmenter(ABC):
@@ -14,12 +15,21 @@ class Segmenter(ABC):
     Implementations read whatever they need from the batch (entropies for entropy-spike segmentation,
     ``completion_ids`` plus the tokenizer for delimiter-based segmentation). The module calls :meth:`segment` under
     ``torch.no_grad()`` with a view of the batch in which ``entropies`` raises
-    :class:`~prpo_lightning.batch.ComponentContractError` unless :attr:`requires_entropies` is set; the spans it
+    :class:`~prpo_lightning.batch.ComponentContractError` unless :attr:`needs` declares ``entropies``; the spans it
     returns are checked once (:func:`~prpo_lightning.batch.check_segment_spans`).
     """
 
-    #: Whether :meth:`segment` reads ``batch.entropies`` (the module then computes them before scoring).
-    requires_entropies: bool = False
+    #: ``entropies``: :meth:`segment` reads ``batch.entropies`` (the module then provides them before scoring).
+    needs: ComponentNeeds = ComponentNeeds()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declare_needs(cls, "segmenter")
+
+    def batch_metrics(self, spans: list[list[Span]]) -> dict[str, float]:
+        """Statistics of one segmented batch, logged as ``train/segments/<key>`` (default: none beyond the
+        framework's counts)."""
+        return {}
 
     def setup_tokenizer(self, tokenizer: Any) -> None:  # noqa: B027 - optional hook
         """Prepare tokenizer-dependent state once (e.g. a table of per-token texts).

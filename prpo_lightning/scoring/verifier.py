@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import enum
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import prpo_lightning.batch
-
-#: the per-row fields :func:`rollout_rows` gives :meth:`OutcomeVerifier.verify_rows`, besides completion and answer.
-ROW_FIELDS = ("problem", "id", "truncated", "num_tokens")
+from prpo_lightning.scoring.needs import ComponentNeeds, declare_needs
 
 
 class VerdictStatus(str, enum.Enum):
@@ -51,9 +48,25 @@ class Verdict:
 class OutcomeVerifier(ABC):
     """Grades completions against their gold answers.
 
-    Subclasses implement :meth:`verify`. :meth:`verify_batch` grades many pairs; the default runs them one after
-    another and subclasses may parallelise it. Each pair is graded against **its own** gold answer.
+    Subclasses implement :meth:`verify` (one completion). :meth:`verify_batch` is the one batch method the training
+    and evaluation loops call, with each row's other fields (:data:`~prpo_lightning.batch.ROW_FIELDS`); the default
+    grades the pairs one after another, and subclasses may parallelise it or read the rows. Each pair is graded
+    against **its own** gold answer.
     """
+
+    #: A verifier reads only completions, answers and the row fields: it declares no needs.
+    needs: ComponentNeeds = ComponentNeeds()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declare_needs(cls, "verifier")
+        if "verify_rows" in vars(cls):
+            raise TypeError(f"verifier {cls.__name__} defines verify_rows(completions, golds, rows): it was merged into "
+                            "the one batch method verify_batch(completions, golds, rows=None); rename it")
+        batch = vars(cls).get("verify_batch")
+        if batch is not None and len(inspect.signature(batch).parameters) < 4:
+            raise TypeError(f"verifier {cls.__name__}.verify_batch takes (completions, golds): the framework passes "
+                            "each row's fields too; define verify_batch(self, completions, golds, rows=None)")
 
     @abstractmethod
     def verify(self, completion: str, gold: str) -> Verdict:
@@ -67,31 +80,24 @@ class OutcomeVerifier(ABC):
             The verdict, carrying the reward.
         """
 
-    def verify_batch(self, completions: Sequence[str], golds: Sequence[str]) -> list[Verdict]:
-        """Grade ``completions[i]`` against ``golds[i]`` for every i.
-
-        Raises:
-            ValueError: if the two sequences differ in length.
-        """
-        if len(completions) != len(golds):
-            raise ValueError(f"verify_batch got {len(completions)} completions but {len(golds)} gold answers")
-        return [self.verify(c, g) for c, g in zip(completions, golds)]
-
-    def verify_rows(
-        self, completions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]]
+    def verify_batch(
+        self, completions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]] | None = None
     ) -> list[Verdict]:
-        """Grade ``completions[i]`` against ``golds[i]`` knowing the rest of row i (:data:`ROW_FIELDS`).
-
-        The training and evaluation loops call this method. The default ignores ``rows`` and calls
-        :meth:`verify_batch`; a verifier that reads the problem or the prompt id (e.g. a
-        :class:`~components.rewards.CallableReward`) overrides it.
+        """Grade ``completions[i]`` against ``golds[i]`` for every i (the one batch method the framework calls).
 
         Args:
             completions: the ``B`` completion texts.
             golds: their ``B`` gold answers.
-            rows: ``B`` mappings with the other fields of each row (:func:`rollout_rows`).
+            rows: None, or ``B`` mappings with the other fields of each row (``problem``, ``id``, ``truncated``,
+                ``num_tokens``; :func:`~prpo_lightning.batch.rollout_rows`); the default ignores them.
+
+        Raises:
+            ValueError: if the sequences differ in length.
         """
-        return self.verify_batch(completions, golds)
+        if len(completions) != len(golds) or (rows is not None and len(rows) != len(golds)):
+            raise ValueError(f"verify_batch got {len(completions)} completions, {len(golds)} gold answers and "
+                             f"{'no' if rows is None else len(rows)} rows")
+        return [self.verify(c, g) for c, g in zip(completions, golds)]
 
     def batch_metrics(self, completions: Sequence[str], verdicts: Sequence[Verdict]) -> dict[str, float]:
         """Task-specific statistics of one graded batch, logged under ``train/<key>`` (default: none).
@@ -105,18 +111,3 @@ class OutcomeVerifier(ABC):
         """
         return {}
 
-
-def rollout_rows(batch: prpo_lightning.batch.RolloutBatch) -> list[dict[str, Any]]:
-    """The per-row fields of a rollout batch a verifier may read besides the completion and the answer.
-
-    Returns:
-        One dict per row with ``problem`` (the question text), ``id`` (the prompt id, shared by the row's group),
-        ``truncated`` (generation hit ``max_new_tokens`` without EOS) and ``num_tokens`` (valid completion tokens).
-    """
-    ids = batch.group_ids.tolist()
-    truncated = batch.truncated.tolist() if batch.truncated is not None else [False] * len(ids)
-    lengths = batch.completion_mask.sum(dim=1).tolist()
-    return [
-        {"problem": problem, "id": int(pid), "truncated": bool(cut), "num_tokens": int(n)}
-        for problem, pid, cut, n in zip(batch.problems, ids, truncated, lengths)
-    ]

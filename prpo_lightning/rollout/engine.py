@@ -4,7 +4,7 @@ An engine owns *how* completions are drawn (Hugging Face ``generate``, the stati
 server, …); the module owns *what* is drawn (which prompts, which seeds, which step). The contract:
 
 - :meth:`RolloutEngine.setup` once, before the first rollout, with the policy and tokenizer;
-- :meth:`RolloutEngine.generate` once per rollout **on every rank**, even with an empty prompt list, because an
+- :meth:`RolloutEngine.generate` with one :class:`SampleRequest` per rollout **on every rank**, even with an empty prompt list, because an
   engine that needs ranks in lock-step (DeepSpeed ZeRO-3) makes up the other ranks' extra calls inside it;
 - :meth:`RolloutEngine.sync_weights` after every optimizer step and after a checkpoint is loaded (on every rank:
   it may gather ZeRO-3 shards collectively). Each call bumps :attr:`RolloutEngine.weight_version`, and
@@ -16,6 +16,7 @@ Shapes: ``N`` prompt groups, ``G`` completions per group, ``B = N·G`` rows, ``T
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from prpo_lightning.rollout import SamplingConfig
+from prpo_lightning.config import SamplingConfig
 
 
 class StaleWeightsError(RuntimeError):
@@ -52,6 +53,39 @@ class EngineCapabilities:
     exact_trainer_distribution: bool = False
     supports_sleep: bool = False
     needs_weight_sync: bool = True
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One rollout request: the prompts of a batch and how to sample them.
+
+    Attributes:
+        prompts: one ``(P_j,)`` unpadded long tensor of prompt ids per group.
+        num_generations: G, completions per group.
+        sampling: temperature, top-p/top-k, ``max_new_tokens``, ``generation_batch_size``.
+        seeds: one sampling seed per group, e.g. ``group_seed(seed, step, prompt_id)``.
+        greedy: greedy decoding (evaluation).
+        record_entropies: also return full-vocabulary entropies (needs ``capabilities.entropies``).
+        batch_seed: when given, engines whose random stream is shared by a batch draw the whole batch in one seeded
+            stream (``sampling.seed_per_group: false``); None: each group is drawn from its own seed. Engines that
+            seed every request separately (vLLM) always use ``seeds``.
+        policy_version: the trainer's count of weight updates; when given, it must equal the engine's
+            :attr:`RolloutEngine.weight_version`.
+    """
+
+    prompts: list[Tensor]
+    num_generations: int
+    sampling: SamplingConfig
+    seeds: list[int]
+    greedy: bool = False
+    record_entropies: bool = False
+    batch_seed: int | None = None
+    policy_version: int | None = None
+
+    @property
+    def size(self) -> int:
+        """Rows the result must have: ``len(prompts) · num_generations``."""
+        return len(self.prompts) * self.num_generations
 
 
 @dataclass
@@ -103,9 +137,19 @@ class RolloutResult:
 class RolloutEngine(ABC):
     """Samples completions for prompt groups (see the module docstring for the call protocol).
 
-    Subclasses set :attr:`capabilities` and implement :meth:`sample`; they extend :meth:`setup`,
-    :meth:`sync_weights` (calling ``super()``) and :meth:`teardown` as needed.
+    Subclasses set :attr:`capabilities` and implement :meth:`sample` (one :class:`SampleRequest` in, one
+    :class:`RolloutResult` out); they extend :meth:`setup`, :meth:`sync_weights` (calling ``super()``) and
+    :meth:`teardown` as needed.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        sample = vars(cls).get("sample")
+        if sample is not None and len(inspect.signature(sample).parameters) != 2:
+            raise TypeError(f"engine {cls.__name__}.sample takes {list(inspect.signature(sample).parameters)[1:]}: "
+                            "it takes one request now, def sample(self, request: prpo_lightning.SampleRequest) -> "
+                            "RolloutResult, with request.prompts, .num_generations, .sampling, .seeds, .greedy, "
+                            ".record_entropies and .batch_seed")
 
     #: What this engine provides (overridden by subclasses).
     capabilities: EngineCapabilities = EngineCapabilities()
@@ -150,77 +194,41 @@ class RolloutEngine(ABC):
     def teardown(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources at the end of the run."""
 
-    def generate(
-        self,
-        prompts: list[Tensor],
-        num_generations: int,
-        sampling: SamplingConfig,
-        seeds: list[int],
-        greedy: bool = False,
-        record_entropies: bool = False,
-        batch_seed: int | None = None,
-        policy_version: int | None = None,
-    ) -> RolloutResult:
-        """Sample ``num_generations`` completions of every prompt (call on every rank, even with no prompts).
-
-        Args:
-            prompts: one ``(P_j,)`` unpadded long tensor of prompt ids per group.
-            num_generations: G, completions per group.
-            sampling: temperature, top-p/top-k, ``max_new_tokens``, ``generation_batch_size``.
-            seeds: one sampling seed per group, e.g. ``group_seed(seed, step, prompt_id)``.
-            greedy: greedy decoding (evaluation).
-            record_entropies: also return full-vocabulary entropies (needs ``capabilities.entropies``).
-            batch_seed: when given, engines whose random stream is shared by a batch draw the whole batch in
-                one seeded stream (``sampling.seed_per_group: false``, today's default: fast, but samples depend
-                on batch composition); None: each group is drawn from its own seed. Engines that seed every
-                request separately (vLLM) always use ``seeds``.
-            policy_version: the module's count of weight updates; when given, it must equal
-                :attr:`weight_version`.
+    def generate(self, request: SampleRequest) -> RolloutResult:
+        """Sample ``request.num_generations`` completions of every prompt (call on every rank, even with no prompts).
 
         Returns:
-            The completions, rows ``j·G … j·G + G − 1`` for group j.
+            The completions, rows ``j·G … j·G + G − 1`` for group j, stamped with the engine's weight version.
 
         Raises:
-            StaleWeightsError: ``policy_version`` differs from the engine's weight version.
+            StaleWeightsError: ``request.policy_version`` differs from the engine's weight version.
             ValueError: ``seeds`` does not have one entry per group, or entropies are requested from an engine
                 that cannot record them.
-            RuntimeError: :meth:`setup` was not called.
+            RuntimeError: :meth:`setup` was not called, or :meth:`sample` returned the wrong number of rows.
         """
+        name = type(self).__name__
         if self.policy is None:
-            raise RuntimeError(f"{type(self).__name__}.generate called before setup(policy, tokenizer)")
-        if policy_version is not None and int(policy_version) != self.weight_version:
+            raise RuntimeError(f"{name}.generate called before setup(policy, tokenizer)")
+        if request.policy_version is not None and int(request.policy_version) != self.weight_version:
             raise StaleWeightsError(
-                f"{type(self).__name__} holds weight version {self.weight_version} but the policy is at version "
-                f"{policy_version}: call engine.sync_weights(policy) after every optimizer step and checkpoint load"
+                f"{name} holds weight version {self.weight_version} but the policy is at version "
+                f"{request.policy_version}: call engine.sync_weights(policy) after every optimizer step and checkpoint load"
             )
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{type(self).__name__}.generate: {len(prompts)} prompts but {len(seeds)} seeds")
-        if record_entropies and not self.capabilities.entropies:
-            raise ValueError(
-                f"{type(self).__name__} cannot record entropies (capabilities.entropies is False): compute them "
-                "in the trainer's forward pass instead"
-            )
-        result = self.sample(prompts, num_generations, sampling, seeds, greedy, record_entropies, batch_seed)
+        if len(request.seeds) != len(request.prompts):
+            raise ValueError(f"{name}.generate: {len(request.prompts)} prompts but {len(request.seeds)} seeds")
+        if request.record_entropies and not self.capabilities.entropies:
+            raise ValueError(f"{name} cannot record entropies (capabilities.entropies is False): compute them in the "
+                             "trainer's forward pass instead")
+        result = self.sample(request)
         result.weight_version = self.weight_version
-        if result.size != len(prompts) * num_generations:
-            raise RuntimeError(
-                f"{type(self).__name__}.sample returned {result.size} rows for {len(prompts)} prompts x "
-                f"{num_generations} generations"
-            )
+        if result.size != request.size:
+            raise RuntimeError(f"{name}.sample returned {result.size} rows for {len(request.prompts)} prompts x "
+                               f"{request.num_generations} generations")
         return result
 
     @abstractmethod
-    def sample(
-        self,
-        prompts: list[Tensor],
-        num_generations: int,
-        sampling: SamplingConfig,
-        seeds: list[int],
-        greedy: bool,
-        record_entropies: bool,
-        batch_seed: int | None,
-    ) -> RolloutResult:
-        """Draw the completions (called by :meth:`generate` after its checks; same arguments and result)."""
+    def sample(self, request: SampleRequest) -> RolloutResult:
+        """Draw the completions (called by :meth:`generate` after its checks; same request and result)."""
 
 
 def pack_completions(

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prpo_lightning.compat import cache_kwarg, output_cache
-from prpo_lightning.decoding import entropy_of
+from prpo_lightning.runtime.compat import cache_kwarg, output_cache
+from prpo_lightning.rollout.decoding import entropy_of
 
 
 def _position_ids(attention_mask: Tensor) -> Tensor:
@@ -34,7 +34,7 @@ def completion_logprobs(
 
     The distribution at completion position t comes from the logits at sequence position ``P + t − 1``,
     divided by ``temperature`` (as the sampler did). Entropy in nats: ``H = −Σ_v p_v log p_v``
-    (:func:`~prpo_lightning.decoding.entropy_of`, the same definition the samplers record).
+    (:func:`~prpo_lightning.rollout.decoding.entropy_of`, the same definition the samplers record).
 
     Args:
         model: causal LM (gradients flow if enabled by the caller).

@@ -16,41 +16,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from prpo_lightning.config import LoRAConfig
+
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM's prefix in front of the base model's parameter names
 
 
-@dataclass
-class LoRAConfig:
-    """LoRA adapter settings (``model.lora``).
 
-    Args:
-        r: rank of the adapters (``A``: r × in, ``B``: out × r).
-        alpha: scaling numerator; the update is scaled by ``alpha / r``.
-        dropout: dropout on the adapter input during training (0 = none).
-        target_modules: module names to adapt (e.g. ``[q_proj, v_proj]``), or ``all-linear`` for every linear
-            layer except the output head.
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | str = field(default="all-linear")
-
-    def __post_init__(self) -> None:
-        if int(self.r) < 1:
-            raise ValueError(f"model.lora.r must be >= 1, got {self.r}")
-        if not float(self.alpha) > 0:
-            raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("model.lora.target_modules is empty: name the modules to adapt, or use 'all-linear'")
 
 
 def as_lora_config(value: LoRAConfig | dict[str, Any] | None) -> LoRAConfig | None:
@@ -94,6 +70,20 @@ def apply_lora(model: torch.nn.Module, config: LoRAConfig, seed: int) -> torch.n
 def trainable_state_keys(model: torch.nn.Module, prefix: str = "") -> set[str]:
     """State-dict keys (with ``prefix``) of ``model``'s trainable parameters: the adapters under LoRA."""
     return {prefix + name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def check_adapter_state(policy: torch.nn.Module, state_dict: dict[str, Any]) -> None:
+    """Check that an adapters-only checkpoint ``state_dict`` holds exactly ``policy``'s LoRA adapters.
+
+    Raises:
+        ValueError: the checkpoint's adapters are not this model's (other ``model.lora`` settings, or a full
+            checkpoint loaded into a LoRA model).
+    """
+    adapters, saved = trainable_state_keys(policy, "policy."), set(state_dict)
+    if saved != adapters:
+        missing, unexpected = sorted(adapters - saved)[:3], sorted(saved - adapters)[:3]
+        raise ValueError(f"PRPOModule: the checkpoint's tensors do not match this model's LoRA adapters (missing "
+                         f"{missing}, unexpected {unexpected}): resume with the model.lora settings it was trained with")
 
 
 class AdapterDisabledReference:

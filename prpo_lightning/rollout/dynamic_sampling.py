@@ -23,50 +23,24 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
 
 import torch
 from torch import Tensor
 
-import prpo_lightning.batch
-from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.distributed import all_reduce_max, all_reduce_sum, group_seed, is_distributed
-from prpo_lightning.grouping import group_extrema, group_sum
-
-if TYPE_CHECKING:
-    from prpo_lightning.module import PRPOModule
+from prpo_lightning.batch import Round, RolloutBatch, StepContext
+from prpo_lightning.config import DynamicSamplingConfig
+from prpo_lightning.runtime.distributed import all_reduce_max, all_reduce_sum, group_seed, is_distributed
+from prpo_lightning.scoring.grouping import group_extrema, group_sum
 
 CRITERIA = ("outcome", "advantage")
 _LEFT_PADDED = ("prompt_ids", "prompt_mask")
+_SUMMED = ("data/skipped_long_prompts", "time/rollout_s", "time/scoring_s")
 
 
-@dataclass
-class DynamicSamplingConfig:
-    """Dynamic sampling settings (``model.sampling.dynamic_sampling``).
 
-    Args:
-        enabled: drop groups without signal and refill the batch (False: every group is trained on).
-        max_rounds: extra generation rounds allowed per step to refill the batch (0: only drop).
-        criterion: ``outcome``: drop a group whose outcome rewards are all equal (DAPO, verl, OpenRLHF);
-            ``advantage``: drop a group only when every token advantage in it is exactly 0.
-
-    Raises:
-        ValueError: naming the key, its valid values and the value given.
-    """
-
-    enabled: bool = False
-    max_rounds: int = 3
-    criterion: Literal["outcome", "advantage"] = "outcome"
-
-    def __post_init__(self) -> None:
-        key = "model.sampling.dynamic_sampling"
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"{key}.criterion must be 'outcome' (drop groups with equal rewards) or 'advantage' "
-                             f"(drop groups whose token advantages are all 0); got {self.criterion!r}")
-        if isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int) or self.max_rounds < 0:
-            raise ValueError(f"{key}.max_rounds must be an integer >= 0 (extra generation rounds per step); "
-                             f"got {self.max_rounds!r}")
 
 
 def signal_mask(batch: RolloutBatch, criterion: str) -> Tensor:
@@ -171,8 +145,8 @@ def _ids_of_all_ranks(ids: list[int]) -> set[int]:
 class _Filler:
     """The per-step state of the refill loop on one rank."""
 
-    def __init__(self, module: PRPOModule, batch: dict[str, Any]) -> None:
-        self.module, self.cfg = module, module.sampling.dynamic_sampling
+    def __init__(self, cfg: DynamicSamplingConfig, batch: dict[str, Any], ctx: StepContext, seed: int) -> None:
+        self.cfg, self.ctx, self.seed = cfg, ctx, seed
         self.target = len(batch["id"])  # groups this rank trains on (its loader batch size)
         self.seen = _ids_of_all_ranks(batch["id"].tolist())  # prompt ids any rank trains on this step
         self.kept: list[RolloutBatch] = []
@@ -214,8 +188,7 @@ class _Filler:
         """
         if count == 0:
             return empty_prompt_batch()
-        module = self.module
-        datamodule = getattr(module.trainer, "datamodule", None)
+        ctx, datamodule = self.ctx, self.ctx.datamodule
         draw = getattr(datamodule, "extra_prompts", None)
         if draw is None:
             raise TypeError(f"model.sampling.dynamic_sampling needs extra prompts, and the datamodule "
@@ -223,9 +196,8 @@ class _Filler:
                             "(taking shard=(rank, world_size) under DDP): "
                             "derive it from prpo_lightning.data.PromptDataModule or implement that method "
                             "(return a collated prompt batch), or turn dynamic sampling off")
-        seed = draw_seed(module.hparams.seed, module.global_step, round_index, module.global_rank)
-        world = module.trainer.world_size
-        shard = {"shard": (module.global_rank, world)} if world > 1 else {}  # disjoint draws across ranks
+        seed = draw_seed(self.seed, ctx.step, round_index, ctx.rank)
+        shard = {"shard": (ctx.rank, ctx.world_size)} if ctx.world_size > 1 else {}  # disjoint draws across ranks
         extra = draw(count, seed, frozenset(self.seen), **shard)
         ids = [int(i) for i in extra["id"].tolist()]
         if len(ids) > count or len(set(ids)) != len(ids) or self.seen & set(ids):
@@ -237,18 +209,21 @@ class _Filler:
 
 
 def fill_batch(
-    module: PRPOModule, batch: dict[str, Any], rollout: prpo_lightning.batch.RolloutBatch | None,
-    prm_error: str | None, metrics: dict[str, float],
-) -> tuple[prpo_lightning.batch.RolloutBatch | None, str | None, bool, bool]:
+    first: Round, batch: dict[str, Any], cfg: DynamicSamplingConfig, ctx: StepContext, seed: int,
+    collect_round: Callable[[dict[str, Any], int], Round], pad_id: int,
+) -> tuple[RolloutBatch | None, str | None, bool, bool]:
     """Filter the scored loader batch and refill it with extra rounds (a collective call: every rank calls it).
 
     Args:
-        module: the training module (its ``make_rollout``, ``score_rollout``, engine and seeds are used).
+        first: the generated and scored loader batch of this step (round 0); its ``metrics`` receive
+            ``dynamic_sampling/*`` (summed over ranks) and keep the scoring metrics of the first scored round.
         batch: the loader's prompt batch of this step.
-        rollout: the scored rollout of ``batch`` (None: no prompt fitted, or a skipped PRM failure).
-        prm_error: the skipped PRM failure of the loader batch, or None.
-        metrics: the step's metrics; ``dynamic_sampling/*`` are added (summed over ranks), and the scoring metrics of
-            the first scored round are kept.
+        cfg: the dynamic sampling settings.
+        ctx: the step (its ``datamodule`` draws the extra prompts).
+        seed: the run seed (extra draws are seeded by ``(seed, step, round, rank)``).
+        collect_round: generates and scores a prompt batch in a given round (the collector's
+            :meth:`~prpo_lightning.rollout.collector.RolloutCollector.collect_round`).
+        pad_id: the tokenizer's pad id (to concatenate the kept rounds).
 
     Returns:
         ``(rollout, prm_error, no_prompts, no_signal)``: the kept groups of this rank (None: none kept, or a skipped
@@ -256,10 +231,10 @@ def fill_batch(
         prompt of any round fitted ``max_prompt_length`` on this rank; whether no rank kept a single group (the step
         then updates nothing; the same on every rank).
     """
-    filler, cfg = _Filler(module, batch), module.sampling.dynamic_sampling
-    fitted = rollout is not None or prm_error is not None
-    if rollout is not None:
-        filler.absorb(rollout)
+    filler, metrics, prm_error = _Filler(cfg, batch, ctx, seed), first.metrics, first.prm_error
+    fitted = first.fitted
+    if first.rollout is not None:
+        filler.absorb(first.rollout)
     rounds = 0
     while rounds < cfg.max_rounds:
         local_need = 0 if prm_error is not None else filler.need
@@ -267,31 +242,27 @@ def fill_batch(
             break
         rounds += 1
         extra = filler.draw(filler.draw_count() if prm_error is None else 0, rounds)
-        module.sync_engine()  # wakes a sleeping engine; the weights did not change
-        new, round_metrics = module.make_rollout(extra, round_index=rounds)
-        if module.engine.capabilities.supports_sleep:
-            module.engine.sleep()
-        if new is not None:
-            fitted = True
-            new, prm_error = module.score_rollout(new, round_metrics)
-            if new is not None:
-                filler.absorb(new)
-        metrics["data/skipped_long_prompts"] += round_metrics.pop("data/skipped_long_prompts", 0.0)
-        for key, value in round_metrics.items():
+        new = collect_round(extra, rounds)
+        fitted = fitted or new.fitted
+        if new.fitted:
+            prm_error = new.prm_error
+            if new.rollout is not None:
+                filler.absorb(new.rollout)
+        for key in _SUMMED:  # counts and phase times add up over rounds; the other metrics are round 0's
+            metrics[key] = metrics.get(key, 0.0) + new.metrics.pop(key, 0.0)
+        for key, value in new.metrics.items():
             metrics.setdefault(key, value)
     if prm_error is not None:
         filler.kept = []
-    from prpo_lightning.rollout import pad_token_id  # rollout.py imports this module's config
-
-    kept = concat_rollouts(filler.kept, pad_token_id(module.tokenizer)) if filler.kept else None
+    kept = concat_rollouts(filler.kept, pad_id) if filler.kept else None
     rows = kept.size if kept is not None else 0
     totals = all_reduce_sum([filler.dropped, filler.surplus, filler.consumed, filler.kept_groups, float(rows),
                              float(filler.need > 0 and prm_error is None)])
     dropped, surplus, consumed, kept_groups, kept_rows, short_ranks = totals
-    if short_ranks and module.global_rank == 0:
+    if short_ranks and ctx.rank == 0:
         logging.getLogger(__name__).warning(
             "step %d: dynamic sampling ran out of rounds (max_rounds=%d) with %d rank(s) short of their batch; "
-            "training on the %d groups kept", module.global_step, cfg.max_rounds, int(short_ranks), int(kept_groups))
+            "training on the %d groups kept", ctx.step, cfg.max_rounds, int(short_ranks), int(kept_groups))
     metrics.update({
         "dynamic_sampling/rounds": float(rounds),
         "dynamic_sampling/groups_dropped": dropped,
@@ -302,4 +273,3 @@ def fill_batch(
     })
     no_prompts = kept is None and prm_error is None and not fitted
     return kept, prm_error, no_prompts, kept_rows == 0
-

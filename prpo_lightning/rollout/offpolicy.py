@@ -16,24 +16,19 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from prpo_lightning.distributed import all_reduce_sum, is_distributed
+from prpo_lightning.config import MismatchCheck, RolloutCorrectionConfig, SamplerMismatchError  # noqa: F401
+from prpo_lightning.runtime.distributed import all_reduce_sum, is_distributed
 
 log = logging.getLogger(__name__)
 
-CorrectionMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "icepop"]
-_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "icepop")
-_METRICS = ("logp_diff_mean", "logp_diff_max", "kl")
 
 
-class SamplerMismatchError(RuntimeError):
-    """The sampler's log-probs are too far from the trainer's (e.g. a weight sync was missed)."""
+
 
 
 def mismatch_metrics(
@@ -84,91 +79,10 @@ def _all_reduce_max_float(value: float) -> float:
     return float(t.item())
 
 
-@dataclass
-class MismatchCheck:
-    """Compares one mismatch metric against a threshold after every rollout.
-
-    Args:
-        metric: ``logp_diff_mean``, ``logp_diff_max`` or ``kl`` (see :func:`mismatch_metrics`).
-        threshold: the largest acceptable value. The default 0.1 mean absolute log-prob difference is several
-            times what a synced bf16 engine shows (TRL reports ~0.015) and far below a stale one after a few
-            steps.
-        mode: ``warn`` logs a warning; ``raise`` raises :class:`SamplerMismatchError`.
-
-    Raises:
-        ValueError: an unknown metric or mode, or a negative threshold.
-    """
-
-    metric: Literal["logp_diff_mean", "logp_diff_max", "kl"] = "logp_diff_mean"
-    threshold: float = 0.1
-    mode: Literal["warn", "raise"] = "warn"
-
-    def __post_init__(self) -> None:
-        if self.metric not in _METRICS:
-            raise ValueError(f"MismatchCheck.metric must be one of {_METRICS}, got {self.metric!r}")
-        if self.mode not in ("warn", "raise"):
-            raise ValueError(f"MismatchCheck.mode must be 'warn' or 'raise', got {self.mode!r}")
-        if not self.threshold >= 0:
-            raise ValueError(f"MismatchCheck.threshold must be >= 0, got {self.threshold}")
-
-    def __call__(self, metrics: dict[str, float], step: int | None = None) -> bool:
-        """Check ``metrics`` (from :func:`mismatch_metrics`); returns True when within the threshold.
-
-        Raises:
-            SamplerMismatchError: the metric exceeds the threshold and ``mode`` is ``raise``.
-        """
-        value = metrics[f"rollout/{self.metric}"]
-        if value <= self.threshold:
-            return True
-        msg = (
-            f"rollout/{self.metric} = {value:.4g} exceeds {self.threshold:.4g}"
-            f"{'' if step is None else f' at step {step}'}: the sampler does not sample from the trained weights "
-            "(a missed engine.sync_weights, or a sampler with other numerics); check the weight sync, or raise "
-            "the threshold if this mismatch is expected"
-        )
-        if self.mode == "raise":
-            raise SamplerMismatchError(msg)
-        log.warning(msg)
-        return False
 
 
-@dataclass
-class RolloutCorrectionConfig:
-    """Off-policy correction of the loss by ``ρ = π_old / π_sampler``.
 
-    Modes (``ρ_t`` per token; ``ρ_seq = exp(Σ_t log ρ_t)`` over a sequence's tokens, broadcast to them):
 
-    - ``token_truncate`` (TIS): ``w_t = clamp(ρ_t, clip_min, clip_max)``;
-    - ``token_mask``: ``w_t = ρ_t`` inside ``[clip_min, clip_max]``, else 0;
-    - ``sequence_truncate``: ``w_t = clamp(ρ_seq, clip_min, clip_max)``;
-    - ``sequence_mask``: ``w_t = ρ_seq`` inside ``[clip_min, clip_max]``, else 0;
-    - ``icepop``: ``token_mask`` with IcePop's bounds ``[0.5, 5]`` by default.
-
-    Args:
-        mode: one of the modes above, or None to disable the correction (weights ≡ 1).
-        clip_max: upper bound C (default 2.0, TIS's; ``icepop``: 5.0).
-        clip_min: lower bound (default: none, i.e. 0; ``icepop``: 0.5).
-
-    Raises:
-        ValueError: an unknown mode or bounds with ``clip_min > clip_max`` or ``clip_max <= 0``.
-    """
-
-    mode: CorrectionMode | None = "token_truncate"
-    clip_max: float | None = None
-    clip_min: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode is not None and self.mode not in _MODES:
-            raise ValueError(f"RolloutCorrectionConfig.mode must be one of {_MODES} or None, got {self.mode!r}")
-        if self.clip_max is None:
-            self.clip_max = 5.0 if self.mode == "icepop" else 2.0
-        if self.clip_min is None and self.mode == "icepop":
-            self.clip_min = 0.5
-        if self.clip_max <= 0 or (self.clip_min is not None and self.clip_min > self.clip_max):
-            raise ValueError(
-                f"RolloutCorrectionConfig: need 0 < clip_max and clip_min <= clip_max, got [{self.clip_min}, "
-                f"{self.clip_max}]"
-            )
 
 
 def correction_weights(

@@ -2,63 +2,55 @@
 
 from __future__ import annotations
 
-from abc import ABC
+from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from prpo_lightning.batch import RolloutBatch
+from prpo_lightning.scoring.needs import ComponentNeeds, declare_needs
 
 
 class AdvantageAligner(ABC):
     """Computes ``(B, T)`` token advantages from a scored rollout batch.
 
     Implementations must compute group statistics by ``batch.group_ids`` (never by row position), be
-    vectorised over ``(B, T)`` and return exact zeros on padding. The module calls :meth:`align` under
-    ``torch.no_grad()`` with a view of the batch in which inputs the aligner did not declare (``old_logprobs``,
+    vectorised over ``(B, T)`` and return exact zeros on padding. They implement :meth:`advantage_terms`; the
+    advantages are their sum (:meth:`align`, derived). The framework calls it under ``torch.no_grad()`` with a view
+    of the batch in which inputs the aligner did not declare in :attr:`needs` (``old_logprobs``,
     ``ref_logprobs``, ``entropies``) raise :class:`~prpo_lightning.batch.ComponentContractError`.
     """
 
-    #: Whether the aligner needs ``batch.ref_logprobs`` (the module then creates a reference model).
-    requires_reference: bool = False
-    #: Whether the aligner reads ``batch.old_logprobs``/``batch.entropies`` (the module then computes them in a
-    #: separate no-grad pass even for on-policy updates).
-    requires_rollout_logprobs: bool = False
-    #: Whether the aligner reads PRM step scores (if False the module skips segmentation and PRM scoring).
-    uses_process_scores: bool = False
-    #: Whether every advantage is relative to the prompt's group, so that a group of one completion gets zero
-    #: advantages everywhere (GRPO, RLOO, ...): the module then refuses ``sampling.num_generations: 1``.
-    group_relative: bool = False
+    #: What the aligner reads (``reference_logprobs``, ``rollout_logprobs``, ``process_scores``) and whether its
+    #: advantages are ``group_relative`` (a lone completion gets 0: the module refuses ``num_generations: 1``).
+    needs: ComponentNeeds = ComponentNeeds()
 
-    def align(self, batch: RolloutBatch) -> Tensor:
-        """Return ``(B, T)`` float token advantages, zero where ``batch.completion_mask`` is False.
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declare_needs(cls, "aligner")
+        if "align" in vars(cls):
+            raise TypeError(f"aligner {cls.__name__} overrides align(batch): implement advantage_terms(batch) instead, "
+                            "returning {'outcome': adv} or {'process': adv} (or both parts) as (B, T) tensors; "
+                            "align is their sum, derived by AdvantageAligner")
 
-        Default: the sum of :meth:`advantage_terms` (:func:`sum_of_terms`). An aligner implements
-        :meth:`advantage_terms` (then the module computes its terms once and logs them), :meth:`align`, or both
-        (then the module checks that the terms sum to ``align``'s result).
-
-        Raises:
-            NotImplementedError: if the aligner implements neither.
-        """
-        terms = self.advantage_terms(batch)
-        if terms is None:
-            raise NotImplementedError(f"{type(self).__name__}: implement align(batch) or advantage_terms(batch)")
-        return sum_of_terms(terms, batch.completion_mask)
-
-    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor] | None:
-        """Named ``(B, T)`` parts whose sum is :meth:`align`'s advantages.
+    @abstractmethod
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        """Named ``(B, T)`` parts whose sum is the advantages (:meth:`align`).
 
         The bundled aligners name them ``"outcome"`` (the part every token of a completion shares) and
-        ``"process"`` (the per-token part): PRPO and SPRO return both, process-only returns ``"process"`` and the
-        GRPO family ``"outcome"``. The module logs the mean absolute value of each part over valid tokens as
-        ``train/advantage/<name>_abs_mean``, and ``train/advantage/process_to_outcome`` (their ratio) when both
-        are there, so a run shows when the process term outweighs the outcome signal. Called under
-        ``torch.no_grad()`` with the same batch view as :meth:`align`.
+        ``"process"`` (the per-token part): PRPO and SPRO return both, process-only, PURE and PRIME ``"process"``,
+        the GRPO family, RLOO, REINFORCE++ and PRM-Avg ``"outcome"``. The module logs the mean absolute value of
+        each part over valid tokens as ``train/advantage/<name>_abs_mean``, and ``train/advantage/process_to_outcome``
+        (their ratio) when both are there, so a run shows when the process term outweighs the outcome signal.
 
         Returns:
-            ``{name: (B, T) tensor}``, or None (the default) for an aligner that does not split its advantages.
+            ``{name: (B, T) tensor}`` (at least one part).
         """
-        return None
+
+    def align(self, batch: RolloutBatch) -> Tensor:
+        """``(B, T)`` float32 token advantages: the sum of :meth:`advantage_terms`, exactly 0 on padding."""
+        return sum_of_terms(self.advantage_terms(batch), batch.completion_mask)
 
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         """Method-specific diagnostics of one scored batch, logged as ``train/aligner/<key>`` (optional).
@@ -92,7 +84,8 @@ def checked_step_scores(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
     if batch.step_scores is None or batch.step_mask is None:
         raise ValueError(
             "AdvantageAligner: this aligner needs step scores (batch.step_scores/step_mask are None); "
-            "configure a segmenter and a ProcessRewardModel, and set uses_process_scores = True on the aligner"
+            "configure a segmenter and a ProcessRewardModel, and declare needs = ComponentNeeds(process_scores=True) "
+            "on the aligner"
         )
     if len(batch.segment_spans) != batch.size:
         raise ValueError(
