@@ -208,13 +208,14 @@ def timed(name: str, fn: Any) -> Any:
 
 
 def instrument_module_phases() -> None:
-    """Time generation and the no-grad log-prob pass of ``PRPOModule`` (wraps the names it imported)."""
-    import prpo_lightning.module as m
+    """Time generation and the no-grad log-prob pass of a training step (wraps the names the rollout engines and the
+    rollout collector imported)."""
+    import prpo_lightning.rollout.collector as collector
+    import prpo_lightning.rollout.engines as engines
 
-    for name, phase in (("generate_groups", "generate_s"), ("generate_completions", "generate_s"),
-                        ("batched_logprobs", "logprob_pass_s")):
-        if hasattr(m, name):
-            setattr(m, name, timed(phase, getattr(m, name)))
+    for module, name, phase in ((engines, "generate_groups", "generate_s"), (engines, "generate_completions", "generate_s"),
+                                (collector, "batched_logprobs", "logprob_pass_s")):
+        setattr(module, name, timed(phase, getattr(module, name)))
 
 
 def run_worker(cmd: list[str], label: str) -> dict[str, Any]:

@@ -56,10 +56,10 @@ def main() -> None:
         t0 = time.perf_counter()
         engine.setup(model, rare_eos)
         results["engines"][name] = {"setup_s": round(time.perf_counter() - t0, 2)}
-        engine.generate(prompts[:1], 2, sampling, [0])  # warm-up
+        engine.generate(SampleRequest(prompts[:1], 2, sampling, [0]))  # warm-up
         for n in GROUPS:
             t0 = time.perf_counter()
-            out = engine.generate(prompts[:n], G, sampling, list(range(n)), batch_seed=0)  # batched (the default mode)
+            out = engine.generate(SampleRequest(prompts[:n], G, sampling, list(range(n)), batch_seed=0))  # batched (the default mode)
             seconds = time.perf_counter() - t0
             tokens = int(out.completion_mask.sum())
             results["engines"][name][f"batch_{n * G}"] = {"tokens": tokens, "seconds": round(seconds, 3),

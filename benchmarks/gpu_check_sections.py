@@ -334,11 +334,11 @@ def _generation_rate(
     tok = SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)
     group = min(p.train_group, batch)
     ids, mask = prompts(batch // group, group, p.vocab, p.prompt_len // 2, p.prompt_len, device)
-    sampling = SamplingConfig(max_new_tokens=new_tokens, engine=engine)
+    sampling = SamplingConfig(max_new_tokens=new_tokens)
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
-    cmask = generate_completions(model, tok, ids, mask, sampling).mask
+    cmask = generate_completions(model, tok, ids, mask, sampling, sampler=engine).mask
     sync(device)
     seconds = time.perf_counter() - t0
     tokens = int(cmask.sum())

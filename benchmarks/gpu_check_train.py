@@ -230,7 +230,7 @@ def fit(
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     last = record.get("steps", [{}])[-1] if record.get("steps") else {}
     engine_lines = [ln for ln in (run_dir / "output.log").read_text(errors="replace").splitlines()
-                    if "sampling.engine" in ln]
+                    if "AutoEngine: sampling" in ln]
     results = {
         "command": "python " + " ".join(args),
         "exit_code": code, "timed_out": code is None, "seconds": round(seconds, 2),

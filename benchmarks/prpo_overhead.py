@@ -80,24 +80,23 @@ def timed_components(clock: StageClock, verifier: Any, aligner: Any, segmenter: 
         def verify(self, completion: str, gold: str) -> Any:
             return verifier.verify(completion, gold)
 
-        def verify_batch(self, completions: Any, golds: Any) -> Any:
+        def verify_batch(self, completions: Any, golds: Any, rows: Any = None) -> Any:
             t = time.perf_counter()
-            out = verifier.verify_batch(completions, golds)
+            out = verifier.verify_batch(completions, golds, rows)
             clock.add("verify", time.perf_counter() - t)
             return out
 
     class TimedAligner(AdvantageAligner):
-        requires_reference = getattr(aligner, "requires_reference", False)
-        uses_process_scores = getattr(aligner, "uses_process_scores", False)
+        needs = aligner.needs
 
-        def align(self, batch: Any) -> Any:
+        def advantage_terms(self, batch: Any) -> Any:
             t = time.perf_counter()
-            out = aligner.align(batch)
+            out = aligner.advantage_terms(batch)
             clock.add("align", time.perf_counter() - t)
             return out
 
     class TimedSegmenter(Segmenter):
-        requires_entropies = getattr(segmenter, "requires_entropies", False)
+        needs = segmenter.needs if segmenter is not None else Segmenter.needs
 
         def segment(self, batch: Any, tokenizer: Any) -> Any:
             t = time.perf_counter()
@@ -106,7 +105,7 @@ def timed_components(clock: StageClock, verifier: Any, aligner: Any, segmenter: 
             return out
 
     class TimedPRM(ProcessRewardModel):
-        requires_reference = getattr(prm, "requires_reference", False)
+        needs = prm.needs if prm is not None else ProcessRewardModel.needs
 
         def setup(self, device: Any) -> None:
             prm.setup(device)

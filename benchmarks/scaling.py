@@ -68,7 +68,7 @@ def gen_throughput(args: argparse.Namespace) -> dict[str, Any]:
     out = []
     for b, engine in [(b, e) for b in args.batch_sizes for e in ("hf", "static")]:
         sampling = SamplingConfig(num_generations=1, temperature=1.0, top_p=1.0, top_k=0,
-                                  max_new_tokens=args.gen_tokens, engine=engine)
+                                  max_new_tokens=args.gen_tokens)
         ids, mask = tokenize_prompts(tok, [TEMPLATE.format(problem=r["problem"]) for r in rows[:b]], device)
         times = []
         for rep in range(args.repeats + 1):
@@ -76,7 +76,7 @@ def gen_throughput(args: argparse.Namespace) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            comp, cmask = generate_completions(model, tok, ids, mask, sampling)[:2]
+            comp, cmask = generate_completions(model, tok, ids, mask, sampling, sampler=engine)[:2]
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if rep > 0:  # the first call is a warm-up
@@ -103,12 +103,12 @@ def ragged_generation(args: argparse.Namespace, model: Any, tok: Any, device: An
     ids, mask = ids.repeat_interleave(8, 0), mask.repeat_interleave(8, 0)
     out, completions = [], {}
     for engine in ("hf", "static"):
-        sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.ragged_tokens, engine=engine)
+        sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=args.ragged_tokens)
         times = []
         for rep in range(args.repeats + 1):
             torch.manual_seed(rep)
             t = time.perf_counter()
-            comp, cmask = generate_completions(model, tok, ids, mask, sampling)[:2]
+            comp, cmask = generate_completions(model, tok, ids, mask, sampling, sampler=engine)[:2]
             if rep > 0:
                 times.append(time.perf_counter() - t)
         completions[engine] = comp
@@ -183,7 +183,7 @@ def engine_throughput(args: argparse.Namespace) -> dict[str, Any]:
         times = []
         for rep in range(args.repeats + 1):  # the first call is a warm-up
             t = time.perf_counter()
-            result = engine.generate(prompts[:b], 1, sampling, list(range(b)), batch_seed=rep)
+            result = engine.generate(SampleRequest(prompts[:b], 1, sampling, list(range(b)), batch_seed=rep))
             if rep > 0:
                 times.append(time.perf_counter() - t)
         # vLLM with ignore_eos generates max_new_tokens per row, though a sampled EOS ends the row's mask

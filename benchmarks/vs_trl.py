@@ -77,7 +77,9 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     if args.engine == "vllm":
         engine = vllm_engine_without_eos(args.max_new_tokens)
     elif args.engine is not None:
-        sampling_kwargs["engine"] = args.engine
+        from components.engines import AutoEngine, HFGenerateEngine, StaticCacheEngine
+
+        engine = {"auto": AutoEngine, "hf": HFGenerateEngine, "static": StaticCacheEngine}[args.engine]()
     share = args.share_prompts != "false"
     instrument_module_phases()
     module = PRPOModule(
@@ -230,7 +232,7 @@ def worker_main(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------- driver
 # ablations run with --variants: name -> (worker, extra worker args, table label)
 VARIANTS: dict[str, tuple[str, list[str], str]] = {
-    "ours_hf_generate": ("ours", ["--engine", "hf"], "ours with `sampling.engine: hf` (HF `generate`) vs TRL"),
+    "ours_hf_generate": ("ours", ["--engine", "hf"], "ours with `HFGenerateEngine` (HF `generate`) vs TRL"),
     "ours_no_prefix_sharing": ("ours", ["--share-prompts", "false"],
                                "ours with `optim.share_prompt_prefix: false` vs TRL"),
     "ours_per_group": ("ours", ["--seed-per-group", "true"],
@@ -287,7 +289,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         f"loss (TRL `dapo`), AdamW lr 1e-6 constant, grad-clip 1, gradient checkpointing {s.get('gradient_checkpointing', 'off')} in "
         "both (TRL's `GRPOConfig` defaults to on), β = 0 (no reference model), one optimizer step "
         "and one forward/backward over the whole batch per generation batch, no vLLM. Ours runs with its defaults "
-        "`sampling.engine: auto` (here the `StaticCacheDecoder`) and `optim.share_prompt_prefix: true`, TRL with "
+        "the default `AutoEngine` (here the `StaticCacheDecoder`) and `optim.share_prompt_prefix: true`, TRL with "
         "its defaults (HF `generate` with a dynamic KV cache); the ablation rows below change one of them. "
         f"{s['rounds']} rounds per framework alternating in fresh processes, {s['warmup']} warm-up steps dropped per "
         f"round, median over {o['n_measured_steps']} measured steps each.",

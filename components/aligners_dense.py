@@ -82,9 +82,7 @@ class SPROAligner(AdvantageAligner):
         ValueError: for an unknown ``scale_rewards`` or a negative ``max_process_to_outcome``.
     """
 
-    uses_process_scores = False
-    group_relative = True
-    requires_reference = True
+    needs = ComponentNeeds(group_relative=True, reference_logprobs=True)
 
     def __init__(
         self,
@@ -178,8 +176,7 @@ class PUREAligner(AdvantageAligner):
         whiten: whiten the final advantages over the batch.
     """
 
-    uses_process_scores = True
-    requires_reference = False
+    needs = ComponentNeeds(process_scores=True)
 
     def __init__(
         self,

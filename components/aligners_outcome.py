@@ -24,6 +24,7 @@ from components.aligners_base import (
 from prpo_lightning.scoring.aligner import AdvantageAligner
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.scoring.grouping import group_mean
+from prpo_lightning.scoring.needs import ComponentNeeds
 
 __all__ = ["DrGRPOAligner", "GRPOAligner", "RLOOAligner", "ReinforcePPBaselineAligner"]
 
@@ -53,9 +54,7 @@ class GRPOAligner(AdvantageAligner):
             ``std_normalize=False`` with ``scale_rewards="batch"``.
     """
 
-    uses_process_scores = False
-    group_relative = True
-    requires_reference = False
+    needs = ComponentNeeds(group_relative=True)
 
     def __init__(
         self,
@@ -106,9 +105,7 @@ class RLOOAligner(AdvantageAligner):
     Shapes: ``outcome_rewards (B,)`` → ``(B, T)``.
     """
 
-    uses_process_scores = False
-    group_relative = True
-    requires_reference = False
+    needs = ComponentNeeds(group_relative=True)
 
     def sequence_advantages(self, batch: RolloutBatch) -> Tensor:
         """``(B,)`` float64 per-completion advantages."""
@@ -136,9 +133,7 @@ class ReinforcePPBaselineAligner(AdvantageAligner):
         whiten: apply the batch whitening (True in the method).
     """
 
-    uses_process_scores = False
-    group_relative = True
-    requires_reference = False
+    needs = ComponentNeeds(group_relative=True)
 
     def __init__(self, whiten: bool = True) -> None:
         self.whiten = whiten

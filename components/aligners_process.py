@@ -24,6 +24,7 @@ from components.aligners_base import (
 from prpo_lightning.scoring.aligner import AdvantageAligner, token_step_scores
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.scoring.grouping import group_mean, group_moments, masked_row_mean
+from prpo_lightning.scoring.needs import ComponentNeeds
 
 __all__ = ["SIGMA0_CODE", "SIGMA0_UNIFORM", "PRMAvgAligner", "PRPOAligner", "ProcessOnlyAligner"]
 
@@ -129,8 +130,7 @@ class PRPOAligner(_FixedPriorZ, AdvantageAligner):
             ``scale_rewards`` other than ``"group"``.
     """
 
-    uses_process_scores = True
-    requires_reference = False
+    needs = ComponentNeeds(process_scores=True)
 
     def __init__(
         self,
@@ -195,8 +195,7 @@ class ProcessOnlyAligner(_FixedPriorZ, AdvantageAligner):
         last_token_quirk: the code's raw-score last token.
     """
 
-    uses_process_scores = True
-    requires_reference = False
+    needs = ComponentNeeds(process_scores=True)
 
     def __init__(
         self,
@@ -235,9 +234,7 @@ class PRMAvgAligner(AdvantageAligner):
             ``scale_rewards="batch"``.
     """
 
-    uses_process_scores = True
-    group_relative = True
-    requires_reference = False
+    needs = ComponentNeeds(process_scores=True, group_relative=True)
 
     def __init__(
         self,

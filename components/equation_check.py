@@ -150,7 +150,6 @@ class EquationCheckPRM(ProcessRewardModel):
         skip_special_tokens: drop special tokens (EOS) when decoding segments.
     """
 
-    requires_reference = False
 
     def __init__(self, no_equation_score: float = 0.5, skip_special_tokens: bool = True) -> None:
         if not 0.0 <= no_equation_score <= 1.0:

@@ -32,7 +32,7 @@ class BiasedPRM(ProcessRewardModel):
 
     The biased score is ``clip(s + biases, 0, 1)``, in float32; missing steps stay 0 with the base's mask.
     With every strength 0 the base's :class:`ProcessScores` is returned unchanged (exactly the base). The
-    base's ``token_scores`` pass through unchanged. ``requires_reference``/``requires_rollout_logprobs``,
+    base's ``token_scores`` pass through unchanged. ``needs``,
     :meth:`setup` and :meth:`setup_tokenizer` are the base's.
 
     Args:

@@ -77,7 +77,6 @@ class TaggedStepPRM(ProcessRewardModel):
     inputs (sorted by length, right-padded, with an attention mask) on the device given to :meth:`setup`.
     """
 
-    requires_reference = False
     add_special_tokens: bool = False
 
     def __init__(

@@ -8,6 +8,7 @@ import torch
 
 from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.scoring.prm import ProcessRewardModel, ProcessScores
+from prpo_lightning.scoring.needs import ComponentNeeds
 
 __all__ = ["ImplicitPRM"]
 
@@ -27,14 +28,14 @@ class ImplicitPRM(ProcessRewardModel):
       (the implicit-PRM reading of "Free process rewards").
 
     Output: ``step_scores (B, S)``, ``step_mask (B, S)``, ``token_scores (B, T)``. Needs the reference model
-    (``requires_reference = True``). Runs without grad; tensors stay on the batch's device.
+    (``needs = ComponentNeeds(reference_logprobs=True)``). Runs without grad; tensors stay on the batch's device.
 
     Args:
         beta: β (PRIME uses 0.05).
         step_reduction: ``"sum"`` or ``"cumulative"``.
     """
 
-    requires_reference = True
+    needs = ComponentNeeds(reference_logprobs=True)
 
     def __init__(self, beta: float = 0.05, step_reduction: Literal["sum", "cumulative"] = "sum") -> None:
         if step_reduction not in ("sum", "cumulative"):

@@ -32,8 +32,8 @@ from components.math_answer.extract import extract_last_boxed
 from prpo_lightning.scoring.combined import WeightedVerifiers, combine_verifiers
 from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
-__all__ = ["BoxedFormatReward", "CallableReward", "RewardFunctionError", "WeightedVerifiers", "combine_verifiers",
-           "import_function"]
+__all__ = ["BoxedFormatReward", "CallableReward", "RewardFunctionError", "import_function"]
+# WeightedVerifiers and combine_verifiers (prpo_lightning.scoring.combined) stay importable from here
 
 
 class RewardFunctionError(RuntimeError):

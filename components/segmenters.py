@@ -22,6 +22,7 @@ from torch import Tensor
 
 from prpo_lightning.batch import RolloutBatch, Span
 from prpo_lightning.scoring.segmenter import Segmenter
+from prpo_lightning.scoring.needs import ComponentNeeds
 
 __all__ = [
     "DelimiterSegmenter",
@@ -117,7 +118,7 @@ class EntropySpikeSegmenter(Segmenter):
         mode: ``"paper"`` or ``"reference"``.
     """
 
-    requires_entropies = True
+    needs = ComponentNeeds(entropies=True)
 
     def __init__(self, k: int = 5, min_gap: int = 10, mode: Literal["paper", "reference"] = "paper") -> None:
         if k < 1 or min_gap < 1:

@@ -311,4 +311,4 @@ class SympyMathVerifier(OutcomeVerifier):
 # Reward composition (components/rewards.py), importable from here as components.verifiers.<Name> in YAML.
 from components.rewards import BoxedFormatReward, CallableReward, WeightedVerifiers  # noqa: E402
 
-__all__ += ["BoxedFormatReward", "CallableReward", "WeightedVerifiers"]
+__all__ += ["BoxedFormatReward", "CallableReward"]  # WeightedVerifiers: prpo_lightning.scoring.combined

@@ -54,6 +54,14 @@ MOVED_MODULES: dict[str, str] = {
 }
 
 
+def _importer_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the code that ran the import (past importlib's frames)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith("<frozen") or frame.f_code.co_filename == __file__):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Imports of a moved module's old path get the new module, with a deprecation warning naming it."""
 
@@ -65,7 +73,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec: Any) -> Any:
         new = MOVED_MODULES[spec.name]
         warnings.warn(f"{spec.name} moved to {new}; import from there (or from prpo_lightning)", DeprecationWarning,
-                      stacklevel=2)
+                      stacklevel=_importer_stacklevel())
         return importlib.import_module(new)
 
     def exec_module(self, module: Any) -> None:

@@ -11,13 +11,12 @@ Shape legend used throughout the project:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from prpo_lightning.scoring.verifier import Verdict
+from prpo_lightning.scoring.verifier import Verdict
 
 Span = tuple[int, int]
 

@@ -189,7 +189,9 @@ def cli_main(args: ArgsType = None, run: bool = True) -> PRPOCLI:
         run: run the subcommand; with False, only parse and instantiate.
     """
     import components  # noqa: F401  (lets configs use short class names of the bundled components)
+    from jsonargparse import set_parsing_settings
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows the field docstrings of config.py
     quiet_repeated_warnings()
     return PRPOCLI(
         PRPOModule,

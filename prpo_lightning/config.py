@@ -372,14 +372,40 @@ CONFIGS: tuple[type, ...] = (SamplingConfig, DynamicSamplingConfig, LossConfig, 
                              RolloutCorrectionConfig, OverlongConfig, RewardShapingConfig, RefSyncConfig, LoRAConfig)
 
 
-def check_module_settings(group_relative: bool, num_generations: int, aligner_name: str) -> None:
-    """Checks that involve more than one config group, before any model loads.
+def check_module_settings(
+    *, policy: str | None, policy_config: dict[str, Any] | None, tokenizer: str | None, on_prm_error: str,
+    lora: LoRAConfig | None, ref_sync: RefSyncConfig, num_generations: int, aligner_name: str, group_relative: bool,
+    process_scores: bool, has_segmenter_and_prm: bool, has_reference: bool,
+) -> None:
+    """Checks of ``PRPOModule``'s arguments that involve more than one group, before any model loads.
 
     Raises:
-        ValueError: a group-relative aligner with ``num_generations: 1`` (every advantage would be 0).
+        ValueError: naming the keys: the policy given twice or not at all, ``policy_config`` without a tokenizer, an
+            unknown ``on_prm_error``, LoRA with reference sync, ref sync without a reference, an aligner that reads
+            process scores without a segmenter and a PRM, a group-relative aligner with ``num_generations: 1`` (every
+            advantage would be 0), or a misspelt builtin model name.
     """
+    from prpo_lightning.runtime.models import check_builtin_name  # the builtin registry: checked, never loaded
+
+    if (policy is None) == (policy_config is None):
+        raise ValueError("give exactly one of model.policy (name/path) or model.policy_config (config dict)")
+    if process_scores and not has_segmenter_and_prm:
+        raise ValueError(f"{aligner_name} uses process scores: set model.segmenter and model.prm")
+    if on_prm_error not in ("raise", "skip"):
+        raise ValueError(f"on_prm_error must be 'raise' or 'skip', got {on_prm_error!r}")
+    if policy_config is not None and tokenizer is None:
+        raise ValueError("a policy built from policy_config needs model.tokenizer (a local tokenizer path)")
+    if lora is not None and ref_sync.sync_ref_model:
+        raise ValueError("model.ref_sync.sync_ref_model cannot be used with model.lora: the reference is the "
+                         "policy's own base weights with the adapters disabled; turn one of them off")
     if group_relative and num_generations < 2:
         raise ValueError(f"model.sampling.num_generations must be >= 2 with {aligner_name}; got {num_generations}: "
                          "its advantages are relative to the prompt's group, so a lone completion gets advantage 0 "
                          "and the run would train with loss 0; raise num_generations or choose an aligner that is "
                          "not group-relative")
+    for key, name in (("model.policy", policy), ("model.tokenizer", tokenizer)):
+        if name is not None:
+            check_builtin_name(name, key)
+    if ref_sync.sync_ref_model and not has_reference:
+        raise ValueError("model.ref_sync.sync_ref_model needs a reference model: set model.loss.kl_coef > 0 (or use "
+                         "a component that requires one), or turn ref_sync off")

@@ -53,7 +53,7 @@ def _load_lightning_checkpoint(path: Path) -> dict[str, Any]:
             single = Path(tmp) / "collated.ckpt"
             convert_zero_checkpoint_to_fp32_state_dict(str(path), str(single))
             return torch.load(single, map_location="cpu", weights_only=False)
-    import prpo_lightning.checkpoint  # noqa: F401  (registers the config dataclasses as safe globals)
+    import prpo_lightning.runtime.checkpoint  # noqa: F401  (registers the config dataclasses as safe globals)
 
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -1,20 +1,13 @@
 """``PRPOModule``: critic-free policy optimisation with pluggable engine, verifier, segmenter, PRM and aligner.
 
-One training step reads top to bottom in :meth:`PRPOModule.training_step`:
-
-1. :class:`~prpo_lightning.rollout.collector.RolloutCollector` samples G completions per prompt with the rollout
-   engine, runs the planned log-prob passes, then grades, segments, scores and aligns them into ``(B, T)``
-   advantages (refilling the batch under dynamic sampling);
-2. :class:`~prpo_lightning.training.outcome.SkipBudget` decides whether the step updates, and why;
-3. :class:`~prpo_lightning.training.updater.PolicyUpdater` runs ``ppo_epochs`` × mini-batches × micro-batches of
-   the loss, then the collector syncs the engine's weights.
-
-Which forward passes run is decided once, when the model is configured (:func:`~prpo_lightning.training.plan.plan_passes`).
+:meth:`PRPOModule.training_step` reads top to bottom: the :class:`~prpo_lightning.rollout.collector.RolloutCollector`
+samples, scores and aligns a batch (``docs/architecture.md``), the :class:`~prpo_lightning.training.outcome.SkipBudget`
+decides whether it updates, and the :class:`~prpo_lightning.training.updater.PolicyUpdater` runs the PPO update; the
+forward passes are planned once (:func:`~prpo_lightning.training.plan.plan_passes`).
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Literal
 
@@ -34,21 +27,19 @@ from prpo_lightning.rollout.engine import RolloutEngine
 from prpo_lightning.rollout.engines import AutoEngine
 from prpo_lightning.rollout.sampling import pad_token_id
 from prpo_lightning.runtime.checkpoint import collect_rng_states, restore_rng_states
-from prpo_lightning.runtime.compat import enable_activation_checkpointing
-from prpo_lightning.runtime.models import check_builtin_name, load_causal_lm, load_tokenizer
-from prpo_lightning.runtime.zero3 import transformers_zero3, unpartitioned_copy, zero3_config
+from prpo_lightning.runtime.models import load_tokenizer
+from prpo_lightning.runtime.zero3 import unpartitioned_copy, zero3_config
 from prpo_lightning.scoring.aligner import AdvantageAligner
 from prpo_lightning.scoring.combined import combine_verifiers
 from prpo_lightning.scoring.pipeline import Scorer
 from prpo_lightning.scoring.prm import ProcessRewardModel
 from prpo_lightning.scoring.segmenter import Segmenter
 from prpo_lightning.scoring.verifier import OutcomeVerifier
-from prpo_lightning.training.lora import (
-    AdapterDisabledReference, apply_lora, as_lora_config, check_adapter_state, trainable_state_keys,
-)
+from prpo_lightning.training.lora import check_adapter_state, trainable_state_keys
 from prpo_lightning.training.optim import deepspeed_engine, lr_factor
 from prpo_lightning.training.outcome import RankReport, SkipBudget, advance_without_update
 from prpo_lightning.training.plan import PassPlan, combine_needs, needs_reference_model, plan_passes
+from prpo_lightning.training.policy import build_policy
 from prpo_lightning.training.refsync import ReferenceSync
 from prpo_lightning.training.updater import PolicyUpdater
 
@@ -71,12 +62,10 @@ class PRPOModule(L.LightningModule):
             (the batch's update is skipped, counted under ``train/faults/prm_errors``).
         max_consecutive_skips: batches in a row that may update nothing; one more raises ``SkippedBatchesError``.
         engine: the rollout engine (default :class:`~prpo_lightning.rollout.engines.AutoEngine`).
-        rollout_correction / rollout_check / reward_shaping / reward_weights / ref_sync / lora: see
-            :mod:`prpo_lightning.config`.
+        rollout_correction / rollout_check / reward_shaping / reward_weights / ref_sync / lora: see the config.
 
     Raises:
-        ValueError: a setting out of range or inconsistent, checked here before any model loads.
-        TypeError: a component whose ``needs`` are invalid for its role.
+        ValueError / TypeError: an inconsistent setting or invalid component ``needs``, before any model loads.
     """
 
     def __init__(
@@ -108,38 +97,29 @@ class PRPOModule(L.LightningModule):
         lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
-        if (policy is None) == (policy_config is None):
-            raise ValueError("give exactly one of model.policy (name/path) or model.policy_config (config dict)")
-        if on_prm_error not in ("raise", "skip"):
-            raise ValueError(f"on_prm_error must be 'raise' or 'skip', got {on_prm_error!r}")
-        if policy_config is not None and tokenizer is None:
-            raise ValueError("a policy built from policy_config needs model.tokenizer (a local tokenizer path)")
-        if lora is not None and ref_sync.sync_ref_model:
-            raise ValueError("model.ref_sync.sync_ref_model cannot be used with model.lora: the reference is the "
-                             "policy's own base weights with the adapters disabled; turn one of them off")
         verifier = combine_verifiers(verifier, reward_weights)
         self.needs = combine_needs(verifier, aligner, segmenter, prm)
-        if self.needs.process_scores and (segmenter is None or prm is None):
-            raise ValueError(f"{type(aligner).__name__} uses process scores: set model.segmenter and model.prm")
-        check_module_settings(self.needs.group_relative, sampling.num_generations, type(aligner).__name__)
-        for key, name in (("model.policy", policy), ("model.tokenizer", tokenizer)):
-            if name is not None:
-                check_builtin_name(name, key)
-        if ref_sync.sync_ref_model and not needs_reference_model(self.needs, loss):
-            raise ValueError("model.ref_sync.sync_ref_model needs a reference model: set model.loss.kl_coef > 0 (or use "
-                             "a component that requires one), or turn ref_sync off")
+        check_module_settings(
+            policy=policy, policy_config=policy_config, tokenizer=tokenizer, on_prm_error=on_prm_error, lora=lora,
+            ref_sync=ref_sync, num_generations=sampling.num_generations, aligner_name=type(aligner).__name__,
+            group_relative=self.needs.group_relative, process_scores=self.needs.process_scores,
+            has_segmenter_and_prm=segmenter is not None and prm is not None,
+            has_reference=needs_reference_model(self.needs, loss))
         self.save_hyperparameters(ignore=["verifier", "aligner", "segmenter", "prm", "engine"])
         self.verifier, self.aligner, self.segmenter, self.prm = verifier, aligner, segmenter, prm
         self.engine: RolloutEngine = engine if engine is not None else AutoEngine()
         self.sampling, self.loss_cfg, self.optim_cfg = sampling, loss, optim
+        self.reward_shaping, self.rollout_check, self.rollout_correction = reward_shaping, rollout_check, rollout_correction
         self.skip_budget = SkipBudget(max_consecutive_skips)
         self.ref_sync = ReferenceSync(ref_sync)  # counts optimizer steps; mixes the policy into the reference
         self.evaluation = EvaluationStages()
         self.automatic_optimization = False
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
-        self._reference: Any = None  # frozen, kept outside the module's parameters
-        self.plan: PassPlan | None = None
+        object.__setattr__(self, "_reference", None)  # frozen, kept outside the module's parameters
+        # the forward passes of a step, from the components' needs and the engine's capabilities; ZeRO-3 with
+        # several ranks (known once a trainer attaches) plans them once more, in lock-step, in configure_model
+        self.plan: PassPlan = plan_passes(self.needs, self.engine.capabilities, loss, optim, gradient_checkpointing)
         self.collector: RolloutCollector | None = None
         self.updater: PolicyUpdater | None = None
         self.step_metrics: dict[str, float] = {}
@@ -155,41 +135,31 @@ class PRPOModule(L.LightningModule):
         for component in (self.segmenter, self.prm):
             if component is not None and hasattr(component, "setup_tokenizer"):
                 component.setup_tokenizer(self.tokenizer)
-        zero3 = zero3_config(self._trainer)
-        with transformers_zero3(zero3):  # under ZeRO-3 transformers initialises/loads the partitioned weights
-            self.policy = load_causal_lm(hp.policy, hp.policy_config, dtype=hp.dtype, seed=hp.seed, sampling=self.sampling)
-        if hp.gradient_checkpointing:
-            enable_activation_checkpointing(self.policy)
-            self.policy.config.use_cache = False
         strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
-        lockstep = bool(getattr(strategy, "zero_stage_3", False)) and self.trainer.world_size > 1
-        self.plan = plan_passes(self.needs, self.engine.capabilities, self.loss_cfg, self.optim_cfg,
-                                hp.gradient_checkpointing, lockstep)
+        if bool(getattr(strategy, "zero_stage_3", False)) and self.trainer.world_size > 1:
+            self.plan = plan_passes(self.needs, self.engine.capabilities, self.loss_cfg, self.optim_cfg,
+                                    hp.gradient_checkpointing, lockstep=True)
         rank_zero_info(self.plan.describe())
-        if hp.lora is not None:  # the base is frozen; the reference is the same model with the adapters disabled
-            if zero3 is not None:
-                raise ValueError("model.lora is not supported under DeepSpeed ZeRO-3: use ZeRO-2 or DDP")
-            self.policy = apply_lora(self.policy, as_lora_config(hp.lora), hp.seed)
-            if hp.gradient_checkpointing:
-                self.policy.enable_input_require_grads()  # frozen embeddings: reentrant checkpointing needs a grad input
-            if self.plan.reference:
-                self._reference = AdapterDisabledReference(self.policy)
-        elif self.plan.reference and zero3 is None:  # under ZeRO-3: built from the gathered policy at fit start
-            self._reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        scorer = Scorer(self.verifier, self.aligner, self.segmenter, self.prm, self.tokenizer, hp.reward_shaping,
+        self.policy, reference = build_policy(hp.policy, hp.policy_config, hp.dtype, hp.seed, self.sampling,
+                                              hp.gradient_checkpointing, hp.lora, zero3_config(self._trainer),
+                                              self.plan.reference)
+        object.__setattr__(self, "_reference", reference)
+        scorer = Scorer(self.verifier, self.aligner, self.segmenter, self.prm, self.tokenizer, self.reward_shaping,
                         self.sampling.max_new_tokens, hp.on_prm_error)
         self.collector = RolloutCollector(
             self.engine, self.policy, self._reference, self.tokenizer, scorer, self.plan, self.sampling,
             PromptFormat(hp.prompt_template, hp.system_prompt, hp.use_chat_template), hp.seed,
-            self.optim_cfg.micro_batch_size, hp.rollout_check, hp.rollout_correction)
+            self.optim_cfg.micro_batch_size, self.rollout_check, self.rollout_correction)
         self.updater = PolicyUpdater(
             self.policy, self.loss_cfg, self.optim_cfg, self.plan, self.sampling.temperature,
-            self.sampling.max_new_tokens, hp.seed, pad_token_id(self.tokenizer), backward=self.manual_backward,
+            self.sampling.max_new_tokens, hp.seed, pad_token_id(self.tokenizer),
+            backward=lambda loss: self.manual_backward(loss),
             clip_gradients=lambda opt, max_norm: self.clip_gradients(opt, gradient_clip_val=max_norm,
                                                                      gradient_clip_algorithm="norm"),
-            on_optimizer_step=self._on_optimizer_step)
+            on_optimizer_step=lambda: self.after_optimizer_step())
 
-    def _on_optimizer_step(self) -> None:
+    def after_optimizer_step(self) -> None:
+        """Count a weight update (the engine syncs to it) and mix the policy into the reference under ``ref_sync``."""
         self.collector.on_optimizer_step()
         self.ref_sync.after_optimizer_step(self.policy, self._reference)
 
@@ -203,7 +173,8 @@ class PRPOModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self._reference is None and self.plan.reference and zero3_config(self._trainer) is not None:
-            self._reference = self.collector.reference = unpartitioned_copy(self.policy, self.device)
+            object.__setattr__(self, "_reference", unpartitioned_copy(self.policy, self.device))
+            self.collector.reference = self._reference
         self.ref_sync.apply_pending(self._reference)  # a resumed synced reference (ZeRO-3: built just above)
         self._start_stage()
 
@@ -258,7 +229,7 @@ class PRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        ctx = self._context()
+        ctx = self.step_context()
         t_start = time.perf_counter()
         collected = self.collector.collect(batch, ctx)  # generate → score (→ refill, under dynamic sampling)
         report = RankReport(collected.no_prompts, collected.prm_error, collected.no_signal)
@@ -283,7 +254,7 @@ class PRPOModule(L.LightningModule):
         return None
 
     def update_policy(self, rollout: RolloutBatch | None) -> dict[str, float]:
-        """PPO updates over ``ppo_epochs`` × mini-batches of this rank's rollout; the global batch's loss statistics."""
+        """The PPO update of this rank's rollout (all ranks join); the global batch's loss statistics."""
         return self.updater.update(rollout, self.optimizers(), self.lr_schedulers(), self.global_step, self.device,
                                    deepspeed_engine(self.trainer))
 
@@ -293,7 +264,8 @@ class PRPOModule(L.LightningModule):
         self.step_metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
         self.log_dict(self.step_metrics, on_step=True, on_epoch=False)
 
-    def _context(self) -> StepContext:
+    def step_context(self) -> StepContext:
+        """Where this step runs (step, rank, world size, device, datamodule)."""
         trainer = self._trainer
         return StepContext(self.global_step, self.global_rank, trainer.world_size if trainer is not None else 1,
                            self.device, getattr(trainer, "datamodule", None) if trainer is not None else None)
@@ -303,7 +275,7 @@ class PRPOModule(L.LightningModule):
                            **overrides: Any) -> RolloutBatch | None:
         """Decode (greedy, or ``num_samples`` samples) and grade an evaluation batch
         (:meth:`~prpo_lightning.rollout.collector.RolloutCollector.generate_and_grade`)."""
-        return self.collector.generate_and_grade(batch, self._context(), greedy, num_samples, **overrides)
+        return self.collector.generate_and_grade(batch, self.step_context(), greedy, num_samples, **overrides)
 
     @property
     def eval_results(self) -> dict[str, dict[str, Any]]:
@@ -317,19 +289,7 @@ class PRPOModule(L.LightningModule):
         self.evaluation.run_batch(self, self.trainer, self.device, batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_evaluation("val")
+        self.evaluation.finish(self.trainer, "val", self.global_step, self.log)
 
     def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test")
-
-    def _log_evaluation(self, stage: str) -> None:
-        """Log ``<stage>/<benchmark>/<metric>`` of the finished stage (already identical on every rank)."""
-        step = self.evaluation.step_of_weights(self.trainer, self.global_step)
-        result = self.evaluation.finish(self.trainer, stage, step)
-        if result is None:
-            return
-        metrics = {f"{stage}/{k}": float(v) for k, v in result["metrics"].items() if k != "accuracy"}
-        self.log_dict(metrics, sync_dist=False)
-        self.log(f"{stage}/accuracy", float(result["metrics"]["accuracy"]), prog_bar=True, sync_dist=False)
-        if step != self.global_step:  # Lightning takes a logged "step" as the loggers' step: the checkpoint's
-            self.log("step", float(step), sync_dist=False)
+        self.evaluation.finish(self.trainer, "test", self.global_step, self.log)

@@ -10,9 +10,9 @@ from test_aligners import A1_CODE, A1_LENGTHS, a1_batch, make_batch, spro_batch
 from test_faults import _ByText
 
 from components.aligners import GRPOAligner, ProcessOnlyAligner, PRPOAligner, SPROAligner
-from prpo_lightning.scoring.aligner import AdvantageAligner
+from prpo_lightning.scoring.aligner import AdvantageAligner, sum_of_terms
 from prpo_lightning.batch import ComponentContractError, RolloutBatch
-from prpo_lightning.scoring.pipeline import advantage_term_metrics, check_terms_sum, checked_terms, compute_advantages
+from prpo_lightning.scoring.pipeline import advantage_term_metrics, checked_terms, compute_advantages
 
 A1_OUTCOME = [-0.5, 1.5, -0.5, -0.5]  # PRPO's centred outcome term on A1 (rewards -1, 1, -1, -1)
 
@@ -83,29 +83,19 @@ def test_term_metrics_hand_values_and_ratio():
     # no outcome signal (a constant group): the ratio is left out, not inf
     zero = advantage_term_metrics({"outcome": outcome * 0, "process": process}, mask)
     assert "advantage/process_to_outcome" not in zero and zero["advantage/outcome_abs_mean"] == 0.0
-    check_terms_sum({"outcome": outcome, "process": process}, adv, mask, "X")  # they do sum: no error
+    torch.testing.assert_close(sum_of_terms({"outcome": outcome, "process": process}, mask), adv * mask, atol=0, rtol=0)
 
 
-def test_term_metrics_refuse_terms_that_do_not_sum_or_have_the_wrong_shape():
+def test_terms_of_the_wrong_shape_or_type_are_refused():
     mask = torch.ones(2, 3, dtype=torch.bool)
-    adv = torch.ones(2, 3)
-    with pytest.raises(ComponentContractError, match="does not sum to its align"):
-        check_terms_sum({"outcome": torch.ones(2, 3), "process": torch.ones(2, 3)}, adv, mask, "Bad")
+    with pytest.raises(ComponentContractError, match="returned an empty dict"):
+        checked_terms({}, mask, "Bad")
+    with pytest.raises(ComponentContractError, match="returned a NoneType"):
+        checked_terms(None, mask, "Bad")
     with pytest.raises(ComponentContractError, match=r"'process' of shape \(2,\)"):
         checked_terms({"process": torch.ones(2)}, mask, "Bad")
     with pytest.raises(ComponentContractError, match="returned a list"):
         checked_terms([torch.ones(2, 3)], mask, "Bad")
-
-
-class _ExtraTermGRPO(GRPOAligner):
-    """Implements align and reports a process part that align's advantages do not contain."""
-
-    def align(self, batch: RolloutBatch) -> torch.Tensor:
-        return GRPOAligner().align(batch)
-
-    def advantage_terms(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
-        mask = batch.completion_mask
-        return {"outcome": super().advantage_terms(batch)["outcome"], "process": mask.to(torch.float64)}
 
 
 def _graded_spro_batch() -> RolloutBatch:
@@ -127,8 +117,6 @@ def test_compute_advantages_logs_the_parts_and_the_aligner_metrics():
     assert metrics["advantage/process_abs_mean"] == pytest.approx(0.5666667 / n, abs=1e-6)
     assert metrics["advantage/process_to_outcome"] == pytest.approx(0.5666667 / (outcome_abs * n), abs=1e-6)
     assert metrics["aligner/implicit_reward/cpr_final_mean"] == pytest.approx(0.25 / 3, abs=1e-7)
-    with pytest.raises(ComponentContractError, match="_ExtraTermGRPO.advantage_terms does not sum"):
-        compute_advantages(_graded_spro_batch(), _ByText(), _ExtraTermGRPO(), None, None, None)
 
 
 class _CountingSPRO(SPROAligner):
@@ -149,25 +137,24 @@ def test_an_aligner_that_only_splits_is_computed_once_per_batch():
     torch.testing.assert_close(batch.advantages, SPROAligner(beta=0.5).align(_graded_spro_batch()), atol=0, rtol=0)
 
 
-def test_an_aligner_with_neither_align_nor_terms_says_what_to_implement():
+def test_an_aligner_must_implement_advantage_terms_and_cannot_override_align():
     class Empty(AdvantageAligner):
         pass
 
-    with pytest.raises(NotImplementedError, match="Empty: implement align"):
-        Empty().align(make_batch([2], [1.0]))
+    with pytest.raises(TypeError, match="advantage_terms"):
+        Empty()
+    with pytest.raises(TypeError, match="overrides align\\(batch\\): implement advantage_terms"):
+        class OldStyle(AdvantageAligner):
+            def align(self, batch):
+                return GRPOAligner().align(batch)
 
 
-def test_an_aligner_without_terms_logs_no_parts():
-    class Plain(AdvantageAligner):  # the base class's advantage_terms: None
-        group_relative = True
-
-        def align(self, batch):
-            return GRPOAligner().align(batch)
-
+def test_an_aligner_with_one_part_logs_that_part_only():
     batch = make_batch([2, 2], [1.0, 0.0])
     batch.completions = ["ok", "no"]
-    metrics = compute_advantages(batch, _ByText(), Plain(), None, None, None)
-    assert not any(k.startswith("advantage/") and k.endswith("_abs_mean") for k in metrics)
+    metrics = compute_advantages(batch, _ByText(), GRPOAligner(), None, None, None)
+    assert "advantage/outcome_abs_mean" in metrics
+    assert "advantage/process_abs_mean" not in metrics and "advantage/process_to_outcome" not in metrics
 
 
 # ---------------------------------------------------------------- SPRO's optional process cap

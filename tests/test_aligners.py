@@ -343,7 +343,7 @@ def test_spro_oracle_masked_step_advantage():
     m = spro_batch().completion_mask
     assert torch.allclose((msa * m).sum(0), torch.zeros(6, dtype=msa.dtype), atol=1e-6)
     assert float(msa[0, 3]) == 0.0
-    assert SPROAligner.requires_reference and not SPROAligner.uses_process_scores
+    assert SPROAligner.needs.reference_logprobs and not SPROAligner.needs.process_scores
 
 
 def test_spro_equals_grpo_when_policy_equals_reference():
@@ -409,12 +409,12 @@ def test_prime_oracle(mode, whiten, expected):
     # token_scores from a PRM (already β-scaled) ...
     b = make_batch([4, 3, 2], [1, 0, 1], t=5, token_scores=PRIME_R)
     al = PRIMEAligner(reward_source="token_scores", loo_mode=mode, whiten=whiten)
-    assert al.uses_process_scores and not al.requires_reference
+    assert al.needs.process_scores and not al.needs.reference_logprobs
     assert_rows(al.align(b), expected, [4, 3, 2])
     # ... or the self-reference variant from log-probs: β·(old − ref) with β = 0.5 and δ = 2r
     b2 = make_batch([4, 3, 2], [1, 0, 1], t=5, old=[[2 * x for x in r] for r in PRIME_R], ref=[[0.0] * 4] * 3)
     al2 = PRIMEAligner(beta=0.5, loo_mode=mode, whiten=whiten)
-    assert al2.requires_reference and not al2.uses_process_scores
+    assert al2.needs.reference_logprobs and not al2.needs.process_scores
     assert_rows(al2.align(b2), expected, [4, 3, 2])
 
 
@@ -429,8 +429,8 @@ def test_registry_builds_every_published_method():
 
 
 def test_flags_and_bad_arguments():
-    assert PRPOAligner.uses_process_scores and PRMAvgAligner.uses_process_scores and PUREAligner.uses_process_scores
-    assert not GRPOAligner.uses_process_scores and not RLOOAligner.requires_reference
+    assert PRPOAligner.needs.process_scores and PRMAvgAligner.needs.process_scores and PUREAligner.needs.process_scores
+    assert not GRPOAligner.needs.process_scores and not RLOOAligner.needs.reference_logprobs
     for bad in (
         lambda: PRPOAligner(prior="gauss"),  # type: ignore[arg-type]
         lambda: PRPOAligner(outcome_norm="x"),  # type: ignore[arg-type]

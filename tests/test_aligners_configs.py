@@ -44,7 +44,7 @@ def test_method_config_components_instantiate(name):
     cfg = load(name)
     aligner = instantiate(cfg["model"]["aligner"])
     assert isinstance(aligner, AdvantageAligner) and type(aligner).__name__ == MINE[name]
-    if aligner.uses_process_scores:
+    if aligner.needs.process_scores:
         assert isinstance(instantiate(cfg["model"]["segmenter"]), Segmenter)
         prm = instantiate(cfg["model"]["prm"])  # no weights are loaded before setup()
         assert isinstance(prm, ProcessRewardModel) and prm.model is None

@@ -36,7 +36,7 @@ def test_step_scores_are_broadcast_to_tokens_by_the_framework_only():
         for name in _top_level_functions(p)
         if name in STEP_SCORE_HELPERS | OLD_COPIES
     }
-    assert defined == {("prpo_lightning/aligner.py", name) for name in STEP_SCORE_HELPERS}
+    assert defined == {("prpo_lightning/scoring/aligner.py", name) for name in STEP_SCORE_HELPERS}
     assert aligners_process.token_step_scores is framework_aligner.token_step_scores
     assert aligners_dense.checked_step_scores is framework_aligner.checked_step_scores
 

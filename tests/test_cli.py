@@ -106,8 +106,8 @@ def test_every_config_parses_and_instantiates(config, char_tokenizer, tmp_path):
     assert isinstance(model, PRPOModule)
     model.configure_model()
     assert model.policy is not None and model.tokenizer is not None
-    assert (model._reference is not None) == model.needs_reference
-    if model.aligner.uses_process_scores:
+    assert (model._reference is not None) == model.plan.reference
+    if model.aligner.needs.process_scores:
         assert model.segmenter is not None and model.prm is not None
     assert cli.datamodule is not None
 
@@ -164,5 +164,5 @@ def test_demo_config_fits_with_an_engine_by_class_path(tmp_path, char_tokenizer,
     cli = cli_main(args)
     assert type(cli.model.engine).__name__ == engine
     assert cli.trainer.global_step == 2
-    assert cli.model.engine.weight_version == cli.model._weights_version == 2  # synced after both updates
+    assert cli.model.engine.weight_version == cli.model.collector.weights_version == 2  # synced after both updates
     assert "train/rollout/kl" not in cli.trainer.callback_metrics  # exact engine: no sampler log-probs

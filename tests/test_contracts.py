@@ -77,7 +77,7 @@ class EmptySpanSegmenter(FixedLengthSegmenter):
 
 
 class OldLogprobPRM(EquationCheckPRM):
-    """Reads ``old_logprobs`` without declaring ``requires_rollout_logprobs``."""
+    """Reads ``old_logprobs`` without declaring ``rollout_logprobs``."""
 
     def score(self, batch, tokenizer):
         _ = batch.old_logprobs.sum()
@@ -85,7 +85,7 @@ class OldLogprobPRM(EquationCheckPRM):
 
 
 class EntropyAligner(GRPOAligner):
-    """Reads ``entropies`` without declaring ``requires_rollout_logprobs``."""
+    """Reads ``entropies`` without declaring ``rollout_logprobs``."""
 
     def advantage_terms(self, batch):
         _ = batch.entropies
@@ -155,10 +155,10 @@ def test_components_run_without_grad_and_get_the_tokenizer_once(tmp_path, char_t
         (["--model.segmenter=test_contracts.EmptySpanSegmenter"], SpanContractError,
          ["segmenter EmptySpanSegmenter.segment", "(0, 0)", "non-empty", "cuts_to_spans"]),
         (["--model.prm=test_contracts.OldLogprobPRM"], (ComponentContractError, PRMError),
-         ["prm OldLogprobPRM read batch.old_logprobs", "requires_rollout_logprobs = True"]),
+         ["prm OldLogprobPRM read batch.old_logprobs", "ComponentNeeds(rollout_logprobs=True)"]),
         # entropies exist here (ppo_epochs 2 computes them), yet the undeclared read still fails: no accidental use
         (["--model.aligner=test_contracts.EntropyAligner", "--model.optim.ppo_epochs=2"], ComponentContractError,
-         ["aligner EntropyAligner read batch.entropies", "requires_rollout_logprobs = True"]),
+         ["aligner EntropyAligner read batch.entropies", "ComponentNeeds(rollout_logprobs=True)"]),
         (["--model.segmenter=test_contracts.LogprobSegmenter"], ComponentContractError,
          ["segmenter LogprobSegmenter read batch.old_logprobs", "a segmenter cannot read it"]),
     ],

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from prpo_lightning.rollout.decoding import StaticCacheDecoder, sample_next, unsupported_reason
 from prpo_lightning.training.logprobs import completion_logprobs
 from prpo_lightning.config import SamplingConfig
-from prpo_lightning.rollout.sampling import generate_completions, left_pad, resolve_engine
+from prpo_lightning.rollout.sampling import generate_completions, left_pad, resolve_sampler
 
 EOS, PAD, V = 1, 0, 96
 
@@ -159,13 +159,13 @@ def test_unsupported_models_are_refused_with_the_reason(breaks, reason, monkeypa
     model = _model("qwen2")
     breaks(model)
     assert reason in unsupported_reason(model)
-    with pytest.raises(ValueError, match="sampling.engine"):
+    with pytest.raises(ValueError, match="HFGenerateEngine"):
         StaticCacheDecoder(model)
     with pytest.raises(ValueError, match=reason):
-        resolve_engine(model, SamplingConfig(engine="static"), synced_gpus=False)
+        resolve_sampler(model, "static", synced_gpus=False)
     said: list[str] = []
     monkeypatch.setattr("prpo_lightning.rollout.sampling.rank_zero_info", said.append)
-    assert resolve_engine(model, SamplingConfig(engine="auto"), synced_gpus=False) == "hf"
+    assert resolve_sampler(model, "auto", synced_gpus=False) == "hf"
     assert len(said) == 1 and "'hf'" in said[0] and reason in said[0], "auto names its fallback and the reason"
 
 
@@ -180,13 +180,13 @@ def test_other_architectures_and_sliding_windows_are_refused():
 
 def test_engine_choice_and_lockstep():
     model = _model("qwen2")
-    assert resolve_engine(model, SamplingConfig(engine="auto"), synced_gpus=False) == "static"
-    assert resolve_engine(model, SamplingConfig(engine="auto"), synced_gpus=True) == "hf"
-    assert resolve_engine(model, SamplingConfig(engine="hf"), synced_gpus=False) == "hf"
+    assert resolve_sampler(model, "auto", synced_gpus=False) == "static"
+    assert resolve_sampler(model, "auto", synced_gpus=True) == "hf"
+    assert resolve_sampler(model, "hf", synced_gpus=False) == "hf"
     with pytest.raises(ValueError, match="lock-step"):
-        resolve_engine(model, SamplingConfig(engine="static"), synced_gpus=True)
-    with pytest.raises(ValueError, match="sampling.engine"):
-        SamplingConfig(engine="vllm")
+        resolve_sampler(model, "static", synced_gpus=True)
+    with pytest.raises(ValueError, match="model.sampling.engine was removed.*model.engine"):
+        SamplingConfig(engine="hf")
 
 
 def test_generate_completions_gives_the_same_rollout_with_either_engine():
@@ -197,9 +197,9 @@ def test_generate_completions_gives_the_same_rollout_with_either_engine():
     ids, mask = _prompts()
     results = {}
     for engine in ("hf", "static"):
-        sampling = SamplingConfig(max_new_tokens=24, top_k=0, engine=engine, generation_batch_size=4)
+        sampling = SamplingConfig(max_new_tokens=24, top_k=0, generation_batch_size=4)
         torch.manual_seed(2)
-        results[engine] = generate_completions(model, tok, ids, mask, sampling, record_entropies=True)
+        results[engine] = generate_completions(model, tok, ids, mask, sampling, record_entropies=True, sampler=engine)
     for a, b in zip(results["hf"], results["static"]):
         assert a.shape == b.shape
         assert torch.allclose(a.float(), b.float(), atol=1e-4)

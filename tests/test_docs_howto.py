@@ -168,12 +168,13 @@ def test_custom_engine_trains_syncs_and_passes_the_self_check(tmp_path) -> None:
     from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir
 
     mod = _load("custom_engine")
-    module = make_module(tokenizer_dir(tmp_path), loss=LossConfig(kl_coef=0.0),
+    tok = tokenizer_dir(tmp_path)
+    probe = make_module(tok)  # the same seeded initial weights as the trained module's
+    probe.configure_model()
+    server = mod.InProcessServer(probe.policy, probe.tokenizer)
+    module = make_module(tok, loss=LossConfig(kl_coef=0.0), engine=mod.RemoteEngine(server),
                          rollout_check=MismatchCheck(metric="logp_diff_max", threshold=1e-4, mode="raise"))
-    module.configure_model()
-    server = mod.InProcessServer(module.policy, module.tokenizer)
-    module.engine = mod.RemoteEngine(server)
-    assert module.needs_rollout_logprobs  # not the trainer's kernels: a separate log π_old pass
+    assert module.plan.old_logprobs  # not the trainer's kernels: a separate log π_old pass
     trainer = make_trainer(tmp_path, 2)
     trainer.fit(module, ToyPrompts(n=4, batch_size=2, seed=1))
     assert server.loads == 4  # setup, the initial sync at fit start, and one per update

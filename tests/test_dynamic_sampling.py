@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_resume import GroupNormAligner, ToyPrompts, make_module, make_trainer, tokenizer_dir
 from test_skips import deadline as time_limit  # fails the test instead of hanging
 
-from prpo_lightning.batch import RolloutBatch
+from prpo_lightning.batch import RolloutBatch, StepContext
 from prpo_lightning.config import DynamicSamplingConfig
 from prpo_lightning.rollout.dynamic_sampling import (
     _Filler,
@@ -91,8 +91,8 @@ def test_concat_rollouts_pads_prompts_left_and_completions_right():
 
 
 def test_filler_keeps_signal_groups_in_draw_order_up_to_the_need():
-    module = SimpleNamespace(sampling=SamplingConfig(num_generations=2, dynamic_sampling={"enabled": True}))
-    filler = _Filler(module, {"id": torch.tensor([5, 7, 9])})
+    cfg = SamplingConfig(num_generations=2, dynamic_sampling={"enabled": True}).dynamic_sampling
+    filler = _Filler(cfg, {"id": torch.tensor([5, 7, 9])}, StepContext(step=0), seed=0)
     filler.absorb(_batch([5, 5, 7, 7, 9, 9], [1, 1, 0, 1, 0, 0]))  # only 7 has signal
     assert (filler.kept_groups, filler.dropped, filler.need) == (1, 2, 2)
     assert filler.draw_count() == 3  # need 2 / kept fraction 1/3 = 6 → capped at the batch size 3
@@ -132,10 +132,9 @@ def test_draw_names_the_datamodule_method_to_implement():
     for datamodule, error, match in ((None, TypeError, r"no method extra_prompts\(count, seed, exclude_ids\)"),
                                      (NoExtras(), TypeError, "NoExtras has no method extra_prompts"),
                                      (Repeats(), ValueError, "none of the excluded ids")):
-        module = SimpleNamespace(sampling=sampling, trainer=SimpleNamespace(datamodule=datamodule, world_size=1),
-                                 hparams=SimpleNamespace(seed=0), global_step=0, global_rank=0)
+        ctx = StepContext(step=0, rank=0, world_size=1, datamodule=datamodule)
         with pytest.raises(error, match=match):
-            _Filler(module, {"id": torch.tensor([5])}).draw(1, round_index=1)
+            _Filler(sampling.dynamic_sampling, {"id": torch.tensor([5])}, ctx, seed=0).draw(1, round_index=1)
 
 
 def test_outcome_criterion_needs_two_generations():
@@ -165,13 +164,13 @@ class ConstantForSomeVerifier(OutcomeVerifier):
     def verify(self, completion: str, gold: str) -> Verdict:
         raise NotImplementedError
 
-    def verify_rows(self, completions, golds, rows) -> list[Verdict]:
+    def verify_batch(self, completions, golds, rows=None) -> list[Verdict]:
         return [Verdict(VerdictStatus.INCORRECT, 0.0 if int(r["id"]) % 3 == 0 else float(k))
                 for k, r in enumerate(rows)]
 
 
 class AllConstantVerifier(ConstantForSomeVerifier):
-    def verify_rows(self, completions, golds, rows) -> list[Verdict]:
+    def verify_batch(self, completions, golds, rows=None) -> list[Verdict]:
         return [Verdict(VerdictStatus.INCORRECT, 0.0) for _ in rows]
 
 
@@ -183,10 +182,16 @@ class RecordingModule(PRPOModule):
         self.rounds: dict[int, list[list[int]]] = {}
         self.updated: dict[int, RolloutBatch | None] = {}
 
-    def make_rollout(self, batch, *args, **kwargs):
-        if not kwargs.get("greedy"):
-            self.rounds.setdefault(self.global_step, []).append(batch["id"].tolist())
-        return super().make_rollout(batch, *args, **kwargs)
+    def configure_model(self) -> None:
+        super().configure_model()
+        make = self.collector.make_rollout
+
+        def recording(batch, ctx, *args, **kwargs):
+            if not kwargs.get("greedy"):
+                self.rounds.setdefault(ctx.step, []).append(batch["id"].tolist())
+            return make(batch, ctx, *args, **kwargs)
+
+        self.collector.make_rollout = recording
 
     def update_policy(self, rollout):
         self.updated[self.global_step] = rollout
@@ -345,7 +350,7 @@ class RankZeroConstantVerifier(ConstantForSomeVerifier):
     """On rank 0, groups of prompt ids divisible by 3 have no signal; on rank 1 every group has signal, so only rank 0
     needs extra rounds and rank 1 must join them with empty batches."""
 
-    def verify_rows(self, completions, golds, rows) -> list[Verdict]:
+    def verify_batch(self, completions, golds, rows=None) -> list[Verdict]:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         return [Verdict(VerdictStatus.INCORRECT, 0.0 if rank == 0 and int(r["id"]) % 3 == 0 else float(k))
                 for k, r in enumerate(rows)]

@@ -4,6 +4,7 @@ test_engines_vllm.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from components.engines import AutoEngine, HFGenerateEngine
 import prpo_lightning.training.updater as update
 from prpo_lightning.config import LossConfig, OptimConfig
-from prpo_lightning.rollout.engine import EngineCapabilities, RolloutResult, StaleWeightsError
+from prpo_lightning.rollout.engine import EngineCapabilities, RolloutResult, SampleRequest, StaleWeightsError
 from prpo_lightning.training.logprobs import completion_logprobs
 from prpo_lightning.config import MismatchCheck, RolloutCorrectionConfig, SamplerMismatchError
 from prpo_lightning.rollout.sampling import left_pad, pad_token_id
@@ -31,8 +32,9 @@ class OffsetLogprobEngine(HFGenerateEngine):
         super().__init__()
         self.lengths: list[torch.Tensor] = []  # (B,) completion lengths of every rollout
 
-    def sample(self, prompts, num_generations, sampling, seeds, greedy, record_entropies, batch_seed) -> RolloutResult:
-        res = super().sample(prompts, num_generations, sampling, seeds, greedy, False, batch_seed)
+    def sample(self, request: SampleRequest) -> RolloutResult:
+        res = super().sample(dataclasses.replace(request, record_entropies=False))
+        prompts, num_generations, sampling = request.prompts, request.num_generations, request.sampling
         if not prompts:
             return res
         ids, mask = left_pad([p.tolist() for p in prompts], pad_token_id(self.tokenizer), self.device)  # (N, P)
@@ -55,7 +57,7 @@ class NoSyncEngine(HFGenerateEngine):
 def test_default_engine_is_auto_and_exact(tmp_path):
     module = make_module(tokenizer_dir(tmp_path), optim=OptimConfig(micro_batch_size=4), loss=LossConfig(kl_coef=0.0))
     assert isinstance(module.engine, AutoEngine)
-    assert not module.needs_rollout_logprobs  # exact engine, on-policy update: no separate pass
+    assert not module.plan.old_logprobs  # exact engine, on-policy update: no separate pass
 
 
 def test_non_exact_engine_gets_a_logprob_pass_self_check_and_is_weights(tmp_path):
@@ -64,7 +66,7 @@ def test_non_exact_engine_gets_a_logprob_pass_self_check_and_is_weights(tmp_path
                          optim=OptimConfig(lr=1e-2, micro_batch_size=4),
                          rollout_correction=RolloutCorrectionConfig(mode="token_truncate"),
                          rollout_check=MismatchCheck(metric="logp_diff_mean", threshold=0.5, mode="raise"))
-    assert module.needs_rollout_logprobs and not module.records_generation_entropies
+    assert module.plan.old_logprobs and not module.plan.generation_entropies
     trainer = make_trainer(tmp_path, 1)
     trainer.fit(module, ToyPrompts(n=4, batch_size=2, seed=1))
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -77,7 +79,7 @@ def test_non_exact_engine_gets_a_logprob_pass_self_check_and_is_weights(tmp_path
     # ρ = π_old / π_sampler = e^δ ≈ 1.105, inside TIS's [0, 2]: every weight is e^δ, nothing clipped
     assert m["train/is/weight_mean"] == pytest.approx(math.exp(DELTA), rel=1e-4)
     assert m["train/is/frac_clipped"] == 0.0
-    assert engine.weight_version == module._weights_version == 1  # synced after the optimizer step
+    assert engine.weight_version == module.collector.weights_version == 1  # synced after the optimizer step
 
 
 def test_self_check_raises_through_the_module(tmp_path):
@@ -121,8 +123,8 @@ def test_module_loss_uses_the_rollout_is_weights(tmp_path):
         group_ids=torch.tensor([0, 0]), problems=["p", "p"], answers=["a", "a"], truncated=torch.zeros(2, dtype=torch.bool),
         advantages=torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0]]),
     )
-    plain = module._accumulate_gradients(batch, torch.arange(2))
+    plain = module.updater.accumulate(batch, torch.arange(2), module.device)
     assert plain["pg_loss"] == pytest.approx(-(3 - 2) / 5, abs=1e-6)  # −mean(A) over 5 tokens
     batch.is_weights = torch.tensor([[2.0, 2.0, 2.0], [0.5, 0.5, 0.0]])
-    weighted = module._accumulate_gradients(batch, torch.arange(2))
+    weighted = module.updater.accumulate(batch, torch.arange(2), module.device)
     assert weighted["pg_loss"] == pytest.approx(-(6 - 1) / 5, abs=1e-6)  # −Σ w·A / 5

@@ -3,7 +3,6 @@ wrap (rollout.generate_groups / generate_completions) in both seed modes, entrop
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from components.engines import AutoEngine, HFGenerateEngine, StaticCacheEngine
 from helpers import build_char_tokenizer, tiny_qwen2_config
 from prpo_lightning.runtime.distributed import group_seed
-from prpo_lightning.rollout.engine import RolloutResult, StaleWeightsError, pack_completions
+from prpo_lightning.rollout.engine import RolloutResult, StaleWeightsError, pack_completions, SampleRequest
 from prpo_lightning.runtime.models import load_causal_lm, load_tokenizer
 from prpo_lightning.config import SamplingConfig
 from prpo_lightning.rollout.sampling import generate_completions, generate_groups, left_pad
@@ -38,10 +37,10 @@ def test_per_group_seeds_equal_generate_groups(tiny, name):
     seeds = [group_seed(3, 5, pid) for pid in (10, 11, 12)]
     engine = ENGINES[name]()
     engine.setup(model, tok)
-    result = engine.generate(prompts, 4, SAMPLING, seeds, record_entropies=True)
+    result = engine.generate(SampleRequest(prompts, 4, SAMPLING, seeds, record_entropies=True))
     sampler = "static" if name == "auto" else name  # auto picks static for a plain Qwen2
     ids, mask, truncated, entropies = generate_groups(
-        model, tok, prompts, 4, dataclasses.replace(SAMPLING, engine=sampler), seeds, record_entropies=True
+        model, tok, prompts, 4, SAMPLING, seeds, record_entropies=True, sampler=sampler
     )
     assert torch.equal(result.completion_ids, ids) and torch.equal(result.completion_mask, mask)
     assert torch.equal(result.truncated, truncated)
@@ -56,13 +55,12 @@ def test_batch_seed_equals_todays_batched_call(tiny, name):
     batch_seed = group_seed(0, 2, -1)
     engine = ENGINES[name]()
     engine.setup(model, tok)
-    result = engine.generate(prompts, 4, SAMPLING, [1, 2, 3], batch_seed=batch_seed, record_entropies=True)
+    result = engine.generate(SampleRequest(prompts, 4, SAMPLING, [1, 2, 3], batch_seed=batch_seed, record_entropies=True))
     ids, mask = left_pad([p.tolist() for p in prompts], tok.pad_token_id, torch.device("cpu"))
     ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(batch_seed)
-        ref = generate_completions(model, tok, ids, mask, dataclasses.replace(SAMPLING, engine=name),
-                                   record_entropies=True)
+        ref = generate_completions(model, tok, ids, mask, SAMPLING, record_entropies=True, sampler=name)
     assert all(torch.equal(a, b) for a, b in zip((result.completion_ids, result.completion_mask, result.truncated), ref))
     assert torch.equal(result.entropies, ref.entropies)
 
@@ -74,7 +72,7 @@ def test_hf_and_static_engines_agree_and_leave_the_callers_rng_alone(tiny):
     for cls in (HFGenerateEngine, StaticCacheEngine):
         engine = cls()
         engine.setup(model, tok)
-        out.append(engine.generate(prompts, 4, SAMPLING, [7, 8, 9]))
+        out.append(engine.generate(SampleRequest(prompts, 4, SAMPLING, [7, 8, 9])))
     assert torch.equal(out[0].completion_ids, out[1].completion_ids)
     assert torch.equal(torch.get_rng_state(), before)
 
@@ -83,11 +81,11 @@ def test_greedy_empty_and_capabilities(tiny):
     model, tok, prompts = tiny
     engine = AutoEngine()
     engine.setup(model, tok)
-    greedy = engine.generate(prompts, 1, SAMPLING, [0, 0, 0], greedy=True)
-    again = engine.generate(prompts, 1, SAMPLING, [5, 6, 7], greedy=True)
+    greedy = engine.generate(SampleRequest(prompts, 1, SAMPLING, [0, 0, 0], greedy=True))
+    again = engine.generate(SampleRequest(prompts, 1, SAMPLING, [5, 6, 7], greedy=True))
     assert torch.equal(greedy.completion_ids, again.completion_ids), "greedy ignores seeds"
     for batch_seed in (None, 1):
-        empty = engine.generate([], 4, SAMPLING, [], batch_seed=batch_seed)
+        empty = engine.generate(SampleRequest([], 4, SAMPLING, [], batch_seed=batch_seed))
         assert empty.size == 0 and empty.completion_ids.shape == (0, 1)
     caps = engine.capabilities
     assert caps.entropies and caps.exact_trainer_distribution and not caps.sampler_logprobs
@@ -98,13 +96,13 @@ def test_stale_weight_version_is_refused(tiny):
     model, tok, prompts = tiny
     engine = HFGenerateEngine()
     with pytest.raises(RuntimeError, match="before setup"):
-        engine.generate(prompts, 1, SAMPLING, [0, 0, 0])
+        engine.generate(SampleRequest(prompts, 1, SAMPLING, [0, 0, 0]))
     engine.setup(model, tok)
-    engine.generate(prompts, 1, SAMPLING, [0, 0, 0], policy_version=0)
+    engine.generate(SampleRequest(prompts, 1, SAMPLING, [0, 0, 0], policy_version=0))
     with pytest.raises(StaleWeightsError, match="weight version 0 but the policy is at version 1"):
-        engine.generate(prompts, 1, SAMPLING, [0, 0, 0], policy_version=1)
+        engine.generate(SampleRequest(prompts, 1, SAMPLING, [0, 0, 0], policy_version=1))
     engine.sync_weights(model)
-    assert engine.generate(prompts, 1, SAMPLING, [0, 0, 0], policy_version=1).weight_version == 1
+    assert engine.generate(SampleRequest(prompts, 1, SAMPLING, [0, 0, 0], policy_version=1)).weight_version == 1
     engine.sync_weights(model, version=9)  # e.g. after a checkpoint load at step 9
     assert engine.weight_version == 9
 
@@ -114,7 +112,7 @@ def test_contract_errors(tiny):
     engine = HFGenerateEngine()
     engine.setup(model, tok)
     with pytest.raises(ValueError, match="3 prompts but 2 seeds"):
-        engine.generate(prompts, 2, SAMPLING, [1, 2])
+        engine.generate(SampleRequest(prompts, 2, SAMPLING, [1, 2]))
     with pytest.raises(ValueError, match="lock-step"):
         StaticCacheEngine().setup(model, tok, lockstep=True)
     with pytest.raises(ValueError, match="must be"):

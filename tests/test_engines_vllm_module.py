@@ -53,7 +53,7 @@ class GreedyAgreement(L.Callback):
         hf.setup(pl_module.policy, pl_module.tokenizer)
         seeds = [0] * len(self.prompts)
         ours = pl_module.engine.generate(self.prompts, 1, SAMPLING, seeds, greedy=True,
-                                         policy_version=pl_module._weights_version)
+                                         policy_version=pl_module.collector.weights_version)
         ref = hf.generate(self.prompts, 1, SAMPLING, seeds, greedy=True)
         self.equal.append(torch.equal(ours.completion_ids, ref.completion_ids))
         self.versions.append(pl_module.engine.weight_version)
@@ -136,7 +136,7 @@ def test_prpo_with_entropy_spike_segmenter(tmp_path):
 
     module = vllm_module(tokenizer_dir(tmp_path), aligner=PRPOAligner(), segmenter=EntropySpikeSegmenter(min_gap=2),
                          prm=EquationCheckPRM())
-    assert module.needs_rollout_logprobs and not module.records_generation_entropies  # the trainer computes them
+    assert module.plan.old_logprobs and not module.plan.generation_entropies  # the trainer computes them
     trainer = make_trainer(tmp_path, 2)
     trainer.fit(module, ToyPrompts(n=4, batch_size=2, seed=1))
     assert trainer.global_step == 2 and float(trainer.callback_metrics["train/segments/per_completion"]) >= 1

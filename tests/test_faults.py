@@ -53,10 +53,10 @@ def test_long_prompts_are_skipped_and_counted(tmp_path):
     module = make_module(tokenizer_dir(tmp_path))
     module.configure_model()
     batch = {"id": torch.tensor([0, 1, 2]), "problem": ["1+1=", "9" * 40, "2+2="], "answer": ["2", "x", "4"]}
-    rollout, metrics = module.make_rollout(batch)
+    rollout, metrics = module.collector.make_rollout(batch, module.step_context())
     assert metrics["data/skipped_long_prompts"] == 1.0
     assert rollout.size == 2 * 4 and set(rollout.group_ids.tolist()) == {0, 2}
-    none, metrics = module.make_rollout({"id": torch.tensor([5]), "problem": ["9" * 40], "answer": ["x"]})
+    none, metrics = module.collector.make_rollout({"id": torch.tensor([5]), "problem": ["9" * 40], "answer": ["x"]}, module.step_context())
     assert none is None and metrics["data/skipped_long_prompts"] == 1.0
 
 
@@ -120,7 +120,7 @@ def test_degenerate_batches_give_finite_advantages_and_loss(tmp_path_factory, ca
         assert (batch.advantages[~batch.completion_mask] == 0).all()
         assert all(math.isfinite(v) for v in metrics.values()), metrics
         module.policy.zero_grad()
-        stats = module._accumulate_gradients(batch, torch.arange(batch.size))
+        stats = module.updater.accumulate(batch, torch.arange(batch.size), module.device)
         assert all(math.isfinite(v) for v in stats.values()), (case, stats)
         assert all(torch.isfinite(p.grad).all() for p in module.policy.parameters() if p.grad is not None)
         if case in ("all_correct", "all_wrong"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir
@@ -12,9 +14,9 @@ from prpo_lightning.module import PRPOModule
 class ExplicitPass(PRPOModule):
     """Forces the separate no-grad pass after sampling."""
 
-    @property
-    def needs_rollout_logprobs(self) -> bool:
-        return True
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.plan = dataclasses.replace(self.plan, old_logprobs=True)
 
 
 def _train(tmp_path, cls) -> tuple[dict, dict]:
@@ -30,9 +32,9 @@ def _train(tmp_path, cls) -> tuple[dict, dict]:
 
 def test_shortcut_is_selected_only_when_on_policy(tmp_path):
     tok = tokenizer_dir(tmp_path)
-    assert not make_module(tok, optim=OptimConfig(micro_batch_size=4), loss=LossConfig(kl_coef=0.01)).needs_rollout_logprobs
-    assert make_module(tok, optim=OptimConfig(ppo_epochs=2)).needs_rollout_logprobs
-    assert make_module(tok, optim=OptimConfig(mini_batch_size=4)).needs_rollout_logprobs
+    assert not make_module(tok, optim=OptimConfig(micro_batch_size=4), loss=LossConfig(kl_coef=0.01)).plan.old_logprobs
+    assert make_module(tok, optim=OptimConfig(ppo_epochs=2)).plan.old_logprobs
+    assert make_module(tok, optim=OptimConfig(mini_batch_size=4)).plan.old_logprobs
 
 
 def test_on_policy_shortcut_matches_explicit_old_logprob_pass(tmp_path):
@@ -54,10 +56,10 @@ def test_entropy_spike_prpo_records_entropies_during_generation(tmp_path):
     tok = tokenizer_dir(tmp_path)
     module = make_module(tok, aligner=PRPOAligner(), segmenter=EntropySpikeSegmenter(min_gap=2), prm=EquationCheckPRM(),
                          loss=LossConfig(kl_coef=0.0), optim=OptimConfig(micro_batch_size=4))
-    assert module.records_generation_entropies and not module.needs_rollout_logprobs
+    assert module.plan.generation_entropies and not module.plan.old_logprobs
     trainer = make_trainer(tmp_path, 1)
     trainer.fit(module, ToyPrompts(n=4, batch_size=2, seed=1))
     assert trainer.callback_metrics["train/segments/per_completion"] >= 1
     assert float(trainer.callback_metrics["train/entropy"]) > 0
     implicit = make_module(tok, aligner=PRPOAligner(), segmenter=EntropySpikeSegmenter(), prm=ImplicitPRM())
-    assert implicit.needs_rollout_logprobs and not implicit.records_generation_entropies
+    assert implicit.plan.old_logprobs and not implicit.plan.generation_entropies

@@ -7,6 +7,7 @@ import torch
 
 from components.prms import BiasedPRM
 from prpo_lightning.batch import RolloutBatch
+from prpo_lightning.scoring.needs import ComponentNeeds
 from prpo_lightning.scoring.prm import ProcessRewardModel, ProcessScores, pad_step_scores
 
 
@@ -15,7 +16,7 @@ class ConstantPRM(ProcessRewardModel):
 
     def __init__(self, value: float = 0.5, requires_reference: bool = False) -> None:
         self.value = value
-        self.requires_reference = requires_reference
+        self.needs = ComponentNeeds(reference_logprobs=requires_reference)
         self.calls: list[str] = []
 
     def setup(self, device: torch.device) -> None:
@@ -129,11 +130,11 @@ def test_strength_zero_is_the_base_exactly():
 def test_flags_and_hooks_delegate_to_base():
     base = ConstantPRM(0.5, requires_reference=True)
     prm = BiasedPRM(base, noise_std=0.1)
-    assert prm.requires_reference is True and prm.requires_rollout_logprobs is False
+    assert prm.needs.reference_logprobs is True and prm.needs.rollout_logprobs is False
     prm.setup_tokenizer(None)
     prm.setup(torch.device("cpu"))
     assert base.calls == ["setup_tokenizer", "setup"]
-    assert BiasedPRM(ConstantPRM(0.5)).requires_reference is False
+    assert BiasedPRM(ConstantPRM(0.5)).needs.reference_logprobs is False
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -173,7 +174,7 @@ def test_module_sees_the_base_flags(tmp_path):
     implicit = make_module(tok, aligner=PRPOAligner(), prm=BiasedPRM(ImplicitPRM(), noise_std=0.1),
                            segmenter=EntropySpikeSegmenter(),
                            loss=LossConfig(kl_coef=0.0))
-    assert implicit.needs_reference and implicit.needs_rollout_logprobs
+    assert implicit.plan.reference and implicit.plan.old_logprobs
     rule = make_module(tok, aligner=PRPOAligner(), prm=BiasedPRM(EquationCheckPRM(), noise_std=0.1),
                        segmenter=EntropySpikeSegmenter(), loss=LossConfig(kl_coef=0.0))
-    assert not rule.prm.requires_reference and not rule.needs_reference
+    assert not rule.prm.needs.reference_logprobs and not rule.plan.reference

@@ -309,7 +309,7 @@ def test_implicit_prm_token_and_step_scores():
     ref = [[0.0] * 4, [0.0] * 3, [0.0] * 2]
     spans = [[(0, 2), (2, 4)], [(0, 3)], [(0, 1), (1, 2)]]
     prm = ImplicitPRM(beta=0.5)
-    assert prm.requires_reference
+    assert prm.needs.reference_logprobs
     out = prm.score(implicit_batch(old, ref, spans), None)
     torch.testing.assert_close(out.token_scores[0], torch.tensor([0.1, -0.05, 0.15, 0.0]))
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731

@@ -101,7 +101,7 @@ def test_find_and_check_equations(text, expected):
 
 def test_equation_check_prm_on_the_demo_format():
     prm = Reexported()
-    assert prm is not None and isinstance(prm, EquationCheckPRM) and not prm.requires_reference
+    assert prm is not None and isinstance(prm, EquationCheckPRM) and not prm.needs.reference_logprobs
     texts = [
         "3 + 4 = 7\n7 * 5 = 35\n35 - 6 = 29\n\\boxed{29}",  # all right
         "3 + 4 = 7\n7 * 5 = 36\n36 - 6 = 30\n\\boxed{30}",  # an arithmetic slip in step 2

@@ -73,17 +73,17 @@ def _sync_module(tok, **kw):
 
 
 class PolicySnapshots:
-    """Wraps ``on_optimizer_step_done`` to save the policy's weights after every optimizer step."""
+    """Wraps ``after_optimizer_step`` to save the policy's weights after every optimizer step."""
 
     def __init__(self, module) -> None:
         self.weights: list[dict[str, torch.Tensor]] = []
-        original = module.on_optimizer_step_done
+        original = module.after_optimizer_step
 
         def record() -> None:
             self.weights.append({k: v.detach().clone() for k, v in module.policy.named_parameters()})
             original()
 
-        module.on_optimizer_step_done = record
+        module.after_optimizer_step = record
 
 
 @pytest.mark.slow
@@ -121,7 +121,7 @@ def test_resume_restores_the_synced_reference_exactly(tmp_path):
 
     resumed = _sync_module(tok)
     make_trainer(tmp_path / "c", 8).fit(resumed, ToyPrompts(), ckpt_path=str(tmp_path / "b" / "last.ckpt"))
-    assert resumed._ref_sync.optimizer_steps == straight._ref_sync.optimizer_steps == 8
+    assert resumed.ref_sync.optimizer_steps == straight.ref_sync.optimizer_steps == 8
     for part in ("policy", "_reference"):
         a, c = getattr(straight, part).state_dict(), getattr(resumed, part).state_dict()
         for key in a:

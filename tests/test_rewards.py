@@ -16,7 +16,7 @@ import yaml
 from components.rewards import RewardFunctionError, combine_verifiers
 from components.verifiers import BoxedFormatReward, CallableReward, SympyMathVerifier, WeightedVerifiers
 from prpo_lightning.batch import RolloutBatch
-from prpo_lightning.scoring.faults import ComponentError, GuardedVerifier, VerifierError
+from prpo_lightning.scoring.faults import ComponentError, VerifierError
 from prpo_lightning.scoring.pipeline import grade
 from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
 from prpo_lightning.batch import rollout_rows
@@ -56,7 +56,7 @@ class Fixed(OutcomeVerifier):
     def __init__(self, rewards, statuses=None, error=None):
         self.rewards, self.statuses, self.error = rewards, statuses, error
 
-    def verify_batch(self, completions, golds):
+    def verify_batch(self, completions, golds, rows=None):
         statuses = self.statuses or [VerdictStatus.INCORRECT] * len(completions)
         return [Verdict(s, r, error=self.error) for s, r in zip(statuses, self.rewards)]
 
@@ -110,7 +110,7 @@ def test_callable_gets_completion_answer_and_row_fields():
     SEEN_ROWS.clear()
     reward = CallableReward("test_rewards:length_reward", correct_threshold=0.5)
     batch = rollout(["ab", "abcd"], ["1", "2"], problems=["what?", "why?"], ids=[7, 7])
-    verdicts = GuardedVerifier(reward).verify_rows(batch.completions, batch.answers, rollout_rows(batch))
+    verdicts = reward.verify_batch(batch.completions, batch.answers, rollout_rows(batch))
     assert [v.reward for v in verdicts] == [0.5, 1.0]
     assert [v.status for v in verdicts] == [VerdictStatus.CORRECT, VerdictStatus.CORRECT]
     assert SEEN_ROWS == [
@@ -124,7 +124,7 @@ def test_callable_gets_completion_answer_and_row_fields():
 def test_grade_passes_rows_through_the_scoring_pipeline():
     SEEN_ROWS.clear()
     batch = rollout(["a", "bb", "ccc"], ["1", "2", "3"])
-    metrics = grade(batch, GuardedVerifier(WeightedVerifiers([CallableReward("test_rewards:length_reward")])))
+    metrics = grade(batch, WeightedVerifiers([CallableReward("test_rewards:length_reward")]))
     assert batch.outcome_rewards.tolist() == [0.25, 0.5, 0.75]
     assert [r["problem"] for r in SEEN_ROWS] == ["p0", "p1", "p2"] and [r["id"] for r in SEEN_ROWS] == [0, 1, 2]
     assert metrics["reward/length_reward/mean"] == pytest.approx(0.5)
@@ -142,9 +142,9 @@ def test_grade_passes_rows_through_the_scoring_pipeline():
 def test_bad_functions_fail_naming_the_function(name, match):
     batch = rollout(["a"], ["1"])
     with pytest.raises(RewardFunctionError, match=match):
-        CallableReward(f"test_rewards:{name}").verify_rows(batch.completions, batch.answers, rollout_rows(batch))
+        CallableReward(f"test_rewards:{name}").verify_batch(batch.completions, batch.answers, rollout_rows(batch))
     with pytest.raises(VerifierError, match=f"CallableReward failed.*test_rewards:{name}"):
-        grade(batch, GuardedVerifier(CallableReward(f"test_rewards:{name}")))
+        grade(batch, CallableReward(f"test_rewards:{name}"))
 
 
 def test_import_errors_name_the_path():
@@ -164,9 +164,9 @@ def test_callable_reward_pickles_by_path():
 
 
 def test_verifiers_without_rows_still_work():
-    """The default verify_rows of a verifier that only implements verify_batch ignores the rows."""
+    """A verifier that ignores the rows argument of verify_batch grades as usual."""
     batch = rollout(["a", "b"], ["1", "2"])
-    grade(batch, GuardedVerifier(Fixed([0.5, 1.5])))
+    grade(batch, Fixed([0.5, 1.5]))
     assert batch.outcome_rewards.tolist() == [0.5, 1.5]
 
 
@@ -239,7 +239,7 @@ def test_fit_two_steps_with_reward_options(tmp_path, monkeypatch, method):
     assert cli.trainer.global_step == 2
     assert isinstance(module.verifier, WeightedVerifiers) and module.verifier.reward_weights == [1.0, 0.2, 0.1]
     assert module.aligner.scale_rewards == ("batch" if method == "grpo" else "group")
-    assert module._ref_sync.optimizer_steps == 2
+    assert module.ref_sync.optimizer_steps == 2
     # the reference was mixed with the policy twice: it is neither the initial policy nor the current one
     policy, ref = dict(module.policy.named_parameters()), dict(module._reference.named_parameters())
     assert any(not torch.equal(policy[k].detach(), ref[k]) for k in policy)

@@ -49,7 +49,7 @@ def test_generate_masks_after_eos_and_flags_truncation(tiny, engine):
     ids, mask = tokenize_prompts(tok, ["Q: 1\nA:"] * 6, torch.device("cpu"))
     torch.manual_seed(1)
     comp, cmask, truncated, no_entropies = generate_completions(model, tok, ids, mask,
-                                                                SamplingConfig(max_new_tokens=8, engine=engine))
+                                                                SamplingConfig(max_new_tokens=8), sampler=engine)
     assert no_entropies is None  # only recorded when asked for
     for row, m, tr in zip(comp, cmask, truncated):
         length = int(m.sum())
@@ -104,18 +104,19 @@ def test_generation_entropies_match_forward_pass(tiny, per_group, engine):
     from prpo_lightning.rollout.sampling import generate_groups
 
     model, tok = tiny
-    sampling = SamplingConfig(max_new_tokens=10, temperature=0.8, engine=engine)
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.8)
     texts = ["Q: 1+1\nA:", "Q: a longer prompt 12*7\nA:"]
     torch.manual_seed(3)
     if per_group:
         prompts = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
         comp, cmask, _, recorded = generate_groups(model, tok, prompts, 2, sampling, seeds=[1, 2],
-                                                   record_entropies=True)
+                                                   record_entropies=True, sampler=engine)
         ids, mask = tokenize_prompts(tok, texts, torch.device("cpu"))
         ids, mask = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
     else:
         ids, mask = tokenize_prompts(tok, texts, torch.device("cpu"))
-        comp, cmask, _, recorded = generate_completions(model, tok, ids, mask, sampling, record_entropies=True)
+        comp, cmask, _, recorded = generate_completions(model, tok, ids, mask, sampling, record_entropies=True,
+                                                        sampler=engine)
     _, ent = completion_logprobs(model, ids, mask, comp, cmask, temperature=0.8, with_entropy=True)
     assert recorded.shape == ent.shape
     assert torch.allclose(recorded, ent, atol=1e-4)

@@ -76,7 +76,7 @@ def _train(tmp_path, share: bool) -> dict[str, torch.Tensor]:
         tokenizer_dir(tmp_path), loss=LossConfig(kl_coef=0.01),
         optim=OptimConfig(lr=1e-2, micro_batch_size=4, ppo_epochs=2, share_prompt_prefix=share),
     )
-    assert module.shares_prompt_prefix == share
+    assert module.plan.share_prompt_prefix == share
     trainer = make_trainer(tmp_path, 2)
     trainer.fit(module, ToyPrompts(n=8, batch_size=2, seed=1))
     return {k: v.clone() for k, v in module.policy.state_dict().items()}
@@ -93,4 +93,4 @@ def test_training_with_shared_prompts_reaches_the_same_weights(tmp_path):
 
 def test_gradient_checkpointing_turns_sharing_off(tmp_path):
     module = make_module(tokenizer_dir(tmp_path), gradient_checkpointing=True)
-    assert module.optim_cfg.share_prompt_prefix and not module.shares_prompt_prefix
+    assert module.optim_cfg.share_prompt_prefix and not module.plan.share_prompt_prefix

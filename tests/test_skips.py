@@ -18,7 +18,7 @@ from test_resume import (GroupNormAligner, StepRecorder, ToyPrompts, cli_fit_arg
 
 from prpo_lightning.config import OptimConfig
 from prpo_lightning.batch import ComponentContractError
-from prpo_lightning.training.outcome import SkipBudget, SkippedBatchesError
+from prpo_lightning.training.outcome import RankReport, SkipBudget, SkippedBatchesError
 from prpo_lightning.scoring.prm import ProcessRewardModel, pad_step_scores
 from prpo_lightning.scoring.segmenter import Segmenter
 from prpo_lightning.scoring.verifier import OutcomeVerifier
@@ -167,7 +167,7 @@ def test_skipped_step_keeps_lr_schedule_on_global_step(tmp_path):
 
 @pytest.mark.parametrize("prm, match", [
     (BuggyPRM(), r"PRM BuggyPRM\.score raised AttributeError.*programming error.*never skipped"),
-    (ListPRM(), r"PRM ListPRM\.score returned a list: return prpo_lightning\.prm\.ProcessScores.*pad_step_scores"),
+    (ListPRM(), r"PRM ListPRM\.score returned a list: return prpo_lightning\.ProcessScores.*pad_step_scores"),
 ])
 def test_prm_programming_errors_raise_under_skip(tmp_path, prm, match):
     module = make_module(tokenizer_dir(tmp_path), segmenter=OneSegment(), prm=prm, aligner=ProcessGroupNorm(),
@@ -195,7 +195,8 @@ def _budget_worker(rank: int, port: int, out: str) -> None:
     plan = [(rank == 0, None), (False, "PRM down"), (False, "PRM down" if rank == 1 else None)]
     try:
         for step, (no_prompts, prm_error) in enumerate(plan):
-            decisions.append(budget.record(step, no_prompts, prm_error, max_prompt_length=16))
+            outcome = budget.decide(RankReport(no_prompts, prm_error), step, max_prompt_length=16)
+            decisions.append(not outcome.update)
         decisions.append("no error")
     except SkippedBatchesError as err:
         decisions.append(str(err))

@@ -31,7 +31,7 @@ def test_spro_log_ratio_is_zero_at_the_first_rollout_and_moves_after_an_update(t
     aligner = RecordingSPRO()
     module = make_module(tokenizer_dir(tmp_path), aligner=aligner, loss=LossConfig(kl_coef=0.0),
                          optim=OptimConfig(lr=1e-2, micro_batch_size=4))
-    assert module.needs_rollout_logprobs  # requires_reference forces the no-grad π_old pass
+    assert module.plan.old_logprobs  # requires_reference forces the no-grad π_old pass
     trainer = make_trainer(tmp_path, 2)
     trainer.fit(module, ToyPrompts(n=8, batch_size=2, seed=1))
     assert len(aligner.seen) == 2

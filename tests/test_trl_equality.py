@@ -90,7 +90,7 @@ def test_loss_and_gradient_equal_trl(case, tmp_path):
                          optim=OptimConfig(ppo_epochs=2, micro_batch_size=8))  # ppo_epochs=2: old log-probs from the batch
     module.configure_model()
     module.manual_backward = lambda loss: loss.backward()
-    assert module.needs_rollout_logprobs
+    assert module.plan.old_logprobs
     policy = module.policy
     policy.train()
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_loss_and_gradient_equal_trl(case, tmp_path):
     trl_loss, trl_grads = _trl_loss_and_grads(policy, tok, tmp_path, trl_kw, trl_inputs)
 
     policy.zero_grad()
-    stats = module._accumulate_gradients(batch, torch.arange(4))
+    stats = module.updater.accumulate(batch, torch.arange(4), module.device)
     assert stats["loss"] == pytest.approx(trl_loss, rel=1e-5, abs=1e-7)
     ours = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
     assert set(ours) == set(trl_grads)

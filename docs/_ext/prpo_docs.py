@@ -128,6 +128,24 @@ def _format_default(value: Any) -> str:
     return f"``{text}``"
 
 
+def attribute_docstrings(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` of a class whose fields carry a string literal right under them (LitGPT's style)."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    out = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            out[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return out
+
+
 def config_rows(obj: Any) -> list[tuple[str, str, str, str]]:
     """``(name, type, default, description)`` for every named constructor argument of ``obj``."""
     init = obj.__init__ if inspect.isclass(obj) else obj
@@ -142,6 +160,8 @@ def config_rows(obj: Any) -> list[tuple[str, str, str, str]]:
     docs = parse_google_args(inspect.getdoc(obj) if inspect.isclass(obj) else None)
     if inspect.isclass(obj) and obj.__init__ is not object.__init__:
         docs = {**parse_google_args(obj.__init__.__doc__), **docs}
+    if inspect.isclass(obj):
+        docs = {**docs, **attribute_docstrings(obj)}
     rows = []
     for name, p in sig.parameters.items():
         if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prpo_lightning import AdvantageAligner, RolloutBatch
+from prpo_lightning import AdvantageAligner, ComponentNeeds, RolloutBatch
 from prpo_lightning.scoring.aligner import token_step_scores
 from prpo_lightning.scoring.grouping import group_mean, group_std
 
@@ -23,14 +23,15 @@ class StepBonusAligner(AdvantageAligner):
         epsilon: ε added to the group std.
     """
 
-    uses_process_scores = True  # the module segments and scores only when this is True
-    requires_reference = False
+    # the module segments and PRM-scores each batch only for an aligner that needs process scores; a typo in a
+    # need's name fails when the class is defined
+    needs = ComponentNeeds(process_scores=True, group_relative=True)
 
     def __init__(self, bonus: float = 0.5, epsilon: float = 1e-6) -> None:
         self.bonus = bonus
         self.epsilon = epsilon
 
-    def align(self, batch: RolloutBatch) -> Tensor:
+    def advantage_terms(self, batch: RolloutBatch) -> dict[str, Tensor]:
         mask = batch.completion_mask  # (B, T) bool
         gid = batch.group_ids  # (B,): group statistics by prompt id, never by row position
         r = batch.outcome_rewards.double()  # (B,)
@@ -39,8 +40,10 @@ class StepBonusAligner(AdvantageAligner):
         n = mask.sum(dim=1).clamp(min=1)  # (B,)
         s_bar = s.sum(dim=1) / n  # (B,) mean token score of each completion
         process = s - group_mean(s_bar, gid)[:, None]  # (B, T)
-        adv = outcome[:, None] + self.bonus * process  # (B, T)
-        return torch.where(mask, adv, torch.zeros_like(adv)).float()  # exact zeros on padding
+        zero = torch.zeros_like(process)
+        # the parts are logged (train/advantage/{outcome,process}_abs_mean); align() is their sum, 0 on padding
+        return {"outcome": torch.where(mask, outcome[:, None].expand_as(process), zero),
+                "process": torch.where(mask, self.bonus * process, zero)}
 # [aligner-class-end]
 
 

@@ -8,7 +8,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from prpo_lightning.rollout.engine import EngineCapabilities, RolloutEngine, RolloutResult, pack_completions
+from prpo_lightning import EngineCapabilities, RolloutEngine, RolloutResult, SampleRequest
+from prpo_lightning.rollout.engine import pack_completions
 from prpo_lightning.training.logprobs import completion_logprobs
 from prpo_lightning.config import SamplingConfig
 from prpo_lightning.rollout.sampling import generate_groups
@@ -54,15 +55,15 @@ class RemoteEngine(RolloutEngine):
     def _weights(policy: torch.nn.Module) -> dict[str, Tensor]:
         return {name: p.detach().cpu().clone() for name, p in policy.state_dict().items()}
 
-    def sample(self, prompts: list[Tensor], num_generations: int, sampling: SamplingConfig, seeds: list[int],
-               greedy: bool, record_entropies: bool, batch_seed: int | None) -> RolloutResult:
-        if not prompts:
+    def sample(self, request: SampleRequest) -> RolloutResult:
+        if not request.prompts:
             return RolloutResult.empty(self.device)
+        sampling = request.sampling
         params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
-                  "max_tokens": sampling.max_new_tokens, "greedy": greedy}
+                  "max_tokens": sampling.max_new_tokens, "greedy": request.greedy}
         rows, row_logprobs = [], []
-        for prompt, seed in zip(prompts, seeds):  # one request per group, seeded: reproducible and resumable
-            for tokens, logprobs in self.server.complete(prompt.tolist(), num_generations, seed, params):
+        for prompt, seed in zip(request.prompts, request.seeds):  # one request per group, seeded: reproducible
+            for tokens, logprobs in self.server.complete(prompt.tolist(), request.num_generations, seed, params):
                 rows.append(tokens)
                 row_logprobs.append(logprobs)
         eos = self.tokenizer.eos_token_id
@@ -92,9 +93,10 @@ class InProcessServer:
     @torch.no_grad()
     def complete(self, prompt_ids: list[int], n: int, seed: int, params: dict[str, Any]) -> list[tuple[list[int], list[float]]]:
         sampling = SamplingConfig(num_generations=n, temperature=params["temperature"], top_p=params["top_p"],
-                                  top_k=params["top_k"], max_new_tokens=params["max_tokens"], engine="hf")
+                                  top_k=params["top_k"], max_new_tokens=params["max_tokens"])
         prompt = torch.tensor(prompt_ids)
-        ids, mask = generate_groups(self.model, self.tokenizer, [prompt], n, sampling, [seed], params["greedy"])[:2]
+        ids, mask = generate_groups(self.model, self.tokenizer, [prompt], n, sampling, [seed], params["greedy"],
+                                    sampler="hf")[:2]
         prompts = prompt[None, :].repeat(n, 1)  # (n, P)
         logp, _ = completion_logprobs(self.model, prompts, torch.ones_like(prompts), ids, mask, sampling.temperature)
         lengths = mask.sum(dim=1).tolist()

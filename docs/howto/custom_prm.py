@@ -23,7 +23,8 @@ class DistinctTokenPRM(ProcessRewardModel):
         min_tokens: steps shorter than this score 1.0 (too short to judge repetition).
     """
 
-    requires_reference = False  # True would make the module keep a reference model and fill batch.ref_logprobs
+    # needs = ComponentNeeds(reference_logprobs=True) would make the module keep a reference model and fill
+    # batch.ref_logprobs; this PRM reads only the completion tokens, so it declares no needs (the default)
 
     def __init__(self, min_tokens: int = 4) -> None:
         if min_tokens < 1:

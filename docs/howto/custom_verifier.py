@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from prpo_lightning import OutcomeVerifier, Verdict, VerdictStatus
 
@@ -51,7 +52,9 @@ class LastIntegerVerifier(OutcomeVerifier):
         status = VerdictStatus.CORRECT if ok else VerdictStatus.INCORRECT
         return Verdict(status, self.rewards[status], extracted=answer)
 
-    def verify_batch(self, completions: Sequence[str], golds: Sequence[str]) -> list[Verdict]:
+    def verify_batch(
+        self, completions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[Verdict]:
         if len(completions) != len(golds):
             raise ValueError(f"verify_batch got {len(completions)} completions but {len(golds)} gold answers")
         if self.num_workers <= 1:

@@ -50,14 +50,19 @@ class EvaluationStages:
             self.evaluators[stage] = evaluator_for_trainer(trainer, device, stage)
         self.evaluators[stage].run_batch(generator, batch)
 
-    def finish(self, trainer: L.Trainer, stage: str, step: int) -> dict[str, Any] | None:
-        """Merge ranks (deduplicating padded repeats), write the outputs and return the stage's result (None when
-        the stage ran no batch)."""
+    def finish(self, trainer: L.Trainer, stage: str, global_step: int, log: Any) -> None:
+        """Merge ranks (deduplicating padded repeats), write the outputs, keep the stage's result and log
+        ``<stage>/<benchmark>/<metric>`` with ``log(name, value, prog_bar=..., sync_dist=False)`` (the module's
+        ``log``; the values are already identical on every rank). Nothing happens when the stage ran no batch."""
         evaluator = self.evaluators.pop(stage, None)
         if evaluator is None:
-            return None
+            return
+        step = self.step_of_weights(trainer, global_step)
         out_dir = None if trainer.sanity_checking else output_dir_for(trainer, evaluator.config, stage, step)
         result = evaluator.finalize(step=step, stage=stage, output_dir=out_dir, loggers=trainer.loggers,
                                     is_global_zero=trainer.is_global_zero)
         self.results[stage] = result
-        return result
+        for key, value in result["metrics"].items():
+            log(f"{stage}/{key}", float(value), prog_bar=key == "accuracy", sync_dist=False)
+        if step != global_step:  # Lightning takes a logged "step" as the loggers' step: the checkpoint's
+            log("step", float(step), prog_bar=False, sync_dist=False)

@@ -146,14 +146,14 @@ class StaticCacheDecoder:
         model: a Qwen2/Qwen3/Llama/Mistral ``...ForCausalLM`` with plain modules.
 
     Raises:
-        ValueError: the model is not supported (the message names the reason; use ``sampling.engine: hf``).
+        ValueError: the model is not supported (the message names the reason; use ``model.engine: components.engines.HFGenerateEngine``).
     """
 
     def __init__(self, model: Any) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(
-                f"StaticCacheDecoder cannot run {type(model).__name__}: {reason}. Set sampling.engine to 'hf' "
+                f"StaticCacheDecoder cannot run {type(model).__name__}: {reason}. Use model.engine: components.engines.HFGenerateEngine "
                 "(Hugging Face generate) or 'auto' (picks 'hf' for such models)."
             )
         self.model = model
@@ -208,7 +208,7 @@ class StaticCacheDecoder:
         if self.sliding_window is not None and s > self.sliding_window:
             raise ValueError(
                 f"prompt + completion ({s} tokens) exceed the model's sliding window ({self.sliding_window}); "
-                "StaticCacheDecoder only computes full attention: set sampling.engine to 'hf'."
+                "StaticCacheDecoder only computes full attention: use model.engine: components.engines.HFGenerateEngine."
             )
         self._packed = self._pack_weights(prompt_ids.device)
         try:

@@ -72,7 +72,7 @@ def check_process_scores(scores: Any, batch: RolloutBatch, prm: ProcessRewardMod
         ComponentContractError: naming the PRM, what it returned, the rule and the fix.
     """
     name = component_name(prm)
-    fix = ("return prpo_lightning.scoring.prm.ProcessScores(step_scores (B, S) float, step_mask (B, S) bool); "
+    fix = ("return prpo_lightning.ProcessScores(step_scores (B, S) float, step_mask (B, S) bool); "
            "prpo_lightning.scoring.prm.pad_step_scores(per_row_scores) builds it from one list of step scores per row")
     if not isinstance(scores, ProcessScores):
         raise ComponentContractError(f"PRM {name}.score returned a {type(scores).__name__}: {fix}")
