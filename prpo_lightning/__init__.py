@@ -47,10 +47,11 @@ MOVED_MODULES: dict[str, str] = {
                                                                       "offpolicy")},
     **{f"prpo_lightning.{m}": f"prpo_lightning.scoring.{m}" for m in ("aligner", "prm", "segmenter", "verifier",
                                                                       "grouping", "shaping", "faults")},
-    **{f"prpo_lightning.{m}": f"prpo_lightning.training.{m}" for m in ("losses", "logprobs", "optim", "lora",
+    **{f"prpo_lightning.{m}": f"prpo_lightning.training.{m}" for m in ("losses", "logprobs", "lora",
                                                                        "refsync")},
     **{f"prpo_lightning.{m}": f"prpo_lightning.runtime.{m}" for m in ("checkpoint", "distributed", "compat",
                                                                       "models", "zero3")},
+    "prpo_lightning.optim": "prpo_lightning.training.updater",
 }
 
 

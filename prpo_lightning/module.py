@@ -36,12 +36,11 @@ from prpo_lightning.scoring.prm import ProcessRewardModel
 from prpo_lightning.scoring.segmenter import Segmenter
 from prpo_lightning.scoring.verifier import OutcomeVerifier
 from prpo_lightning.training.lora import check_adapter_state, trainable_state_keys
-from prpo_lightning.training.optim import deepspeed_engine, lr_factor
+from prpo_lightning.training.updater import PolicyUpdater, deepspeed_engine, lr_factor
 from prpo_lightning.training.outcome import RankReport, SkipBudget, advance_without_update
 from prpo_lightning.training.plan import PassPlan, combine_needs, needs_reference_model, plan_passes
 from prpo_lightning.training.policy import build_policy
 from prpo_lightning.training.refsync import ReferenceSync
-from prpo_lightning.training.updater import PolicyUpdater
 
 
 class PRPOModule(L.LightningModule):
@@ -153,9 +152,7 @@ class PRPOModule(L.LightningModule):
         self.updater = PolicyUpdater(
             self.policy, self.loss_cfg, self.optim_cfg, self.plan, self.sampling.temperature,
             self.sampling.max_new_tokens, hp.seed, pad_token_id(self.tokenizer),
-            backward=lambda loss: self.manual_backward(loss),
-            clip_gradients=lambda opt, max_norm: self.clip_gradients(opt, gradient_clip_val=max_norm,
-                                                                     gradient_clip_algorithm="norm"),
+            backward=self.manual_backward, clip_gradients=self.clip_gradients,
             on_optimizer_step=lambda: self.after_optimizer_step())
 
     def after_optimizer_step(self) -> None:

@@ -328,7 +328,8 @@ def test_the_collector_and_the_updater_run_without_a_trainer(tmp_path):
     steps: list[int] = []
     updater = PolicyUpdater(policy, LossConfig(), optim, plan, 1.0, 6, 0, tok.pad_token_id,
                             backward=lambda loss: loss.backward(),
-                            clip_gradients=lambda opt, max_norm: torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm),
+                            clip_gradients=lambda opt, gradient_clip_val, gradient_clip_algorithm:
+                            torch.nn.utils.clip_grad_norm_(policy.parameters(), gradient_clip_val),
                             on_optimizer_step=lambda: steps.append(1))
     before = [p.detach().clone() for p in policy.parameters()]
     stats = updater.update(collected.rollout, optimizer, scheduler, step=0, device=torch.device("cpu"))

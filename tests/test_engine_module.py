@@ -114,7 +114,7 @@ def test_module_loss_uses_the_rollout_is_weights(tmp_path):
     """pg_loss of the module's update equals the token-mean of w_t · PPO term (on-policy: term = −A_t)."""
     module = make_module(tokenizer_dir(tmp_path), loss=LossConfig(kl_coef=0.0), optim=OptimConfig(micro_batch_size=4))
     module.configure_model()
-    module.manual_backward = lambda loss: loss.backward()
+    module.updater.backward = lambda loss: loss.backward()
     from prpo_lightning.batch import RolloutBatch
 
     batch = RolloutBatch(

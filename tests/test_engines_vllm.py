@@ -24,6 +24,7 @@ from prpo_lightning.config import MismatchCheck, SamplerMismatchError
 from prpo_lightning.rollout.offpolicy import mismatch_metrics  # noqa: E402
 from prpo_lightning.config import SamplingConfig
 from prpo_lightning.rollout.sampling import left_pad  # noqa: E402
+from prpo_lightning import SampleRequest  # noqa: E402
 
 # Largest |log π_vLLM − log π_HF| over sampled tokens measured on this CPU in float32: ~1e-6 (see the report);
 # the tolerance leaves two orders of magnitude of room for other CPUs' kernels.
@@ -72,12 +73,12 @@ def assert_same(a, b):
 def test_greedy_equals_hf_generate(setup):
     model, tok, engine, hf, prompts = setup
     seeds = [0] * len(prompts)
-    assert_same(engine.generate(prompts, 1, SAMPLING, seeds, greedy=True), hf.generate(prompts, 1, SAMPLING, seeds, greedy=True))
+    assert_same(engine.generate(SampleRequest(prompts, 1, SAMPLING, seeds, greedy=True)), hf.generate(SampleRequest(prompts, 1, SAMPLING, seeds, greedy=True)))
 
 
 def test_eos_pad_and_truncation_conventions(setup):
     model, tok, engine, hf, prompts = setup
-    result = engine.generate(prompts, 8, SAMPLING, [11, 12, 13, 14])
+    result = engine.generate(SampleRequest(prompts, 8, SAMPLING, [11, 12, 13, 14]))
     lengths = result.completion_mask.sum(dim=1)  # (B,)
     assert result.size == 32 and 0 < int(result.truncated.sum()) < 32, "some rows end with EOS, some truncated"
     for row, mask, length, truncated in zip(result.completion_ids, result.completion_mask, lengths, result.truncated):
@@ -90,13 +91,13 @@ def test_eos_pad_and_truncation_conventions(setup):
 
 def test_same_seed_same_samples_and_batch_independence(setup):
     model, tok, engine, hf, prompts = setup
-    a = engine.generate(prompts, 4, SAMPLING, [1, 2, 3, 4])
-    b = engine.generate(prompts, 4, SAMPLING, [1, 2, 3, 4], batch_seed=99)
+    a = engine.generate(SampleRequest(prompts, 4, SAMPLING, [1, 2, 3, 4]))
+    b = engine.generate(SampleRequest(prompts, 4, SAMPLING, [1, 2, 3, 4], batch_seed=99))
     assert_same(a, b)
     assert torch.equal(a.sampler_logprobs, b.sampler_logprobs)
-    alone = engine.generate(prompts[2:3], 4, SAMPLING, [3])  # a group's samples do not depend on the batch
+    alone = engine.generate(SampleRequest(prompts[2:3], 4, SAMPLING, [3]))  # a group's samples do not depend on the batch
     assert torch.equal(alone.completion_ids[:, : a.completion_ids.shape[1]], a.completion_ids[8:12, : alone.completion_ids.shape[1]])
-    other = engine.generate(prompts, 4, SAMPLING, [5, 6, 7, 8])
+    other = engine.generate(SampleRequest(prompts, 4, SAMPLING, [5, 6, 7, 8]))
     assert not torch.equal(a.completion_ids, other.completion_ids)
     assert len({tuple(r) for r in a.completion_ids[:4].tolist()}) > 1, "the G samples of a group differ"
 
@@ -105,7 +106,7 @@ def test_same_seed_same_samples_and_batch_independence(setup):
 def test_sampler_logprobs_match_trainer(setup, temperature):
     model, tok, engine, hf, prompts = setup
     sampling = SamplingConfig(max_new_tokens=16, temperature=temperature)
-    result = engine.generate(prompts, 8, sampling, [21, 22, 23, 24])
+    result = engine.generate(SampleRequest(prompts, 8, sampling, [21, 22, 23, 24]))
     ref = trainer_logprobs(model, tok, prompts, 8, result, temperature)
     diff = (result.sampler_logprobs - ref).abs().max().item()
     print(f"max |logp_vllm - logp_trainer| at T={temperature}: {diff:.3g}")
@@ -126,8 +127,8 @@ def test_sync_after_optimizer_steps_and_skipped_sync_detected(setup):
         opt.step()
     model.eval()
     with pytest.raises(StaleWeightsError):
-        engine.generate(prompts, 4, SAMPLING, [1, 2, 3, 4], policy_version=3)
-    stale = engine.generate(prompts, 4, SAMPLING, [1, 2, 3, 4])  # a skipped sync, no version passed
+        engine.generate(SampleRequest(prompts, 4, SAMPLING, [1, 2, 3, 4], policy_version=3))
+    stale = engine.generate(SampleRequest(prompts, 4, SAMPLING, [1, 2, 3, 4]))  # a skipped sync, no version passed
     metrics = mismatch_metrics(stale.sampler_logprobs, trainer_logprobs(model, tok, prompts, 4, stale, 1.0),
                                stale.completion_mask)
     print("skipped sync:", metrics)
@@ -135,9 +136,9 @@ def test_sync_after_optimizer_steps_and_skipped_sync_detected(setup):
         MismatchCheck(threshold=0.05, mode="raise")(metrics)
     engine.sync_weights(model, version=3)
     seeds = [0] * len(prompts)
-    greedy = engine.generate(prompts, 1, SAMPLING, seeds, greedy=True, policy_version=3)
-    assert_same(greedy, hf.generate(prompts, 1, SAMPLING, seeds, greedy=True))
-    fresh = engine.generate(prompts, 4, SAMPLING, [1, 2, 3, 4], policy_version=3)
+    greedy = engine.generate(SampleRequest(prompts, 1, SAMPLING, seeds, greedy=True, policy_version=3))
+    assert_same(greedy, hf.generate(SampleRequest(prompts, 1, SAMPLING, seeds, greedy=True)))
+    fresh = engine.generate(SampleRequest(prompts, 4, SAMPLING, [1, 2, 3, 4], policy_version=3))
     metrics = mismatch_metrics(fresh.sampler_logprobs, trainer_logprobs(model, tok, prompts, 4, fresh, 1.0),
                                fresh.completion_mask)
     assert MismatchCheck(threshold=0.05, mode="raise")(metrics)
@@ -150,9 +151,9 @@ def test_sleep_mode_is_refused_on_cpu_and_capabilities(setup):
     caps = engine.capabilities
     assert caps.sampler_logprobs and not caps.entropies and not caps.exact_trainer_distribution
     with pytest.raises(ValueError, match="cannot record entropies"):
-        engine.generate(prompts, 1, SAMPLING, [0] * 4, record_entropies=True)
+        engine.generate(SampleRequest(prompts, 1, SAMPLING, [0] * 4, record_entropies=True))
     with pytest.raises(ValueError, match="max_model_len"):
-        engine.generate(prompts, 1, SamplingConfig(max_new_tokens=300), [0] * 4)
+        engine.generate(SampleRequest(prompts, 1, SamplingConfig(max_new_tokens=300), [0] * 4))
 
 
 def test_teardown_releases_vllm_and_a_new_engine_samples_the_same(setup):
@@ -162,11 +163,11 @@ def test_teardown_releases_vllm_and_a_new_engine_samples_the_same(setup):
     import gc
 
     model, tok, engine, hf, prompts = setup
-    first = engine.generate(prompts, 4, SAMPLING, [5, 6, 7, 8])
+    first = engine.generate(SampleRequest(prompts, 4, SAMPLING, [5, 6, 7, 8]))
     second_engine = VLLMEngine(kv_cache_memory_gib=0.25, max_model_len=256)
     second_engine.setup(model, tok)
     assert gc.get_freeze_count() > 0, "vLLM froze its start-up objects (what teardown must undo)"
-    second = second_engine.generate(prompts, 4, SAMPLING, [5, 6, 7, 8])
+    second = second_engine.generate(SampleRequest(prompts, 4, SAMPLING, [5, 6, 7, 8]))
     second_engine.teardown()
     assert second_engine.llm is None and gc.get_freeze_count() == 0
     assert_same(first, second)

@@ -23,6 +23,7 @@ from prpo_lightning.config import LossConfig, OptimConfig  # noqa: E402
 from prpo_lightning.data import ArithmeticDataModule, collate_prompts  # noqa: E402
 from prpo_lightning.rollout.engine import RolloutEngine  # noqa: E402
 from prpo_lightning.config import MismatchCheck, SamplerMismatchError  # noqa: E402
+from prpo_lightning import SampleRequest  # noqa: E402
 from test_engines_vllm import SAMPLING, qwen2_config  # noqa: E402
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir  # noqa: E402
 
@@ -52,9 +53,9 @@ class GreedyAgreement(L.Callback):
         hf = HFGenerateEngine()
         hf.setup(pl_module.policy, pl_module.tokenizer)
         seeds = [0] * len(self.prompts)
-        ours = pl_module.engine.generate(self.prompts, 1, SAMPLING, seeds, greedy=True,
-                                         policy_version=pl_module.collector.weights_version)
-        ref = hf.generate(self.prompts, 1, SAMPLING, seeds, greedy=True)
+        ours = pl_module.engine.generate(SampleRequest(self.prompts, 1, SAMPLING, seeds, greedy=True,
+                                         policy_version=pl_module.collector.weights_version))
+        ref = hf.generate(SampleRequest(self.prompts, 1, SAMPLING, seeds, greedy=True))
         self.equal.append(torch.equal(ours.completion_ids, ref.completion_ids))
         self.versions.append(pl_module.engine.weight_version)
 

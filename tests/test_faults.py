@@ -112,7 +112,7 @@ def test_degenerate_batches_give_finite_advantages_and_loss(tmp_path_factory, ca
         tokenizer_dir(tmp_path_factory.getbasetemp()), loss=LossConfig(kl_coef=0.01, mask_truncated_completions=mask_truncated)
     )
     module.configure_model()
-    module.manual_backward = lambda loss: loss.backward()  # no trainer needed for the loss path
+    module.updater.backward = lambda loss: loss.backward()  # no trainer needed for the loss path
     for aligner in _aligners():
         batch = DEGENERATE[case].select(torch.arange(DEGENERATE[case].size))  # fresh copy
         metrics = compute_advantages(batch, _ByText(), aligner, None, None, module.tokenizer)

@@ -150,7 +150,7 @@ def test_entropy_bonus_in_the_module_update(tmp_path):
     for coef in (0.0, 0.5):
         module = make_module(tok, loss=LossConfig(kl_coef=0.0, entropy_coef=coef), optim=OptimConfig(micro_batch_size=1))
         module.configure_model()
-        module.manual_backward = lambda loss: loss.backward()
+        module.updater.backward = lambda loss: loss.backward()
         stats[coef] = module.updater.accumulate(batch, torch.arange(2), module.device)
     on = stats[0.5]
     # on-policy: pg = −Σ A / 5 = −0.2; bonus = Σ H / 5 tokens (the logged mean entropy), over two micro-batches

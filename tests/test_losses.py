@@ -118,7 +118,7 @@ def test_grad_norm_under_deepspeed_is_the_engines_own():
     computed in its step; without DeepSpeed there is no engine. (Found by the GPU check: ZeRO runs logged 0.)"""
     from types import SimpleNamespace
 
-    from prpo_lightning.training.optim import deepspeed_engine, engine_grad_norm
+    from prpo_lightning.training.updater import deepspeed_engine, engine_grad_norm
 
     class DeepSpeedStrategy:  # the name Lightning's strategy class has
         model = SimpleNamespace(get_global_grad_norm=lambda: torch.tensor(2.5))

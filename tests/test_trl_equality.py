@@ -89,7 +89,7 @@ def test_loss_and_gradient_equal_trl(case, tmp_path):
     module = make_module(tok, loss=LossConfig(eps_low=0.2, eps_high=0.2, dual_clip=None, **ours_kw),
                          optim=OptimConfig(ppo_epochs=2, micro_batch_size=8))  # ppo_epochs=2: old log-probs from the batch
     module.configure_model()
-    module.manual_backward = lambda loss: loss.backward()
+    module.updater.backward = lambda loss: loss.backward()
     assert module.plan.old_logprobs
     policy = module.policy
     policy.train()

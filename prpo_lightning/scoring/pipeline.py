@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -24,12 +25,48 @@ from prpo_lightning.batch import (
 )
 from prpo_lightning.config import RewardShapingConfig
 from prpo_lightning.scoring.aligner import AdvantageAligner, sum_of_terms
-from prpo_lightning.scoring.faults import PRMError, guarded_call
+from prpo_lightning.scoring.faults import PROGRAMMING_ERRORS, ComponentError, PRMError, VerifierError
 from prpo_lightning.scoring.grouping import group_index, zero_variance_fraction
 from prpo_lightning.scoring.prm import ProcessRewardModel, ProcessScores
 from prpo_lightning.scoring.segmenter import Segmenter
 from prpo_lightning.scoring.shaping import apply_reward_shaping
 from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
+
+
+T = TypeVar("T")
+
+
+def _programming_error(kind: str, component: Any, method: str, err: BaseException) -> ComponentError:
+    name = type(component).__name__
+    return ComponentError(
+        f"{kind} {name}.{method} raised {type(err).__name__}: {err}. This is a programming error in the {kind} "
+        f"({', '.join(e.__name__ for e in PROGRAMMING_ERRORS)} are never skipped, whatever model.on_prm_error "
+        f"says); fix {name}.{method} (the traceback above points to the line)."
+    )
+
+
+def guarded_call(kind: str, component: Any, method: str, call: Callable[[], T], size: int) -> T:
+    """Run one component call under the fault policy: a programming error becomes a :class:`ComponentError`, any
+    other exception a :class:`PRMError` (``kind`` ``"PRM"``: skippable under ``on_prm_error: skip``) or a
+    :class:`VerifierError` (any other kind: a bug, never skipped); each names the component and the method.
+
+    Args:
+        kind: ``"PRM"``, ``"verifier"``, ``"segmenter"`` or ``"aligner"`` (for the message and the error type).
+        component: the component (its class name is reported).
+        method: the method being called (for the message).
+        call: the call itself.
+        size: completions in the call (for the message).
+    """
+    name = type(component).__name__
+    try:
+        return call()
+    except PROGRAMMING_ERRORS as err:
+        raise _programming_error(kind, component, method, err) from err
+    except ComponentContractError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the component's name
+        error = PRMError if kind == "PRM" else VerifierError
+        raise error(f"{kind} {name} failed on {size} completions: {type(err).__name__}: {err}") from err
 
 
 def grade(batch: RolloutBatch, verifier: OutcomeVerifier) -> dict[str, float]:

@@ -11,6 +11,9 @@ The per-token policy-gradient term is the PPO-clip or CISPO loss of a token- or 
 distribution. The KL term (optionally weighted by the ratio, ``loss.kl_bias_correction``) and the entropy bonus
 (``loss.entropy_coef``) are added to it.
 
+The learning-rate schedule (:func:`lr_factor`) and the gradient-norm helpers of the manual optimisation loop live
+here too.
+
 Shapes: ``b`` rows of a mini-/micro-batch, ``t`` completion length (trimmed to the longest row).
 """
 
@@ -35,8 +38,45 @@ from prpo_lightning.training.losses import (
     kl_penalty,
     top_entropy_mask,
 )
-from prpo_lightning.training.optim import engine_grad_norm, grad_norm
 from prpo_lightning.training.plan import PassPlan
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (linear warm-up, then constant/linear/cosine)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown LR schedule {schedule!r}; use constant, linear or cosine")
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    """Global L2 norm of the gradients of ``model`` (before clipping)."""
+    norms = [p.grad.detach().norm(2) for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def deepspeed_engine(trainer: Any) -> Any | None:
+    """The ``DeepSpeedEngine`` that wraps the module under Lightning's ``DeepSpeedStrategy``, else None."""
+    strategy = getattr(trainer, "strategy", None)
+    if type(strategy).__name__ != "DeepSpeedStrategy":
+        return None
+    return getattr(strategy, "model", None)
+
+
+def engine_grad_norm(engine: Any) -> float:
+    """The global gradient norm (before clipping) that a ``DeepSpeedEngine`` computed in its last ``step()``.
+
+    Under ZeRO the gradients are partitioned and ``p.grad`` is None, so :func:`grad_norm` would read 0; DeepSpeed
+    clips (its ``gradient_clipping`` setting) and records the norm itself.
+    """
+    value = engine.get_global_grad_norm()
+    return float(value) if value is not None else float("nan")
 
 
 def loss_mask(batch: RolloutBatch, loss_cfg: LossConfig) -> Tensor:
@@ -126,14 +166,14 @@ class PolicyUpdater:
         seed: the run seed (mini-batch shuffling is seeded from ``(seed, step)``).
         pad_id: the token of the lock-step dummy passes.
         backward: backpropagates a loss (Lightning's ``manual_backward``: strategy-aware).
-        clip_gradients: ``clip_gradients(optimizer, max_norm)`` (Lightning's, strategy-aware).
+        clip_gradients: Lightning's ``clip_gradients(optimizer, gradient_clip_val=, gradient_clip_algorithm=)``.
         on_optimizer_step: called after every optimizer step (weight versions, reference sync).
     """
 
     def __init__(
         self, policy: torch.nn.Module, loss: LossConfig, optim: OptimConfig, plan: PassPlan, temperature: float,
         max_new_tokens: int, seed: int, pad_id: int, backward: Callable[[Tensor], None],
-        clip_gradients: Callable[[Any, float], None], on_optimizer_step: Callable[[], None],
+        clip_gradients: Callable[..., None], on_optimizer_step: Callable[[], None],
     ) -> None:
         self.policy, self.loss_cfg, self.optim_cfg, self.plan = policy, loss, optim, plan
         self.temperature, self.max_new_tokens, self.seed, self.pad_id = temperature, max_new_tokens, seed, pad_id
@@ -176,7 +216,7 @@ class PolicyUpdater:
                 stats = self.accumulate(rollout, idx, device, n_micro)
                 if cfg.grad_clip is not None and ds_engine is None:  # DeepSpeed clips inside its step
                     stats["grad_norm"] = grad_norm(self.policy)
-                    self.clip_gradients(optimizer, cfg.grad_clip)
+                    self.clip_gradients(optimizer, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
                 lrs_used.append(float(scheduler.get_last_lr()[0]))  # the rate this step uses
                 optimizer.step()
                 if ds_engine is not None:
