@@ -8,8 +8,10 @@ normalisation, exact rationals and structure, and answers :attr:`Outcome.UNKNOWN
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 
 from .forms import (
@@ -26,11 +28,12 @@ from .structure import Shape, StructureError, candidate_shape, gold_shape
 
 __all__ = ["Outcome", "CompareConfig", "PERCENT_POLICIES", "compare_answers", "symbolic_task", "WARMUP_PAYLOAD"]
 
-PERCENT_POLICIES = ("divide_or_bare", "divide", "ignore")
-"""How ``N\\%`` is read. ``divide_or_bare`` (default): ``N\\%`` is ``N/100``, and a percent answer also matches
-its bare number ``N`` written without the sign on the other side (a bare gold ``20`` accepts ``20\\%``; a gold
-``20\\%`` accepts ``20``, ``0.2`` and ``\\frac{1}{5}``). ``divide``: only ``N/100``. ``ignore``: the sign is
-dropped on both sides (``0.5`` then wrongly matches ``0.5\\%``)."""
+PERCENT_POLICIES = ("problem", "divide", "divide_or_bare", "ignore")
+"""How ``N\\%`` is read. ``problem`` (default): ``N\\%`` is ``N/100``, and it matches the bare number ``N`` only when
+the problem text asks for a percent ("what percent", "as a percentage"); without a problem text this is ``divide``.
+``divide``: only ``N/100`` (a bare ``20`` never equals ``20\\%``). ``divide_or_bare``: also the bare number, always
+(a bare gold ``20`` accepts ``20\\%``; a gold ``20\\%`` accepts ``20``). ``ignore``: the sign is dropped on both sides
+(``0.5`` then wrongly matches ``0.5\\%``)."""
 
 MAX_LONG_ANSWER_CHARS = 50_000
 """Answers longer than :data:`~.normalize.MAX_ANSWER_CHARS` (and up to this) are graded without sympy: equal when
@@ -69,12 +72,17 @@ class CompareConfig:
         percent: one of :data:`PERCENT_POLICIES`.
         equation_as_value: ``x=3`` (a name given with its value) equals ``3`` and vice versa.
         ignore_units: unit words after a number are removed before comparing.
+        round_places: the problem asks for an answer rounded to this many decimal places (``0`` = whole number):
+            numbers are equal when both round to the same value there. ``None``: no rounding asked.
+        ordered_lists: the problem asks for a list in a stated order: a bare list is compared in order.
     """
 
     float_rel_tol: float = 0.0
-    percent: str = "divide_or_bare"
+    percent: str = "problem"
     equation_as_value: bool = True
     ignore_units: bool = True
+    round_places: int | None = None
+    ordered_lists: bool = False
 
 
 class _GoldError(ValueError):
@@ -111,7 +119,10 @@ class _Comparer:
             e_value = parse_e_notation(candidate)
             c_num = None if e_value is None else ParsedNumber(e_value, "." in candidate)
         if g_num is not None and c_num is not None:
-            return numbers_equal(g_num, c_num, self.config.float_rel_tol)
+            if numbers_equal(g_num, c_num, self.config.float_rel_tol):
+                return True
+            places = self.config.round_places
+            return places is not None and _rounded(g_num.value, places) == _rounded(c_num.value, places)
         if gold.replace("{", "").replace("}", "") == candidate.replace("{", "").replace("}", ""):
             return True
         if "\\infty" in gold or "\\infty" in candidate:
@@ -206,6 +217,8 @@ class _Comparer:
         if kind == "seq":
             return gold.brackets == cand.brackets and self.sequence(gold.items, cand.items)
         if kind == "set":
+            if self.config.ordered_lists and gold.brackets == "" and len(gold.items) > 1:
+                return cand.brackets == "" and self.sequence(gold.items, cand.items)  # the problem asks for an order
             return self.unordered(gold.items, cand.items, self.element)
         if kind == "intervals":
             return self.intervals(gold.items, cand.items)
@@ -223,6 +236,13 @@ class _Comparer:
 
 
 _MAX_MATCHING = 64
+
+
+def _rounded(value: Fraction, places: int) -> Fraction:
+    """``value`` rounded half away from zero to ``places`` decimal places (negative: tens, hundreds...)."""
+    scale = Fraction(10) ** places
+    magnitude = math.floor(abs(value) * scale + Fraction(1, 2))
+    return (magnitude if value >= 0 else -magnitude) / scale
 
 
 def _exact_key(item: str) -> str:
@@ -271,7 +291,7 @@ def _percent_variants(gold: str, candidate: str, policy: str) -> list[tuple[str,
     number = parse_number(normalize(body)) if len(body) <= MAX_ANSWER_CHARS else None
     hundredth = fraction_latex(number.value / 100) if number is not None else f"\\frac{{{body}}}{{100}}"
     variants = [(gold, hundredth)] if c_pct else [(hundredth, candidate)]
-    if policy == "divide_or_bare":
+    if policy == "divide_or_bare":  # ``problem`` arrives here resolved by the verifier (or as plain ``divide``)
         variants.append((g_body, c_body))
     return variants
 

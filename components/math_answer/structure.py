@@ -168,7 +168,7 @@ def _structured_shape(s: str) -> Shape:
             return Shape("seq", items=tuple(items), brackets=s[0] + s[-1])
     items = _list_items(s)
     if items is not None:
-        return Shape("set", items=tuple(items))
+        return Shape("set", items=tuple(items), brackets="{}" if enclosed(s, "\\{", "\\}") else "")
     sides = split_top_level(s, "=")
     if len(sides) == 2 and all(sides):
         return Shape("equation", items=(sides[0], sides[1]))
@@ -179,7 +179,7 @@ def _structured_shape(s: str) -> Shape:
         return Shape("relation", text=s)
     pm = expand_pm(s)
     if len(pm) == 2:
-        return Shape("set", items=tuple(pm))
+        return Shape("set", items=tuple(pm), brackets="pm")
     return Shape("scalar", items=(s,))
 
 
@@ -268,7 +268,9 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
         return None
     if kind == "set":
         items = _list_items(stripped)
+        brackets = "{}" if enclosed(stripped, "\\{", "\\}") else ""
         if items is None:
             items = expand_pm(stripped)
-        return Shape("set", items=tuple(items))
+            brackets = "pm" if len(items) > 1 else ""
+        return Shape("set", items=tuple(items), brackets=brackets)
     return None
