@@ -22,6 +22,8 @@ from .forms import (
     rewrite_notations,
     split_percent,
 )
+from .interval_sets import real_set
+from .named import FUNCTION_NAME
 from .normalize import MAX_ANSWER_CHARS, AnswerTooLong, normalize
 from .numeric import ParsedNumber, numbers_equal, parse_number
 from .structure import Shape, StructureError, candidate_shape, gold_shape
@@ -185,10 +187,13 @@ class _Comparer:
 
     def equation(self, gold: Shape, cand: Shape) -> bool:
         g_lhs, g_rhs = gold.items
-        assignment = re.fullmatch(r"[a-zA-Z](?:_\{?\w{1,3}\}?)?(?:\([a-z]\))?", g_lhs) is not None
+        assignment = _ASSIGNMENT_LHS.fullmatch(g_lhs) is not None
         if cand.kind == "scalar":
             return assignment and self.element(g_rhs, cand.items[0])
         c_lhs, c_rhs = cand.items
+        g_function, c_function = FUNCTION_NAME.fullmatch(g_lhs), FUNCTION_NAME.fullmatch(c_lhs)
+        if g_function and c_function and (g_function.group(1) or "x") == (c_function.group(1) or "x"):
+            return self.element(g_rhs, c_rhs)  # ``y = 2x+1`` and ``f(x) = 2x+1`` give the same function
         if c_lhs == g_lhs and assignment:
             try:
                 if self.element(g_rhs, c_rhs):
@@ -232,6 +237,13 @@ class _Comparer:
             return self.sequence(flat_g, flat_c)
         if kind == "equation":
             return self.equation(gold, cand)
+        if kind == "named":
+            if cand.brackets == "values":
+                return self.sequence([value for _, value in gold.items], cand.items)
+            names = dict(cand.items)
+            if set(names) != {name for name, _ in gold.items}:
+                return False
+            return self.sequence([value for _, value in gold.items], [names[name] for name, _ in gold.items])
         return False
 
 
@@ -278,6 +290,7 @@ def _perfect_matching(equal: list[list[bool]]) -> bool:
     return all(augment(i, [False] * n) for i in range(n))
 
 
+_ASSIGNMENT_LHS = re.compile(r"[a-zA-Z](?:_\{?\w{1,3}\}?)?(?:\([a-z]\))?|[a-zA-Z]\^\{-1\}\([a-z]\)")
 _EQUATION_SIGN = re.compile(r"(?<![<>!\\])=")
 
 
@@ -374,6 +387,9 @@ def compare_forms(
         g_shape = gold_shape(gold_norm, gold)
     except StructureError as exc:
         return Outcome.GOLD_ERROR, f"gold structure: {exc}"
+    reals = _real_set_verdict(g_shape, gold_norm, cand_norm)
+    if reals is not None:
+        return reals, None
     try:
         c_shape = candidate_shape(cand_norm, g_shape)
     except StructureError as exc:
@@ -393,6 +409,26 @@ def compare_forms(
         return Outcome.GOLD_ERROR, str(exc)
     except StructureError as exc:
         return Outcome.UNPARSABLE, f"structure: {exc}"
+
+
+_SET_OF_REALS = re.compile(r"<|>|\\[lgn]e(?![a-zA-Z])|\\setminus|\\backslash|\\mathbb\{R\}|\\\{[a-zA-Z](?:\\in[^|:]{0,20})?[|:]")
+
+
+def _real_set_verdict(gold: Shape, gold_norm: str, cand_norm: str) -> Outcome | None:
+    """Equal or different when both answers are sets of reals with rational endpoints (see :mod:`.interval_sets`);
+    ``None`` (undecided here) otherwise. A gold pair ``(a, b)`` is read as an interval only against a relation."""
+    if gold.kind == "seq":
+        if len(gold.items) != 2 or gold.brackets != "()" or not _SET_OF_REALS.search(cand_norm):
+            return None
+    elif gold.kind != "intervals" and not _SET_OF_REALS.search(gold_norm):
+        return None
+    gold_set = real_set(gold_norm)
+    if gold_set is None or all(low == high and low is not None for low, _, high, _ in gold_set):
+        return None  # not a set of reals, or a finite set of points (compared as a set of elements)
+    cand_set = real_set(cand_norm)
+    if cand_set is None:
+        return None
+    return Outcome.EQUAL if cand_set == gold_set else Outcome.DIFFERENT
 
 
 def symbolic_task(payload: tuple[str, str, CompareConfig]) -> tuple[str, str | None]:

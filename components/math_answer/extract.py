@@ -21,8 +21,13 @@ _MAX_UNWRAP = 8
 _MAX_ANSWER_IS_CHARS = 400
 _ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
 MAX_BOX_GAP = 40
-"""Boxes separated by at most this many characters of one line (``$x=\\boxed{2}$ or $x=\\boxed{5}$``) form one final
-answer under the ``multiple_boxes="final"`` policy."""
+"""Boxes separated by at most this many characters of connecting text (``$x=\\boxed{2}$ or $x=\\boxed{5}$``) form one
+final answer under the ``multiple_boxes="final"`` policy."""
+_CONNECTING = re.compile(
+    r"(?:\s|\$|\\[()]|[,;]|\\q?quad(?![a-zA-Z])|\\text\s*\{\s*(?:and|or)?\s*\}|(?<![a-zA-Z])(?:and|or)(?![a-zA-Z])"
+    r"|(?<![a-zA-Z])[a-zA-Z]{1,2}(?:_\{?\w{1,2}\}?)?\s*=)*"
+)
+"""What may stand between two boxes of one final answer: delimiters, commas, "and"/"or" and names with ``=``."""
 _MAX_FINAL_BOXES = 16
 
 
@@ -145,12 +150,12 @@ def _box_spans(text: str) -> list[tuple[int, int, str]]:
 
 
 def extract_final_boxes(text: str) -> list[str]:
-    """The boxes of the final answer: the last complete box and the boxes just before it on the same line.
+    """The boxes of the final answer: the last complete box and the boxes joined to it by connecting text only.
 
-    Boxes belong to the final answer when each is followed by the next within :data:`MAX_BOX_GAP` characters
-    without a line break (``$x = \\boxed{2}$ or $x = \\boxed{5}$``, ``$a=\\boxed{3}$ and $b=\\boxed{4}$``). An earlier
-    box in a previous sentence or paragraph (an intermediate result) is not part of it. Repeated identical boxes
-    count once.
+    Boxes belong to the final answer when each is followed by the next within :data:`MAX_BOX_GAP` characters of
+    math delimiters, commas, "and"/"or" and names with ``=`` (``$x = \\boxed{2}$ or $x = \\boxed{5}$``,
+    ``$a=\\boxed{3}$ and $b=\\boxed{4}$``). An earlier box in another sentence (an intermediate result, "\\boxed{0} was
+    wrong, the answer is \\boxed{5}") is not part of it. Repeated identical boxes count once.
 
     Args:
         text: the completion (untrusted, any length).
@@ -166,7 +171,7 @@ def extract_final_boxes(text: str) -> list[str]:
     group = [spans[-1]]
     for span in reversed(spans[:-1]):
         gap = text[span[1] : group[0][0]]
-        if len(gap) > MAX_BOX_GAP or "\n" in gap or len(group) >= _MAX_FINAL_BOXES:
+        if len(gap) > MAX_BOX_GAP or not _CONNECTING.fullmatch(gap) or len(group) >= _MAX_FINAL_BOXES:
             break
         group.insert(0, span)
     contents: list[str] = []

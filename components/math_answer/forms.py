@@ -22,6 +22,7 @@ import re
 from fractions import Fraction
 
 from .numeric import parse_number
+from .rewrites import rewrite_ecosystem
 
 __all__ = [
     "UnreadableCharacters",
@@ -148,6 +149,7 @@ def rewrite_notations(s: str) -> str:
     Returns:
         The rewritten answer (unchanged when none of the notations occurs).
     """
+    s = rewrite_ecosystem(s)
     if "\\overline" in s:
         s = _OVERLINE.sub(lambda m: _repeating(m.group(1), m.group(2), m.group(3) or m.group(4)), s)
     if "\\dot" in s:

@@ -22,6 +22,7 @@ from .forms import (
     sentence_key,
     text_key,
 )
+from .named import NAME_PATTERN, named_candidate, named_gold
 from .relations import IN_PREFIX, RELATION, interval, intervals, relation_to_interval
 
 __all__ = ["Shape", "StructureError", "gold_shape", "candidate_shape", "split_top_level"]
@@ -38,9 +39,7 @@ _WORDS = re.compile(r"[A-Za-z][A-Za-z ]{3,}")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _BASE = re.compile(r"(\d+|[0-9A-F]+)_\{?(\d{1,2})\}?")
 _DIGITS = re.compile(r"[0-9A-F]+")
-_ASSIGN_LHS = re.compile(
-    r"[a-zA-Z](?:_\{?\w{1,3}\}?)?(?:\([a-z0-9]{1,4}\))?|\\[a-zA-Z]+(?:_\{?\w{1,3}\}?)?|[a-zA-Z](?:[+*][a-zA-Z]){1,4}"
-)
+_ASSIGN_LHS = re.compile(NAME_PATTERN)
 _MATRIX_FACTOR = re.compile(r"(-?)((?:\d+(?:\.\d+)?|\\frac\{[^{}]{1,30}\}\{[^{}]{1,30}\}|\d+/\d+)?)(?:\\cdot)?")
 
 _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\}", re.DOTALL)
@@ -149,6 +148,9 @@ def gold_shape(gold: str, raw_gold: str) -> Shape:
         return Shape("relation", text=gold)
     if _THOUSANDS.fullmatch(gold):
         return Shape("scalar", items=(gold.replace(",", ""),))
+    named = named_gold(gold)
+    if named is not None:
+        return Shape("named", items=named)
     return _structured_shape(IN_PREFIX.sub("", gold, count=1) if IN_PREFIX.match(gold) else gold)
 
 
@@ -219,7 +221,10 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
             return Shape("base", text=match.group(1), base=match.group(2))
         return Shape("base", text=candidate) if _DIGITS.fullmatch(candidate) else None
     if kind == "relation":
-        return Shape("relation", text=candidate)
+        return Shape("relation", text=_strip_assignment(candidate))
+    if kind == "named":
+        found = named_candidate(candidate, len(gold.items))
+        return None if found is None else Shape("named", items=found[1], brackets=found[0])
     if kind == "equation":
         sides = split_top_level(candidate, "=")
         if len(sides) == 2 and all(sides):
@@ -267,6 +272,7 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
             return Shape("seq", items=tuple(items), brackets="()")
         return None
     if kind == "set":
+        stripped = IN_PREFIX.sub("", stripped, count=1) if IN_PREFIX.match(stripped) else stripped
         items = _list_items(stripped)
         brackets = "{}" if enclosed(stripped, "\\{", "\\}") else ""
         if items is None:
