@@ -26,6 +26,7 @@ from .interval_sets import real_set
 from .named import FUNCTION_NAME
 from .normalize import MAX_ANSWER_CHARS, AnswerTooLong, normalize
 from .numeric import ParsedNumber, numbers_equal, parse_number
+from .words import lone_number, time_of_day
 from .structure import Shape, StructureError, candidate_shape, gold_shape
 
 __all__ = ["Outcome", "CompareConfig", "PERCENT_POLICIES", "compare_answers", "symbolic_task", "WARMUP_PAYLOAD"]
@@ -213,7 +214,13 @@ class _Comparer:
 
     def shapes(self, gold: Shape, cand: Shape) -> bool:
         kind = gold.kind
-        if kind in ("choice", "text", "relation"):
+        if kind == "choice":
+            if not cand.text:  # the option's value without its letter
+                return bool(gold.items) and self.element(gold.items[0], cand.items[0])
+            if gold.text != cand.text:
+                return False
+            return not (gold.items and cand.items) or self.element(gold.items[0], cand.items[0])
+        if kind in ("text", "relation"):
             return gold.text == cand.text
         if kind == "base":
             return gold.text == cand.text and (cand.base is None or cand.base == gold.base)
@@ -291,6 +298,7 @@ def _perfect_matching(equal: list[list[bool]]) -> bool:
 
 
 _ASSIGNMENT_LHS = re.compile(r"[a-zA-Z](?:_\{?\w{1,3}\}?)?(?:\([a-z]\))?|[a-zA-Z]\^\{-1\}\([a-z]\)")
+_HAS_WORD = re.compile(r"[A-Za-z]{2}")
 _EQUATION_SIGN = re.compile(r"(?<![<>!\\])=")
 
 
@@ -341,6 +349,10 @@ def compare_answers(gold: str, candidate: str, config: CompareConfig, symbolic: 
     if not config.equation_as_value and bool(_EQUATION_SIGN.search(gold)) != bool(_EQUATION_SIGN.search(candidate)):
         return Outcome.DIFFERENT, None
     gold, candidate = rewrite_notations(gold), rewrite_notations(candidate)
+    worded = _worded_verdict(gold, candidate)
+    if isinstance(worded, Outcome):
+        return worded, None
+    candidate = worded
     outcomes = [
         compare_forms(g, c, config, symbolic, max_chars) for g, c in _percent_variants(gold, candidate, config.percent)
     ]
@@ -351,6 +363,23 @@ def compare_answers(gold: str, candidate: str, config: CompareConfig, symbolic: 
     if max_chars > MAX_ANSWER_CHARS and outcome is Outcome.GOLD_ERROR:
         return Outcome.DIFFERENT, None  # long answers: what the fast path cannot confirm is not equal
     return outcome, detail
+
+
+def _worded_verdict(gold: str, candidate: str) -> Outcome | str:
+    """Times of day are compared as minutes after midnight; against a plain-number gold, a number with words
+    around it (``12 \\text{ red marbles}``) is read as the number (:mod:`.words`). Returns the outcome, or the
+    candidate to compare further."""
+    if ":" in gold and ":" in candidate:
+        gold_time = time_of_day(gold)
+        cand_time = time_of_day(candidate) if gold_time is not None else None
+        if gold_time is not None and cand_time is not None:
+            return Outcome.EQUAL if gold_time[0] == cand_time[0] else Outcome.DIFFERENT
+    if _HAS_WORD.search(candidate) and len(gold) <= MAX_ANSWER_CHARS and not split_percent(gold)[1]:
+        if parse_number(normalize(gold)) is not None:
+            lone = lone_number(candidate)
+            if lone is not None:
+                return lone
+    return candidate
 
 
 def compare_forms(

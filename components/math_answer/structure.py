@@ -22,6 +22,8 @@ from .forms import (
     sentence_key,
     text_key,
 )
+from .interval_sets import integer_members
+from .matrix_ops import matrix_sum
 from .named import NAME_PATTERN, named_candidate, named_gold
 from .relations import IN_PREFIX, RELATION, interval, intervals, relation_to_interval
 
@@ -34,7 +36,9 @@ _OTHER_CHOICE = re.compile(r"\([A-E]\)|(?<![A-Za-z])[A-E](?![A-Za-z])")
 _GOLD_TEXT = re.compile(
     r"\s*\\(?:text|textbf|textrm|textit|mbox|mathrm)\s*\{\s*([A-Za-z][A-Za-z '\-]*?)\s*\}\s*\.?\s*"
 )
-_GOLD_CHOICE = re.compile(r"\s*(?:\\(?:text|textbf|textrm|mbox|mathrm)\s*\{)?\s*\(([A-E])\)\s*\}?\s*")
+_GOLD_CHOICE = re.compile(r"\s*(?:\\(?:text|textbf|textrm|mbox|mathrm)\s*\{)?\s*\(?([A-E])\)?\s*\}?\s*")
+_GOLD_CHOICE_START = re.compile(r"\s*(?:\\(?:text|textbf|textrm|mbox|mathrm)\s*\{)?\s*\([A-E]\)")
+_CHOICE_VALUE = re.compile(r"\(([A-E])\)([^A-Za-z(].*)")
 _WORDS = re.compile(r"[A-Za-z][A-Za-z ]{3,}")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _BASE = re.compile(r"(\d+|[0-9A-F]+)_\{?(\d{1,2})\}?")
@@ -90,8 +94,8 @@ def _matrix_rows(s: str) -> tuple | None:
     if len(s) > 2 and s[0] + s[-1] in ("()", "[]") and _MATRIX.fullmatch(s[1:-1]):
         s = s[1:-1]  # ``\left(\begin{array}..\end{array}\right)``
     match = _MATRIX.fullmatch(s)
-    if not match:
-        return None
+    if not match or "\\begin{" in match.group(2) or "\\end{" in match.group(2):
+        return None  # not one matrix (e.g. a sum of matrices, read by :func:`.matrix_ops.matrix_sum`)
     rows = [r for r in match.group(2).split("\\\\") if r.strip()]
     if not rows or len(rows) > MAX_ITEMS:
         raise StructureError("bad matrix")
@@ -136,6 +140,9 @@ def gold_shape(gold: str, raw_gold: str) -> Shape:
     choice = _GOLD_CHOICE.fullmatch(raw_gold)
     if choice:
         return Shape("choice", text=choice.group(1).upper())
+    choice = _CHOICE_VALUE.fullmatch(gold) if _GOLD_CHOICE_START.match(raw_gold) else None
+    if choice:  # a letter with its option's value: ``\textbf{(C) }7``
+        return Shape("choice", text=choice.group(1), items=(choice.group(2),))
     text = _GOLD_TEXT.fullmatch(raw_gold)
     if text and not _CHOICE.fullmatch(text.group(1)):
         return Shape("text", text=_text_key(text.group(1)))
@@ -209,10 +216,13 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
             return Shape("choice", text=match.group(1).upper())
         match = _CHOICE_WITH_VALUE.fullmatch(candidate)
         if match is None:
-            return None
+            return Shape("choice", items=(candidate,)) if gold.items else None  # the option's value alone
         letter = next(g for g in match.groups() if g)
         rest = candidate[candidate.index(letter) + 2 :]
-        return None if _OTHER_CHOICE.search(rest) else Shape("choice", text=letter)
+        if _OTHER_CHOICE.search(rest):
+            return None
+        value = rest.lstrip(".:) ")
+        return Shape("choice", text=letter, items=(value,) if gold.items and value else ())
     if kind == "text":
         return Shape("text", text=sentence_key(candidate, gold.text))
     if kind == "base":
@@ -243,7 +253,7 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
         found = intervals(stripped)
         return Shape("intervals", items=found) if found is not None else None
     if kind == "matrix":
-        rows = _matrix_rows(stripped)
+        rows = _matrix_rows(stripped) or matrix_sum(stripped, _matrix_rows)
         if rows is not None:
             return Shape("matrix", items=rows[1:], brackets=rows[0])
         gold_rows = gold.items
@@ -273,6 +283,9 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
         return None
     if kind == "set":
         stripped = IN_PREFIX.sub("", stripped, count=1) if IN_PREFIX.match(stripped) else stripped
+        members = integer_members(stripped) if "\\mathbb{Z}" in stripped else None
+        if members is not None:  # ``\{n\in\mathbb{Z} : 1\le n\le 3\}``
+            return Shape("set", items=tuple(map(str, members)), brackets="{}")
         items = _list_items(stripped)
         brackets = "{}" if enclosed(stripped, "\\{", "\\}") else ""
         if items is None:
