@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections import Counter
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _MAX_STORED_EXTRACT = 1000
 _WORKER_HANDLER = "components.math_answer.compare:symbolic_task"
+_TAKES_PROBLEMS: dict[type, bool] = {}
 MULTIPLE_BOXES_POLICIES = ("final", "last")
 ROUNDING_POLICIES = ("problem", "exact")
 LIST_ORDER_POLICIES = ("problem", "any", "always")
@@ -195,7 +197,25 @@ class SympyMathVerifier(OutcomeVerifier):
         """
         if len(rows) != len(completions):
             raise ValueError(f"verify_rows got {len(completions)} completions but {len(rows)} rows")
-        return self.verify_batch(completions, golds, [row.get("problem") for row in rows])
+        problems = [row.get("problem") for row in rows]
+        if not any(problems):
+            return self.verify_batch(completions, golds)
+        if not self._batch_takes_problems():
+            return self.verify_batch(completions, golds)  # a subclass with the two-argument verify_batch (warned)
+        return self.verify_batch(completions, golds, problems)
+
+    def _batch_takes_problems(self) -> bool:
+        """Whether ``verify_batch`` (possibly overridden) accepts ``problems``; warns once per class when not."""
+        cls = type(self)
+        if cls not in _TAKES_PROBLEMS:
+            _TAKES_PROBLEMS[cls] = "problems" in inspect.signature(self.verify_batch).parameters
+            if not _TAKES_PROBLEMS[cls]:
+                log.warning(
+                    "%s.verify_batch has no 'problems' parameter, so the 'problem' policies (percent, rounding, "
+                    "list_order) see no problem text; add 'problems=None' and pass it to super().verify_batch",
+                    cls.__name__,
+                )
+        return _TAKES_PROBLEMS[cls]
 
     def verify_batch(
         self, completions: Sequence[str], golds: Sequence[str], problems: Sequence[str | None] | None = None

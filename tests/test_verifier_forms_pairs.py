@@ -184,3 +184,15 @@ def test_words_and_times():
 )
 def test_near_misses_are_rejected(verifier, gold, candidate):
     assert not _ok(verifier, gold, candidate)
+
+
+def test_subclass_with_the_two_argument_verify_batch_keeps_working(caplog):
+    class TwoArgument(SympyMathVerifier):
+        def verify_batch(self, completions, golds):
+            return super().verify_batch(completions, golds)
+
+    with TwoArgument(num_workers=1) as verifier, caplog.at_level("WARNING"):
+        rows = [{"problem": "What percent of the 5 apples are red?"}]
+        verdicts = verifier.verify_rows([TEMPLATE.format("40\\%")], ["40"], rows)
+    assert not verdicts[0].is_correct  # no problem text reaches the policy, so the default reading applies
+    assert "TwoArgument.verify_batch has no 'problems' parameter" in caplog.text
