@@ -155,7 +155,7 @@ def _worded_verdict(gold: str, candidate: str) -> Outcome | str:
     """Times of day are compared as minutes after midnight; against a plain-number gold, a number with words
     around it (``12 \\text{ red marbles}``) is read as the number (:mod:`.words`). Returns the outcome, or the
     candidate to compare further."""
-    if ":" in gold and ":" in candidate:
+    if ":" in gold or ":" in candidate:
         gold_time = time_of_day(gold)
         cand_time = time_of_day(candidate) if gold_time is not None else None
         if gold_time is not None and cand_time is not None:

@@ -34,6 +34,7 @@ _TERM_PATTERNS = (
     (re.compile(r"-" + _VARIABLE), "-x"),
     (re.compile(r"\|" + _VARIABLE + r"\|"), "|x|"),
     (re.compile(r"\|" + _VARIABLE + r"([+-][^|]+)\|"), "|x+c|"),
+    (re.compile(r"\|([^|a-zA-Z]+)-" + _VARIABLE + r"\|"), "|c-x|"),
 )
 _BUILDER = re.compile(r"\\\{([a-zA-Z])(?:\\in(\\mathbb\{[RZ]\}|\\[RZ]))?(?:\||:)(.+)\\\}")
 _IN_PREFIX = re.compile(r"[a-zA-Z]\\in")
@@ -139,18 +140,18 @@ def _solve(term: str, op: str, bound: str, variables: set[str]) -> list[Span]:
             break
     else:
         raise _NotASet(f"{term!r} is not a variable form")
-    variables.add(match.group(1))
+    variables.add(match.group(2) if form == "|c-x|" else match.group(1))
     value = _number(bound)
     if value is None:
         raise _NotASet(f"bound {bound!r} is not a rational number")
     centre = Fraction(0)
     if form == "-x":
         op, value = _FLIP[op], -value
-    if form == "|x+c|":
-        offset = _number(match.group(2))
+    if form in ("|x+c|", "|c-x|"):
+        offset = _number(match.group(2) if form == "|x+c|" else match.group(1))
         if offset is None:
             raise _NotASet("offset is not a rational number")
-        centre = -offset
+        centre = -offset if form == "|x+c|" else offset
     if form in ("x", "-x"):
         return {
             "<": [(None, False, value, False)], "\\le": [(None, False, value, True)],

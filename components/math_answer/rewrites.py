@@ -9,8 +9,8 @@ Applied to gold and candidate alike before normalisation (by :func:`.forms.rewri
 * ASCII relations (``>=``, ``<=``, ``!=``) become ``\\ge``/``\\le``/``\\ne``;
 * "and" (``\\text{ and }``, ``\\wedge``) between relations becomes ``\\land``, so ``x<2 \\text{ and } x>3`` is an
   intersection and not the "or"-list that a comma means;
-* named tuples (``(a,b)=(2,3)``) become named values (``a=2,b=3``) and semicolon-separated solutions
-  (``x=1,y=2; x=3,y=4``) become tuples (``(1,2),(3,4)``).
+* named tuples (``(a,b)=(2,3)``) become named values (``a=2,b=3``) and solutions separated by semicolons, "or" or
+  "and" (``x=1,y=2; x=3,y=4``) become tuples (``(1,2),(3,4)``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _NAMES = r"[a-zA-Z](?:_\{?\w{1,3}\}?)?"
 _NAMED_TUPLE = re.compile(
     r"\(\s*(" + _NAMES + r"(?:\s*,\s*" + _NAMES + r"){1,7})\s*\)\s*=\s*(?:\\left\s*)?\(([^()=]*)\)"
 )
-_SOLUTION_SPLIT = re.compile(r";|\\text\s*\{\s*or\s*\}|(?<![a-zA-Z\\])or(?![a-zA-Z])")
+_SOLUTION_SPLIT = re.compile(r";|\\text\s*\{\s*(?:or|and)\s*\}|(?<![a-zA-Z\\])(?:or|and)(?![a-zA-Z])")
 _ASSIGNMENT = re.compile(r"\s*(" + _NAMES + r")\s*=([^=,;]+)")
 
 
@@ -67,7 +67,7 @@ def _solutions(s: str) -> str:
         parts = group.split(",")
         assignments = [_ASSIGNMENT.fullmatch(p) for p in parts]
         if len(parts) < 2 or not all(assignments):
-            return ", ".join(groups) if ";" in s and "or" not in s else s
+            return ", ".join(groups) if ";" in s and not re.search(r"(?<![a-zA-Z])(?:or|and)(?![a-zA-Z])", s) else s
         pairs = sorted((m.group(1), m.group(2).strip()) for m in assignments)  # type: ignore[union-attr]
         if len({name for name, _ in pairs}) != len(pairs):
             return s
@@ -95,6 +95,6 @@ def rewrite_ecosystem(s: str) -> str:
         s = _AND.sub(" \\\\land ", s)
     if "=" in s and "(" in s:
         s = _NAMED_TUPLE.sub(_named_tuple, s)
-    if "=" in s and "\\begin" not in s and (";" in s or "or" in s):
+    if "=" in s and "\\begin" not in s and (";" in s or "or" in s or "and" in s):
         s = _solutions(s)
     return s

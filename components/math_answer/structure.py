@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .brackets import MAX_ITEMS, StructureError, enclosed, expand_pm, split_top_level
 from .forms import (
+    set_builder_condition,
     identity_rows,
     in_name_order,
     named_values,
@@ -286,6 +287,11 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
         members = integer_members(stripped) if "\\mathbb{Z}" in stripped else None
         if members is not None:  # ``\{n\in\mathbb{Z} : 1\le n\le 3\}``
             return Shape("set", items=tuple(map(str, members)), brackets="{}")
+        condition = set_builder_condition(stripped)
+        if condition is not None:  # ``\{x : x=1, x=3\}`` (``or`` is normalised to a comma)
+            values = [_strip_assignment(part) for part in split_top_level(condition, ",")]
+            if all(value != part for value, part in zip(values, split_top_level(condition, ","))):
+                return Shape("set", items=tuple(values), brackets="{}")
         items = _list_items(stripped)
         brackets = "{}" if enclosed(stripped, "\\{", "\\}") else ""
         if items is None:

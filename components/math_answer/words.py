@@ -26,7 +26,7 @@ _FORBIDDEN = frozenset(
     "negative positive square cube per cent each every other another except only if".split()
 )
 _ALLOWED_SHORT = frozenset("a an of in on at by is it he we".split())
-_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::\d{2})?\s*(am|pm|a\.m\.?|p\.m\.?)?")
+_TIME = re.compile(r"(\d{1,2})(?::(\d{2})(?::\d{2})?)?\s*(am|pm|a\.m\.?|p\.m\.?)?")
 
 
 def _plain_text(raw: str) -> str | None:
@@ -87,7 +87,9 @@ def time_of_day(raw: str) -> tuple[int, bool] | None:
         match = _TIME.fullmatch(text.strip().lower())
     if match is None:
         return None
-    hour, minute, suffix = int(match.group(1)), int(match.group(2)), match.group(3)
+    if match.group(2) is None and match.group(3) is None:
+        return None  # a bare number is not a time of day
+    hour, minute, suffix = int(match.group(1)), int(match.group(2) or 0), match.group(3)
     if minute > 59:
         return None
     if suffix is None:
