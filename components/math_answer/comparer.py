@@ -13,6 +13,7 @@ import re
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
+from .brackets import enclosed, split_top_level
 from .forms import parse_e_notation
 from .named import FUNCTION_NAME
 from .numeric import ParsedNumber, numbers_equal, parse_number
@@ -69,6 +70,9 @@ class Comparer:
             return True
         if "\\infty" in gold or "\\infty" in candidate:
             return gold.lstrip("+") == candidate.lstrip("+")
+        g_items, c_items = _tuple_items(gold), _tuple_items(candidate)
+        if g_items is not None and c_items is not None:  # tuples inside a list or set: entry by entry
+            return gold[0] + gold[-1] == candidate[0] + candidate[-1] and self.sequence(g_items, c_items)
         if not self.symbolic:
             raise NeedsSympy
         from .symbolic import ElementUnreadable, GoldUnreadable, expressions_equal
@@ -194,6 +198,14 @@ class Comparer:
 
 
 _MAX_MATCHING = 64
+
+
+def _tuple_items(s: str) -> list[str] | None:
+    """The entries of ``(a, b, ...)``/``[a, b]`` (at least two), else ``None``."""
+    if len(s) < 5 or s[0] not in "([" or s[-1] not in ")]" or not enclosed(s, s[0], s[-1]):
+        return None
+    items = split_top_level(s[1:-1], ",")
+    return items if len(items) >= 2 and all(items) else None
 
 
 def _rounded(value: Fraction, places: int) -> Fraction:
