@@ -242,7 +242,7 @@ def write_markdown(path: Path, results: list[dict], meta: dict, hard: list[dict]
         "absolute values, exclusions), sets (merging unions, differences, complements, set-builder, `\\pm`, solution "
         "lists), units/currency/words, answer letters with option text, sentences, times of day, matrix arithmetic, "
         "trig identities, and the policies (several boxes, rounding, list order, percent; rows carry the problem text "
-        "or a whole completion where a policy needs it). About 40% of the pairs are near misses that must be "
+        "or a whole completion where a policy needs it). Over a third of the pairs are near misses that must be "
         "rejected. The held-out part was written and committed before any fix and its failures were not looked at "
         "while fixing. Our default policies; math-verify gets the same completion and gold (it has no use for the "
         "problem text).",

@@ -29,15 +29,15 @@ _ASSIGNMENT_LHS = re.compile(r"[a-zA-Z](?:_\{?\w{1,3}\}?)?(?:\([a-z]\))?|[a-zA-Z
 
 
 class GoldError(ValueError):
-    pass
+    """The gold element could not be read (a data problem, reported as ``GOLD_ERROR``)."""
 
 
 class Unreadable(ValueError):
-    pass
+    """The candidate element could not be read (``UNPARSABLE``)."""
 
 
 class NeedsSympy(Exception):
-    pass
+    """The in-process fast path cannot decide: the pair goes to a sympy worker."""
 
 
 def uses_imaginary_unit(gold_norm: str) -> bool:
@@ -46,6 +46,14 @@ def uses_imaginary_unit(gold_norm: str) -> bool:
 
 
 class Comparer:
+    """Compares a candidate shape with a gold shape under one :class:`~.compare.CompareConfig`.
+
+    Args:
+        config: the comparison settings (tolerance, rounding place, list order...).
+        symbolic: allow sympy (only inside worker processes); otherwise raise :class:`NeedsSympy`.
+        imaginary_i: read ``i`` as the imaginary unit (the gold uses it so).
+    """
+
     def __init__(self, config: CompareConfig, symbolic: bool, imaginary_i: bool) -> None:
         self.config = config
         self.symbolic = symbolic
