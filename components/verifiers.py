@@ -34,7 +34,6 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from components.math_answer.compare import (
@@ -44,7 +43,7 @@ from components.math_answer.compare import (
     Outcome,
     compare_answers,
 )
-from components.math_answer.context import problem_hints
+from components.math_answer.context import resolve_policies
 from components.math_answer.extract import extract_answer, extract_last_boxed
 from components.math_answer.pool import TaskResult, TimeoutPool
 from prpo_lightning.verifier import OutcomeVerifier, Verdict, VerdictStatus
@@ -357,17 +356,7 @@ class SympyMathVerifier(OutcomeVerifier):
 
     def _config_for(self, problem: str | None) -> CompareConfig:
         """The comparison settings for one pair: the ``"problem"`` policies resolved against its question text."""
-        if not problem or not any(p == "problem" for p in (self.percent, self.rounding, self.list_order)):
-            return self._config
-        hints = problem_hints(problem)
-        changes: dict[str, Any] = {}
-        if self.percent == "problem" and hints.asks_percent:
-            changes["percent"] = "divide_or_bare"
-        if self.rounding == "problem" and hints.round_places is not None:
-            changes["round_places"] = hints.round_places
-        if self.list_order == "problem" and hints.ordered:
-            changes["ordered_lists"] = True
-        return replace(self._config, **changes) if changes else self._config
+        return resolve_policies(self._config, problem, self.percent, self.rounding, self.list_order)
 
     def _fast(self, completion: str, gold: str, config: CompareConfig) -> tuple[Verdict | None, str]:
         """In-process grading; returns ``(None, extracted)`` when the pair needs the symbolic path."""

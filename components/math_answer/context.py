@@ -9,9 +9,12 @@ problem text is data, never model output, but it is still scanned with bounded, 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
-__all__ = ["ProblemHints", "problem_hints", "MAX_PROBLEM_CHARS"]
+from .compare import CompareConfig
+
+__all__ = ["ProblemHints", "problem_hints", "resolve_policies", "MAX_PROBLEM_CHARS"]
 
 MAX_PROBLEM_CHARS = 20_000
 """Only this many characters of a problem are scanned (a real question is far shorter)."""
@@ -85,3 +88,32 @@ def problem_hints(problem: str | None) -> ProblemHints:
         ordered=_ORDER.search(text) is not None,
         asks_percent=_ASKS_PERCENT.search(text) is not None,
     )
+
+
+def resolve_policies(
+    config: CompareConfig, problem: str | None, percent: str, rounding: str, list_order: str
+) -> CompareConfig:
+    """The comparison settings for one pair: the verifier's ``"problem"`` policies resolved against its problem.
+
+    Args:
+        config: the verifier's settings without a problem (``percent`` already ``"divide"`` for ``"problem"``).
+        problem: the question text, or ``None``.
+        percent: the verifier's ``percent`` policy.
+        rounding: the verifier's ``rounding`` policy.
+        list_order: the verifier's ``list_order`` policy.
+
+    Returns:
+        ``config`` itself when the problem asks for nothing a ``"problem"`` policy reads, else a copy with
+        ``percent="divide_or_bare"``, ``round_places`` and/or ``ordered_lists`` set.
+    """
+    if not problem or "problem" not in (percent, rounding, list_order):
+        return config
+    hints = problem_hints(problem)
+    changes: dict[str, Any] = {}
+    if percent == "problem" and hints.asks_percent:
+        changes["percent"] = "divide_or_bare"
+    if rounding == "problem" and hints.round_places is not None:
+        changes["round_places"] = hints.round_places
+    if list_order == "problem" and hints.ordered:
+        changes["ordered_lists"] = True
+    return replace(config, **changes) if changes else config
