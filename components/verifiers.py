@@ -15,7 +15,10 @@ Model output never reaches ``eval``, ``exec``, ``sympify`` or ``parse_expr``.
 
 Policy choices are constructor arguments (see ``docs/howto/verifier.rst``): ``percent`` (how ``N\\%`` is read),
 ``float_rel_tol`` (``0`` = decimals are exact: ``0.125`` equals ``1/8`` but ``0.333333`` does not equal ``1/3``),
-``equation_as_value`` (whether ``x=3`` equals ``3``) and ``ignore_units``.
+``equation_as_value`` (whether ``x=3`` equals ``3``), ``ignore_units``, ``multiple_boxes`` (several boxes in the
+final answer), ``rounding`` and ``list_order``. The ``"problem"`` policies read the question text, which the
+framework passes with each row to :meth:`SympyMathVerifier.verify_batch` (``verify``/``verify_batch`` also take it
+as an optional ``problem``/``problems`` argument); without it they behave as when the problem asks for nothing.
 
 Example::
 
@@ -39,6 +42,7 @@ from components.math_answer.compare import (
     Outcome,
     compare_answers,
 )
+from components.math_answer.context import resolve_policies
 from components.math_answer.extract import extract_answer, extract_last_boxed
 from components.math_answer.pool import TaskResult, TimeoutPool
 from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
@@ -49,6 +53,9 @@ log = logging.getLogger(__name__)
 
 _MAX_STORED_EXTRACT = 1000
 _WORKER_HANDLER = "components.math_answer.compare:symbolic_task"
+MULTIPLE_BOXES_POLICIES = ("final", "last")
+ROUNDING_POLICIES = ("problem", "exact")
+LIST_ORDER_POLICIES = ("problem", "any", "always")
 
 
 class SympyMathVerifier(OutcomeVerifier):
@@ -66,16 +73,30 @@ class SympyMathVerifier(OutcomeVerifier):
             half a unit in its last written place away).
         answer_is_fallback: when there is no ``\\boxed{}``, also accept "the answer is ..." (off for rewards).
         worker_memory_mb: address-space limit of each worker process in MiB (0 disables it).
-        percent: how ``N\\%`` is read, one of ``"divide_or_bare"`` (default: ``N/100``, and a percent answer
-            also matches its bare number ``N`` on the other side), ``"divide"`` (only ``N/100``) or ``"ignore"``
-            (the sign is dropped on both sides).
+        percent: how ``N\\%`` is read, one of ``"problem"`` (default: ``N/100``; it also matches the bare number
+            ``N`` only when the problem asks for a percent, e.g. "What percent of ..."), ``"divide"`` (only
+            ``N/100``: a bare ``20`` never equals ``20\\%``), ``"divide_or_bare"`` (also the bare number, always)
+            or ``"ignore"`` (the sign is dropped on both sides).
         equation_as_value: ``x=3`` (a name with its value, ``a+b=12``, ``x=1 or x=2``, ``a=1, b=2`` against a
             tuple) equals the value(s); ``False`` makes an equation and a bare value always different.
         ignore_units: remove unit words (``\\text{ cm}``, ``km/h``, ``square units``) before comparing; with
             ``False`` units are compared as text. Degree and currency signs are notation and always removed.
+        multiple_boxes: ``"final"`` (default): several boxes that end the completion on one line, each within a
+            few characters of the next (``$x=\\boxed{2}$ or $x=\\boxed{5}$``), are read together as the list
+            ``2, 5`` (so hedging ``\\boxed{5} or \\boxed{-5}`` is not the answer ``5``); an earlier box in another
+            sentence is an intermediate result and ignored. ``"last"``: only the last box counts.
+        rounding: ``"problem"`` (default): when the problem asks for a rounded value ("to the nearest tenth",
+            "to 3 decimal places", "to the nearest cent"), two numbers are equal when both round to the same
+            value at that place (``3.16`` for a gold ``3.2``; ``3.33`` for a gold ``\\frac{10}{3}``, hundredths).
+            ``"exact"``: the problem text is not read for rounding.
+        list_order: ``"problem"`` (default): a bare list (``-2, 1, 3``) is compared in order when the problem asks
+            for an order ("in increasing order", "from least to greatest") and as a multiset otherwise. ``"any"``:
+            never in order. ``"always"``: bare lists are always compared in order. Tuples ``(a, b)`` are always
+            ordered and sets ``\\{a, b\\}`` never.
 
     Raises:
-        ValueError: for a non-positive timeout or worker count, a negative tolerance or an unknown ``percent``.
+        ValueError: for a non-positive timeout or worker count, a negative tolerance or an unknown ``percent``,
+            ``multiple_boxes``, ``rounding`` or ``list_order``.
         TypeError: when ``equation_as_value`` or ``ignore_units`` is not a bool.
     """
 
@@ -89,9 +110,12 @@ class SympyMathVerifier(OutcomeVerifier):
         float_rel_tol: float = 0.0,
         answer_is_fallback: bool = False,
         worker_memory_mb: int = 2048,
-        percent: str = "divide_or_bare",
+        percent: str = "problem",
         equation_as_value: bool = True,
         ignore_units: bool = True,
+        multiple_boxes: str = "final",
+        rounding: str = "problem",
+        list_order: str = "problem",
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError(f"timeout_seconds must be positive, got {timeout_seconds}")
@@ -103,6 +127,15 @@ class SympyMathVerifier(OutcomeVerifier):
             raise ValueError(
                 f"SympyMathVerifier: percent must be one of {', '.join(map(repr, PERCENT_POLICIES))}, got {percent!r}"
             )
+        for name, value, allowed in (
+            ("multiple_boxes", multiple_boxes, MULTIPLE_BOXES_POLICIES),
+            ("rounding", rounding, ROUNDING_POLICIES),
+            ("list_order", list_order, LIST_ORDER_POLICIES),
+        ):
+            if value not in allowed:
+                raise ValueError(
+                    f"SympyMathVerifier: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+                )
         for name, value in (("equation_as_value", equation_as_value), ("ignore_units", ignore_units)):
             if not isinstance(value, bool):
                 raise TypeError(f"SympyMathVerifier: {name} must be True or False, got {value!r}")
@@ -117,11 +150,15 @@ class SympyMathVerifier(OutcomeVerifier):
         self.percent = percent
         self.equation_as_value = equation_as_value
         self.ignore_units = ignore_units
+        self.multiple_boxes = multiple_boxes
+        self.rounding = rounding
+        self.list_order = list_order
         self._config = CompareConfig(
             float_rel_tol=self.float_rel_tol,
-            percent=percent,
+            percent="divide" if percent == "problem" else percent,
             equation_as_value=equation_as_value,
             ignore_units=ignore_units,
+            ordered_lists=list_order == "always",
         )
         self._pool: TimeoutPool | None = None
         self._lock = threading.Lock()
@@ -129,41 +166,54 @@ class SympyMathVerifier(OutcomeVerifier):
 
     # ------------------------------------------------------------------ public API
 
-    def verify(self, completion: str, gold: str) -> Verdict:
+    def verify(self, completion: str, gold: str, problem: str | None = None) -> Verdict:
         """Grades one completion against its gold answer.
 
         Args:
             completion: the model's full response text (untrusted).
             gold: the reference answer.
+            problem: the question text, read by the ``"problem"`` policies (optional).
 
         Returns:
             The verdict, carrying the configured reward.
         """
-        return self.verify_batch([completion], [gold])[0]
+        return self.verify_batch([completion], [gold], problems=None if problem is None else [problem])[0]
 
     def verify_batch(
-        self, completions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]] | None = None
+        self, completions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]] | None = None,
+        problems: Sequence[str | None] | None = None,
     ) -> list[Verdict]:
-        """Grades ``completions[i]`` against ``golds[i]``; symbolic checks run in parallel in the workers (the rows'
-        other fields are not read).
+        """Grades ``completions[i]`` against ``golds[i]``; symbolic checks run in parallel in the workers.
+
+        The one batch method the training and evaluation loops call, with each row's fields: a row's ``"problem"``
+        feeds the ``"problem"`` policies (percent, rounding, list order).
 
         Args:
             completions: model responses (untrusted).
             golds: reference answers, one per completion.
+            rows: the rows' other fields (the framework's call); their ``"problem"`` is read when ``problems`` is None.
+            problems: question texts, one per completion, for direct calls (``None`` entries: no problem text).
 
         Returns:
             One verdict per completion, in order.
 
         Raises:
-            ValueError: if the two sequences differ in length.
+            ValueError: if the sequences differ in length.
         """
         if len(completions) != len(golds):
             raise ValueError(f"verify_batch got {len(completions)} completions but {len(golds)} gold answers")
+        if rows is not None and len(rows) != len(completions):
+            raise ValueError(f"verify_batch got {len(completions)} completions but {len(rows)} rows")
+        if problems is None and rows is not None and any(row.get("problem") for row in rows):
+            problems = [row.get("problem") for row in rows]
+        if problems is not None and len(problems) != len(completions):
+            raise ValueError(f"verify_batch got {len(completions)} completions but {len(problems)} problems")
+        configs = [self._config_for(None if problems is None else problems[i]) for i in range(len(completions))]
         verdicts: list[Verdict | None] = [None] * len(completions)
         pending: list[tuple[int, str, str]] = []
         for i, (completion, gold) in enumerate(zip(completions, golds)):
             try:
-                verdict, extracted = self._fast(completion, gold)
+                verdict, extracted = self._fast(completion, gold, configs[i])
             except Exception as exc:  # noqa: BLE001 - counted and logged, never silently scored
                 log.exception("verifier fast path failed")
                 verdicts[i] = self._verdict(VerdictStatus.UNPARSABLE, None, error=f"{type(exc).__name__}: {exc}")
@@ -174,7 +224,7 @@ class SympyMathVerifier(OutcomeVerifier):
                 verdicts[i] = verdict
         if pending:
             results = self._get_pool().run(
-                [(gold, extracted, self._config) for _, gold, extracted in pending], self.timeout_seconds
+                [(gold, extracted, configs[i]) for i, gold, extracted in pending], self.timeout_seconds
             )
             for (i, _gold, extracted), result in zip(pending, results):
                 verdicts[i] = self._from_worker(result, extracted)
@@ -238,7 +288,8 @@ class SympyMathVerifier(OutcomeVerifier):
             f"unparsable_reward={self.unparsable_reward}, timeout_seconds={self.timeout_seconds}, "
             f"num_workers={self.num_workers}, float_rel_tol={self.float_rel_tol}, "
             f"answer_is_fallback={self.answer_is_fallback}, percent={self.percent!r}, "
-            f"equation_as_value={self.equation_as_value}, ignore_units={self.ignore_units})"
+            f"equation_as_value={self.equation_as_value}, ignore_units={self.ignore_units}, "
+            f"multiple_boxes={self.multiple_boxes!r}, rounding={self.rounding!r}, list_order={self.list_order!r})"
         )
 
     # ------------------------------------------------------------------ internals
@@ -275,12 +326,18 @@ class SympyMathVerifier(OutcomeVerifier):
             return self._verdict(VerdictStatus.UNPARSABLE, extracted, error=f"gold answer unreadable: {detail}")
         return self._verdict(VerdictStatus.UNPARSABLE, extracted)
 
-    def _fast(self, completion: str, gold: str) -> tuple[Verdict | None, str]:
+    def _config_for(self, problem: str | None) -> CompareConfig:
+        """The comparison settings for one pair: the ``"problem"`` policies resolved against its question text."""
+        return resolve_policies(self._config, problem, self.percent, self.rounding, self.list_order)
+
+    def _fast(self, completion: str, gold: str, config: CompareConfig) -> tuple[Verdict | None, str]:
         """In-process grading; returns ``(None, extracted)`` when the pair needs the symbolic path."""
-        extracted = extract_answer(str(completion), answer_is_fallback=self.answer_is_fallback)
+        extracted = extract_answer(
+            str(completion), answer_is_fallback=self.answer_is_fallback, final_boxes=self.multiple_boxes == "final"
+        )
         if extracted is None:
             return self._verdict(VerdictStatus.UNPARSABLE, None), ""
-        outcome, detail = compare_answers(str(gold), extracted, self._config, symbolic=False)
+        outcome, detail = compare_answers(str(gold), extracted, config, symbolic=False)
         if outcome is Outcome.UNKNOWN:
             return None, extracted
         return self._from_outcome(outcome, detail, extracted), extracted

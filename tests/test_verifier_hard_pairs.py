@@ -34,7 +34,8 @@ def verifier():
 @pytest.fixture(scope="module", params=["verifier_hard_dev.jsonl", "verifier_hard_heldout.jsonl"])
 def graded(request, verifier) -> tuple[str, list[dict], list[bool]]:
     pairs = _load(request.param)
-    verdicts = verifier.verify_batch([TEMPLATE.format(p["candidate"]) for p in pairs], [p["gold"] for p in pairs])
+    completions = [TEMPLATE.format(p["candidate"]) for p in pairs]
+    verdicts = verifier.verify_batch(completions, [p["gold"] for p in pairs], problems=[p.get("problem") for p in pairs])
     assert not any(v.timed_out for v in verdicts)
     return request.param, pairs, [v.is_correct for v in verdicts]
 
@@ -95,12 +96,20 @@ def test_default_policies_reject(verifier, gold, candidate):
 
 
 def test_percent_policies():
+    asks = "What percent of the 40 cars are red?"
     with SympyMathVerifier(num_workers=1) as default, SympyMathVerifier(num_workers=1, percent="divide") as divide:
         with SympyMathVerifier(num_workers=1, percent="ignore") as ignore:
-            assert _ok(default, "20", "20\\%") and not _ok(divide, "20", "20\\%") and _ok(ignore, "20", "20\\%")
-            assert _ok(default, "0.2", "20\\%") and _ok(divide, "0.2", "20\\%") and not _ok(ignore, "0.2", "20\\%")
-            assert not _ok(default, "0.4", "4\\%") and not _ok(divide, "0.4", "4\\%")
-    with pytest.raises(ValueError, match="percent must be one of 'divide_or_bare', 'divide', 'ignore'"):
+            with SympyMathVerifier(num_workers=1, percent="divide_or_bare") as bare:
+                # issue 26: by default a percent never matches its bare number, unless the problem asks for a percent
+                assert not _ok(default, "20", "20\\%") and not _ok(default, "20\\%", "20")
+                assert default.verify(TEMPLATE.format("20\\%"), "20", problem=asks).is_correct
+                assert default.verify(TEMPLATE.format("20"), "20\\%", problem=asks).is_correct
+                assert not default.verify(TEMPLATE.format("20\\%"), "20", problem="A 20% tip is added. Find x.").is_correct
+                assert not divide.verify(TEMPLATE.format("20\\%"), "20", problem=asks).is_correct
+                assert _ok(bare, "20", "20\\%") and not _ok(divide, "20", "20\\%") and _ok(ignore, "20", "20\\%")
+                assert _ok(default, "0.2", "20\\%") and _ok(divide, "0.2", "20\\%") and not _ok(ignore, "0.2", "20\\%")
+                assert not _ok(default, "0.4", "4\\%") and not _ok(divide, "0.4", "4\\%") and not _ok(bare, "0.4", "4\\%")
+    with pytest.raises(ValueError, match="percent must be one of 'problem', 'divide', 'divide_or_bare', 'ignore'"):
         SympyMathVerifier(percent="drop")
 
 

@@ -16,28 +16,30 @@ from .forms import (
     UnreadableCharacters,
     check_control_characters,
     fraction_latex,
-    parse_e_notation,
     rewrite_notations,
     split_percent,
 )
+from .comparer import Comparer, GoldError, NeedsSympy, Unreadable, uses_imaginary_unit
+from .interval_sets import real_set
 from .normalize import MAX_ANSWER_CHARS, AnswerTooLong, normalize
-from .numeric import ParsedNumber, numbers_equal, parse_number
+from .numeric import parse_number
+from .words import lone_number, time_of_day
 from .structure import Shape, StructureError, candidate_shape, gold_shape
 
 __all__ = ["Outcome", "CompareConfig", "PERCENT_POLICIES", "compare_answers", "symbolic_task", "WARMUP_PAYLOAD"]
 
-PERCENT_POLICIES = ("divide_or_bare", "divide", "ignore")
-"""How ``N\\%`` is read. ``divide_or_bare`` (default): ``N\\%`` is ``N/100``, and a percent answer also matches
-its bare number ``N`` written without the sign on the other side (a bare gold ``20`` accepts ``20\\%``; a gold
-``20\\%`` accepts ``20``, ``0.2`` and ``\\frac{1}{5}``). ``divide``: only ``N/100``. ``ignore``: the sign is
-dropped on both sides (``0.5`` then wrongly matches ``0.5\\%``)."""
+PERCENT_POLICIES = ("problem", "divide", "divide_or_bare", "ignore")
+"""How ``N\\%`` is read. ``problem`` (default): ``N\\%`` is ``N/100``, and it matches the bare number ``N`` only when
+the problem text asks for a percent ("what percent", "as a percentage"); without a problem text this is ``divide``.
+``divide``: only ``N/100`` (a bare ``20`` never equals ``20\\%``). ``divide_or_bare``: also the bare number, always
+(a bare gold ``20`` accepts ``20\\%``; a gold ``20\\%`` accepts ``20``). ``ignore``: the sign is dropped on both sides
+(``0.5`` then wrongly matches ``0.5\\%``)."""
 
 MAX_LONG_ANSWER_CHARS = 50_000
 """Answers longer than :data:`~.normalize.MAX_ANSWER_CHARS` (and up to this) are graded without sympy: equal when
 their normalised strings or their structures (element by element, exact numbers only) agree, different otherwise."""
 
 _COMPLEX_GOLD = re.compile(r"[0-9.+\-\\{}a-z]*i[0-9.+\-\\{}a-z]*")
-_LETTER = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z](?![a-zA-Z])")
 
 
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -69,195 +71,20 @@ class CompareConfig:
         percent: one of :data:`PERCENT_POLICIES`.
         equation_as_value: ``x=3`` (a name given with its value) equals ``3`` and vice versa.
         ignore_units: unit words after a number are removed before comparing.
+        round_places: the problem asks for an answer rounded to this many decimal places (``0`` = whole number):
+            numbers are equal when both round to the same value there. ``None``: no rounding asked.
+        ordered_lists: the problem asks for a list in a stated order: a bare list is compared in order.
     """
 
     float_rel_tol: float = 0.0
-    percent: str = "divide_or_bare"
+    percent: str = "problem"
     equation_as_value: bool = True
     ignore_units: bool = True
+    round_places: int | None = None
+    ordered_lists: bool = False
 
 
-class _GoldError(ValueError):
-    pass
-
-
-class _Unreadable(ValueError):
-    pass
-
-
-class _NeedsSympy(Exception):
-    pass
-
-
-def _uses_imaginary_unit(gold_norm: str) -> bool:
-    letters = {m.group() for m in _LETTER.finditer(gold_norm)}
-    return letters == {"i"}
-
-
-class _Comparer:
-    def __init__(self, config: CompareConfig, symbolic: bool, imaginary_i: bool) -> None:
-        self.config = config
-        self.symbolic = symbolic
-        self.imaginary_i = imaginary_i
-
-    def element(self, gold: str, candidate: str) -> bool:
-        if gold == candidate:
-            return True
-        if not candidate:
-            return False
-        g_num = parse_number(gold)
-        c_num = parse_number(candidate)
-        if g_num is not None and c_num is None:
-            e_value = parse_e_notation(candidate)
-            c_num = None if e_value is None else ParsedNumber(e_value, "." in candidate)
-        if g_num is not None and c_num is not None:
-            return numbers_equal(g_num, c_num, self.config.float_rel_tol)
-        if gold.replace("{", "").replace("}", "") == candidate.replace("{", "").replace("}", ""):
-            return True
-        if "\\infty" in gold or "\\infty" in candidate:
-            return gold.lstrip("+") == candidate.lstrip("+")
-        if not self.symbolic:
-            raise _NeedsSympy
-        from .symbolic import ElementUnreadable, GoldUnreadable, expressions_equal
-
-        try:
-            return expressions_equal(gold, candidate, self.config.float_rel_tol, self.imaginary_i)
-        except GoldUnreadable as exc:
-            raise _GoldError(str(exc)) from exc
-        except ElementUnreadable as exc:
-            raise _Unreadable(str(exc)) from exc
-
-    def sequence(self, golds, candidates) -> bool:
-        if len(golds) != len(candidates):
-            return False
-        pending = None
-        for g, c in zip(golds, candidates):
-            try:
-                if not self.element(g, c):
-                    return False
-            except (_NeedsSympy, _Unreadable) as exc:
-                pending = pending or exc
-        if pending is not None:
-            raise pending
-        return True
-
-    def unordered(self, golds, candidates, match) -> bool:
-        """Order-free comparison: a perfect matching of equal pairs; above 64 items, equal sorted exact keys."""
-        if len(golds) != len(candidates):
-            return False
-        n = len(golds)
-        if n > _MAX_MATCHING:
-            return sorted(map(_exact_key, golds)) == sorted(map(_exact_key, candidates))
-        equal = [[False] * n for _ in range(n)]
-        pending = None
-        for i, g in enumerate(golds):
-            for j, c in enumerate(candidates):
-                try:
-                    equal[i][j] = match(g, c)
-                except (_NeedsSympy, _Unreadable) as exc:
-                    pending = pending or exc
-        if _perfect_matching(equal):
-            return True
-        if pending is not None:
-            raise pending
-        return False
-
-    def intervals(self, golds, candidates) -> bool:
-        if candidates and candidates[0] == "excluded":
-            points = _excluded_from_intervals(golds)
-            return points is not None and self.unordered(points, list(candidates[1:]), self.element)
-
-        def one(g, c) -> bool:
-            return g[0] == c[0] and g[3] == c[3] and self.sequence(g[1:3], c[1:3])
-
-        return self.unordered(golds, candidates, one)
-
-    def equation(self, gold: Shape, cand: Shape) -> bool:
-        g_lhs, g_rhs = gold.items
-        assignment = re.fullmatch(r"[a-zA-Z](?:_\{?\w{1,3}\}?)?(?:\([a-z]\))?", g_lhs) is not None
-        if cand.kind == "scalar":
-            return assignment and self.element(g_rhs, cand.items[0])
-        c_lhs, c_rhs = cand.items
-        if c_lhs == g_lhs and assignment:
-            try:
-                if self.element(g_rhs, c_rhs):
-                    return True
-            except _NeedsSympy:
-                pass
-        if not self.symbolic:
-            raise _NeedsSympy
-        from .symbolic import ElementUnreadable, GoldUnreadable, equations_equal
-
-        try:
-            return equations_equal((g_lhs, g_rhs), (c_lhs, c_rhs), self.imaginary_i)
-        except GoldUnreadable as exc:
-            raise _GoldError(str(exc)) from exc
-        except ElementUnreadable as exc:
-            raise _Unreadable(str(exc)) from exc
-
-    def shapes(self, gold: Shape, cand: Shape) -> bool:
-        kind = gold.kind
-        if kind in ("choice", "text", "relation"):
-            return gold.text == cand.text
-        if kind == "base":
-            return gold.text == cand.text and (cand.base is None or cand.base == gold.base)
-        if kind == "scalar":
-            return self.element(gold.items[0], cand.items[0])
-        if kind == "seq":
-            return gold.brackets == cand.brackets and self.sequence(gold.items, cand.items)
-        if kind == "set":
-            return self.unordered(gold.items, cand.items, self.element)
-        if kind == "intervals":
-            return self.intervals(gold.items, cand.items)
-        if kind == "matrix":
-            if len(gold.items) != len(cand.items) or cand.brackets in ("vmatrix", "Vmatrix"):
-                return False
-            if any(len(g) != len(c) for g, c in zip(gold.items, cand.items)):
-                return False
-            flat_g = [x for row in gold.items for x in row]
-            flat_c = [x for row in cand.items for x in row]
-            return self.sequence(flat_g, flat_c)
-        if kind == "equation":
-            return self.equation(gold, cand)
-        return False
-
-
-_MAX_MATCHING = 64
-
-
-def _exact_key(item: str) -> str:
-    number = parse_number(item)
-    return str(number.value) if number is not None and not number.inexact else item
-
-
-def _excluded_from_intervals(intervals) -> list[str] | None:
-    """``(-inf,a)\\cup(a,b)\\cup(b,inf)`` -> ``[a, b]`` (the real line minus points); ``None`` otherwise."""
-    if not intervals or intervals[0][1] != "-\\infty" or intervals[-1][2] != "\\infty":
-        return None
-    points = []
-    for left, right in zip(intervals, intervals[1:]):
-        if left[3] != ")" or right[0] != "(" or left[2] != right[1]:
-            return None
-        points.append(left[2])
-    return points or None
-
-
-def _perfect_matching(equal: list[list[bool]]) -> bool:
-    n = len(equal)
-    match_of: list[int] = [-1] * n
-
-    def augment(i: int, seen: list[bool]) -> bool:
-        for j in range(n):
-            if equal[i][j] and not seen[j]:
-                seen[j] = True
-                if match_of[j] < 0 or augment(match_of[j], seen):
-                    match_of[j] = i
-                    return True
-        return False
-
-    return all(augment(i, [False] * n) for i in range(n))
-
-
+_HAS_WORD = re.compile(r"[A-Za-z]{2}")
 _EQUATION_SIGN = re.compile(r"(?<![<>!\\])=")
 
 
@@ -271,7 +98,7 @@ def _percent_variants(gold: str, candidate: str, policy: str) -> list[tuple[str,
     number = parse_number(normalize(body)) if len(body) <= MAX_ANSWER_CHARS else None
     hundredth = fraction_latex(number.value / 100) if number is not None else f"\\frac{{{body}}}{{100}}"
     variants = [(gold, hundredth)] if c_pct else [(hundredth, candidate)]
-    if policy == "divide_or_bare":
+    if policy == "divide_or_bare":  # ``problem`` arrives here resolved by the verifier (or as plain ``divide``)
         variants.append((g_body, c_body))
     return variants
 
@@ -308,6 +135,10 @@ def compare_answers(gold: str, candidate: str, config: CompareConfig, symbolic: 
     if not config.equation_as_value and bool(_EQUATION_SIGN.search(gold)) != bool(_EQUATION_SIGN.search(candidate)):
         return Outcome.DIFFERENT, None
     gold, candidate = rewrite_notations(gold), rewrite_notations(candidate)
+    worded = _worded_verdict(gold, candidate)
+    if isinstance(worded, Outcome):
+        return worded, None
+    candidate = worded
     outcomes = [
         compare_forms(g, c, config, symbolic, max_chars) for g, c in _percent_variants(gold, candidate, config.percent)
     ]
@@ -318,6 +149,23 @@ def compare_answers(gold: str, candidate: str, config: CompareConfig, symbolic: 
     if max_chars > MAX_ANSWER_CHARS and outcome is Outcome.GOLD_ERROR:
         return Outcome.DIFFERENT, None  # long answers: what the fast path cannot confirm is not equal
     return outcome, detail
+
+
+def _worded_verdict(gold: str, candidate: str) -> Outcome | str:
+    """Times of day are compared as minutes after midnight; against a plain-number gold, a number with words
+    around it (``12 \\text{ red marbles}``) is read as the number (:mod:`.words`). Returns the outcome, or the
+    candidate to compare further."""
+    if ":" in gold or ":" in candidate:
+        gold_time = time_of_day(gold)
+        cand_time = time_of_day(candidate) if gold_time is not None else None
+        if gold_time is not None and cand_time is not None:
+            return Outcome.EQUAL if gold_time[0] == cand_time[0] else Outcome.DIFFERENT
+    if _HAS_WORD.search(candidate) and len(gold) <= MAX_ANSWER_CHARS and not split_percent(gold)[1]:
+        if parse_number(normalize(gold)) is not None:
+            lone = lone_number(candidate)
+            if lone is not None:
+                return lone
+    return candidate
 
 
 def compare_forms(
@@ -354,25 +202,48 @@ def compare_forms(
         g_shape = gold_shape(gold_norm, gold)
     except StructureError as exc:
         return Outcome.GOLD_ERROR, f"gold structure: {exc}"
+    reals = _real_set_verdict(g_shape, gold_norm, cand_norm)
+    if reals is not None:
+        return reals, None
     try:
         c_shape = candidate_shape(cand_norm, g_shape)
     except StructureError as exc:
         return Outcome.UNPARSABLE, f"structure: {exc}"
     if c_shape is None:
         return Outcome.DIFFERENT, None
-    comparer = _Comparer(config, symbolic, _uses_imaginary_unit(gold_norm))
+    comparer = Comparer(config, symbolic, uses_imaginary_unit(gold_norm))
     try:
         return (Outcome.EQUAL if comparer.shapes(g_shape, c_shape) else Outcome.DIFFERENT), None
-    except _NeedsSympy:
+    except NeedsSympy:
         if max_chars > MAX_ANSWER_CHARS:
             return Outcome.DIFFERENT, None  # long answers never go to sympy
         return Outcome.UNKNOWN, None
-    except _Unreadable as exc:
+    except Unreadable as exc:
         return Outcome.UNPARSABLE, str(exc)
-    except _GoldError as exc:
+    except GoldError as exc:
         return Outcome.GOLD_ERROR, str(exc)
     except StructureError as exc:
         return Outcome.UNPARSABLE, f"structure: {exc}"
+
+
+_SET_OF_REALS = re.compile(r"<|>|\\[lgn]e(?![a-zA-Z])|\\setminus|\\backslash|\\mathbb\{R\}|\\\{[a-zA-Z](?:\\in[^|:]{0,20})?[|:]")
+
+
+def _real_set_verdict(gold: Shape, gold_norm: str, cand_norm: str) -> Outcome | None:
+    """Equal or different when both answers are sets of reals with rational endpoints (see :mod:`.interval_sets`);
+    ``None`` (undecided here) otherwise. A gold pair ``(a, b)`` is read as an interval only against a relation."""
+    if gold.kind == "seq":
+        if len(gold.items) != 2 or gold.brackets != "()" or not _SET_OF_REALS.search(cand_norm):
+            return None
+    elif gold.kind != "intervals" and not _SET_OF_REALS.search(gold_norm):
+        return None
+    gold_set = real_set(gold_norm)
+    if gold_set is None or all(low == high and low is not None for low, _, high, _ in gold_set):
+        return None  # not a set of reals, or a finite set of points (compared as a set of elements)
+    cand_set = real_set(cand_norm)
+    if cand_set is None:
+        return None
+    return Outcome.EQUAL if cand_set == gold_set else Outcome.DIFFERENT
 
 
 def symbolic_task(payload: tuple[str, str, CompareConfig]) -> tuple[str, str | None]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["extract_answer", "extract_last_boxed", "extract_answer_is"]
+__all__ = ["extract_answer", "extract_last_boxed", "extract_final_boxes", "extract_answer_is", "MAX_BOX_GAP"]
 
 # Tokens that matter for brace matching. ``\\\\`` (a LaTeX line break) and escaped braces are consumed as whole
 # tokens so that they never count as group delimiters. Alternation of fixed strings: no backtracking blow-up.
@@ -20,6 +20,15 @@ _TOKEN = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*|\\\\|\\[{}]|[{}]")
 _MAX_UNWRAP = 8
 _MAX_ANSWER_IS_CHARS = 400
 _ANSWER_IS = re.compile(r"answer is", re.IGNORECASE)
+MAX_BOX_GAP = 40
+"""Boxes separated by at most this many characters of connecting text (``$x=\\boxed{2}$ or $x=\\boxed{5}$``) form one
+final answer under the ``multiple_boxes="final"`` policy."""
+_CONNECTING = re.compile(
+    r"(?:\s|\$|\\[()]|[,;]|\\q?quad(?![a-zA-Z])|\\text\s*\{\s*(?:and|or)?\s*\}|(?<![a-zA-Z])(?:and|or)(?![a-zA-Z])"
+    r"|(?<![a-zA-Z])[a-zA-Z]{1,2}(?:_\{?\w{1,2}\}?)?\s*=)*"
+)
+"""What may stand between two boxes of one final answer: delimiters, commas, "and"/"or" and names with ``=``."""
+_MAX_FINAL_BOXES = 16
 
 
 def _bare_box_argument(text: str, start: int) -> str | None:
@@ -116,6 +125,68 @@ def _whole_box_content(text: str) -> str | None:
     return None
 
 
+def _box_spans(text: str) -> list[tuple[int, int, str]]:
+    """``(command start, closing brace end, content)`` of every braced box, outermost boxes only, in text order."""
+    spans: list[tuple[int, int, str]] = []
+    stack: list[tuple[int, int]] = []  # for each open brace: (content start, command start) of a box, else (-1, -1)
+    pending: int | None = None
+    pending_end = 0
+    for match in _TOKEN.finditer(text):
+        token = match.group()
+        if token[0] == "\\" and token[1:2] in ("b", "f"):
+            pending, pending_end = match.start(), match.end()
+            continue
+        if token == "{":
+            opens_box = pending is not None and match.start() == pending_end
+            stack.append((match.end(), pending) if opens_box else (-1, -1))
+        elif token == "}" and stack:
+            content_start, command_start = stack.pop()
+            if content_start >= 0:
+                while spans and spans[-1][0] > command_start:  # boxes nested in this one
+                    spans.pop()
+                spans.append((command_start, match.end(), text[content_start : match.start()]))
+        pending = None
+    return spans
+
+
+def extract_final_boxes(text: str) -> list[str]:
+    """The boxes of the final answer: the last complete box and the boxes joined to it by connecting text only.
+
+    Boxes belong to the final answer when each is followed by the next within :data:`MAX_BOX_GAP` characters of
+    math delimiters, commas, "and"/"or" and names with ``=`` (``$x = \\boxed{2}$ or $x = \\boxed{5}$``,
+    ``$a=\\boxed{3}$ and $b=\\boxed{4}$``). An earlier box in another sentence (an intermediate result, "\\boxed{0} was
+    wrong, the answer is \\boxed{5}") is not part of it. Repeated identical boxes count once.
+
+    Args:
+        text: the completion (untrusted, any length).
+
+    Returns:
+        The box contents in text order (empty when the text has no complete braced box).
+    """
+    if "\\boxed" not in text and "\\fbox" not in text:
+        return []
+    spans = _box_spans(text)
+    if not spans or "\\boxed" in text[spans[-1][1] :] or "\\fbox" in text[spans[-1][1] :]:
+        return []  # no braced box, or a later unbraced ``\boxed 5`` is the last answer
+    group = [spans[-1]]
+    for span in reversed(spans[:-1]):
+        gap = text[span[1] : group[0][0]]
+        if len(gap) > MAX_BOX_GAP or not _CONNECTING.fullmatch(gap) or len(group) >= _MAX_FINAL_BOXES:
+            break
+        group.insert(0, span)
+    contents: list[str] = []
+    for _, _, content in group:
+        content = content.strip()
+        for _ in range(_MAX_UNWRAP):
+            inner = _whole_box_content(content)
+            if inner is None:
+                break
+            content = inner
+        if content not in contents:
+            contents.append(content)
+    return contents
+
+
 def extract_answer_is(text: str) -> str | None:
     """Returns the answer stated in the last "the answer is ..." sentence, if any.
 
@@ -147,16 +218,22 @@ def extract_answer_is(text: str) -> str | None:
     return tail or None
 
 
-def extract_answer(text: str, answer_is_fallback: bool = False) -> str | None:
+def extract_answer(text: str, answer_is_fallback: bool = False, final_boxes: bool = False) -> str | None:
     """Extracts the final answer of a completion.
 
     Args:
         text: the completion (untrusted).
         answer_is_fallback: also accept an explicit "the answer is ..." when there is no box.
+        final_boxes: read several boxes of the final answer (:func:`extract_final_boxes`) as one list answer,
+            their contents joined by ``", "``.
 
     Returns:
         The answer string, or ``None`` when nothing was found.
     """
+    if final_boxes:
+        boxes = extract_final_boxes(text)
+        if len(boxes) > 1:
+            return ", ".join(boxes)
     boxed = extract_last_boxed(text)
     if boxed is not None:
         return boxed

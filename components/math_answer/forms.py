@@ -22,6 +22,7 @@ import re
 from fractions import Fraction
 
 from .numeric import parse_number
+from .rewrites import rewrite_ecosystem
 
 __all__ = [
     "UnreadableCharacters",
@@ -61,7 +62,10 @@ _BASE_WORDS = {
 _BASE_WORD = re.compile(
     r"_\s*\{\s*(?:\\(?:text|textrm|mathrm|mbox)\s*\{\s*)?(" + "|".join(_BASE_WORDS) + r")\s*\}?\s*\}"
 )
-_PERCENT_TAIL = re.compile(r"\s*(?:\\%|%|\\text\{\s*percent\s*\}|\\mbox\{\s*percent\s*\}|percent)\s*\.?\s*$")
+_PERCENT_WORDS = r"(?:percent|pct|per\s?cent)"
+_PERCENT_TAIL = re.compile(
+    r"\s*(?:\\%|%|\\(?:text|mbox|textrm|mathrm)\s*\{\s*" + _PERCENT_WORDS + r"\s*\.?\s*\}|" + _PERCENT_WORDS + r")\s*\.?\s*$"
+)
 _E_NOTATION = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))[eE]([+-]?\d{1,4})")
 _NAME = re.compile(r"[a-zA-Z](?:_\{?\w{1,3}\}?)?|\\[a-zA-Z]+(?:_\{?\w{1,3}\}?)?")
 _NE = re.compile(r"\\ne(?![a-zA-Z])")
@@ -148,6 +152,7 @@ def rewrite_notations(s: str) -> str:
     Returns:
         The rewritten answer (unchanged when none of the notations occurs).
     """
+    s = rewrite_ecosystem(s)
     if "\\overline" in s:
         s = _OVERLINE.sub(lambda m: _repeating(m.group(1), m.group(2), m.group(3) or m.group(4)), s)
     if "\\dot" in s:

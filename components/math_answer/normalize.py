@@ -32,7 +32,7 @@ _UNIT_WORDS = (
     "cubes?|trees?|packs?|sides?|edges?|vertices|diagonals?|days|rows?|seats?|cookies?|slices?|bottles?|cans?|cars?|"
     "bags?|balls?|candies|candy|chairs?|tables?|buses|trips?|laps?|bricks?|blocks?|sheets?|stamps?|tickets?|"
     "rpm|sq ft|sq in|square feet|square inches|square meters?|square centimeters?|square yards?|cubic feet|"
-    "cubic inches|cubic meters?|cubic centimeters?"
+    "cubic inches|cubic meters?|cubic centimeters?|USD|EUR|GBP|euros?|rupees?|yuan|yen"
 )
 _TEXT_CMD = r"\\(?:text|textrm|textnormal|textup|textbf|textit|textsf|texttt|mbox|mathrm|mathbf|mathit|mathsf|mathtt|bf|rm)"
 _UNIT = r"(?:" + _UNIT_WORDS + r")(?:\s*\^\s*\{?[23]\}?)?"
@@ -56,7 +56,7 @@ _FRAC_GROUP_DIGIT = re.compile(r"\\frac\s*\{([^{}]*)\}\s*(\d)")
 _FRAC_LETTER = re.compile(r"\\frac\s*(\d)\s*([a-zA-Z])(?![a-zA-Z])")
 _SQRT_DIGIT = re.compile(r"\\sqrt\s*(\d)")
 _SQRT_LETTER = re.compile(r"\\sqrt\s+([a-zA-Z])(?![a-zA-Z])")
-_LEADING_DOT = re.compile(r"(?<![\d}])\.(\d)")
+_LEADING_DOT = re.compile(r"(?<![\d}A-Za-z])\.(\d)")
 _WHITESPACE = re.compile(r"\s+")
 _CONTROL_TO_SPACE = {code: " " for code in range(32)}
 _SPACE_NOT_BETWEEN_LETTERS = re.compile(r"(?<![a-zA-Z]) | (?![a-zA-Z])")

@@ -13,24 +13,23 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .brackets import MAX_ITEMS, StructureError, enclosed, expand_pm, split_top_level
 from .forms import (
-    excluded_points,
+    set_builder_condition,
     identity_rows,
     in_name_order,
     named_values,
     scaled_cell,
     sentence_key,
-    set_builder_condition,
     text_key,
 )
+from .interval_sets import integer_members
+from .matrix_ops import matrix_sum
+from .named import NAME_PATTERN, named_candidate, named_gold
+from .relations import IN_PREFIX, RELATION, interval, intervals, relation_to_interval
 
 __all__ = ["Shape", "StructureError", "gold_shape", "candidate_shape", "split_top_level"]
 
-MAX_DEPTH = 60
-MAX_ITEMS = 1024
-
-_OPEN = "([{"
-_CLOSE = ")]}"
 _CHOICE = re.compile(r"\(?([A-Ea-e])\)?")
 _CHOICE_WITH_VALUE = re.compile(r"\(([A-E])\)[^A-Za-z(].*|\(([A-E])\)[a-z].*|([A-E])[.:]\s*\S.*|([A-E]) [a-z0-9].*")
 _OTHER_CHOICE = re.compile(r"\([A-E]\)|(?<![A-Za-z])[A-E](?![A-Za-z])")
@@ -38,23 +37,17 @@ _OTHER_CHOICE = re.compile(r"\([A-E]\)|(?<![A-Za-z])[A-E](?![A-Za-z])")
 _GOLD_TEXT = re.compile(
     r"\s*\\(?:text|textbf|textrm|textit|mbox|mathrm)\s*\{\s*([A-Za-z][A-Za-z '\-]*?)\s*\}\s*\.?\s*"
 )
-_GOLD_CHOICE = re.compile(r"\s*(?:\\(?:text|textbf|textrm|mbox|mathrm)\s*\{)?\s*\(([A-E])\)\s*\}?\s*")
+_GOLD_CHOICE = re.compile(r"\s*(?:\\(?:text|textbf|textrm|mbox|mathrm)\s*\{)?\s*\(?([A-E])\)?\s*\}?\s*")
+_GOLD_CHOICE_START = re.compile(r"\s*(?:\\(?:text|textbf|textrm|mbox|mathrm)\s*\{)?\s*\([A-E]\)")
+_CHOICE_VALUE = re.compile(r"\(([A-E])\)([^A-Za-z(].*)")
 _WORDS = re.compile(r"[A-Za-z][A-Za-z ]{3,}")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _BASE = re.compile(r"(\d+|[0-9A-F]+)_\{?(\d{1,2})\}?")
 _DIGITS = re.compile(r"[0-9A-F]+")
-_IN_PREFIX = re.compile(r"[a-zA-Z](?:_\{?\w+\}?)?\\in")
-_ASSIGN_LHS = re.compile(
-    r"[a-zA-Z](?:_\{?\w{1,3}\}?)?(?:\([a-z0-9]{1,4}\))?|\\[a-zA-Z]+(?:_\{?\w{1,3}\}?)?|[a-zA-Z](?:[+*][a-zA-Z]){1,4}"
-)
+_ASSIGN_LHS = re.compile(NAME_PATTERN)
 _MATRIX_FACTOR = re.compile(r"(-?)((?:\d+(?:\.\d+)?|\\frac\{[^{}]{1,30}\}\{[^{}]{1,30}\}|\d+/\d+)?)(?:\\cdot)?")
 
 _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\}", re.DOTALL)
-_RELATION = re.compile(r"\\le(?![a-zA-Z])|\\ge(?![a-zA-Z])|<|>")
-
-
-class StructureError(ValueError):
-    """Raised when an answer's bracket structure is too deep or too large to interpret."""
 
 
 @dataclass(frozen=True)
@@ -78,78 +71,6 @@ class Shape:
     base: str | None = None
 
 
-def split_top_level(s: str, sep: str) -> list[str]:
-    """Splits ``s`` at occurrences of ``sep`` that are outside all brackets.
-
-    ``\\{``/``\\}`` count as brackets, and mismatched pairs such as ``(3, 4]`` are fine: only depth is tracked.
-
-    Raises:
-        StructureError: when the nesting is deeper than :data:`MAX_DEPTH` or there are too many parts.
-    """
-    parts: list[str] = []
-    depth = 0
-    start = 0
-    i = 0
-    n = len(s)
-    while i < n:
-        char = s[i]
-        if char == "\\" and i + 1 < n and s[i + 1] in "{}":
-            depth += 1 if s[i + 1] == "{" else -1
-            i += 2
-            continue
-        if char in _OPEN:
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise StructureError("nesting too deep")
-        elif char in _CLOSE:
-            depth -= 1
-        elif depth == 0 and s.startswith(sep, i):
-            parts.append(s[start:i])
-            if len(parts) > MAX_ITEMS:
-                raise StructureError("too many items")
-            i += len(sep)
-            start = i
-            continue
-        i += 1
-    parts.append(s[start:])
-    return parts
-
-
-def _enclosed(s: str, left: str, right: str) -> bool:
-    """Whether ``s`` is one bracket group from its first to its last character (mismatched types allowed)."""
-    if not (s.startswith(left) and s.endswith(right)) or len(s) < len(left) + len(right):
-        return False
-    depth = 0
-    i = 0
-    n = len(s)
-    while i < n:
-        if s[i] == "\\" and i + 1 < n and s[i + 1] in "{}":
-            depth += 1 if s[i + 1] == "{" else -1
-            i += 2
-        else:
-            if s[i] in _OPEN:
-                depth += 1
-            elif s[i] in _CLOSE:
-                depth -= 1
-            i += 1
-        if depth == 0 and i < n:
-            return False
-    return depth == 0
-
-
-def _expand_pm(item: str) -> list[str]:
-    """``a\\pm b`` -> ``[a+b, a-b]``; ``\\pm a`` -> ``[a, -a]``; other items unchanged."""
-    parts = split_top_level(item, "\\pm")
-    if len(parts) != 2:
-        return [item] if len(parts) == 1 else [item, item + "\\pm"]  # two ``\pm``: keep as one unmatched item
-    head, tail = parts
-    if not tail:
-        return [item]
-    if not head:
-        return [tail, "-" + tail if not tail.startswith("-") else tail[1:]]
-    return [f"{head}+{tail}", f"{head}-{tail}"]
-
-
 def _strip_assignment(s: str) -> str:
     """``x=5`` -> ``5`` and ``k=2+3=5`` -> ``5`` (the last side of a chain whose first side is a variable)."""
     parts = split_top_level(s, "=")
@@ -158,64 +79,6 @@ def _strip_assignment(s: str) -> str:
             return s  # ``a=2,b=5``: several named values, not one
         return parts[-1]
     return s
-
-
-def _interval(s: str) -> tuple[str, str, str, str] | None:
-    if len(s) < 5 or s[0] not in "([" or s[-1] not in ")]" or not _enclosed(s, s[0], s[-1]):
-        return None
-    inner = split_top_level(s[1:-1], ",")
-    if len(inner) != 2 or not inner[0] or not inner[1]:
-        return None
-    return (s[0], inner[0], inner[1], s[-1])
-
-
-def _relation_to_interval(s: str) -> tuple[str, str, str, str] | None:
-    """``a<x\\le b``, ``x>a``, ``x\\le b`` ... -> an interval; anything else -> ``None``."""
-    pieces = [p.strip() for p in _RELATION.split(s)]
-    ops = _RELATION.findall(s)
-    if not 1 <= len(ops) <= 2 or any(not p for p in pieces):
-        return None
-    var_positions = [i for i, p in enumerate(pieces) if re.fullmatch(r"[a-zA-Z]", p)]
-    if len(var_positions) != 1:
-        return None
-    where = var_positions[0]
-    inf, ninf = "\\infty", "-\\infty"
-    if len(ops) == 2:
-        less = {"<", "\\le"}
-        if where != 1 or (ops[0] in less) != (ops[1] in less):
-            return None  # only monotone chains ``a < x \le b`` or ``a > x > b``
-        if ops[0] in less:
-            return ("[" if ops[0] == "\\le" else "(", pieces[0], pieces[2], "]" if ops[1] == "\\le" else ")")
-        return ("[" if ops[1] == "\\ge" else "(", pieces[2], pieces[0], "]" if ops[0] == "\\ge" else ")")
-    op = ops[0]
-    bound = pieces[1 - where]
-    upper = (op in ("<", "\\le")) == (where == 0)  # ``x < b`` or ``b > x``: ``b`` is the upper bound
-    closed = op in ("\\le", "\\ge")
-    if upper:
-        return ("(", ninf, bound, "]" if closed else ")")
-    return ("[" if closed else "(", bound, inf, ")")
-
-
-def _intervals(s: str) -> tuple | None:
-    s = _IN_PREFIX.sub("", s, count=1) if _IN_PREFIX.match(s) else s
-    condition = set_builder_condition(s)
-    if condition is not None:
-        s = condition
-    points = excluded_points(s)
-    if points is not None:
-        return ("excluded",) + tuple(points)
-    parts = split_top_level(s, "\\cup")
-    if len(parts) == 1:  # ``x<2 or x>3`` (``or`` is normalised to a comma): a union of relations
-        parts = split_top_level(s, ",")
-        if len(parts) > 1 and not all(_RELATION.search(p) for p in parts):
-            return None
-    found = []
-    for part in parts:
-        interval = _interval(part) or _relation_to_interval(part)
-        if interval is None:
-            return None
-        found.append(interval)
-    return tuple(found)
 
 
 def _matrix_rows(s: str) -> tuple | None:
@@ -232,8 +95,8 @@ def _matrix_rows(s: str) -> tuple | None:
     if len(s) > 2 and s[0] + s[-1] in ("()", "[]") and _MATRIX.fullmatch(s[1:-1]):
         s = s[1:-1]  # ``\left(\begin{array}..\end{array}\right)``
     match = _MATRIX.fullmatch(s)
-    if not match:
-        return None
+    if not match or "\\begin{" in match.group(2) or "\\end{" in match.group(2):
+        return None  # not one matrix (e.g. a sum of matrices, read by :func:`.matrix_ops.matrix_sum`)
     rows = [r for r in match.group(2).split("\\\\") if r.strip()]
     if not rows or len(rows) > MAX_ITEMS:
         raise StructureError("bad matrix")
@@ -246,7 +109,7 @@ def _matrix_rows(s: str) -> tuple | None:
 
 def _list_items(s: str) -> list[str] | None:
     """Items of ``\\{a, b\\}`` or of a bare list ``a, b``; ``None`` for a single item."""
-    if _enclosed(s, "\\{", "\\}"):
+    if enclosed(s, "\\{", "\\}"):
         s = s[2:-2]
         items = split_top_level(s, ",") if s else []
     else:
@@ -256,7 +119,7 @@ def _list_items(s: str) -> list[str] | None:
     out: list[str] = []
     for item in items:
         if item:
-            out.extend(_expand_pm(_strip_assignment(item)))
+            out.extend(expand_pm(_strip_assignment(item)))
     if len(out) > MAX_ITEMS:
         raise StructureError("too many items")
     return out
@@ -278,6 +141,9 @@ def gold_shape(gold: str, raw_gold: str) -> Shape:
     choice = _GOLD_CHOICE.fullmatch(raw_gold)
     if choice:
         return Shape("choice", text=choice.group(1).upper())
+    choice = _CHOICE_VALUE.fullmatch(gold) if _GOLD_CHOICE_START.match(raw_gold) else None
+    if choice:  # a letter with its option's value: ``\textbf{(C) }7``
+        return Shape("choice", text=choice.group(1), items=(choice.group(2),))
     text = _GOLD_TEXT.fullmatch(raw_gold)
     if text and not _CHOICE.fullmatch(text.group(1)):
         return Shape("text", text=_text_key(text.group(1)))
@@ -290,7 +156,10 @@ def gold_shape(gold: str, raw_gold: str) -> Shape:
         return Shape("relation", text=gold)
     if _THOUSANDS.fullmatch(gold):
         return Shape("scalar", items=(gold.replace(",", ""),))
-    return _structured_shape(_IN_PREFIX.sub("", gold, count=1) if _IN_PREFIX.match(gold) else gold)
+    named = named_gold(gold)
+    if named is not None:
+        return Shape("named", items=named)
+    return _structured_shape(IN_PREFIX.sub("", gold, count=1) if IN_PREFIX.match(gold) else gold)
 
 
 def _structured_shape(s: str) -> Shape:
@@ -298,29 +167,29 @@ def _structured_shape(s: str) -> Shape:
     if rows is not None:
         return Shape("matrix", items=rows[1:], brackets=rows[0])
     if len(split_top_level(s, "\\cup")) > 1:
-        intervals = _intervals(s)
-        if intervals is not None:
-            return Shape("intervals", items=intervals)
-    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _enclosed(s, s[0], s[-1]):
+        found = intervals(s)
+        if found is not None:
+            return Shape("intervals", items=found)
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and enclosed(s, s[0], s[-1]):
         items = split_top_level(s[1:-1], ",")
         if len(items) >= 2:
             if len(items) == 2 and all(items) and ("\\infty" in s or s[0] + s[-1] != "()"):
-                return Shape("intervals", items=(_interval(s),))
+                return Shape("intervals", items=(interval(s),))
             return Shape("seq", items=tuple(items), brackets=s[0] + s[-1])
     items = _list_items(s)
     if items is not None:
-        return Shape("set", items=tuple(items))
+        return Shape("set", items=tuple(items), brackets="{}" if enclosed(s, "\\{", "\\}") else "")
     sides = split_top_level(s, "=")
     if len(sides) == 2 and all(sides):
         return Shape("equation", items=(sides[0], sides[1]))
-    if _RELATION.search(s) and len(split_top_level(s, ",")) == 1:
-        interval = _relation_to_interval(s)
-        if interval is not None:
-            return Shape("intervals", items=(interval,))
+    if RELATION.search(s) and len(split_top_level(s, ",")) == 1:
+        found = relation_to_interval(s)
+        if found is not None:
+            return Shape("intervals", items=(found,))
         return Shape("relation", text=s)
-    pm = _expand_pm(s)
+    pm = expand_pm(s)
     if len(pm) == 2:
-        return Shape("set", items=tuple(pm))
+        return Shape("set", items=tuple(pm), brackets="pm")
     return Shape("scalar", items=(s,))
 
 
@@ -348,10 +217,13 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
             return Shape("choice", text=match.group(1).upper())
         match = _CHOICE_WITH_VALUE.fullmatch(candidate)
         if match is None:
-            return None
+            return Shape("choice", items=(candidate,)) if gold.items else None  # the option's value alone
         letter = next(g for g in match.groups() if g)
         rest = candidate[candidate.index(letter) + 2 :]
-        return None if _OTHER_CHOICE.search(rest) else Shape("choice", text=letter)
+        if _OTHER_CHOICE.search(rest):
+            return None
+        value = rest.lstrip(".:) ")
+        return Shape("choice", text=letter, items=(value,) if gold.items and value else ())
     if kind == "text":
         return Shape("text", text=sentence_key(candidate, gold.text))
     if kind == "base":
@@ -360,7 +232,10 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
             return Shape("base", text=match.group(1), base=match.group(2))
         return Shape("base", text=candidate) if _DIGITS.fullmatch(candidate) else None
     if kind == "relation":
-        return Shape("relation", text=candidate)
+        return Shape("relation", text=_strip_assignment(candidate))
+    if kind == "named":
+        found = named_candidate(candidate, len(gold.items))
+        return None if found is None else Shape("named", items=found[1], brackets=found[0])
     if kind == "equation":
         sides = split_top_level(candidate, "=")
         if len(sides) == 2 and all(sides):
@@ -368,7 +243,7 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
         return Shape("scalar", items=(candidate,)) if len(sides) == 1 else None
     stripped = _strip_assignment(candidate)
     if kind == "scalar":
-        if _enclosed(stripped, "\\{", "\\}") and len(split_top_level(stripped[2:-2], ",")) == 1:
+        if enclosed(stripped, "\\{", "\\}") and len(split_top_level(stripped[2:-2], ",")) == 1:
             stripped = _strip_assignment(stripped[2:-2])  # a one-element set
         if _THOUSANDS.fullmatch(stripped):
             stripped = stripped.replace(",", "")
@@ -376,10 +251,10 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
             return None
         return Shape("scalar", items=(stripped,))
     if kind == "intervals":
-        intervals = _intervals(stripped)
-        return Shape("intervals", items=intervals) if intervals is not None else None
+        found = intervals(stripped)
+        return Shape("intervals", items=found) if found is not None else None
     if kind == "matrix":
-        rows = _matrix_rows(stripped)
+        rows = _matrix_rows(stripped) or matrix_sum(stripped, _matrix_rows)
         if rows is not None:
             return Shape("matrix", items=rows[1:], brackets=rows[0])
         gold_rows = gold.items
@@ -388,7 +263,7 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
             if identity is not None:
                 return Shape("matrix", items=identity, brackets=gold.brackets)
         flat = len(gold_rows) == 1 or all(len(r) == 1 for r in gold_rows)
-        if flat and len(stripped) >= 2 and stripped[0] in "([" and _enclosed(stripped, stripped[0], stripped[-1]):
+        if flat and len(stripped) >= 2 and stripped[0] in "([" and enclosed(stripped, stripped[0], stripped[-1]):
             items = split_top_level(stripped[1:-1], ",")
             shape = tuple((x,) for x in items) if len(gold_rows) > 1 else (tuple(items),)
             return Shape("matrix", items=shape, brackets=gold.brackets)
@@ -397,19 +272,30 @@ def candidate_shape(candidate: str, gold: Shape) -> Shape | None:
         named = named_values(split_top_level(stripped, ","))
         if named is not None and len(named) == len(gold.items) > 1:
             return Shape("seq", items=tuple(in_name_order(named)), brackets=gold.brackets)
-        if len(stripped) >= 2 and stripped[0] in "([" and _enclosed(stripped, stripped[0], stripped[-1]):
+        if len(stripped) >= 2 and stripped[0] in "([" and enclosed(stripped, stripped[0], stripped[-1]):
             items = split_top_level(stripped[1:-1], ",")
             return Shape("seq", items=tuple(items), brackets=stripped[0] + stripped[-1])
-        interval = _relation_to_interval(stripped) if len(gold.items) == 2 else None
-        if interval is not None:
-            return Shape("seq", items=interval[1:3], brackets=interval[0] + interval[3])
+        found = relation_to_interval(stripped) if len(gold.items) == 2 else None
+        if found is not None:
+            return Shape("seq", items=found[1:3], brackets=found[0] + found[3])
         items = split_top_level(stripped, ",")
         if gold.brackets == "()" and len(items) == len(gold.items):
             return Shape("seq", items=tuple(items), brackets="()")
         return None
     if kind == "set":
+        stripped = IN_PREFIX.sub("", stripped, count=1) if IN_PREFIX.match(stripped) else stripped
+        members = integer_members(stripped) if "\\mathbb{Z}" in stripped else None
+        if members is not None:  # ``\{n\in\mathbb{Z} : 1\le n\le 3\}``
+            return Shape("set", items=tuple(map(str, members)), brackets="{}")
+        condition = set_builder_condition(stripped)
+        if condition is not None:  # ``\{x : x=1, x=3\}`` (``or`` is normalised to a comma)
+            values = [_strip_assignment(part) for part in split_top_level(condition, ",")]
+            if all(value != part for value, part in zip(values, split_top_level(condition, ","))):
+                return Shape("set", items=tuple(values), brackets="{}")
         items = _list_items(stripped)
+        brackets = "{}" if enclosed(stripped, "\\{", "\\}") else ""
         if items is None:
-            items = _expand_pm(stripped)
-        return Shape("set", items=tuple(items))
+            items = expand_pm(stripped)
+            brackets = "pm" if len(items) > 1 else ""
+        return Shape("set", items=tuple(items), brackets=brackets)
     return None

@@ -143,6 +143,10 @@ def expressions_equal(gold: str, candidate: str, rel_tol: float, imaginary_i: bo
         return False
     if sympy.expand(g - c) == 0:
         return True
+    if (g - c).has(sympy.functions.elementary.trigonometric.TrigonometricFunction):
+        in_exponentials = sympy.expand((g - c).rewrite(sympy.exp))  # exact; far cheaper than simplify here
+        if in_exponentials == 0 or sympy.cancel(in_exponentials) == 0:
+            return True
     difference = sympy.simplify(g - c)
     if difference == 0:
         return True

@@ -20,6 +20,7 @@ from verifier_hard_dev import DEV  # noqa: E402
 from verifier_hard_heldout import HELDOUT  # noqa: E402
 
 FIELDS = ("category", "gold", "candidate", "equivalent", "why", "source")
+EXTRAS = ("problem",)  # optional seventh element: a dict with the problem text (read by the percent policy)
 
 
 def write(rows: list[tuple], path: Path) -> None:
@@ -27,12 +28,15 @@ def write(rows: list[tuple], path: Path) -> None:
     seen = set()
     with path.open("w") as handle:
         for row in rows:
-            if len(row) != len(FIELDS) or not isinstance(row[3], bool) or not row[4]:
+            extras = row[6] if len(row) == len(FIELDS) + 1 else {}
+            if len(row) - len(extras and [1]) != len(FIELDS) or not isinstance(row[3], bool) or not row[4]:
                 raise ValueError(f"malformed row {row!r}: need {FIELDS} with a bool label and a why")
+            if set(extras) - set(EXTRAS):
+                raise ValueError(f"row {row!r}: extras may only be {EXTRAS}")
             if (row[1], row[2]) in seen:
                 raise ValueError(f"duplicate pair {row[1]!r} / {row[2]!r}")
             seen.add((row[1], row[2]))
-            handle.write(json.dumps(dict(zip(FIELDS, row))) + "\n")
+            handle.write(json.dumps({**dict(zip(FIELDS, row[:6])), **extras}) + "\n")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ MATH500 = "MATH500 answer-key form"
 AMC = "AMC23 answer-key form"
 AIME = "AIME24 answer-key form"
 MV = "form learnt from math-verify tests"
+_PERCENT_Q = "What percent of the class passed the test?"  # issue 26: the bare-number percent reading needs it
 
 _LONG_SET = "\\{" + ", ".join(str(3 * k) for k in range(1, 420)) + "\\}"
 _LONG_SET_SHUFFLED = "\\{" + ", ".join(str(3 * k) for k in sorted(range(1, 420), key=lambda k: (k % 7, k))) + "\\}"
@@ -49,11 +50,13 @@ DEV = [
     ("repeating_decimal", "\\frac{41}{333}", "0.\\overline{123}", True, "123/999 = 41/333", MV),
     ("repeating_decimal", "\\frac{5}{3}", "1.\\dot{6}", True, "dot notation 1.666...", MV),
     # ---- percent
-    ("percent", "15", "15\\%", True, "bare gold N matches N percent", MATH500),
+    ("percent", "15", "15\\%", True, "bare gold N matches N percent (the problem asks for a percent)", MATH500,
+     {"problem": _PERCENT_Q}),
     ("percent", "0.15", "15\\%", True, "15% = 0.15", MV),
     ("percent", "\\frac{3}{20}", "15\\%", True, "15% = 3/20", MV),
     ("percent", "15\\%", "0.15", True, "0.15 = 15%", MATH500),
-    ("percent", "15\\%", "15", True, "percent number without its sign", MATH500),
+    ("percent", "15\\%", "15", True, "percent number without its sign (the problem asks for a percent)", MATH500,
+     {"problem": _PERCENT_Q}),
     ("percent", "15\\%", "\\frac{3}{20}", True, "3/20 = 15%", MATH500),
     ("percent", "15\\%", "1.5\\%", False, "different percent", MATH500),
     ("percent", "0.15", "1.5\\%", False, "1.5% = 0.015", MV),

@@ -10,6 +10,7 @@ MATH500 = "MATH500 answer-key form"
 AMC = "AMC23 answer-key form"
 AIME = "AIME24 answer-key form"
 MV = "form learnt from math-verify tests"
+_PERCENT_Q = "What percent of the class passed the test?"  # issue 26: the bare-number percent reading needs it
 
 _LONG_LIST = ", ".join(str(k) for k in range(1000, 1400))
 _LONG_LIST_REORDERED = ", ".join(str(k) for k in reversed(range(1000, 1400)))
@@ -48,11 +49,13 @@ HELDOUT = [
     ("repeating_decimal", "0.\\overline{6}", "0.67", False, "0.67 is a rounding, not 2/3", MATH500),
     ("repeating_decimal", "\\frac{2}{11}", "0.1\\overline{8}", False, "0.1888... = 17/90, not 2/11 = 0.1818...", MV),
     # ---- percent
-    ("percent", "20", "20\\%", True, "a bare gold N matches N percent (the question asks for a percent)", MATH500),
+    ("percent", "20", "20\\%", True, "a bare gold N matches N percent (the question asks for a percent)", MATH500,
+     {"problem": _PERCENT_Q}),
     ("percent", "0.2", "20\\%", True, "20% = 0.2", MV),
     ("percent", "\\frac{1}{4}", "25\\%", True, "25% = 1/4", MV),
     ("percent", "25\\%", "\\frac{1}{4}", True, "1/4 = 25%", MATH500),
-    ("percent", "25\\%", "25", True, "the percent number without its sign (default policy)", MATH500),
+    ("percent", "25\\%", "25", True, "the percent number without its sign (the question asks for a percent)",
+     MATH500, {"problem": _PERCENT_Q}),
     ("percent", "\\frac{1}{4}", "4\\%", False, "4% = 0.04, not 1/4", MV),
     ("percent", "40\\%", "4\\%", False, "different percent", MATH500),
     ("percent", "0.4", "4\\%", False, "4% = 0.04, not 0.4", MV),
