@@ -101,9 +101,9 @@ def _fit(root: Path, steps: int, ckpt_in: str | None = None) -> tuple[dict, list
     samples: list = []
     sample = module.engine.sample
 
-    def recording_sample(prompts, g, sampling, seeds, *args):
-        result = sample(prompts, g, sampling, seeds, *args)
-        samples.append((list(seeds), result.completion_ids.clone()))
+    def recording_sample(request):
+        result = sample(request)
+        samples.append((list(request.seeds), result.completion_ids.clone()))
         return result
 
     module.engine.sample = recording_sample
@@ -175,7 +175,7 @@ def test_greedy_evaluation_through_vllm_equals_hf(tmp_path):
                              prompt_template="Q: {problem}\nA:\n")
         module.configure_model()
         rollout = module.generate_and_grade(batch, greedy=True)
-        module.teardown_engine()
+        module.collector.teardown_engine()
         results[name] = (rollout.completions, [v.status for v in rollout.verdicts])
     assert results["vllm"] == results["hf"]  # same completions, hence the same pass@1
 
