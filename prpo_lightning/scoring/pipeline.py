@@ -7,6 +7,7 @@ is taken by ``batch.group_ids`` (prompt id), so the result does not depend on ro
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -34,6 +35,7 @@ from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictSta
 
 
 T = TypeVar("T")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _programming_error(kind: str, component: Any, method: str, err: BaseException) -> ComponentError:
@@ -91,6 +93,13 @@ def grade(batch: RolloutBatch, verifier: OutcomeVerifier) -> dict[str, float]:
         raise ComponentContractError(f"verifier {name}.verify_batch returned a {type(wrong).__name__} where a "
                                      "prpo_lightning.scoring.verifier.Verdict is expected: build one Verdict(status, reward) "
                                      "per completion")
+    bad = next(((i, v.reward) for i, v in enumerate(verdicts)
+                if not isinstance(v.reward, (int, float)) or not math.isfinite(v.reward) or abs(v.reward) > FLOAT32_MAX),
+               None)
+    if bad is not None:
+        raise ComponentContractError(f"verifier {name} gave row {bad[0]} the reward {bad[1]!r}: rewards must be finite "
+                                     f"numbers within float32's range (|r| <= {FLOAT32_MAX:.3g}); fix the verifier or "
+                                     "reward function")
     batch.verdicts = verdicts
     batch.outcome_rewards = torch.tensor([v.reward for v in verdicts], dtype=torch.float32)
     metrics = {
@@ -127,6 +136,20 @@ def check_process_scores(scores: Any, batch: RolloutBatch, prm: ProcessRewardMod
     if scores.token_scores is not None and tuple(scores.token_scores.shape) != expected:
         raise ComponentContractError(f"PRM {name}.score returned token_scores of shape "
                                      f"{tuple(scores.token_scores.shape)}, expected (B, T) = {expected}")
+    marked = scores.step_mask.bool().sum(dim=1).tolist()  # (B,) scores per row
+    for row, (n_scores, spans) in enumerate(zip(marked, batch.segment_spans)):
+        if n_scores != len(spans):
+            raise ComponentContractError(f"PRM {name}.score marked {n_scores} step scores on row {row}, which has "
+                                         f"{len(spans)} segments: return exactly one score per segment (step_mask "
+                                         "True on the first len(spans) columns of the row)")
+    valid = scores.step_scores[scores.step_mask.bool()].double()
+    finite = valid[torch.isfinite(valid)]
+    low, high = prm.score_range
+    if finite.numel() and (float(finite.min()) < low or float(finite.max()) > high):
+        raise ComponentContractError(f"PRM {name}.score returned step scores in [{float(finite.min()):.4g}, "
+                                     f"{float(finite.max()):.4g}], outside its score_range [{low}, {high}]: return "
+                                     "P(step correct), or declare score_range = (low, high) on the PRM if its scores "
+                                     "live on another scale (the aligners z-score them)")
     return scores
 
 

@@ -42,6 +42,9 @@ class ProcessRewardModel(ABC):
     #: What the PRM reads: ``reference_logprobs`` (the module keeps a reference model and fills ``ref_logprobs``
     #: and ``old_logprobs``) and ``rollout_logprobs`` (``old_logprobs``/``entropies`` from a no-grad pass).
     needs: ComponentNeeds = ComponentNeeds()
+    #: The range every step score lies in (default: probabilities). Scores outside it are a contract error naming
+    #: the PRM, so a PRM on another scale (logits, say) declares it instead of silently dominating the advantages.
+    score_range: tuple[float, float] = (0.0, 1.0)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

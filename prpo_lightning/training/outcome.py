@@ -5,7 +5,7 @@ on every rank), or one whose groups all lack signal under dynamic sampling, stil
 :func:`advance_without_update` moves ``global_step`` and the LR schedule on, so ``max_steps`` is reached.
 :class:`SkipBudget` decides, the same on every rank, whether the step updates and why
 (:class:`StepOutcome`); after more than ``model.max_consecutive_skips`` batches in a row on which some rank had
-nothing to update it stops the run with a :class:`SkippedBatchesError` naming the cause. Its count is saved in
+nothing to update, whatever the reason (no prompt fitted, the PRM failed, or no group had signal), it stops the run with a :class:`SkippedBatchesError` naming the cause. Its count is saved in
 checkpoints (:meth:`SkipBudget.state_dict`), so a resumed run keeps it.
 """
 
@@ -83,9 +83,9 @@ class SkipBudget:
         n_prompts, n_prm = all_reduce_sum([float(report.no_prompts), float(report.prm_error is not None)])
         world = world_size()
         skipped_ranks = int(n_prompts + n_prm)
-        self.consecutive = self.consecutive + 1 if skipped_ranks else 0
+        self.consecutive = self.consecutive + 1 if skipped_ranks or report.no_signal else 0
         if self.consecutive > self.max_consecutive_skips:
-            raise SkippedBatchesError(self._message(step, int(n_prompts), int(n_prm), world, report.prm_error,
+            raise SkippedBatchesError(self._message(step, int(n_prompts), int(n_prm), world, report,
                                                     max_prompt_length))
         if skipped_ranks == world:
             return StepOutcome(False, "no_prompts" if n_prompts >= n_prm else "prm_error")
@@ -93,9 +93,9 @@ class SkipBudget:
             return StepOutcome(False, "no_signal")
         return StepOutcome(True, "update")
 
-    def _message(self, step: int, n_prompts: int, n_prm: int, world: int, prm_error: str | None,
+    def _message(self, step: int, n_prompts: int, n_prm: int, world: int, report: RankReport,
                  max_prompt_length: int) -> str:
-        causes = []
+        causes, prm_error = [], report.prm_error
         if n_prompts:
             causes.append(f"every prompt was longer than sampling.max_prompt_length={max_prompt_length} tokens (on "
                           f"{n_prompts} of {world} ranks); fix: raise model.sampling.max_prompt_length or drop the "
@@ -105,6 +105,10 @@ class SkipBudget:
             causes.append(f"the PRM failed and model.on_prm_error is 'skip' (on {n_prm} of {world} ranks){last}; "
                           "fix: make the PRM reachable (see the warnings above), or set model.on_prm_error: raise to "
                           "see the traceback")
+        if report.no_signal:
+            causes.append("dynamic sampling kept no group with learning signal on any rank (every group's rewards "
+                          "were equal); fix: check the reward (a constant reward gives no signal), raise "
+                          "model.sampling.dynamic_sampling.max_rounds, or use its criterion: advantage")
         return (f"{self.consecutive} batches in a row updated nothing (up to step {step}), more than "
                 f"model.max_consecutive_skips={self.max_consecutive_skips}: " + "; ".join(causes))
 
