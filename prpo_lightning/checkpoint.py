@@ -71,17 +71,19 @@ class CheckpointDamagedError(ValueError):
 def _damage(path: str) -> str | None:
     """Why the checkpoint file ``path`` is damaged, or None when every record matches its CRC-32."""
     try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":
+                return "it is not a torch checkpoint archive (no zip header): truncated, overwritten or another format"
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            if not any(n.endswith("data.pkl") for n in names):
+            if not any(n.endswith("data.pkl") for n in archive.namelist()):
                 return "it is a zip archive but not a torch checkpoint (no data.pkl)"
             bad = archive.testzip()
-    except zipfile.BadZipFile as err:
-        return f"it is not a readable torch checkpoint archive ({err}): truncated, overwritten or another format"
-    except (OSError, EOFError, ValueError, RuntimeError) as err:
+    except OSError as err:
         return f"it cannot be read ({type(err).__name__}: {err})"
+    except Exception as err:  # noqa: BLE001  (zipfile raises BadZipFile, UnicodeDecodeError, struct.error, ...)
+        return f"its archive structure is damaged ({type(err).__name__}: {err})"
     if bad is not None:
-        return f"record {bad!r} does not match its CRC-32 checksum (the file was damaged after it was written)"
+        return f"record {bad!r} does not match its CRC-32 checksum (the file was changed after it was written)"
     return None
 
 
