@@ -33,6 +33,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from prpo_lightning.callbacks.batch_checks import BatchChecks
 from prpo_lightning.callbacks.progress import StepProgressBar
 from prpo_lightning.checkpoint import AtomicCheckpointIO, verify_checkpoint
 from prpo_lightning.module import PRPOModule
@@ -115,7 +116,8 @@ class PRPOCLI(LightningCLI):
 
     On top of Lightning's CLI: checkpoints are written atomically
     (:class:`~prpo_lightning.checkpoint.AtomicCheckpointIO`, unless the config installs another ``CheckpointIO``);
-    ``ModelCheckpoint`` callbacks without a ``dirpath`` save to :func:`checkpoint_root`; ``--ckpt_path last`` is
+    ``ModelCheckpoint`` callbacks without a ``dirpath`` save to :func:`checkpoint_root`; every batch is checked for
+    repeated prompt ids (:class:`~prpo_lightning.callbacks.BatchChecks`); ``--ckpt_path last`` is
     checked (see the module docstring); Lightning's default progress bar is replaced by :class:`StepProgressBar`;
     repetitive warnings are shown once (:func:`quiet_repeated_warnings`); a run that fails before producing
     anything removes its empty ``version_N`` folder.
@@ -133,6 +135,8 @@ class PRPOCLI(LightningCLI):
         for i, callback in enumerate(callbacks):  # Lightning's default bar (TQDM or Rich): count steps instead
             if type(callback) in (TQDMProgressBar, RichProgressBar) and not self._bar_configured(type(callback)):
                 callbacks[i] = StepProgressBar()  # every step (RL steps take seconds; Lightning may pick 100)
+        if not any(isinstance(c, BatchChecks) for c in callbacks):
+            callbacks.insert(0, BatchChecks())  # repeated prompt ids in a batch, from any data module
         return trainer
 
     def _bar_configured(self, bar_type: type[ProgressBar]) -> bool:
