@@ -40,6 +40,8 @@ from prpo_lightning.module import PRPOModule
 from prpo_lightning.resume_check import check_resume_settings, checkpoint_hyperparameters, describe_differences
 from prpo_lightning.run_lock import RunLock, claim_log_version
 
+_RUN_STARTED = False  # set when a subcommand starts running (see main)
+
 #: Files that a run writes before it has done anything (a failed run with only these leaves no ``version_N``).
 SETUP_FILES = frozenset({"config.yaml", "hparams.yaml"})
 
@@ -145,6 +147,14 @@ class PRPOCLI(LightningCLI):
         listed = config.get("trainer.callbacks") or []
         return any(str(getattr(c, "class_path", "")).endswith("." + bar_type.__name__) for c in listed)
 
+    def after_instantiate_classes(self) -> None:
+        """Settings that only conflict across classes, checked before anything loads: the engine against the
+        sampling lengths (:meth:`~prpo_lightning.engine.RolloutEngine.check_sampling`)."""
+        super().after_instantiate_classes()
+        engine, sampling = getattr(self.model, "engine", None), getattr(self.model, "sampling", None)
+        if engine is not None and sampling is not None and hasattr(engine, "check_sampling"):
+            engine.check_sampling(sampling)
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI loads the checkpoint's hyper-parameters over the parsed config here; ``prpo-fit`` keeps the
         config as given and only checks the file (the settings are compared once the model exists)."""
@@ -184,6 +194,8 @@ class PRPOCLI(LightningCLI):
             rank_zero_warn(message)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        global _RUN_STARTED
+        _RUN_STARTED = True  # from here on a ValueError is a failure of the run, not of the config (see main)
         self._locks: list[RunLock] = []
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:  # two runs started together must not share a version_N
@@ -252,9 +264,44 @@ def cli_main(args: ArgsType = None, run: bool = True) -> PRPOCLI:
     )
 
 
+#: Errors whose message names the setting or file and the fix: ``prpo-fit`` prints the message as its first line
+#: (``prpo-fit: error: ...``) instead of a traceback that ends with it, and exits with status 2. A ``ValueError``
+#: or ``FileNotFoundError`` counts as one while the config is parsed and the classes are built (before the
+#: subcommand runs); the named errors below count at any time.
+NAMED_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _named_errors() -> tuple[type[BaseException], ...]:
+    from prpo_lightning.checkpoint import CheckpointDamagedError
+    from prpo_lightning.data import DataFileError, DuplicatePromptIdError
+    from prpo_lightning.resume_check import ResumeSettingsError
+    from prpo_lightning.run_lock import CheckpointFolderLockedError
+
+    return NAMED_ERRORS + (CheckpointDamagedError, CheckpointFolderLockedError, DataFileError, DuplicatePromptIdError,
+                           ResumeSettingsError)
+
+
 def main() -> None:
-    """Console-script entry point ``prpo-fit``: runs the CLI and exits with status 0 on success."""
-    cli_main()
+    """Console-script entry point ``prpo-fit``: runs the CLI and exits with status 0 on success.
+
+    A configuration or input error (see :data:`NAMED_ERRORS`) prints ``prpo-fit: error: <message>`` first and exits
+    with status 2; set ``PRPO_TRACEBACK=1`` to see its traceback too. Any other exception keeps its traceback.
+    """
+    import sys
+    import traceback
+
+    try:
+        cli_main()
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a named configuration/input error
+        config_phase = not _RUN_STARTED and isinstance(err, (ValueError, FileNotFoundError))
+        if not (config_phase or isinstance(err, _named_errors())):
+            raise
+        sys.stderr.write(f"prpo-fit: error: {err}\n")
+        if os.environ.get("PRPO_TRACEBACK") == "1":
+            traceback.print_exc()
+        else:
+            sys.stderr.write(f"({type(err).__name__}; set PRPO_TRACEBACK=1 for the traceback)\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

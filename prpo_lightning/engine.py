@@ -131,6 +131,14 @@ class RolloutEngine(ABC):
         self.policy, self.tokenizer, self.lockstep = policy, tokenizer, lockstep
         self.device = device if device is not None else next(policy.parameters()).device
 
+    def check_sampling(self, sampling: Any) -> None:
+        """Refuse sampling settings (a :class:`~prpo_lightning.rollout.SamplingConfig`) that this engine cannot
+        serve, before anything starts (``prpo-fit`` calls it once the classes are built). Default: accept.
+
+        Raises:
+            ValueError: naming the engine setting and the sampling settings it conflicts with.
+        """
+
     def sync_weights(self, policy: torch.nn.Module, version: int | None = None) -> None:
         """Make the engine sample from ``policy``'s current weights. Call after every optimizer step and after
         loading a checkpoint, on every rank.

@@ -55,6 +55,13 @@ class SkippedBatchesError(RuntimeError):
     """More than ``model.max_consecutive_skips`` batches in a row updated nothing; the message names the cause."""
 
 
+def _exit_error(kind: str, component: Any, method: str, err: SystemExit) -> ComponentError:
+    """``sys.exit()`` inside a component: a named error instead of a silent end of the run."""
+    name = type(component).__name__
+    return ComponentError(f"{kind} {name}.{method} called sys.exit({err.code!r}): a component must return its result "
+                          f"or raise an exception, never exit the process. Fix {name}.{method}.")
+
+
 def _programming_error(kind: str, component: Any, method: str, err: BaseException) -> ComponentError:
     name = type(component).__name__
     return ComponentError(
@@ -82,6 +89,8 @@ class GuardedPRM(ProcessRewardModel):
         name = type(self.inner).__name__
         try:
             scores = self.inner.score(batch, tokenizer)
+        except SystemExit as err:
+            raise _exit_error("PRM", self.inner, "score", err) from err
         except PROGRAMMING_ERRORS as err:
             raise _programming_error("PRM", self.inner, "score", err) from err
         except Exception as err:  # noqa: BLE001 - re-raised with the PRM's name
@@ -109,6 +118,8 @@ class GuardedVerifier(OutcomeVerifier):
         name = type(self.inner).__name__
         try:
             verdicts = getattr(self.inner, method)(completions, *args)
+        except SystemExit as err:
+            raise _exit_error("verifier", self.inner, method, err) from err
         except PROGRAMMING_ERRORS as err:
             raise _programming_error("verifier", self.inner, method, err) from err
         except Exception as err:  # noqa: BLE001 - re-raised with the verifier's name
