@@ -212,6 +212,20 @@ class VLLMEngine(RolloutEngine):
                 "completion length you need."
             )
 
+    def _memory_message(self, on_cuda: bool, err: BaseException) -> str:
+        """Our message for vLLM's refusal to allocate its KV cache (its own text names vLLM's settings only)."""
+        if self.kv_cache_memory_gib is not None:
+            setting = f"model.engine.kv_cache_memory_gib {self.kv_cache_memory_gib}"
+            fix = "raise model.engine.kv_cache_memory_gib"
+        else:
+            where = "GPU memory" if on_cuda else "host RAM (vLLM's CPU backend reads it so)"
+            setting = f"model.engine.gpu_memory_utilization {self.gpu_memory_utilization} (a fraction of {where})"
+            fix = ("raise model.engine.gpu_memory_utilization" if on_cuda else
+                   "on CPU set model.engine.kv_cache_memory_gib instead (e.g. 0.5)")
+        return (f"VLLMEngine: vLLM could not fit its KV cache with {setting} and max_model_len "
+                f"{self.max_model_len or 'the policy context window'}. Fix: {fix}, or lower model.engine.max_model_len. "
+                f"vLLM said: {err}")
+
     @property
     def capabilities(self) -> EngineCapabilities:  # type: ignore[override]
         return EngineCapabilities(
@@ -269,6 +283,10 @@ class VLLMEngine(RolloutEngine):
         rng_states = collect_rng_states()  # vLLM seeds the global torch/numpy/python RNGs in-process
         try:
             self.llm = LLM(**kwargs)
+        except (ValueError, RuntimeError) as err:
+            if "memory" not in str(err).lower():
+                raise
+            raise ValueError(self._memory_message(on_cuda, err)) from err
         finally:
             restore_rng_states(rng_states)
         self._push_weights(policy)
