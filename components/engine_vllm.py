@@ -47,6 +47,33 @@ def _tmp_prefix() -> str:
     return f"{_TMP_PREFIX}{socket.gethostname()}_{os.getpid()}_"
 
 
+class _RotaryWarningOnce:
+    """Logging filter: vLLM's ``RotaryEmbedding: Failed to load weights`` passes the first time only.
+
+    The rotary layer has no weights, only a cos/sin cache that vLLM computes from the config and puts back after
+    every in-place reload, so the warning repeats at every sync without meaning anything. The same warning for
+    any other layer (a real failure) is always shown.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def filter(self, record: Any) -> bool:
+        if record.getMessage() != "RotaryEmbedding: Failed to load weights":
+            return True
+        shown, self.seen = not self.seen, True
+        return shown
+
+
+def quiet_rotary_reload_warning() -> None:
+    """Install :class:`_RotaryWarningOnce` on vLLM's layer-wise reload logger (once per process)."""
+    import logging
+
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryWarningOnce) for f in log.filters):
+        log.addFilter(_RotaryWarningOnce())
+
+
 def remove_stale_model_dirs(tmp_root: str | None = None) -> list[str]:
     """Delete the vLLM model folders (``prpo_vllm_<host>_<pid>_*`` in the temp folder) that killed runs on this
     host left behind: those whose process no longer exists. Folders of live processes, of other hosts and of
@@ -260,6 +287,7 @@ class VLLMEngine(RolloutEngine):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         rank = torch.distributed.get_rank() if distributed else 0
         remove_stale_model_dirs()  # left by runs that were killed (a kill -9 runs no cleanup)
+        quiet_rotary_reload_warning()
         self._model_dir = tempfile.TemporaryDirectory(prefix=_tmp_prefix())
         config = copy.deepcopy(policy.config)
         if not getattr(config, "architectures", None):  # a PEFT policy: the architecture of the model it wraps

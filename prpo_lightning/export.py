@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.ckpt, args.out_dir, args.tokenizer, args.dtype)
-    except (CheckpointDamagedError, FileNotFoundError) as err:
+    except (CheckpointDamagedError, FileNotFoundError, ValueError) as err:
         parser.error(str(err))  # the message first, exit status 2
     print(f"exported the policy to {out}")
 

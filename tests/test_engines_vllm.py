@@ -219,3 +219,24 @@ os.kill(os.getpid(), signal.SIGKILL)
         assert not os.path.exists(left)  # the killed run's folder went when this engine started
     finally:
         engine.teardown()
+
+
+def test_rotary_reload_warning_is_shown_once_not_at_every_sync(setup):
+    import logging
+
+    model, _, engine, _, _ = setup
+    shown: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            shown.append(record.getMessage())
+
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")  # vLLM's logger of the warning
+    handler = Record(level=logging.WARNING)
+    log.addHandler(handler)
+    try:
+        for _ in range(3):
+            engine.sync_weights(model)
+    finally:
+        log.removeHandler(handler)
+    assert shown.count("RotaryEmbedding: Failed to load weights") <= 1  # before: one per sync

@@ -102,3 +102,26 @@ def test_two_runs_started_together_get_their_own_version(tmp_path):
     assert sorted(d.name for d in runs.iterdir()) == ["version_0", "version_1"]
     for d in runs.iterdir():
         assert (d / "metrics.csv").is_file(), d
+
+
+@pytest.mark.slow
+def test_ddp_run_through_prpo_fit_locks_once_and_logs_to_one_version(tmp_path):
+    """Under DDP only global rank zero locks the checkpoint folder and claims the version_N (the other rank, started
+    by Lightning's launcher with the same command, must not find the lock held against it)."""
+    import socket
+
+    tok = tokenizer_dir(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [a for a in cli_fit_args(tmp_path, tok, 2, *_CKPT) if a != "--trainer.devices=1"]
+    args += ["--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "prpo_lightning.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-5000:]
+    runs = tmp_path / "runs" / "toy"
+    assert sorted(p.name for p in runs.iterdir()) == ["checkpoints", "version_0"]
+    assert torch.load(runs / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert not list(runs.parent.glob(".*prpo-lock")) and not list(runs.glob(".*prpo-lock"))
