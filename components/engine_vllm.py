@@ -36,76 +36,9 @@ from prpo_lightning.engine import EngineCapabilities, RolloutEngine, RolloutResu
 from prpo_lightning.lora import base_model, is_lora, merged_weights
 from prpo_lightning.rollout import SamplingConfig, pad_token_id
 
+from components.vllm_support import quiet_rotary_reload_warning, remove_stale_model_dirs, tmp_prefix
+
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
-_TMP_PREFIX = "prpo_vllm_"
-
-
-def _tmp_prefix() -> str:
-    """This process's prefix for its vLLM model folder: ``prpo_vllm_<host>_<pid>_``."""
-    import socket
-
-    return f"{_TMP_PREFIX}{socket.gethostname()}_{os.getpid()}_"
-
-
-class _RotaryWarningOnce:
-    """Logging filter: vLLM's ``RotaryEmbedding: Failed to load weights`` passes the first time only.
-
-    The rotary layer has no weights, only a cos/sin cache that vLLM computes from the config and puts back after
-    every in-place reload, so the warning repeats at every sync without meaning anything. The same warning for
-    any other layer (a real failure) is always shown.
-    """
-
-    def __init__(self) -> None:
-        self.seen = False
-
-    def filter(self, record: Any) -> bool:
-        if record.getMessage() != "RotaryEmbedding: Failed to load weights":
-            return True
-        shown, self.seen = not self.seen, True
-        return shown
-
-
-def quiet_rotary_reload_warning() -> None:
-    """Install :class:`_RotaryWarningOnce` on vLLM's layer-wise reload logger (once per process)."""
-    import logging
-
-    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _RotaryWarningOnce) for f in log.filters):
-        log.addFilter(_RotaryWarningOnce())
-
-
-def remove_stale_model_dirs(tmp_root: str | None = None) -> list[str]:
-    """Delete the vLLM model folders (``prpo_vllm_<host>_<pid>_*`` in the temp folder) that killed runs on this
-    host left behind: those whose process no longer exists. Folders of live processes, of other hosts and of
-    this process are kept. Returns the folders removed."""
-    import shutil
-    import socket
-
-    root = tmp_root or tempfile.gettempdir()
-    mine = f"{_TMP_PREFIX}{socket.gethostname()}_"
-    removed = []
-    for name in os.listdir(root):
-        pid_text = name[len(mine):].split("_", 1)[0] if name.startswith(mine) else ""
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        removed.append(os.path.join(root, name))
-    return removed
-
-
-def _layer_key(name: str) -> str:
-    """Parameters of one decoder layer share a key (``model.layers.3``); any other parameter is its own group."""
-    match = _LAYER.match(name)
-    return match.group(1) if match else name
-
-
 def policy_weights(policy: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     """The policy's named parameters in checkpoint format, full-size even under DeepSpeed ZeRO-3.
 
@@ -250,7 +183,8 @@ class VLLMEngine(RolloutEngine):
             fix = ("raise model.engine.gpu_memory_utilization" if on_cuda else
                    "on CPU set model.engine.kv_cache_memory_gib instead (e.g. 0.5)")
         return (f"VLLMEngine: vLLM could not fit its KV cache with {setting} and max_model_len "
-                f"{self.max_model_len or 'the policy context window'}. Fix: {fix}, or lower model.engine.max_model_len. "
+                f"{self.max_model_len or 'the policy context window'}. Fix: {fix}, or lower "
+                "model.engine.max_model_len. "
                 f"vLLM said: {err}")
 
     @property
@@ -288,7 +222,7 @@ class VLLMEngine(RolloutEngine):
         rank = torch.distributed.get_rank() if distributed else 0
         remove_stale_model_dirs()  # left by runs that were killed (a kill -9 runs no cleanup)
         quiet_rotary_reload_warning()
-        self._model_dir = tempfile.TemporaryDirectory(prefix=_tmp_prefix())
+        self._model_dir = tempfile.TemporaryDirectory(prefix=tmp_prefix())
         config = copy.deepcopy(policy.config)
         if not getattr(config, "architectures", None):  # a PEFT policy: the architecture of the model it wraps
             config.architectures = [type(base_model(policy)).__name__]

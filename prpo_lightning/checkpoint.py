@@ -120,7 +120,7 @@ def next_intact_checkpoint(bad: str | os.PathLike) -> str | None:
     """The newest ``*.ckpt`` file in ``bad``'s folder (by modification time) that passes :func:`verify_checkpoint`,
     other than ``bad`` and links to it; None if there is none."""
     bad_real = os.path.realpath(bad)
-    folder = os.path.dirname(os.path.abspath(bad))
+    folder = os.path.dirname(str(bad)) or "."  # relative stays relative in the message
     candidates = []
     for name in os.listdir(folder):
         p = os.path.join(folder, name)

@@ -273,7 +273,8 @@ NAMED_ERRORS: tuple[type[BaseException], ...] = ()
 
 def _named_errors() -> tuple[type[BaseException], ...]:
     from prpo_lightning.checkpoint import CheckpointDamagedError
-    from prpo_lightning.data import DataFileError, DuplicatePromptIdError
+    from prpo_lightning.data import DataFileError
+    from prpo_lightning.prompt_ids import DuplicatePromptIdError
     from prpo_lightning.resume_check import ResumeSettingsError
     from prpo_lightning.run_lock import CheckpointFolderLockedError
 

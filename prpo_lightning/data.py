@@ -15,46 +15,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from prpo_lightning.prompt_ids import DuplicatePromptIdError, check_unique_ids  # noqa: F401  (re-exported)
+
 
 class DataFileError(ValueError):
     """A data file has a bad row; the message names the file and the 1-based line number."""
-
-
-class DuplicatePromptIdError(ValueError):
-    """A batch holds two prompts with one id: their completions would be pooled into one group."""
-
-
-def check_unique_ids(batch: dict[str, Any], where: str) -> None:
-    """Refuse a prompt batch whose ``id`` holds a value twice (ids are the group ids of the G completions).
-
-    Args:
-        batch: a prompt batch (``batch["id"]``: tensor or sequence of ints).
-        where: what the batch is, for the message (e.g. ``"training batch 3 of MyDataModule"``).
-
-    Raises:
-        DuplicatePromptIdError: naming the repeated ids, their counts and ``where``.
-    """
-    ids = batch.get("id") if isinstance(batch, dict) else None
-    if ids is None:
-        return
-    values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-    seen: dict[Any, int] = {}
-    for v in values:
-        seen[v] = seen.get(v, 0) + 1
-    repeated = {v: n for v, n in seen.items() if n > 1}
-    if repeated:
-        problems = batch.get("problem")
-        shown = ", ".join(f"id {v} x{n}" for v, n in list(repeated.items())[:5])
-        example = ""
-        if isinstance(problems, (list, tuple)) and len(problems) == len(values):
-            first = next(iter(repeated))
-            texts = [str(problems[i])[:60] for i, v in enumerate(values) if v == first][:2]
-            example = f" (id {first}: {texts})"
-        raise DuplicatePromptIdError(
-            f"{where}: prompt ids repeat within one batch ({shown}){example}. The completions of prompts that share "
-            "an id are pooled into one group, which mixes their rewards and advantages. Fix: give every row of the "
-            "data module a unique 'id'."
-        )
 
 
 #: JSON types accepted as a gold answer (numbers become their text, as in the amc23 file).
@@ -105,14 +70,16 @@ def read_jsonl(
                 raise DataFileError(f"{path}:{lineno}: broken JSON ({err.msg})") from err
             if not isinstance(obj, dict):
                 raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            for key, types, kinds in ((problem_key, (str,), "a string"), (answer_key, ANSWER_TYPES, "a string or a number")):
+            checks = ((problem_key, (str,), "a string"), (answer_key, ANSWER_TYPES, "a string or a number"))
+            for key, types, kinds in checks:
                 if key not in obj:
                     raise DataFileError(f"{path}:{lineno}: missing field {key!r}")
                 value = obj[key]
                 if not isinstance(value, types) or isinstance(value, bool):
                     raise DataFileError(
-                        f"{path}:{lineno}: field {key!r} is {json.dumps(value)[:80]} ({_json_type(value)}); it must be "
-                        f"{kinds}. Fix the row (a gold answer is compared as text: write e.g. \"[1, 2]\" with quotes)."
+                        f"{path}:{lineno}: field {key!r} is {json.dumps(value)[:80]} ({_json_type(value)}); it must "
+                        f"be {kinds}. Fix the row (a gold answer is compared as text: write e.g. \"[1, 2]\" with "
+                        "quotes)."
                     )
                 if not str(value).strip():
                     raise DataFileError(f"{path}:{lineno}: empty field {key!r}")
@@ -125,7 +92,8 @@ def read_jsonl(
 
 
 def _json_type(value: Any) -> str:
-    return {type(None): "null", bool: "true/false", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    names = {type(None): "null", bool: "true/false", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 class PromptDataset(Dataset):

@@ -57,10 +57,11 @@ def test_damaged_checkpoint_is_refused_by_ckpt_path_naming_the_next_good_one(tra
     os.utime(bad / "epoch=0-step=1.ckpt", (1, 1))
     verify_checkpoint(bad / "last.ckpt")  # intact copies pass
     torch.manual_seed(0)
-    _damage(bad / "last.ckpt", bytes(16384) if damage == "zeros" else torch.randint(0, 256, (16384,),
-                                                                                     dtype=torch.uint8).numpy().tobytes())
+    noise = torch.randint(0, 256, (16384,), dtype=torch.uint8).numpy().tobytes()
+    _damage(bad / "last.ckpt", bytes(16384) if damage == "zeros" else noise)
     _damage(bad / "epoch=0-step=2.ckpt", b"\x00" * 64)
-    message = (rf"checkpoint {bad / 'last.ckpt'} is damaged: (record .* does not match its CRC-32 checksum|its archive structure is damaged).*"
+    message = (rf"checkpoint {bad / 'last.ckpt'} is damaged: "
+               r"(record .* does not match its CRC-32 checksum|its archive structure is damaged).*"
                rf"next-newest intact checkpoint in that folder is {bad / 'epoch=0-step=1.ckpt'}")
     with pytest.raises(CheckpointDamagedError, match=message):
         cli_main(cli_fit_args(root, tok, 3, f"--ckpt_path={bad / 'last.ckpt'}", "--trainer.enable_checkpointing=false"))

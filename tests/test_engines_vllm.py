@@ -174,7 +174,8 @@ def test_teardown_releases_vllm_and_a_new_engine_samples_the_same(setup):
 # ---------------------------------------------------------------- start-up checks (issue 27, item 9)
 @pytest.mark.parametrize(("kwargs", "named"), [
     (dict(kv_cache_memory_gib=0.0005, max_model_len=256), r"kv_cache_memory_gib 0\.0005 and max_model_len 256"),
-    (dict(gpu_memory_utilization=0.0001, max_model_len=256), r"gpu_memory_utilization 0\.0001 \(a fraction of host RAM"),
+    (dict(gpu_memory_utilization=0.0001, max_model_len=256),
+     r"gpu_memory_utilization 0\.0001 \(a fraction of host RAM"),
 ])
 def test_tiny_cpu_memory_settings_get_our_message(kwargs, named, tmp_path):
     tok = load_tokenizer(build_char_tokenizer(tmp_path / "tok"))

@@ -34,8 +34,9 @@ def test_test_with_ckpt_file_uses_the_given_settings_and_says_what_differs(tmp_p
     assert torch.load(last, weights_only=True)["hyper_parameters"]["sampling"]["max_new_tokens"] == 8
     args = [a for a in cli_fit_args(tmp_path, tok, 1, f"--ckpt_path={last}", "--model.sampling.max_new_tokens=5")
             if not a.startswith("--trainer.max_steps")]
-    with pytest.warns(UserWarning, match=r"(?s)1 setting\(s\) differ.*take effect:\n  model\.sampling\.max_new_tokens: "
-                                         r"8 \(checkpoint\) -> 5 \(now\)"):
+    differ = (r"(?s)1 setting\(s\) differ.*take effect:\n"
+              r"  model\.sampling\.max_new_tokens: 8 \(checkpoint\) -> 5 \(now\)")
+    with pytest.warns(UserWarning, match=differ):
         cli = cli_main(["test", *args[1:]])
     assert cli.model.hparams.sampling["max_new_tokens"] == 5  # LightningCLI alone gives 8 (the checkpoint's)
     assert cli.model.sampling.max_new_tokens == 5
@@ -50,8 +51,10 @@ def test_lora_changes_on_resume_are_refused_by_name(tmp_path):
         ([f"--ckpt_path={last}", "--model.lora.r=8"], r"model\.lora\.r is 8 but the checkpoint .*last\.ckpt was "
                                                       r"trained with model\.lora\.r=4"),
         (["--ckpt_path=last", "--model.lora.r=8"], r"model\.lora\.r is 8 .* model\.lora\.r=4"),
-        ([f"--ckpt_path={last}", "--model.lora.alpha=32"], r"model\.lora\.alpha is 32\.0 .*model\.lora\.alpha=8\.0.*rescales"),
-        ([f"--ckpt_path={last}", "--model.lora.target_modules=[q_proj]"], r"model\.lora\.target_modules is \['q_proj'\]"),
+        ([f"--ckpt_path={last}", "--model.lora.alpha=32"],
+         r"model\.lora\.alpha is 32\.0 .*model\.lora\.alpha=8\.0.*rescales"),
+        ([f"--ckpt_path={last}", "--model.lora.target_modules=[q_proj]"],
+         r"model\.lora\.target_modules is \['q_proj'\]"),
         ([f"--ckpt_path={last}", "--model.lora=null"], r"model\.lora is None but the checkpoint"),
     ]
     for extra, message in cases:

@@ -58,7 +58,8 @@ def test_second_live_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path,
     assert not ckpt_dir.exists() or not list(ckpt_dir.glob("*.ckpt"))  # refused before writing anything
     live_pid.kill()
     live_pid.wait(timeout=30)
-    with pytest.warns(UserWarning, match=rf"taking over the stale lock .*process {live_pid.pid} on .* no longer exists"):
+    stale = rf"taking over the stale lock .*process {live_pid.pid} on .* no longer exists"
+    with pytest.warns(UserWarning, match=stale):
         cli = cli_main(args)
     assert cli.trainer.global_step == 1 and (ckpt_dir / "last.ckpt").is_file()
     assert not lock_file.exists()  # released at the end of the run

@@ -112,7 +112,8 @@ def test_model_folders_of_killed_vllm_runs_are_removed(tmp_path):
                               text=True, timeout=60)
         host = socket.gethostname()
         names = {"dead": f"prpo_vllm_{host}_{int(dead.stdout)}_abc", "live": f"prpo_vllm_{host}_{live.pid}_abc",
-                 "other_host": f"prpo_vllm_otherhost_{int(dead.stdout)}_abc", "mine": f"prpo_vllm_{host}_{os.getpid()}_x"}
+                 "other_host": f"prpo_vllm_otherhost_{int(dead.stdout)}_abc",
+                 "mine": f"prpo_vllm_{host}_{os.getpid()}_x"}
         for name in names.values():
             (tmp_path / name).mkdir()
             (tmp_path / name / "config.json").write_text("{}")

@@ -6,12 +6,12 @@ from typing import Any
 
 import lightning as L
 
-from prpo_lightning.data import check_unique_ids
+from prpo_lightning.prompt_ids import check_unique_ids
 
 
 class BatchChecks(L.Callback):
     """Refuse a training, validation or test batch whose prompt ids repeat
-    (:func:`~prpo_lightning.data.check_unique_ids`): the ids are the group ids of the G completions, so two
+    (:func:`~prpo_lightning.prompt_ids.check_unique_ids`): the ids are the group ids of the G completions, so two
     prompts with one id would be pooled into one group."""
 
     def _check(self, trainer: L.Trainer, batch: Any, batch_idx: int, kind: str) -> None:
