@@ -39,6 +39,14 @@ from prpo_lightning.rollout import SamplingConfig, pad_token_id
 from components.vllm_support import quiet_rotary_reload_warning, remove_stale_model_dirs, tmp_prefix
 
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
+
+
+def _layer_key(name: str) -> str:
+    """Parameters of one decoder layer share a key (``model.layers.3``); any other parameter is its own group."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else name
+
+
 def policy_weights(policy: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
     """The policy's named parameters in checkpoint format, full-size even under DeepSpeed ZeRO-3.
 

@@ -68,9 +68,3 @@ def remove_stale_model_dirs(tmp_root: str | None = None) -> list[str]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         removed.append(os.path.join(root, name))
     return removed
-
-
-def _layer_key(name: str) -> str:
-    """Parameters of one decoder layer share a key (``model.layers.3``); any other parameter is its own group."""
-    match = _LAYER.match(name)
-    return match.group(1) if match else name
