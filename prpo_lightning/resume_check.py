@@ -6,7 +6,8 @@ LightningCLI replaces the YAML and command-line settings of the model with the c
 
 - a change that would make the checkpoint unloadable, or silently change what its weights compute, is refused
   with a :class:`ResumeSettingsError` naming the key and both values: the LoRA settings ``model.lora`` (adapters
-  or none), ``model.lora.r``, ``model.lora.alpha`` and ``model.lora.target_modules``;
+  or none), ``model.lora.r``, ``model.lora.alpha`` and ``model.lora.target_modules``, and the sizes of a
+  ``model.policy_config`` architecture (:data:`SHAPE_KEYS`);
 - every other difference is listed once in a warning (the values given now take effect). On ``fit``, the
   optimizer's ``lr``, ``weight_decay`` and ``betas`` come back with the checkpoint's optimizer state; a new value
   for them is listed separately, as not applied.
@@ -23,6 +24,9 @@ import torch
 #: ``model.lora`` keys whose change makes an adapter checkpoint unloadable (``r``, ``target_modules``) or rescales
 #: the trained adapters (``alpha``: the update is ``(alpha / r)·B A``).
 LORA_FIXED = ("r", "alpha", "target_modules")
+#: ``model.policy_config`` entries that set tensor shapes: another value cannot load the checkpoint's weights.
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim")
 #: Settings restored from the checkpoint's optimizer state when ``fit`` resumes.
 OPTIMIZER_STATE_KEYS = ("optim.lr", "optim.weight_decay", "optim.betas")
 _INTERNAL = ("_instantiator", "_class_path")
@@ -82,7 +86,7 @@ def check_resume_settings(current: Mapping[str, Any], stored: Mapping[str, Any],
         the differences that take effect, and for those restored from the optimizer state on ``fit``.
 
     Raises:
-        ResumeSettingsError: the LoRA settings differ (see the module docstring).
+        ResumeSettingsError: the LoRA settings or the policy_config's sizes differ (see the module docstring).
     """
     now, then = _plain(dict(current)), _plain(dict(stored))
     for key in _INTERNAL:
@@ -110,6 +114,12 @@ def check_resume_settings(current: Mapping[str, Any], stored: Mapping[str, Any],
     flat_now, flat_then = _flatten(now, "", {}), _flatten(then, "", {})
     effective, not_applied = [], []
     for key in sorted(set(flat_now) & set(flat_then)):
+        if flat_now[key] != flat_then[key] and key.startswith("policy_config.") and key.split(".")[-1] in SHAPE_KEYS:
+            raise ResumeSettingsError(
+                f"model.{key} is {flat_now[key]!r} but the checkpoint {ckpt_path} was trained with "
+                f"model.{key}={flat_then[key]!r}: its weights have other shapes and cannot be loaded. Fix: use the "
+                "checkpoint's model.policy_config, or start a new run without --ckpt_path."
+            )
         if flat_now[key] != flat_then[key]:
             line = f"model.{key}: {flat_then[key]!r} (checkpoint) -> {flat_now[key]!r} (now)"
             (not_applied if fit and key in OPTIMIZER_STATE_KEYS else effective).append(line)

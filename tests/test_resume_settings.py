@@ -4,8 +4,11 @@ entry must match a module (issue 27, items 3 and 5)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from helpers import tiny_qwen2_config
 
 pytest.importorskip("peft")
 
@@ -40,6 +43,10 @@ def test_test_with_ckpt_file_uses_the_given_settings_and_says_what_differs(tmp_p
         cli = cli_main(["test", *args[1:]])
     assert cli.model.hparams.sampling["max_new_tokens"] == 5  # LightningCLI alone gives 8 (the checkpoint's)
     assert cli.model.sampling.max_new_tokens == 5
+    wider = json.dumps(tiny_qwen2_config(vocab_size=128, hidden=64, layers=2))
+    with pytest.raises(ResumeSettingsError, match=r"model\.policy_config\.hidden_size is 64 but the checkpoint .* was "
+                                                  r"trained with model\.policy_config\.hidden_size=32"):
+        cli_main(["test", *args[1:], f"--model.policy_config={wider}"])  # before: torch size-mismatch errors
 
 
 @pytest.mark.slow
