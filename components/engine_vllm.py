@@ -36,6 +36,8 @@ from prpo_lightning.rollout.engine import EngineCapabilities, RolloutEngine, Rol
 from prpo_lightning.training.lora import base_model, is_lora, merged_weights
 from prpo_lightning.rollout.sampling import pad_token_id
 
+from components.vllm_support import quiet_rotary_reload_warning, remove_stale_model_dirs, tmp_prefix
+
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
 
 
@@ -135,6 +137,64 @@ class VLLMEngine(RolloutEngine):
         self._model_dir: tempfile.TemporaryDirectory | None = None
         self._owns_process_group = False  # vLLM initialised torch.distributed itself (no trainer process group)
 
+    def check_sampling(self, sampling: SamplingConfig) -> None:
+        """An explicit ``max_model_len`` must hold the longest prompt plus the completion budget (checked at start
+        instead of when the first long prompt arrives).
+
+        Raises:
+            ValueError: ``max_model_len < sampling.max_prompt_length + sampling.max_new_tokens``.
+        """
+        need = int(sampling.max_prompt_length) + int(sampling.max_new_tokens)
+        if self.max_model_len is not None and int(self.max_model_len) < need:
+            raise ValueError(
+                f"model.engine.max_model_len {self.max_model_len} is smaller than model.sampling.max_prompt_length "
+                f"{sampling.max_prompt_length} + model.sampling.max_new_tokens {sampling.max_new_tokens} = {need}: a "
+                f"long prompt would fail mid-run. Fix: set model.engine.max_model_len >= {need} (or leave it unset: "
+                "the policy's context window), or lower the sampling lengths."
+            )
+
+    def _check_kv_cache(self, config: Any, dtype: torch.dtype) -> None:
+        """``kv_cache_memory_gib`` must hold the KV cache of one sequence of ``max_model_len`` tokens (vLLM's own
+        rule, checked here so that the message names our settings).
+
+        Raises:
+            ValueError: naming ``kv_cache_memory_gib``, the tokens it holds and the size one sequence needs.
+        """
+        if self.kv_cache_memory_gib is None:
+            return
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = int(getattr(text, "num_attention_heads", 0) or 0)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(text, "head_dim", None) or (int(text.hidden_size) // max(heads, 1)))
+        layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+        per_token = 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()  # K and V
+        length = int(self.max_model_len or getattr(text, "max_position_embeddings", 0) or 0)
+        budget = float(self.kv_cache_memory_gib) * (1 << 30)
+        if per_token > 0 and length > 0 and budget < per_token * length:
+            need_gib = per_token * length / (1 << 30)
+            raise ValueError(
+                f"model.engine.kv_cache_memory_gib {self.kv_cache_memory_gib} holds {int(budget // per_token)} tokens "
+                f"of KV cache ({per_token} bytes per token for this policy), but one sequence of max_model_len "
+                f"{length} needs {need_gib:.4g} GiB. Fix: set model.engine.kv_cache_memory_gib >= {need_gib:.3g} "
+                "(more for several sequences at once), or set model.engine.max_model_len to the prompt + "
+                "completion length you need."
+            )
+
+    def _memory_message(self, on_cuda: bool, err: BaseException) -> str:
+        """Our message for vLLM's refusal to allocate its KV cache (its own text names vLLM's settings only)."""
+        if self.kv_cache_memory_gib is not None:
+            setting = f"model.engine.kv_cache_memory_gib {self.kv_cache_memory_gib}"
+            fix = "raise model.engine.kv_cache_memory_gib"
+        else:
+            where = "GPU memory" if on_cuda else "host RAM (vLLM's CPU backend reads it so)"
+            setting = f"model.engine.gpu_memory_utilization {self.gpu_memory_utilization} (a fraction of {where})"
+            fix = ("raise model.engine.gpu_memory_utilization" if on_cuda else
+                   "on CPU set model.engine.kv_cache_memory_gib instead (e.g. 0.5)")
+        return (f"VLLMEngine: vLLM could not fit its KV cache with {setting} and max_model_len "
+                f"{self.max_model_len or 'the policy context window'}. Fix: {fix}, or lower "
+                "model.engine.max_model_len. "
+                f"vLLM said: {err}")
+
     @property
     def capabilities(self) -> EngineCapabilities:  # type: ignore[override]
         return EngineCapabilities(
@@ -153,6 +213,7 @@ class VLLMEngine(RolloutEngine):
         super().setup(policy, tokenizer, device, lockstep)
         if self.llm is not None:
             return
+        self._check_kv_cache(policy.config, next(policy.parameters()).dtype)
         from vllm import LLM
 
         on_cuda = self.device.type == "cuda"
@@ -167,7 +228,9 @@ class VLLMEngine(RolloutEngine):
             raise ValueError("VLLMEngine runs vLLM in-process: unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         rank = torch.distributed.get_rank() if distributed else 0
-        self._model_dir = tempfile.TemporaryDirectory(prefix="prpo_vllm_")
+        remove_stale_model_dirs()  # left by runs that were killed (a kill -9 runs no cleanup)
+        quiet_rotary_reload_warning()
+        self._model_dir = tempfile.TemporaryDirectory(prefix=tmp_prefix())
         config = copy.deepcopy(policy.config)
         if not getattr(config, "architectures", None):  # a PEFT policy: the architecture of the model it wraps
             config.architectures = [type(base_model(policy)).__name__]
@@ -190,6 +253,10 @@ class VLLMEngine(RolloutEngine):
         rng_states = collect_rng_states()  # vLLM seeds the global torch/numpy/python RNGs in-process
         try:
             self.llm = LLM(**kwargs)
+        except (ValueError, RuntimeError) as err:
+            if "memory" not in str(err).lower():
+                raise
+            raise ValueError(self._memory_message(on_cuda, err)) from err
         finally:
             restore_rng_states(rng_states)
         self._push_weights(policy)

@@ -109,7 +109,8 @@ class CallableReward(OutcomeVerifier):
 
         Raises:
             ValueError: if the sequences differ in length.
-            RewardFunctionError: the function raised or returned a non-number (NaN and ±inf included).
+            RewardFunctionError: the function raised (``SystemExit`` included) or returned a non-number (NaN and
+                ±inf included).
         """
         rows = [{}] * len(completions) if rows is None else rows
         if not len(completions) == len(golds) == len(rows):
@@ -120,6 +121,10 @@ class CallableReward(OutcomeVerifier):
     def _one(self, index: int, completion: str, gold: str, row: Mapping[str, Any]) -> Verdict:
         try:
             value = self._function(completion, gold, **row)
+        except SystemExit as err:  # sys.exit() / exit() in the function: it must not end the run without a word
+            raise RewardFunctionError(f"reward function {self.function_path} called sys.exit({err.code!r}) on row "
+                                      f"{index}; a reward function must return a float (raise an exception to stop "
+                                      "training)") from err
         except Exception as err:  # noqa: BLE001 - re-raised with the function's name
             raise RewardFunctionError(f"reward function {self.function_path} raised {type(err).__name__} on row "
                                       f"{index}: {err}; it is called as f(completion, answer, "

@@ -10,6 +10,12 @@ first logger (``<default_root_dir>/checkpoints`` without a logger), one folder s
 run, so that rerunning the same command with ``--ckpt_path last`` (a requeued job) finds ``last.ckpt``. When there is
 no checkpoint yet (the job's first start), ``--ckpt_path last`` warns and starts at step 0; it raises when the run
 can never resume (no ``ModelCheckpoint`` with ``save_last``) or when the folder holds checkpoints but no ``last``.
+
+Unlike LightningCLI, ``--ckpt_path FILE`` does not replace the YAML and command-line settings with the checkpoint's
+hyper-parameters: the given values take effect, differences are listed in one warning, and a LoRA change that the
+checkpoint cannot be loaded with is refused by name (:mod:`prpo_lightning.runtime.resume_check`). Every checkpoint file is
+checked against its checksums before it is loaded (:func:`~prpo_lightning.runtime.checkpoint.verify_checkpoint`). A ``fit``
+run locks its checkpoint folders (:mod:`prpo_lightning.runtime.run_lock`) and claims its ``version_N`` log folder atomically.
 """
 
 from __future__ import annotations
@@ -27,9 +33,14 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from prpo_lightning.callbacks.batch_checks import BatchChecks
 from prpo_lightning.callbacks.progress import StepProgressBar
-from prpo_lightning.runtime.checkpoint import AtomicCheckpointIO
+from prpo_lightning.runtime.checkpoint import AtomicCheckpointIO, verify_checkpoint
 from prpo_lightning.module import PRPOModule
+from prpo_lightning.runtime.resume_check import check_resume_settings, checkpoint_hyperparameters, describe_differences
+from prpo_lightning.runtime.run_lock import RunLock, claim_log_version
+
+_RUN_STARTED = False  # set when a subcommand starts running (see main)
 
 #: Files that a run writes before it has done anything (a failed run with only these leaves no ``version_N``).
 SETUP_FILES = frozenset({"config.yaml", "hparams.yaml"})
@@ -107,7 +118,8 @@ class PRPOCLI(LightningCLI):
 
     On top of Lightning's CLI: checkpoints are written atomically
     (:class:`~prpo_lightning.runtime.checkpoint.AtomicCheckpointIO`, unless the config installs another ``CheckpointIO``);
-    ``ModelCheckpoint`` callbacks without a ``dirpath`` save to :func:`checkpoint_root`; ``--ckpt_path last`` is
+    ``ModelCheckpoint`` callbacks without a ``dirpath`` save to :func:`checkpoint_root`; every batch is checked for
+    repeated prompt ids (:class:`~prpo_lightning.callbacks.BatchChecks`); ``--ckpt_path last`` is
     checked (see the module docstring); Lightning's default progress bar is replaced by :class:`StepProgressBar`;
     repetitive warnings are shown once (:func:`quiet_repeated_warnings`); a run that fails before producing
     anything removes its empty ``version_N`` folder.
@@ -125,6 +137,8 @@ class PRPOCLI(LightningCLI):
         for i, callback in enumerate(callbacks):  # Lightning's default bar (TQDM or Rich): count steps instead
             if type(callback) in (TQDMProgressBar, RichProgressBar) and not self._bar_configured(type(callback)):
                 callbacks[i] = StepProgressBar()  # every step (RL steps take seconds; Lightning may pick 100)
+        if not any(isinstance(c, BatchChecks) for c in callbacks):
+            callbacks.insert(0, BatchChecks())  # repeated prompt ids in a batch, from any data module
         return trainer
 
     def _bar_configured(self, bar_type: type[ProgressBar]) -> bool:
@@ -133,23 +147,64 @@ class PRPOCLI(LightningCLI):
         listed = config.get("trainer.callbacks") or []
         return any(str(getattr(c, "class_path", "")).endswith("." + bar_type.__name__) for c in listed)
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI loads the checkpoint's hyper-parameters over the parsed config here; ``prpo-fit`` keeps the
+        config as given and only checks the file (the settings are compared once the model exists)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            verify_checkpoint(ckpt_path)  # before any model loads: a damaged file is refused at once
+
     def before_fit(self) -> None:
-        """Resolve ``--ckpt_path last`` (see the module docstring)."""
+        """Lock the checkpoint folders, resolve ``--ckpt_path last`` (see the module docstring), compare settings."""
         config = self.config_init[self.subcommand]
+        if self.trainer.is_global_zero:
+            for folder in sorted({str(c.dirpath) for c in self.trainer.checkpoint_callbacks
+                                  if isinstance(c, ModelCheckpoint) and c.dirpath is not None}):
+                lock = RunLock(folder)
+                lock.acquire()
+                self._locks.append(lock)
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = resolve_last_checkpoint(self.trainer)
+        self._compare_with_checkpoint(config.get("ckpt_path"), fit=True)
+
+    def before_validate(self) -> None:
+        self._compare_with_checkpoint(self.config_init[self.subcommand].get("ckpt_path"), fit=False)
+
+    def before_test(self) -> None:
+        self._compare_with_checkpoint(self.config_init[self.subcommand].get("ckpt_path"), fit=False)
+
+    def _compare_with_checkpoint(self, ckpt_path: str | None, fit: bool) -> None:
+        """Refuse LoRA settings the checkpoint cannot be loaded with; warn once about every other difference."""
+        if not ckpt_path or not os.path.isfile(ckpt_path):
+            return
+        verify_checkpoint(ckpt_path)
+        effective, not_applied = check_resume_settings(self.model.hparams, checkpoint_hyperparameters(ckpt_path),
+                                                       ckpt_path, fit=fit)
+        message = describe_differences(ckpt_path, effective, not_applied)
+        if message:
+            rank_zero_warn(message)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        global _RUN_STARTED
+        _RUN_STARTED = True  # from here on a ValueError is a failure of the run, not of the config (see main)
+        self._locks: list[RunLock] = []
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:  # two runs started together must not share a version_N
+                claim_log_version(logger)
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
             remove_empty_log_dir(self.trainer)
             raise
+        finally:
+            for lock in self._locks:
+                lock.release()
 
 
 def resolve_last_checkpoint(trainer: L.Trainer) -> str | None:
-    """What ``--ckpt_path last`` means for ``trainer``: ``"last"`` when a ``last*.ckpt`` exists (Lightning then
-    loads the newest), None with a warning when no checkpoint exists yet.
+    """What ``--ckpt_path last`` means for ``trainer``: the newest ``last*.ckpt`` (by modification time, as
+    Lightning picks it) when one exists, None with a warning when no checkpoint exists yet.
 
     Raises:
         ValueError: when no ``ModelCheckpoint`` saves ``last.ckpt`` (the run could never resume), or when the
@@ -165,7 +220,7 @@ def resolve_last_checkpoint(trainer: L.Trainer) -> str | None:
     dirs = sorted({str(c.dirpath) for c in callbacks if c.dirpath is not None})
     found = {p for c in callbacks for p in c._find_last_checkpoints(trainer)}
     if found:
-        return "last"
+        return max(found, key=os.path.getmtime)
     others = [p for d in dirs if os.path.isdir(d) for p in sorted(os.listdir(d)) if p.endswith(".ckpt")]
     if others:
         raise ValueError(
@@ -203,9 +258,45 @@ def cli_main(args: ArgsType = None, run: bool = True) -> PRPOCLI:
     )
 
 
+#: Errors whose message names the setting or file and the fix: ``prpo-fit`` prints the message as its first line
+#: (``prpo-fit: error: ...``) instead of a traceback that ends with it, and exits with status 2. A ``ValueError``
+#: or ``FileNotFoundError`` counts as one while the config is parsed and the classes are built (before the
+#: subcommand runs); the named errors below count at any time.
+NAMED_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _named_errors() -> tuple[type[BaseException], ...]:
+    from prpo_lightning.runtime.checkpoint import CheckpointDamagedError
+    from prpo_lightning.data import DataFileError
+    from prpo_lightning.runtime.prompt_ids import DuplicatePromptIdError
+    from prpo_lightning.runtime.resume_check import ResumeSettingsError
+    from prpo_lightning.runtime.run_lock import CheckpointFolderLockedError
+
+    return NAMED_ERRORS + (CheckpointDamagedError, CheckpointFolderLockedError, DataFileError, DuplicatePromptIdError,
+                           ResumeSettingsError)
+
+
 def main() -> None:
-    """Console-script entry point ``prpo-fit``: runs the CLI and exits with status 0 on success."""
-    cli_main()
+    """Console-script entry point ``prpo-fit``: runs the CLI and exits with status 0 on success.
+
+    A configuration or input error (see :data:`NAMED_ERRORS`) prints ``prpo-fit: error: <message>`` first and exits
+    with status 2; set ``PRPO_TRACEBACK=1`` to see its traceback too. Any other exception keeps its traceback.
+    """
+    import sys
+    import traceback
+
+    try:
+        cli_main()
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a named configuration/input error
+        config_phase = not _RUN_STARTED and isinstance(err, (ValueError, FileNotFoundError))
+        if not (config_phase or isinstance(err, _named_errors())):
+            raise
+        sys.stderr.write(f"prpo-fit: error: {err}\n")
+        if os.environ.get("PRPO_TRACEBACK") == "1":
+            traceback.print_exc()
+        else:
+            sys.stderr.write(f"({type(err).__name__}; set PRPO_TRACEBACK=1 for the traceback)\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from prpo_lightning.runtime.prompt_ids import DuplicatePromptIdError, check_unique_ids  # noqa: F401  (re-exported)
+
 
 class DataFileError(ValueError):
     """A data file has a bad row; the message names the file and the 1-based line number."""
+
+
+#: JSON types accepted as a gold answer (numbers become their text, as in the amc23 file).
+ANSWER_TYPES = (str, int, float)
 
 
 def read_jsonl(
@@ -39,14 +45,23 @@ def read_jsonl(
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        DataFileError: on broken JSON, a missing field or an empty problem/answer, naming file and line.
+        DataFileError: on broken JSON, text that is not UTF-8, a missing field, an empty problem/answer, a problem
+            that is not a string or an answer that is not a string or a number (null, true/false, a list or an
+            object), naming file and line.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFileError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the "
+                    "line). Fix: re-save the file as UTF-8."
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -55,10 +70,18 @@ def read_jsonl(
                 raise DataFileError(f"{path}:{lineno}: broken JSON ({err.msg})") from err
             if not isinstance(obj, dict):
                 raise DataFileError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            for key in (problem_key, answer_key):
+            checks = ((problem_key, (str,), "a string"), (answer_key, ANSWER_TYPES, "a string or a number"))
+            for key, types, kinds in checks:
                 if key not in obj:
                     raise DataFileError(f"{path}:{lineno}: missing field {key!r}")
-                if not str(obj[key]).strip():
+                value = obj[key]
+                if not isinstance(value, types) or isinstance(value, bool):
+                    raise DataFileError(
+                        f"{path}:{lineno}: field {key!r} is {json.dumps(value)[:80]} ({_json_type(value)}); it must "
+                        f"be {kinds}. Fix the row (a gold answer is compared as text: write e.g. \"[1, 2]\" with "
+                        "quotes)."
+                    )
+                if not str(value).strip():
                     raise DataFileError(f"{path}:{lineno}: empty field {key!r}")
             row = {"id": len(rows), "problem": str(obj[problem_key]), "answer": str(obj[answer_key])}
             row.update({k: obj[k] for k in keep_keys if k in obj})
@@ -66,6 +89,11 @@ def read_jsonl(
     if not rows:
         raise DataFileError(f"{path}: no rows")
     return rows
+
+
+def _json_type(value: Any) -> str:
+    names = {type(None): "null", bool: "true/false", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 class PromptDataset(Dataset):
@@ -82,11 +110,16 @@ class PromptDataset(Dataset):
 
 
 def collate_prompts(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Collate problem rows into a prompt batch; extra fields become lists."""
+    """Collate problem rows into a prompt batch; extra fields become lists.
+
+    Raises:
+        DuplicatePromptIdError: two rows share an ``id`` (:func:`check_unique_ids`).
+    """
     out: dict[str, Any] = {"id": torch.tensor([int(r["id"]) for r in rows], dtype=torch.long)}
     for key in rows[0]:
         if key != "id":
             out[key] = [r.get(key) for r in rows]
+    check_unique_ids(out, "collate_prompts")
     return out
 
 

@@ -11,11 +11,16 @@ Three ways:
 
 Under ``model.lora`` the adapters are merged into the base weights (``W + (α / r)·B A``) and a plain model is
 written. The result loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and ``AutoTokenizer.from_pretrained(OUT_DIR)``.
+
+A checkpoint file is checked against its checksums first (:func:`~prpo_lightning.runtime.checkpoint.verify_checkpoint`): a
+damaged file, or a file that is not a checkpoint, is refused by name. Exported files get the permissions of any new
+file (``0666`` less the umask, usually ``0644``), not the ``0600`` of the temporary files they are written through.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from prpo_lightning.runtime.checkpoint import CheckpointDamagedError, verify_checkpoint
 from prpo_lightning.training.lora import apply_lora, as_lora_config, is_lora, merged_model
 from prpo_lightning.runtime.models import load_causal_lm, load_tokenizer, resolve_model_path, torch_dtype
 
@@ -42,7 +48,17 @@ def export_policy(policy: torch.nn.Module, tokenizer: Any, out_dir: str | Path, 
     policy.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    normal_permissions(out)
     return out
+
+
+def normal_permissions(out_dir: Path) -> None:
+    """Give every file in ``out_dir`` the mode of a newly created file (``0666`` less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(out_dir).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def _load_lightning_checkpoint(path: Path) -> dict[str, Any]:
@@ -53,8 +69,9 @@ def _load_lightning_checkpoint(path: Path) -> dict[str, Any]:
             single = Path(tmp) / "collated.ckpt"
             convert_zero_checkpoint_to_fp32_state_dict(str(path), str(single))
             return torch.load(single, map_location="cpu", weights_only=False)
-    import prpo_lightning.runtime.checkpoint  # noqa: F401  (registers the config dataclasses as safe globals)
-
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    verify_checkpoint(path)  # also registers the config dataclasses as safe globals (module import)
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -70,6 +87,7 @@ def export_checkpoint(
         dtype: parameter dtype of the export (default: the training dtype).
 
     Raises:
+        CheckpointDamagedError: the file does not match its checksums or is not a checkpoint.
         ValueError: if the checkpoint holds no policy weights or no model hyper-parameters.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -158,6 +176,7 @@ class HFExportCallback(L.Callback):
         policy.save_pretrained(out, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
+        normal_permissions(out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -168,7 +187,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer name/path (default: from the checkpoint)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    out = export_checkpoint(args.ckpt, args.out_dir, args.tokenizer, args.dtype)
+    try:
+        out = export_checkpoint(args.ckpt, args.out_dir, args.tokenizer, args.dtype)
+    except (CheckpointDamagedError, FileNotFoundError, ValueError) as err:
+        parser.error(str(err))  # the message first, exit status 2
     print(f"exported the policy to {out}")
 
 

@@ -172,3 +172,75 @@ def test_teardown_releases_vllm_and_a_new_engine_samples_the_same(setup):
     assert second_engine.llm is None and gc.get_freeze_count() == 0
     assert_same(first, second)
     assert torch.equal(first.sampler_logprobs, second.sampler_logprobs)
+
+
+# ---------------------------------------------------------------- start-up checks (issue 27, item 9)
+@pytest.mark.parametrize(("kwargs", "named"), [
+    (dict(kv_cache_memory_gib=0.0005, max_model_len=256), r"kv_cache_memory_gib 0\.0005 and max_model_len 256"),
+    (dict(gpu_memory_utilization=0.0001, max_model_len=256),
+     r"gpu_memory_utilization 0\.0001 \(a fraction of host RAM"),
+])
+def test_tiny_cpu_memory_settings_get_our_message(kwargs, named, tmp_path):
+    tok = load_tokenizer(build_char_tokenizer(tmp_path / "tok"))
+    model = load_causal_lm(config=qwen2_config(len(tok)), seed=0).eval()
+    engine = VLLMEngine(**kwargs)
+    with pytest.raises(ValueError, match=rf"VLLMEngine: vLLM could not fit its KV cache with model\.engine\.{named}.*"
+                                         r"Fix: .*vLLM said: "):
+        engine.setup(model, tok)
+    engine.teardown()
+
+
+def test_model_folder_of_a_killed_run_is_removed_by_the_next_start(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(tmp_path.parent)!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
+from test_engines_vllm import qwen2_config
+from helpers import build_char_tokenizer
+from pathlib import Path
+from components.engines import VLLMEngine
+from prpo_lightning.runtime.models import load_causal_lm, load_tokenizer
+tok = load_tokenizer(build_char_tokenizer(Path({str(tmp_path / 'tok')!r})))
+engine = VLLMEngine(kv_cache_memory_gib=0.25, max_model_len=256)
+engine.setup(load_causal_lm(config=qwen2_config(len(tok)), seed=0).eval(), tok)
+print(engine._model_dir.name, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    left = proc.stdout.strip().splitlines()[-1]
+    assert os.path.isdir(left) and os.path.basename(left).startswith(f"prpo_vllm_{socket.gethostname()}_")
+    assert os.path.dirname(left) == tempfile.gettempdir()
+    tok = load_tokenizer(build_char_tokenizer(tmp_path / "tok2"))
+    engine = VLLMEngine(kv_cache_memory_gib=0.25, max_model_len=256)
+    engine.setup(load_causal_lm(config=qwen2_config(len(tok)), seed=0).eval(), tok)
+    try:
+        assert not os.path.exists(left)  # the killed run's folder went when this engine started
+    finally:
+        engine.teardown()
+
+
+def test_rotary_reload_warning_is_shown_once_not_at_every_sync(setup):
+    import logging
+
+    model, _, engine, _, _ = setup
+    shown: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            shown.append(record.getMessage())
+
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")  # vLLM's logger of the warning
+    handler = Record(level=logging.WARNING)
+    log.addHandler(handler)
+    try:
+        for _ in range(3):
+            engine.sync_weights(model)
+    finally:
+        log.removeHandler(handler)
+    assert shown.count("RotaryEmbedding: Failed to load weights") <= 1  # before: one per sync

@@ -1,7 +1,9 @@
-"""Lightning callbacks: held-out math evaluation, training curves and a step-counting progress bar."""
+"""Lightning callbacks: held-out math evaluation, training curves, a step-counting progress bar and batch checks."""
+
+from prpo_lightning.callbacks.batch_checks import BatchChecks
 
 from prpo_lightning.callbacks.curves import TrainingCurves
 from prpo_lightning.callbacks.evaluation import MathEvalCallback
 from prpo_lightning.callbacks.progress import StepProgressBar
 
-__all__ = ["MathEvalCallback", "StepProgressBar", "TrainingCurves"]
+__all__ = ["BatchChecks", "MathEvalCallback", "StepProgressBar", "TrainingCurves"]

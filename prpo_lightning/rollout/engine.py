@@ -175,6 +175,14 @@ class RolloutEngine(ABC):
         self.policy, self.tokenizer, self.lockstep = policy, tokenizer, lockstep
         self.device = device if device is not None else next(policy.parameters()).device
 
+    def check_sampling(self, sampling: Any) -> None:
+        """Refuse sampling settings (a :class:`~prpo_lightning.config.SamplingConfig`) that this engine cannot
+        serve, before anything starts (the module calls it when it is built). Default: accept.
+
+        Raises:
+            ValueError: naming the engine setting and the sampling settings it conflicts with.
+        """
+
     def sync_weights(self, policy: torch.nn.Module, version: int | None = None) -> None:
         """Make the engine sample from ``policy``'s current weights. Call after every optimizer step and after
         loading a checkpoint, on every rank.

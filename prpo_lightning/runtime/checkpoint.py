@@ -4,7 +4,16 @@
 disk (``fsync``), and only then renames it over the target with :func:`os.replace`, which is atomic on POSIX
 file systems; finally the directory entry is synced. A process killed at any moment therefore leaves either
 the previous checkpoint or the new one at ``path``, never a truncated file (a stray ``*.tmp-<pid>`` file may
-remain; it is ignored and cleaned up by the next save of the same path).
+remain; it is ignored and removed by the next save of the same path once process ``<pid>`` has ended: a save
+never deletes the temporary file of another live run).
+
+**Integrity.** ``torch.save`` writes a zip archive with a CRC-32 checksum of every record (the pickled structure and
+each tensor's bytes). :func:`verify_checkpoint` checks them all, and the archive's structure, before a checkpoint
+is loaded: ``AtomicCheckpointIO.load_checkpoint`` (so ``--ckpt_path``), ``prpo-fit``'s ``--ckpt_path`` before any
+model is built, and ``prpo-export``. A damaged file (zeroed or random bytes, truncation) is refused with a
+:class:`CheckpointDamagedError` naming it and the next-newest intact checkpoint of its folder. The checksums travel
+inside the file, so copies, ``save_last`` links and moved files stay verifiable, and no crash can leave a
+checkpoint and a separate checksum file out of step. Verifying reads the whole file once more.
 
 ``prpo-fit`` installs it by default (``trainer.plugins``). It applies to single-file checkpoints (single
 device, DDP). DeepSpeed writes sharded checkpoint *directories* through its own engine; there, keep more than
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +47,98 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid_text: str) -> bool:
+    """Whether the process with this pid (as text) runs on this machine; False for a non-number."""
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return False  # our own earlier, interrupted save
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint file whose content does not match its checksums (or is not a checkpoint at all)."""
+
+
+def _damage(path: str) -> str | None:
+    """Why the checkpoint file ``path`` is damaged, or None when every record matches its CRC-32."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":
+                return "it is not a torch checkpoint archive (no zip header): truncated, overwritten or another format"
+        with zipfile.ZipFile(path) as archive:
+            if not any(n.endswith("data.pkl") for n in archive.namelist()):
+                return "it is a zip archive but not a torch checkpoint (no data.pkl)"
+            bad = archive.testzip()
+    except OSError as err:
+        return f"it cannot be read ({type(err).__name__}: {err})"
+    except Exception as err:  # noqa: BLE001  (zipfile raises BadZipFile, UnicodeDecodeError, struct.error, ...)
+        return f"its archive structure is damaged ({type(err).__name__}: {err})"
+    if bad is not None:
+        return f"record {bad!r} does not match its CRC-32 checksum (the file was changed after it was written)"
+    return None
+
+
+#: (path, size, mtime_ns, inode) of files verified intact by this process: a file is verified once per version.
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check a local single-file checkpoint against the CRC-32 checksums stored in it (see the module docstring).
+
+    Directories (DeepSpeed's sharded checkpoints) and remote paths are not checked.
+
+    Raises:
+        CheckpointDamagedError: naming ``path``, what is wrong and the next-newest intact checkpoint in its folder.
+    """
+    path = str(path)
+    if "://" in path or not os.path.isfile(path):
+        return
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key in _VERIFIED:
+        return
+    why = _damage(path)
+    if why is None:
+        _VERIFIED.add(key)
+        return
+    good = next_intact_checkpoint(path)
+    hint = (f"The next-newest intact checkpoint in that folder is {good}: resume with --ckpt_path {good}."
+            if good else "No other intact checkpoint is in that folder.")
+    raise CheckpointDamagedError(f"checkpoint {path} is damaged: {why}. Refusing to load it. {hint}")
+
+
+def next_intact_checkpoint(bad: str | os.PathLike) -> str | None:
+    """The newest ``*.ckpt`` file in ``bad``'s folder (by modification time) that passes :func:`verify_checkpoint`,
+    other than ``bad`` and links to it; None if there is none."""
+    bad_real = os.path.realpath(bad)
+    folder = os.path.dirname(str(bad)) or "."  # relative stays relative in the message
+    candidates = []
+    for name in os.listdir(folder):
+        p = os.path.join(folder, name)
+        if name.endswith(".ckpt") and os.path.isfile(p) and os.path.realpath(p) != bad_real:
+            candidates.append((os.path.getmtime(p), p))
+    for _, p in sorted(candidates, reverse=True):
+        if _damage(p) is None:
+            return p
+    return None
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a partially written ``path`` behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in glob.glob(glob.escape(str(path)) + ".tmp-*"):  # left by an earlier killed save
+        if _pid_alive(stale.rsplit(".tmp-", 1)[1]):
+            continue  # another live process is writing it (two runs in one folder): never delete its file
         try:
             os.remove(stale)
         except OSError:
@@ -72,6 +169,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's load, after :func:`verify_checkpoint` (a damaged file is refused by name)."""
+        verify_checkpoint(path)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 #: Where each config class lived before the layout of issue 21: checkpoints written then name these paths.

@@ -62,6 +62,9 @@ def guarded_call(kind: str, component: Any, method: str, call: Callable[[], T], 
     name = type(component).__name__
     try:
         return call()
+    except SystemExit as err:  # sys.exit() in a component must not end the run without a word
+        raise ComponentError(f"{kind} {name}.{method} called sys.exit({err.code!r}): a component must return its "
+                             f"result or raise an exception, never exit the process. Fix {name}.{method}.") from err
     except PROGRAMMING_ERRORS as err:
         raise _programming_error(kind, component, method, err) from err
     except ComponentContractError:

@@ -53,18 +53,43 @@ def apply_lora(model: torch.nn.Module, config: LoRAConfig, seed: int) -> torch.n
 
     Raises:
         ImportError: PEFT is not installed (``pip install prpo-lightning[lora]``).
-        ValueError: no module of the model matches ``target_modules``.
+        ValueError: an entry of ``target_modules`` matches no module of the model (:func:`check_target_modules`).
     """
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
         raise ImportError("model.lora needs PEFT: pip install 'prpo-lightning[lora]'") from err
     targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    check_target_modules(model, targets)
     peft_config = LoraConfig(r=int(config.r), lora_alpha=float(config.alpha), lora_dropout=float(config.dropout),
                              target_modules=targets, task_type="CAUSAL_LM", bias="none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, peft_config)
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str] | str) -> None:
+    """Every entry of a ``target_modules`` list must name at least one module of ``model``.
+
+    PEFT adapts a module when its name equals an entry or ends with ``"." + entry``, and raises only when *no*
+    entry matches: a misspelt entry next to correct ones would be skipped without a word. A string is PEFT's
+    ``all-linear`` or a regular expression (PEFT itself refuses one that matches nothing).
+
+    Raises:
+        ValueError: naming the entries that match nothing and the module names available to target.
+    """
+    if isinstance(targets, str):
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if name and not list(m.children()) and any(True for _ in m.parameters(recurse=False))})
+        raise ValueError(
+            f"model.lora.target_modules: {unmatched} match no module of {type(model).__name__}, so they would get no "
+            f"adapters. Module names available: {leaves} (an entry matches a module whose name equals it or ends "
+            "with '.<entry>'). Fix the spelling, or use 'all-linear'."
+        )
 
 
 def trainable_state_keys(model: torch.nn.Module, prefix: str = "") -> set[str]:
