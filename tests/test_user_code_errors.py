@@ -16,7 +16,8 @@ from helpers import tiny_qwen2_config
 from test_resume import REPO, cli_fit_args, tokenizer_dir
 
 from prpo_lightning.cli import cli_main
-from prpo_lightning.scoring.faults import ComponentError, GuardedPRM, GuardedVerifier
+from prpo_lightning.scoring.faults import ComponentError
+from prpo_lightning.scoring.pipeline import guarded_call
 from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict
 
 
@@ -52,17 +53,17 @@ def test_sys_exit_in_a_reward_function_is_a_named_error(tmp_path, tok):
 
 
 def test_sys_exit_in_a_verifier_or_prm_is_a_named_error():
+    verifier = ExitingVerifier()
     with pytest.raises(ComponentError, match=r"verifier ExitingVerifier\.verify_batch called sys\.exit\('no more'\)"):
-        GuardedVerifier(ExitingVerifier()).verify_batch(["a"], ["b"])
+        guarded_call("verifier", verifier, "verify_batch", lambda: verifier.verify_batch(["a"], ["b"]), 1)
 
     class ExitingPRM:
-        requires_reference = requires_rollout_logprobs = False
-
         def score(self, batch, tokenizer):
             sys.exit(0)
 
+    prm = ExitingPRM()
     with pytest.raises(ComponentError, match=r"PRM ExitingPRM\.score called sys\.exit\(0\)"):
-        GuardedPRM(ExitingPRM()).score(None, None)
+        guarded_call("PRM", prm, "score", lambda: prm.score(None, None), 1)
 
 
 @pytest.mark.slow
