@@ -233,6 +233,10 @@ class PRPOModule(RolloutHooks, EvaluationHooks, L.LightningModule):
         zero3 = zero3_config(self._trainer)
         with transformers_zero3(zero3):  # under ZeRO-3 transformers initialises/loads the partitioned weights
             self.policy = load_causal_lm(hp.policy, hp.policy_config, dtype=hp.dtype, seed=hp.seed, sampling=self.sampling)
+        # from_pretrained returns eval mode; the policy trains in train mode (activation checkpointing only acts in
+        # train mode, and Lightning warns about modules left in eval mode). Sampling and no-grad log-prob passes
+        # switch to eval mode and back themselves.
+        self.policy.train()
         if hp.gradient_checkpointing:
             enable_activation_checkpointing(self.policy)
             self.policy.config.use_cache = False
