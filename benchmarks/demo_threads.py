@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -72,20 +73,27 @@ def run_cell(threads: int, busy: int, steps: int, busy_seconds: float, log_root:
             p.wait()
     versions = sorted((log_root / name).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     per_step = step_seconds(versions[-1] / "metrics.csv")
+    acc = re.search(r"before RL ([0-9.]+)% -> after RL ([0-9.]+)%", proc.stdout + proc.stderr)
     return {
         "threads": threads, "busy_loops": busy, "steps": len(per_step), "wall_s": round(wall, 1),
-        "step_s_median": round(statistics.median(per_step), 3), "steps_per_s": round(1 / statistics.median(per_step), 3),
-        "step_s_max": round(max(per_step), 3), "load1_before": round(load_before, 2), "load1_after": round(load_after, 2),
+        "step_s_median": round(statistics.median(per_step), 3),
+        "steps_per_s": round(1 / statistics.median(per_step), 3), "step_s_max": round(max(per_step), 3),
+        "load1_before": round(load_before, 2), "load1_after": round(load_after, 2),
+        "accuracy_before": float(acc.group(1)) if acc else None,
+        "accuracy_after": float(acc.group(2)) if acc else None,
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| cores | OMP threads | RL step (median s) | steps/s | slowest step (s) | whole run (s) | load avg 1 min before → after |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| cores | OMP threads | RL step (median s) | steps/s | slowest step (s) | whole run (s) | "
+             "load avg 1 min before → after | held-out before → after |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["cells"]:
         load = "idle" if not r["busy_loops"] else f"{r['busy_loops']} busy loops"
         lines.append(f"| {load} | {r['threads']} | {r['step_s_median']:.2f} | {r['steps_per_s']:.2f} | "
-                     f"{r['step_s_max']:.2f} | {r['wall_s']:.0f} | {r['load1_before']:.1f} → {r['load1_after']:.1f} |")
+                     f"{r['step_s_max']:.2f} | {r['wall_s']:.0f} | "
+                     f"{r['load1_before']:.1f} → {r['load1_after']:.1f} | "
+                     f"{r['accuracy_before']}% → {r['accuracy_after']}% |")
     m = result["machine"]
     return ("\n".join(lines) + f"\n\n{result['steps']} RL steps of the demo per cell (32 prompts × 8 rollouts), "
             f"evaluations at the start and the end included in the whole-run time. CPU: {m.get('cpu')}, "

@@ -46,7 +46,7 @@ def test_unexpected_lines_catches_the_known_noise():
         "Loading weights: 100%|██████████| 50/50\n"
     )
     assert len(unexpected_lines(noise)) == 5
-    fine = "Seed set to 0\nstep: 100%|█| 2/2 [00:02<00:00, reward=-0.1]\r\n[prpo] held-out accuracy before RL: 42.0%\n"
+    fine = "Seed set to 0\nstep: 100%|█| 2/2 [00:02<00:00, reward=-0.1]\r\n[prpo] held-out accuracy: 42.0%\n"
     assert unexpected_lines(fine + "heldout    all         200        0    42.0\n") == []
 
 
@@ -64,3 +64,21 @@ def test_demo_first_steps_print_no_warning_line(tmp_path):
     assert unexpected_lines(output) == [], output[-6000:]
     assert "[prpo] held-out accuracy: before RL" in output
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))  # no SFT build
+
+
+def test_a_loaded_policy_trains_in_train_mode(tmp_path):
+    """``from_pretrained`` returns eval mode; PRPOModule puts the policy in train mode (Lightning's "modules in eval
+    mode" warning came from here, and activation checkpointing only acts in train mode). The reference stays frozen
+    in eval mode and is not a submodule."""
+    from test_resume import make_module, tokenizer_dir
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from helpers import tiny_qwen2_config
+
+    cfg = dict(tiny_qwen2_config(vocab_size=128, hidden=32, layers=2))
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(tmp_path / "p")
+    module = make_module(tokenizer_dir(tmp_path), policy=str(tmp_path / "p"), policy_config=None)
+    module.configure_model()
+    assert all(m.training for m in module.policy.modules())
+    assert not any(name.startswith("_reference") for name, _ in module.named_modules())
+    assert module._reference is not None and not module._reference.training

@@ -119,7 +119,8 @@ def test_compare_verdicts(tmp_path, capsys):
 def test_wheel_holds_the_shipped_policy_and_an_spdx_license(tmp_path):
     """A normal (non-editable) install gets the policy: the wheel built with the pinned setuptools holds it."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(REPO)],
         capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
