@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -61,9 +62,11 @@ def run_cell(threads: int, busy: int, steps: int, busy_seconds: float, log_root:
         cmd = [str(Path(sys.executable).parent / "prpo-fit"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
                f"--trainer.max_steps={steps}", f"--trainer.logger.init_args.save_dir={log_root}",
                f"--trainer.logger.init_args.name={name}"]
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=str(ROOT))
         wall = time.perf_counter() - start
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         if proc.returncode != 0:
             raise RuntimeError(f"demo run failed ({name}):\n{proc.stderr[-3000:]}")
         load_after = os.getloadavg()[0]
@@ -76,6 +79,7 @@ def run_cell(threads: int, busy: int, steps: int, busy_seconds: float, log_root:
     acc = re.search(r"before RL ([0-9.]+)% -> after RL ([0-9.]+)%", proc.stdout + proc.stderr)
     return {
         "threads": threads, "busy_loops": busy, "steps": len(per_step), "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
         "step_s_median": round(statistics.median(per_step), 3),
         "steps_per_s": round(1 / statistics.median(per_step), 3), "step_s_max": round(max(per_step), 3),
         "load1_before": round(load_before, 2), "load1_after": round(load_after, 2),
@@ -85,18 +89,18 @@ def run_cell(threads: int, busy: int, steps: int, busy_seconds: float, log_root:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| cores | OMP threads | RL step (median s) | steps/s | slowest step (s) | whole run (s) | "
+    lines = ["| load added | OMP threads | RL steps | RL step (median s) | steps/s | slowest step (s) | whole run (s) | "
              "load avg 1 min before → after | held-out before → after |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["cells"]:
-        load = "idle" if not r["busy_loops"] else f"{r['busy_loops']} busy loops"
-        lines.append(f"| {load} | {r['threads']} | {r['step_s_median']:.2f} | {r['steps_per_s']:.2f} | "
+        load = "no busy loop added" if not r["busy_loops"] else f"+{r['busy_loops']} busy loops"
+        lines.append(f"| {load} | {r['threads']} | {r['steps']} | {r['step_s_median']:.2f} | {r['steps_per_s']:.2f} | "
                      f"{r['step_s_max']:.2f} | {r['wall_s']:.0f} | "
                      f"{r['load1_before']:.1f} → {r['load1_after']:.1f} | "
                      f"{r['accuracy_before']}% → {r['accuracy_after']}% |")
     m = result["machine"]
-    return ("\n".join(lines) + f"\n\n{result['steps']} RL steps of the demo per cell (32 prompts × 8 rollouts), "
-            f"evaluations at the start and the end included in the whole-run time. CPU: {m.get('cpu')}, "
+    return ("\n".join(lines) + "\n\nEach cell: RL steps of the demo (32 prompts × 8 rollouts; the step count is in "
+            f"the json), evaluations at the start and the end included in the whole-run time. CPU: {m.get('cpu')}, "
             f"{m['cpu_count']} cores, torch {m['torch']}.\n")
 
 
@@ -108,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--busy", type=int, default=4, help="busy-loop processes for the loaded cells")
     ap.add_argument("--busy-seconds", type=float, default=900.0, help="each busy loop ends by itself after this")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the cells of an existing results file for the conditions not run now")
     args = ap.parse_args(argv)
     cells = []
     with tempfile.TemporaryDirectory(prefix="demo_threads_") as tmp:
@@ -117,7 +123,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cell = run_cell(threads, busy, args.steps, args.busy_seconds, Path(tmp))
                 print(json.dumps(cell), flush=True)
                 cells.append(cell)
-    result = {"steps": args.steps, "cells": cells, "machine": machine_info()}
+    old_file = args.out / "demo_threads.json"
+    if args.keep and old_file.exists():
+        ran = {(c["threads"], c["busy_loops"]) for c in cells}
+        kept = [c for c in json.loads(old_file.read_text(encoding="utf-8"))["cells"]
+                if (c["threads"], c["busy_loops"]) not in ran]
+        cells = sorted(kept + cells, key=lambda c: (c["busy_loops"], c["threads"]))
+    result = {"cells": cells, "machine": machine_info()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "demo_threads.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     (args.out / "demo_threads.md").write_text("# Demo speed: threads and load\n\n" + markdown(result), encoding="utf-8")
