@@ -1,5 +1,6 @@
 """The demo's console is quiet: ``prpo-fit fit --config configs/demo.yaml`` (its first steps) prints its own
-progress bars, evaluation tables and results, Lightning's three start-up lines, and nothing else: no warning,
+progress bars, evaluation tables and results, Lightning's three start-up lines and its end-of-fit line, and nothing
+else: no warning,
 deprecation, tip or accelerator note. Runs the installed ``prpo-fit`` console script in a fresh process, as a
 newcomer would, with an empty ``PRPO_CACHE``."""
 
@@ -21,6 +22,7 @@ ALLOWED = [re.compile(p) for p in (
     r"^$",
     r"^Seed set to \d+$",  # Lightning's seed_everything
     r"^(GPU|TPU|HPU) available: ",  # Lightning's device summary
+    r"^`Trainer\.fit` stopped: `max_steps=\d+` reached\.$",  # Lightning's end of fit
     r"^\[prpo\] ",  # the demo's own notes and results
     r"^step: ",  # the training progress bar
     r"^eval @ step \d+: ",  # the evaluation progress bar
