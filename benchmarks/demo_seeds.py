@@ -2,8 +2,8 @@
 
 One seed ``s`` runs ``prpo-fit fit --config configs/demo.yaml --seed_everything=s --model.seed=s --data.seed=s``
 (Lightning's global seed; the module's seed, which seeds rollout sampling per prompt group and step and the
-mini-batch shuffle; the training-prompt order). The demo policy's warm start is seeded by itself and cached, so
-the "before" accuracy is the same for every seed; RL is what varies. Runs are in this process, one after the
+mini-batch shuffle; the training-prompt order). The demo policy ships with the package (one warm start, the same
+on every machine), so the "before" accuracy is the same for every seed; RL is what varies. Runs are in this process, one after the
 other; the accuracies are read from the config's ``MathEvalCallback`` (its first and last evaluation).
 
 Usage::

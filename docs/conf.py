@@ -7,6 +7,7 @@ Build (warnings are errors, as in CI)::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -54,10 +55,22 @@ napoleon_attr_annotations = True
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 myst_heading_anchors = 3
 
+# -- Math: MathJax 3 served from the build itself (_static/mathjax), never from a CDN, so formulas render offline.
+# The files come from the pip package sphinx-mathjax-offline (a dev dependency, pinned in constraints.txt); its own
+# Sphinx extension is not used, only its files.
+_mathjax_spec = importlib.util.find_spec("sphinx-mathjax-offline")
+if _mathjax_spec is None or not _mathjax_spec.submodule_search_locations:
+    raise RuntimeError(
+        "the docs need the package sphinx-mathjax-offline (MathJax files for offline math). "
+        'Fix: pip install -c constraints.txt -e ".[dev]"'
+    )
+MATHJAX_STATIC = Path(next(iter(_mathjax_spec.submodule_search_locations))) / "static"  # holds mathjax/
+mathjax_path = "mathjax/tex-chtml.js"  # relative: Sphinx serves it from _static/
+
 # -- HTML
 html_theme = "furo"
 html_title = f"prpo-lightning {release}"
-html_static_path = ["_static"]
+html_static_path = ["_static", str(MATHJAX_STATIC)]
 html_show_sourcelink = False
 
 # Cross-references to external projects are not resolved (no network in CI); keep unresolved references quiet.

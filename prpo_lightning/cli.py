@@ -20,6 +20,7 @@ run locks its checkpoint folders (:mod:`prpo_lightning.runtime.run_lock`) and cl
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -49,9 +50,25 @@ SETUP_FILES = frozenset({"config.yaml", "hparams.yaml"})
 #: Messages (regular expressions matched at the start) of warnings that libraries repeat at every evaluation or
 #: save: each is shown the first time only.
 ONCE_WARNINGS = (
-    r".* cannot log tables; the completion sample is in samples\.md",  # CSVLogger, at every evaluation
     r"`past_key_values` is deprecated",  # transformers' FutureWarning, at every generate call
 )
+
+#: Third-party warnings that say nothing about a run, hidden by exact message, category and module (never a whole
+#: category): ``(message regex, category, module regex)``.
+THIRD_PARTY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # torch 2.13 deprecates LeafSpec; Lightning 2.6's own _pytree helper still builds one when moving a batch
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+)
+
+#: Third-party log records that say nothing about a run, hidden by logger name and message start.
+THIRD_PARTY_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
+    # Lightning's advertisement for litlogger / litmodels at every fit (logged through rank_zero_info)
+    "lightning.pytorch.utilities.rank_zero": ("💡 Tip: For seamless cloud",),
+    "lightning.fabric.utilities.rank_zero": ("💡 Tip: For seamless cloud",),
+    "lightning_utilities.core.rank_zero": ("💡 Tip: For seamless cloud",),
+    # DeepSpeed's accelerator detection on a machine without a GPU (transformers imports DeepSpeed when installed)
+    "DeepSpeed": ("Setting accelerator to CPU.",),
+}
 
 
 class _ShowOnce:
@@ -75,6 +92,28 @@ class _ShowOnce:
                 return
             self.seen.add(pattern)
         self.show(message, category, filename, lineno, file, line)
+
+
+class _DropMessages(logging.Filter):
+    """Logging filter dropping the records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+def quiet_third_party_notices() -> None:
+    """Hide the third-party notices of :data:`THIRD_PARTY_WARNINGS` and :data:`THIRD_PARTY_LOG_MESSAGES`, each
+    selected by its exact message; every other warning and log record is untouched. Idempotent."""
+    for message, category, module in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, prefixes in THIRD_PARTY_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)  # the library's logger (created now if it is not imported yet)
+        if not any(isinstance(f, _DropMessages) and f.prefixes == prefixes for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
 
 
 def quiet_repeated_warnings() -> None:
@@ -121,7 +160,8 @@ class PRPOCLI(LightningCLI):
     ``ModelCheckpoint`` callbacks without a ``dirpath`` save to :func:`checkpoint_root`; every batch is checked for
     repeated prompt ids (:class:`~prpo_lightning.callbacks.BatchChecks`); ``--ckpt_path last`` is
     checked (see the module docstring); Lightning's default progress bar is replaced by :class:`StepProgressBar`;
-    repetitive warnings are shown once (:func:`quiet_repeated_warnings`); a run that fails before producing
+    repetitive warnings are shown once (:func:`quiet_repeated_warnings`) and a few third-party notices not at all
+    (:func:`quiet_third_party_notices`); a run that fails before producing
     anything removes its empty ``version_N`` folder.
     """
 
@@ -248,6 +288,7 @@ def cli_main(args: ArgsType = None, run: bool = True) -> PRPOCLI:
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help shows the field docstrings of config.py
     quiet_repeated_warnings()
+    quiet_third_party_notices()
     return PRPOCLI(
         PRPOModule,
         L.LightningDataModule,

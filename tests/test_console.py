@@ -52,7 +52,7 @@ def test_console_of_a_run_and_its_resume(tmp_path):
     assert re.search(r"\[prpo\] held-out accuracy: before RL .* -> after RL .*\(.* points, 2 problems\)", first)
     # warnings that used to repeat at every evaluation or checkpoint save
     assert "Using ModelCheckpoint with manual optimization" not in first  # 13 lines at every save
-    assert first.count("cannot log tables") == 1  # CSVLogger note: 4 evaluations, shown once
+    assert "cannot log tables" not in first  # CSVLogger: samples.md is the table, no note at every evaluation
     assert first.count("`past_key_values` is deprecated and will be removed") <= 1
     assert first.count("STARTS AT STEP 0") == 1  # first start of a requeued job: said once, loudly
 

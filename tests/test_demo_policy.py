@@ -69,43 +69,52 @@ def test_prompt_template_and_sft_labels(tok):
         assert batch["input_ids"][i, n_prompt : n_prompt + len(target)].tolist() == target
 
 
-def test_builtin_warm_start_smoke(tmp_path, monkeypatch):
-    """The registered builder runs (with a few SFT steps) into $PRPO_CACHE and loads like a hub model."""
-    from prpo_lightning.runtime.models import builtin_model_names, load_causal_lm, load_tokenizer, resolve_model_path
+def test_built_builtin_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    """A built builtin runs its builder (here a 4-step warm start) into $PRPO_CACHE once and loads like a hub model."""
+    import prpo_lightning.runtime.models as models
 
     monkeypatch.setenv("PRPO_CACHE", str(tmp_path))
+    calls = []
+
+    def builder(out_dir):
+        calls.append(out_dir)
+        policy.warm_start(out_dir, max_steps=4, eval_every=2, n_dev=4, n_held_out=4, batch_size=8, progress=False)
+
+    monkeypatch.setitem(models._BUILTIN_MODELS, "prpo-test/tiny-built", builder)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread avoids oversubscription stalls on a busy CPU
     try:
-        _smoke(tmp_path, monkeypatch)
+        path = models.resolve_model_path("prpo-test/tiny-built")
+        assert path == str(tmp_path / "models" / "prpo-test--tiny-built") and len(calls) == 1
+        metrics = json.loads((tmp_path / "models" / "prpo-test--tiny-built" / "warm_start.json").read_text())
+        assert metrics["sft"]["steps"] == 4 and metrics["sft"]["target_accuracy"] is None
+        assert [h["step"] for h in metrics["dev_history"]] == [2, 4]
+        assert 0.0 <= metrics["held_out"]["greedy_accuracy"] <= 1.0
+        assert metrics["prompt_template"] == policy.DEMO_PROMPT_TEMPLATE
+        assert metrics["built_with"]["torch_threads"] == 1 and metrics["built_with"]["cpu"]
+        model = models.load_causal_lm("prpo-test/tiny-built")
+        tok = models.load_tokenizer("prpo-test/tiny-built")
+        assert model.config.model_type == "qwen2" and model.config.vocab_size >= len(tok)
+        assert model.generation_config.eos_token_id == tok.eos_token_id
+        _, held = make_split(0, 0, 3)
+        outs = policy.generate(model, tok, held, max_new_tokens=8, do_sample=True, num_return_sequences=2)
+        assert len(outs) == 6 and all(isinstance(o, str) for o in outs)
+        assert models.resolve_model_path("prpo-test/tiny-built") == path and len(calls) == 1  # cached
     finally:
         torch.set_num_threads(threads)
 
 
-def _smoke(tmp_path, monkeypatch):
-    from prpo_lightning.runtime.models import builtin_model_names, load_causal_lm, load_tokenizer, resolve_model_path
+def test_target_accuracy_stops_early_only_when_asked():
+    _, _, fixed = policy.warm_start(max_steps=3, eval_every=1, n_dev=2, n_held_out=2, batch_size=4, progress=False)
+    assert fixed["sft"]["steps"] == 3  # default: no early stop
+    _, _, stop = policy.warm_start(max_steps=3, eval_every=1, n_dev=2, n_held_out=2, batch_size=4,
+                                   target_accuracy=0.0, progress=False)
+    assert stop["sft"]["steps"] == 1  # any accuracy reaches 0: stops at the first evaluation
 
-    monkeypatch.setattr(
-        policy,
-        "SFT_DEFAULTS",
-        dict(policy.SFT_DEFAULTS, max_steps=4, eval_every=2, n_dev=4, n_held_out=4, batch_size=8),
-    )
-    assert policy.MODEL_NAME in builtin_model_names()
-    path = resolve_model_path(policy.MODEL_NAME)
-    assert path.startswith(str(tmp_path))
-    metrics = json.loads((tmp_path / "models" / "prpo-demo--arith-qwen2-tiny" / "warm_start.json").read_text())
-    assert metrics["sft"]["steps"] <= 4
-    assert 0.0 <= metrics["held_out"]["greedy_accuracy"] <= 1.0
-    assert metrics["prompt_template"] == policy.DEMO_PROMPT_TEMPLATE
-    model = load_causal_lm(policy.MODEL_NAME)
-    tok = load_tokenizer(policy.MODEL_NAME)
-    assert model.config.model_type == "qwen2"
-    assert model.config.vocab_size >= len(tok)
-    assert model.generation_config.eos_token_id == tok.eos_token_id
-    _, held = make_split(0, 0, 3)
-    outs = policy.generate(model, tok, held, max_new_tokens=8, do_sample=True, num_return_sequences=2)
-    assert len(outs) == 6 and all(isinstance(o, str) for o in outs)
-    assert not any(is_correct(o, "x") for o in outs)
-    # cached: a second resolve does not rebuild
-    monkeypatch.setattr(policy, "SFT_DEFAULTS", None)
-    assert resolve_model_path(policy.MODEL_NAME) == path
+
+def test_warm_start_is_deterministic_on_one_cpu():
+    kwargs = dict(max_steps=3, eval_every=3, n_dev=2, n_held_out=2, batch_size=4, progress=False)
+    a, _, _ = policy.warm_start(**kwargs)
+    b, _, _ = policy.warm_start(**kwargs)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,25 @@ def test_config_rows_read_signature_and_docstring() -> None:
     rows = {name: (ann, default, desc) for name, ann, default, desc in prpo_docs.config_rows(importlib.import_module("prpo_lightning.config").LossConfig)}
     assert rows["eps_high"][1] == "``0.2``"
     assert "clip" in rows["eps_high"][2]
+
+
+REMOTE_SCRIPT = re.compile(r"<script[^>]+src=\"(?:https?:)?//", re.IGNORECASE)
+REMOTE_LINK = re.compile(r"<link[^>]+href=\"(?:https?:)?//[^\"]*\"", re.IGNORECASE)
+REMOTE_CSS_URL = re.compile(r"(?:url\(\s*['\"]?|@import\s+['\"])(?:https?:)?//", re.IGNORECASE)
+
+
+def test_built_html_references_no_remote_script_or_font(built_docs: Path) -> None:
+    """Offline docs: every script, stylesheet and font comes from the build itself (MathJax from _static/mathjax)."""
+    pages = sorted(built_docs.rglob("*.html"))
+    assert pages
+    remote = [(p.name, m.group(0)) for p in pages for rx in (REMOTE_SCRIPT, REMOTE_LINK)
+              for m in rx.finditer(p.read_text(encoding="utf-8"))]
+    assert remote == [], remote[:5]
+    css = [p for p in (built_docs / "_static").rglob("*.css")]
+    remote_css = [p.name for p in css if REMOTE_CSS_URL.search(p.read_text(encoding="utf-8", errors="replace"))]
+    assert remote_css == []
+    math_page = (built_docs / "aligners" / "prpo.html").read_text(encoding="utf-8")
+    assert 'class="math' in math_page
+    assert re.search(r"<script[^>]+src=\"(\.\./)?_static/mathjax/tex-chtml\.js", math_page)
+    assert (built_docs / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    assert list((built_docs / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))

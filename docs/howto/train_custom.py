@@ -43,5 +43,5 @@ def train(policy: str | None = None, policy_config: dict | None = None, tokenize
 
 
 if __name__ == "__main__":
-    trainer = train(policy="prpo-demo/arith-qwen2-tiny")  # the builtin demo policy (built and cached on first use)
+    trainer = train(policy="prpo-demo/arith-qwen2-tiny")  # the builtin demo policy (ships with the package)
     print({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})

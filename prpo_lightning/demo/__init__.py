@@ -1,6 +1,7 @@
 """The offline embedded demo: a synthetic arithmetic task and builtin warm-started policies.
 
-Importing this package registers the builtin model ``prpo-demo/arith-qwen2-tiny`` (see :mod:`.policy`).
+Importing this package registers the builtin model ``prpo-demo/arith-qwen2-tiny``, whose warm-started weights ship
+with the package (see :mod:`.policy`; ``prpo-demo-warmstart``, :mod:`.warmstart`, rebuilds and compares them).
 """
 
 from prpo_lightning.demo import policy as policy  # noqa: F401  (registers the builtin model)

@@ -1,18 +1,22 @@
 """The builtin demo policy ``prpo-demo/arith-qwen2-tiny``: a tiny Qwen2 warm-started on worked arithmetic solutions.
 
-On first use, :func:`build` (registered with :func:`prpo_lightning.runtime.models.register_builtin_model`) creates
+The warm-started policy ships with the package (:data:`SHIPPED_DIR`, about 3.5 MB: ``model.safetensors``, the
+tokenizer files, ``config.json`` and ``warm_start.json``) and is registered with
+:func:`prpo_lightning.runtime.models.register_shipped_model`, so the demo starts from the same weights on every machine and
+runs no supervised phase. It was made by :func:`warm_start` with :data:`SFT_DEFAULTS`, on one torch thread, by the
+command ``prpo-demo-warmstart`` (:mod:`prpo_lightning.demo.warmstart`), which rebuilds it and compares the rebuild
+with the shipped files. :func:`warm_start` creates
 
 * a character-level fast tokenizer (a ``Qwen2Tokenizer`` in which every printable ASCII character is one token,
   plus one added token for ``\\boxed{``; ``</s>`` is EOS, ``<pad>`` is PAD, no BOS; it round-trips digits, operators,
   spaces, newlines and ``\\boxed{}`` exactly and reloads identically with ``AutoTokenizer.from_pretrained(dir)``);
 * a tiny randomly initialised ``Qwen2ForCausalLM`` (see :data:`MODEL_SIZE`);
-* a short seeded supervised phase on worked solutions of the task's TRAIN split only, in the exact RL prompt format
-  (:data:`DEMO_PROMPT_TEMPLATE`), with the loss on ``solution + EOS``. It stops as soon as greedy accuracy on a
-  training-split dev set reaches :data:`SFT_TARGET_ACCURACY`, leaving headroom for RL, or at ``max_steps``;
+* a seeded supervised phase of a fixed number of steps on worked solutions of the task's TRAIN split only, in the
+  exact RL prompt format (:data:`DEMO_PROMPT_TEMPLATE`), with the loss on ``solution + EOS``. The step count is fixed
+  (no early stop on a dev accuracy: a discrete decision on a float metric would turn tiny CPU-dependent rounding
+  into a different policy), and chosen to leave headroom for RL;
 
 and writes ``save_pretrained`` model + tokenizer + ``warm_start.json`` (SFT settings, time and held-out accuracy).
-``prpo_lightning.runtime.models.resolve_model_path`` caches the result under ``~/.cache/prpo_lightning/models`` (or
-``$PRPO_CACHE``) like a hub model.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 import torch
 
 from prpo_lightning.demo.arithmetic import DEFAULT_SPEC, Problem, TaskSpec, generate_problems, is_correct, iter_problems
-from prpo_lightning.runtime.models import register_builtin_model
+from prpo_lightning.runtime.models import register_shipped_model
 
 MODEL_NAME = "prpo-demo/arith-qwen2-tiny"
 
@@ -52,18 +56,23 @@ MODEL_SIZE: dict[str, Any] = {
 }
 """Size of the demo Qwen2 (about 0.8M parameters)."""
 
-SFT_TARGET_ACCURACY = 0.30
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights" / "arith-qwen2-tiny"
+"""Where the warm-started policy ships inside the package (package data, see ``pyproject.toml``)."""
+
 SFT_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "batch_size": 32,
     "lr": 3e-3,
     "warmup_steps": 50,
-    "max_steps": 800,
+    "max_steps": 600,
     "eval_every": 100,
     "n_dev": 100,
     "n_held_out": 200,
-    "target_accuracy": SFT_TARGET_ACCURACY,
+    "target_accuracy": None,
 }
+"""The settings of the shipped policy: 600 steps, always (``target_accuracy`` None: no early stop). The step count is
+where the former early stop (dev accuracy 0.30, checked every 100 steps) ended on the machine that built it, so the
+shipped weights are those of the policy that the README's numbers were first measured with."""
 
 
 # --------------------------------------------------------------------------------------------------- tokenizer
@@ -203,9 +212,12 @@ def warm_start(
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Train the demo policy from scratch with a short supervised phase; optionally save it.
 
-    Training problems are drawn fresh from the TRAIN split every step (``iter_problems(seed, "train")``); the dev
-    set used for stopping is ``n_dev`` train-split problems of another seed; the reported held-out accuracy uses
-    the first ``n_held_out`` problems of ``generate_problems(seed, n, "eval")``, never trained on.
+    Training problems are drawn fresh from the TRAIN split every step (``iter_problems(seed, "train")``). Every
+    ``eval_every`` steps the greedy accuracy on ``n_dev`` train-split problems of another seed is recorded (the dev
+    history; evaluation draws no random numbers, so it does not change the training trajectory). With a
+    ``target_accuracy`` (not the default) training stops once the dev accuracy reaches it. The reported held-out
+    accuracy uses the first ``n_held_out`` problems of ``generate_problems(seed, n, "eval")``, never trained on.
+    The result is deterministic for a given CPU, thread count and library versions; other CPUs round differently.
 
     Returns:
         ``(model, tokenizer, metrics)``; ``metrics`` is also written as ``warm_start.json`` when ``out_dir`` is given.
@@ -270,11 +282,33 @@ def warm_start(
         "dev_history": history,
         "held_out": {"n": n_held_out, "seed": seed, "greedy_accuracy": held_acc},
         "total_seconds": round(time.perf_counter() - t_start, 1),
+        "built_with": build_environment(),
     }
     model.eval()
     if out_dir is not None:
         save(model, tok, metrics, out_dir)
     return model, tok, metrics
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` where that file is absent)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def build_environment() -> dict[str, Any]:
+    """What a warm start's weights depend on besides its settings: CPU, torch threads and library versions."""
+    import transformers
+
+    return {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
 
 
 def save(model: Any, tok: Any, metrics: dict[str, Any], out_dir: str | Path) -> Path:
@@ -287,7 +321,10 @@ def save(model: Any, tok: Any, metrics: dict[str, Any], out_dir: str | Path) -> 
     return out
 
 
-@register_builtin_model(MODEL_NAME)
-def build(out_dir: Path) -> None:
-    """Builder for ``prpo-demo/arith-qwen2-tiny``: warm-start with :data:`SFT_DEFAULTS` and save to ``out_dir``."""
-    warm_start(out_dir, **SFT_DEFAULTS)
+def build(out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Rebuild ``prpo-demo/arith-qwen2-tiny``: warm-start with :data:`SFT_DEFAULTS`, save to ``out_dir``, return the
+    metrics (``warm_start.json``). Uses the current torch thread count (the shipped policy was built on one)."""
+    return warm_start(out_dir, **SFT_DEFAULTS, progress=progress)[2]
+
+
+register_shipped_model(MODEL_NAME, SHIPPED_DIR)

@@ -160,8 +160,9 @@ def log_completions(loggers: Sequence[Any], key: str, rows: Sequence[Sequence[st
     """Send a completions table to each logger; returns how each logger received it.
 
     ``WandbLogger`` (and any logger with ``log_table``) gets a real table; ``TensorBoardLogger`` gets Markdown text
-    (``add_text``); loggers with ``log_text`` get text. Others (``CSVLogger``) have no table support: a warning
-    says so, and the Markdown file written next to the summary is the table.
+    (``add_text``); loggers with ``log_text`` get text. Others (``CSVLogger``) have no table support: the Markdown
+    file written next to the summary (``samples.md``) is the table, recorded as ``"<Logger>: none (samples.md)"``
+    (no console warning: that file is always written, so the note would only repeat at every evaluation).
     """
     how = []
     md = completions_markdown(rows)
@@ -178,7 +179,6 @@ def log_completions(loggers: Sequence[Any], key: str, rows: Sequence[Sequence[st
                 logger.log_text(key=key, columns=list(COMPLETION_COLUMNS), data=[list(r) for r in rows], step=step)
                 how.append(f"{name}: text")
             else:
-                rank_zero_warn(f"{name} cannot log tables; the completion sample is in samples.md next to summary.csv")
                 how.append(f"{name}: none (samples.md)")
         except Exception as err:  # a logging backend must never abort the evaluation
             rank_zero_warn(f"logging the completions table to {name} failed: {err!r}")

@@ -1,15 +1,17 @@
 """Loading policies and tokenizers: Hugging Face names/paths, configs for tests, and builtin cached models.
 
-Builtin models are built by project code on first use and cached under the user's cache directory, the
-way a hub model is cached, so configs can name them like any Hugging Face id (e.g. the offline demo's
-``prpo-demo/arith-qwen2-tiny``).
+Builtin models have a name like a Hugging Face id, so configs name them like any hub model. A builtin is either
+*shipped*: a ``save_pretrained`` directory inside the installed package, loaded from there as it is (the offline
+demo's ``prpo-demo/arith-qwen2-tiny``, :func:`register_shipped_model`); or *built*: made by project code on first
+use and cached under the user's cache directory, the way a hub model is cached (:func:`register_builtin_model`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 
 BuiltinBuilder = Callable[[Path], None]
 _BUILTIN_MODELS: dict[str, BuiltinBuilder] = {}
+_SHIPPED_MODELS: dict[str, Path] = {}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,7 +40,7 @@ def register_builtin_model(name: str) -> Callable[[BuiltinBuilder], BuiltinBuild
     """
 
     def wrap(builder: BuiltinBuilder) -> BuiltinBuilder:
-        if name in _BUILTIN_MODELS:
+        if name in _BUILTIN_MODELS or name in _SHIPPED_MODELS:
             raise ValueError(f"builtin model {name!r} is already registered")
         _BUILTIN_MODELS[name] = builder
         return builder
@@ -45,10 +48,23 @@ def register_builtin_model(name: str) -> Callable[[BuiltinBuilder], BuiltinBuild
     return wrap
 
 
+def register_shipped_model(name: str, directory: Path) -> None:
+    """Register ``name`` as a ``save_pretrained`` directory that ships inside the installed package.
+
+    It is loaded from ``directory`` as it is: nothing is built, copied or cached.
+
+    Raises:
+        ValueError: if ``name`` is already registered.
+    """
+    if name in _BUILTIN_MODELS or name in _SHIPPED_MODELS:
+        raise ValueError(f"builtin model {name!r} is already registered")
+    _SHIPPED_MODELS[name] = Path(directory)
+
+
 def builtin_model_names() -> list[str]:
-    """Names of all registered builtin models."""
+    """Names of all registered builtin models, shipped and built."""
     _import_builtin_providers()
-    return sorted(_BUILTIN_MODELS)
+    return sorted({*_BUILTIN_MODELS, *_SHIPPED_MODELS})
 
 
 def _import_builtin_providers() -> None:
@@ -81,15 +97,26 @@ def check_builtin_name(name_or_path: str, key: str = "model.policy") -> None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Return a loadable path: builtin names are built once and cached; anything else is returned unchanged.
+    """Return a loadable path: a shipped builtin's package directory; a built builtin, built once and cached;
+    anything else unchanged.
 
     The cache write is atomic (build into a temporary directory, then rename), so an interrupted build never
     leaves a half-written model behind.
 
     Raises:
         ValueError: for a misspelt builtin name (:func:`check_builtin_name`).
+        FileNotFoundError: a shipped builtin's files are missing from the installed package.
     """
     _import_builtin_providers()
+    if name_or_path in _SHIPPED_MODELS:
+        shipped = _SHIPPED_MODELS[name_or_path]
+        if not (shipped / "config.json").exists() or not any(shipped.glob("*.safetensors")):
+            raise FileNotFoundError(
+                f"the builtin model {name_or_path!r} ships with the package in {shipped}, but its files are missing "
+                "there (an install without package data?). Fix: reinstall prpo-lightning "
+                "(pip install -c constraints.txt -e .), or a git checkout of the full repository."
+            )
+        return str(shipped)
     if name_or_path not in _BUILTIN_MODELS:
         check_builtin_name(name_or_path)
         return name_or_path
@@ -107,6 +134,21 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (target / "config.json").exists():  # another process did not win the race: a real failure
             raise
     return str(target)
+
+
+@contextlib.contextmanager
+def _no_loading_bar(quiet: bool) -> Iterator[None]:
+    """Hide transformers' "Loading weights" progress bar inside the block when ``quiet`` (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -188,7 +230,8 @@ def load_causal_lm(
         path = resolve_model_path(name_or_path)
         if sampling is not None:
             check_context(AutoConfig.from_pretrained(path), sampling, name_or_path)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        with _no_loading_bar(name_or_path in _SHIPPED_MODELS):  # a shipped builtin loads in milliseconds
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     cfg = dict(config or {})
     model_type = cfg.pop("model_type", None)
     if model_type is None:

@@ -33,6 +33,10 @@ def build_policy(
     """
     with transformers_zero3(zero3):  # under ZeRO-3 transformers initialises/loads the partitioned weights
         model = load_causal_lm(policy, policy_config, dtype=dtype, seed=seed, sampling=sampling)
+    # from_pretrained returns eval mode; the policy trains in train mode (activation checkpointing only acts in train
+    # mode, and Lightning warns about modules left in eval mode). Sampling and the no-grad log-prob passes switch to
+    # eval mode and back themselves.
+    model.train()
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
