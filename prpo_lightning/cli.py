@@ -35,6 +35,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from prpo_lightning.callbacks.batch_checks import BatchChecks
+from prpo_lightning.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from prpo_lightning.callbacks.progress import StepProgressBar
 from prpo_lightning.runtime.checkpoint import AtomicCheckpointIO, verify_checkpoint
 from prpo_lightning.module import PRPOModule
@@ -179,6 +180,8 @@ class PRPOCLI(LightningCLI):
                 callbacks[i] = StepProgressBar()  # every step (RL steps take seconds; Lightning may pick 100)
         if not any(isinstance(c, BatchChecks) for c in callbacks):
             callbacks.insert(0, BatchChecks())  # repeated prompt ids in a batch, from any data module
+        if not any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
+            callbacks.append(PreemptionCheckpoint())  # SIGTERM/SIGUSR1: save last.ckpt, exit 143
         return trainer
 
     def _bar_configured(self, bar_type: type[ProgressBar]) -> bool:
@@ -321,13 +324,19 @@ def main() -> None:
     """Console-script entry point ``prpo-fit``: runs the CLI and exits with status 0 on success.
 
     A configuration or input error (see :data:`NAMED_ERRORS`) prints ``prpo-fit: error: <message>`` first and exits
-    with status 2; set ``PRPO_TRACEBACK=1`` to see its traceback too. Any other exception keeps its traceback.
+    with status 2; set ``PRPO_TRACEBACK=1`` to see its traceback too. A run stopped by SIGTERM or SIGUSR1 saves
+    ``last.ckpt`` (:class:`~prpo_lightning.callbacks.preemption.PreemptionCheckpoint`) and exits with status 143, so
+    a scheduler knows the job did not finish. Any other exception keeps its traceback.
     """
     import sys
     import traceback
 
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     try:
         cli_main()
+    except SIGTERMException:
+        sys.exit(PREEMPTED_EXIT_CODE)
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a named configuration/input error
         config_phase = not _RUN_STARTED and isinstance(err, (ValueError, FileNotFoundError))
         if not (config_phase or isinstance(err, _named_errors())):
