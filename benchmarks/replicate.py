@@ -145,13 +145,19 @@ def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, 
 
 
 def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """``{metric: [(step, value), ...]}`` from a TrainingCurves CSV."""
+    """``{metric: [(step, value), ...]}`` from a TrainingCurves CSV, plus the validation accuracy, which only the
+    CSVLogger's ``metrics.csv`` beside it holds (TrainingCurves records the training metrics and eval/accuracy)."""
     out: dict[str, list[tuple[int, float]]] = {k: [] for k in CURVE_KEYS}
     with path.open() as fh:
         for row in csv.DictReader(fh):
             for k in CURVE_KEYS:
                 if row.get(k) not in (None, ""):
                     out[k].append((int(row["step"]), float(row[k])))
+    logged = path.parent / "metrics.csv"
+    if logged.exists() and not out[VALIDATION_KEY]:
+        with logged.open() as fh:
+            out[VALIDATION_KEY] = sorted({(int(row["step"]), float(row[VALIDATION_KEY])) for row in csv.DictReader(fh)
+                                          if row.get(VALIDATION_KEY) not in (None, "")})
     return out
 
 

@@ -165,11 +165,22 @@ BAB_LRS = (1e-5, 3e-5, 1e-4, 3e-4)
 LONG_TASK = ["--data.init_args.task=long", "--model.sampling.max_new_tokens=128"]
 
 
-def best_vs_best(grid: str = "bab", task: list[str] | None = None) -> dict[str, list[str]]:
-    """``<grid>_<method>_lr<lr>`` for every method of :data:`BAB_METHODS` and lr of :data:`BAB_LRS` (lr-major, so
-    that a seed-major run order finishes every method at an lr before the next lr's)."""
-    return {f"{grid}_{m}_lr{lr:g}": [*MAIN[m], *(task or []), f"--model.optim.lr={lr:g}"]
-            for lr in BAB_LRS for m in BAB_METHODS}
+#: PRPO and process-only over the learned demo PRM (components.prms.LearnedArithPRM) instead of the exact rule.
+LEARNED = {
+    "prpo_learned_prm": [f"--model.aligner={ALIGNERS}.PRPOAligner", "--model.prm=components.prms.LearnedArithPRM"],
+    "process_only_learned_prm": [f"--model.aligner={ALIGNERS}.ProcessOnlyAligner",
+                                 "--model.prm=components.prms.LearnedArithPRM"],
+}
+#: The learned-PRM grid: its two methods beside GRPO and the same aligners over the exact PRM (shared with ``bab``).
+LEARNED_METHODS = ("grpo", "prpo_rule_prm", "process_only", *LEARNED)
+
+
+def best_vs_best(grid: str = "bab", task: list[str] | None = None,
+                 methods: tuple[str, ...] = BAB_METHODS) -> dict[str, list[str]]:
+    """``<grid>_<method>_lr<lr>`` for every method of ``methods`` and lr of :data:`BAB_LRS` (lr-major, so that a
+    seed-major run order finishes every method at an lr before the next lr's)."""
+    return {f"{grid}_{m}_lr{lr:g}": [*(MAIN | LEARNED)[m], *(task or []), f"--model.optim.lr={lr:g}"]
+            for lr in BAB_LRS for m in methods}
 
 
 #: The settings of the best-against-best grids (defaults of ``replicate.py``'s options for them): 60 steps,
@@ -178,7 +189,8 @@ GRID_SETTINGS: dict[str, dict] = {
     "bab": {"max_steps": 60, "eval_every": 10, "validation": 200, "task": "default", "threshold": 0.45},
     "long": {"max_steps": 60, "eval_every": 10, "validation": 200, "task": "long", "threshold": 0.45},
 }
-BAB_PREFIXES = tuple(f"{g}_" for g in GRID_SETTINGS)
+GRID_SETTINGS["learned"] = GRID_SETTINGS["bab"]  # the same runs: bab_grpo_lr1e-05 etc. are shared with ``bab``
+BAB_PREFIXES = ("bab_", "long_")  # run-name prefixes of the best-against-best grids
 
 
 def baseline_of(method: str) -> str:
@@ -200,4 +212,5 @@ GRIDS: dict[str, tuple[dict[str, list[str]], str]] = {
     "h1-hot": (hypothesis1_hot(), "replication-h1-hot"),
     "bab": (best_vs_best("bab"), "replication-bab"),
     "long": (best_vs_best("long", LONG_TASK), "replication-long"),
+    "learned": (best_vs_best("bab", methods=LEARNED_METHODS), "replication-learned"),
 }

@@ -263,3 +263,22 @@ def test_a_committed_copy_resumes_a_run_and_a_stale_copy_or_other_eval_sets_are_
     (mirror / method / "seed2.json").write_text(json.dumps(dict(done, max_steps=20)))
     with pytest.raises(RuntimeError, match="trained with other settings"):
         replicate.run_one(out, method, seed, 60, 10, [], eval_sets=sets, mirror=mirror)
+
+
+def test_learned_prm_grid_shares_the_bab_runs_and_swaps_only_the_prm():
+    learned = replicate_grids.GRIDS["learned"][0]
+    assert learned["bab_grpo_lr0.0003"] == replicate.METHODS["bab_grpo_lr0.0003"]  # trained once for both grids
+    assert len(learned) == 5 * 4
+    exact, ours = learned["bab_process_only_lr0.0001"], learned["bab_process_only_learned_prm_lr0.0001"]
+    assert [a for a in exact if a not in ours] == [f"--model.prm={replicate_grids.EQ_PRM}"]
+    assert [a for a in ours if a not in exact] == ["--model.prm=components.prms.LearnedArithPRM"]
+    assert replicate_grids.baseline_of("bab_prpo_learned_prm_lr1e-05") == "bab_grpo_lr1e-05"
+
+
+def test_read_curves_takes_the_validation_accuracy_from_the_csv_loggers_metrics(tmp_path):
+    (tmp_path / "training_curves.csv").write_text("step,eval/accuracy,train/reward/mean\n0,0.42,\n1,,0.5\n10,0.45,0.6\n")
+    (tmp_path / "metrics.csv").write_text(f"step,eval/accuracy,{VAL},train/loss\n0,0.42,0.40,\n1,,,0.3\n10,0.45,0.47,\n")
+    curves = replicate.read_curves(tmp_path / "training_curves.csv")
+    assert curves["eval/accuracy"] == [(0, 0.42), (10, 0.45)]
+    assert curves[VAL] == [(0, 0.40), (10, 0.47)]
+    assert curves["train/reward/mean"] == [(1, 0.5), (10, 0.6)]
