@@ -324,7 +324,8 @@ def main() -> None:
     write_report(table, methods, args, REPO / "docs" / "replication.md", tag)
     if args.grid in GRID_SETTINGS:  # best against best: lr chosen on validation, AUC, steps to threshold
         write_block(REPO / "docs" / "replication.md", f"{tag}-best",
-                    bab_report_lines(results, BAB_LRS, args.max_steps, args.threshold, args.seeds))
+                    bab_report_lines(results, BAB_LRS, args.max_steps, args.threshold, len(args.methods) * len(args.seeds)))
+    raw = REPO / "benchmarks" / "results" / f"{tag}.json"
     raw.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
                                "budget": BUDGET, "table": table, "runs": results}, indent=1, default=str))
     print((REPO / "docs" / "replication.md").read_text())

@@ -144,16 +144,27 @@ def _p(p: float | None) -> str:
     return "n/a" if p is None else f"{p:.3f}"
 
 
+def _sd(r: dict, key: str) -> str:
+    return f" ± {r[key]:.1%}" if len(r["seeds"]) > 1 else " (1 seed)"
+
+
+def _lr(r: dict) -> str:
+    """The chosen lr, starred when some lrs of the method have no run yet (the choice may still change)."""
+    return f"{r['lr']:g}" + ("*" if r["missing_lrs"] else "")
+
+
 def report_lines(results: list[dict], lrs: tuple[float, ...], horizon: int, threshold: float,
-                 expected_seeds: list[int]) -> list[str]:
-    """The markdown of the lr-selection, best-against-best and AUC tables (marked partial where runs are missing)."""
+                 n_expected: int) -> list[str]:
+    """The markdown of the lr-selection, best-against-best and AUC tables (marked partial where runs are missing);
+    ``n_expected``: the runs of the whole grid (methods × lrs × seeds)."""
     choice = choose_lrs(results, lrs)
     table = best_against_best(results, lrs, horizon, threshold)
     by_config = runs_by_config(results)
     n_done = sum(len(seeds) for by_lr in by_config.values() for seeds in by_lr.values())
-    n_all = len(choice) * len(lrs) * len(expected_seeds)
-    lines = [f"Runs finished: **{n_done} of {n_all}**" + (" (partial: the tables below use the finished runs only)"
-                                                           if n_done < n_all else "") + ".", "",
+    lines = [f"Runs finished: **{n_done} of {n_expected}**" + (" (partial: the tables below use the finished runs only;"
+                                                               " a chosen lr marked * was chosen before every lr of "
+                                                               "its method had a run)" if n_done < n_expected else "")
+             + ".", "",
              "**lr selection** (mean final validation accuracy over the seeds finished at every lr; chosen lr in bold):",
              "", "| method | seeds | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
              "|---|---|" + "---|" * len(lrs)]
@@ -172,7 +183,7 @@ def report_lines(results: list[dict], lrs: tuple[float, ...], horizon: int, thre
               "|---|---|---|---|---|---|---|"]
     for base, r in sorted(table.items()):
         vs = r.get("vs_grpo")
-        lines.append(f"| {base} | {r['lr']:g} | {len(r['seeds'])} | {r['final_mean']:.1%} ± {r['final_std']:.1%} | "
+        lines.append(f"| {base} | {_lr(r)} | {len(r['seeds'])} | {r['final_mean']:.1%}{_sd(r, 'final_std')} | "
                      + (f"{vs[0] * 100:+.1f} pts ({len(vs[3])} seeds) | {_p(vs[1])} | {vs[2]:.3f} |" if vs
                         else "— | — | — |"))
     lines += ["", f"**Training efficiency** (area under the held-out accuracy curve over steps 0–{horizon} ÷ {horizon}, "
@@ -182,6 +193,6 @@ def report_lines(results: list[dict], lrs: tuple[float, ...], horizon: int, thre
     for base, r in sorted(table.items()):
         vs = r.get("auc_vs_grpo")
         hits = ", ".join("—" if h is None else str(h) for h in r["steps_to_threshold"])
-        lines.append(f"| {base} | {r['lr']:g} | {r['auc_mean']:.1%} ± {r['auc_std']:.1%} | "
+        lines.append(f"| {base} | {_lr(r)} | {r['auc_mean']:.1%}{_sd(r, 'auc_std')} | "
                      + (f"{vs[0] * 100:+.1f} pts | {_p(vs[1])} | {vs[2]:.3f}" if vs else "— | — | —") + f" | {hits} |")
     return lines

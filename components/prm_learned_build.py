@@ -109,15 +109,19 @@ def step_accuracy(model: Any, tok: Any, tag_id: int, examples: list[Example], ba
     n = len(golds)
     pos = [p for p, g in zip(preds, golds) if g]
     neg = [not p for p, g in zip(preds, golds) if not g]
-    return {"steps": n, "accuracy": sum(p == g for p, g in zip(preds, golds)) / n, "base_rate_correct": sum(golds) / n,
-            "accuracy_on_correct_steps": sum(pos) / max(len(pos), 1),
-            "accuracy_on_wrong_steps": sum(neg) / max(len(neg), 1),
+
+    def frac(xs: list[bool]) -> float | None:  # None (JSON null) when there is nothing to count
+        return sum(xs) / len(xs) if xs else None
+
+    return {"steps": n, "accuracy": frac([p == g for p, g in zip(preds, golds)]), "base_rate_correct": frac(golds),
+            "accuracy_on_correct_steps": frac(pos), "accuracy_on_wrong_steps": frac(neg),
             "steps_without_equation": len(neutral), "mean_abs_dev_from_0.5_without_equation":
                 sum(neutral) / max(len(neutral), 1)}
 
 
 def build(out: Path, train_problems: int = 3000, samples: int = 4, eval_samples: int = 4, max_steps: int = 1500,
-          max_seconds: float = 300.0, batch_size: int = 32, lr: float = 1e-3, seed: int = 0) -> dict[str, Any]:
+          max_seconds: float = 1800.0, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+          held_out_problems: int = 200) -> dict[str, Any]:
     """Generate step data, train, measure held-out step accuracy, save to ``out``; return the metrics."""
     from transformers import AutoModelForCausalLM
 
@@ -132,7 +136,8 @@ def build(out: Path, train_problems: int = 3000, samples: int = 4, eval_samples:
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     gen_tok = build_tokenizer()
     train = step_examples(policy, gen_tok, generate_problems(seed + 2026, train_problems, "train"), samples, seed)
-    held = step_examples(policy, gen_tok, generate_problems(1234, 200, "eval"), eval_samples, seed + 1)
+    held = step_examples(policy, gen_tok, generate_problems(1234, held_out_problems, "eval"), eval_samples,
+                        seed + 1)
     data_seconds = time.perf_counter() - t0
     tok = build_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": [STEP_TAG]})
@@ -161,7 +166,7 @@ def build(out: Path, train_problems: int = 3000, samples: int = 4, eval_samples:
     metrics = {
         "model": "arith-prm-tiny", "init": MODEL_NAME, "params": sum(p.numel() for p in model.parameters()),
         "data": {"train_problems": train_problems, "samples_per_problem": samples, "train_completions": len(train),
-                 "train_steps": sum(len(x[1]) for x in train), "held_out_problems": 200,
+                 "train_steps": sum(len(x[1]) for x in train), "held_out_problems": held_out_problems,
                  "held_out_samples_per_problem": eval_samples, "held_out_completions": len(held),
                  "labels": "EquationCheckPRM.score_steps of each line", "seconds": round(data_seconds, 1)},
         "train": {"steps": step, "batch_size": batch_size, "lr": lr, "seed": seed, "final_loss": round(loss, 4),
@@ -185,7 +190,8 @@ def main() -> None:
     ap.add_argument("--train-problems", type=int, default=3000)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-steps", type=int, default=1500)
-    ap.add_argument("--max-seconds", type=float, default=300.0, help="wall-clock budget of the training loop")
+    ap.add_argument("--max-seconds", type=float, default=1800.0,
+                    help="wall-clock guard of the training loop (the build is reproducible only if --max-steps ends it)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

@@ -210,8 +210,11 @@ def test_best_against_best_pairs_each_method_at_its_lr_with_grpo_at_grpos_lr():
     auc_mean = row["auc_vs_grpo"][0]  # PRPO's middle point 0.50 vs GRPO's 0.43, plus the final difference
     assert auc_mean == pytest.approx((0.50 - 0.43) / 2 + 0.04 / 4)
     assert row["steps_to_threshold"] == [30, 30, 30] and table["grpo"]["steps_to_threshold"] == [None, 60, 60]
-    lines = replicate_bab.report_lines(results, (3e-5, 1e-4), 60, 0.45, [0, 1, 2, 3])
+    lines = replicate_bab.report_lines(results, (3e-5, 1e-4), 60, 0.45, 16)
     assert lines[0].startswith("Runs finished: **12 of 16** (partial")
+    assert "| prpo_rule_prm | 0.0001 | 3 | 50.0% ± 4.0% | +4.0 pts (3 seeds) |" in "\n".join(lines)
+    partial = replicate_bab.report_lines(results[:2], (3e-5, 1e-4, 3e-4), 60, 0.45, 24)
+    assert "| grpo | 3e-05* | 1 | 44.0% (1 seed) | — | — | — |" in partial  # 3e-4 has no run yet: starred
 
 
 def test_validation_split_is_train_distribution_disjoint_from_train_rows_and_held_out(tmp_path):
