@@ -323,8 +323,9 @@ def main() -> None:
     extra_plots(results, REPO / "docs" / "_static", tag)  # SPRO mechanism, Hypothesis-1 summary
     write_report(table, methods, args, REPO / "docs" / "replication.md", tag)
     if args.grid in GRID_SETTINGS:  # best against best: lr chosen on validation, AUC, steps to threshold
+        best = bab_report_lines(results, BAB_LRS, args.max_steps, args.threshold, len(args.methods) * len(args.seeds))
         write_block(REPO / "docs" / "replication.md", f"{tag}-best",
-                    bab_report_lines(results, BAB_LRS, args.max_steps, args.threshold, len(args.methods) * len(args.seeds)))
+                    [*best, "", f"![each method at its chosen lr](_static/{tag}_best.png)"])
     raw = REPO / "benchmarks" / "results" / f"{tag}.json"
     raw.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
                                "budget": BUDGET, "table": table, "runs": results}, indent=1, default=str))

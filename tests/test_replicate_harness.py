@@ -140,6 +140,11 @@ def test_grid_plots_are_written(tmp_path):
         assert path == tmp_path / f"{tag}_{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert replicate_plots.extra_plots(results, tmp_path, "replication") is None  # the main grid has none
+    bab = [_bab(m, lr, seed, 0.4 + 0.01 * seed, [0.42, 0.45, 0.5]) for m in ("grpo", "pure") for lr in (1e-5, 3e-4)
+           for seed in (0, 1)]
+    bab[0]["curves"][VAL] = [(0, 0.3), (30, 0.35), (60, 0.4)]
+    path = replicate_plots.extra_plots(bab, tmp_path, "replication-bab")
+    assert path == tmp_path / "replication-bab_best.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------- best against best (issue 28)
