@@ -48,7 +48,8 @@ def curve_auc(curve: list[tuple[int, float]], horizon: int) -> float:
     """
     pts = sorted(curve)
     if not pts or pts[0][0] != 0 or pts[-1][0] != horizon:
-        raise ValueError(f"the curve must be evaluated at step 0 and at step {horizon}, got steps {[s for s, _ in pts]}")
+        steps = [s for s, _ in pts]
+        raise ValueError(f"the curve must be evaluated at step 0 and at step {horizon}, got steps {steps}")
     area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(pts, pts[1:]))
     return area / horizon
 
@@ -165,7 +166,8 @@ def report_lines(results: list[dict], lrs: tuple[float, ...], horizon: int, thre
                                                                " a chosen lr marked * was chosen before every lr of "
                                                                "its method had a run)" if n_done < n_expected else "")
              + ".", "",
-             "**lr selection** (mean final validation accuracy over the seeds finished at every lr; chosen lr in bold):",
+             "**lr selection** (mean final validation accuracy over the seeds finished at every lr; chosen lr in "
+             "bold):",
              "", "| method | seeds | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
              "|---|---|" + "---|" * len(lrs)]
     for base, pick in sorted(choice.items()):
@@ -176,23 +178,24 @@ def report_lines(results: list[dict], lrs: tuple[float, ...], horizon: int, thre
             cell = "—" if m is None else f"{m:.1%} ({n})"
             cells.append(f"**{cell}**" if lr == pick["lr"] else cell)
         lines.append(f"| {base} | {', '.join(map(str, pick['seeds'])) or '—'} | " + " | ".join(cells) + " |")
-    lines += ["", "(In brackets: the seeds finished at that lr; the mean uses only the seeds in the second column.)", "",
-              f"**Best against best** (held-out accuracy at step {horizon}, 200 problems; each method at its chosen lr, "
-              "paired by seed with GRPO at GRPO's chosen lr):", "",
-              "| method | chosen lr | seeds | final held-out acc. mean ± std | Δ vs GRPO | paired t p | sign-flip p |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "(In brackets: the seeds finished at that lr; the mean uses only the seeds in the second column.)",
+              "", f"**Best against best** (held-out accuracy at step {horizon}, 200 problems; each method at its chosen "
+              "lr, paired by seed with GRPO at GRPO's chosen lr):", "",
+              "| method | chosen lr | seeds | final held-out acc. mean ± std | Δ vs GRPO | paired t p | sign-flip p "
+              "|", "|---|---|---|---|---|---|---|"]
     for base, r in sorted(table.items()):
         vs = r.get("vs_grpo")
         lines.append(f"| {base} | {_lr(r)} | {len(r['seeds'])} | {r['final_mean']:.1%}{_sd(r, 'final_std')} | "
                      + (f"{vs[0] * 100:+.1f} pts ({len(vs[3])} seeds) | {_p(vs[1])} | {vs[2]:.3f} |" if vs
                         else "— | — | — |"))
-    lines += ["", f"**Training efficiency** (area under the held-out accuracy curve over steps 0–{horizon} ÷ {horizon}, "
-              f"i.e. the mean accuracy over training; steps to {threshold:.0%} held-out accuracy per seed, — if never):",
-              "", f"| method | chosen lr | AUC mean ± std | Δ AUC vs GRPO | paired t p | sign-flip p | steps to {threshold:.0%} |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", f"**Training efficiency** (area under the held-out accuracy curve over steps 0–{horizon} ÷ "
+              f"{horizon}, i.e. the mean accuracy over training; steps to {threshold:.0%} held-out accuracy per seed, "
+              "— if never):", "", "| method | chosen lr | AUC mean ± std | Δ AUC vs GRPO | paired t p | sign-flip p "
+              f"| steps to {threshold:.0%} |", "|---|---|---|---|---|---|---|"]
     for base, r in sorted(table.items()):
         vs = r.get("auc_vs_grpo")
         hits = ", ".join("—" if h is None else str(h) for h in r["steps_to_threshold"])
         lines.append(f"| {base} | {_lr(r)} | {r['auc_mean']:.1%}{_sd(r, 'auc_std')} | "
-                     + (f"{vs[0] * 100:+.1f} pts | {_p(vs[1])} | {vs[2]:.3f}" if vs else "— | — | —") + f" | {hits} |")
+                     + (f"{vs[0] * 100:+.1f} pts | {_p(vs[1])} | {vs[2]:.3f}" if vs else "— | — | —")
+                     + f" | {hits} |")
     return lines

@@ -70,7 +70,8 @@ class LearnedArithPRM(TaggedStepPRM):
         """Load the model directory (never the hub).
 
         Raises:
-            FileNotFoundError: if the directory holds no weights; rebuild them with ``python -m components.prm_learned_build``.
+            FileNotFoundError: if the directory holds no weights; rebuild them with
+                ``python -m components.prm_learned_build``.
         """
         if not (Path(self.model_name_or_path) / "model.safetensors").exists():
             raise FileNotFoundError(f"LearnedArithPRM: no model.safetensors in {self.model_name_or_path}; rebuild the "

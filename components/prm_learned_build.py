@@ -215,7 +215,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--max-steps", type=int, default=1500)
     ap.add_argument("--max-seconds", type=float, default=1800.0,
-                    help="wall-clock guard of the training loop (the build is reproducible only if --max-steps ends it)")
+                    help="wall-clock guard of the training loop (reproducible only if --max-steps ends it)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--check", action="store_true",
