@@ -63,3 +63,24 @@ def write_eval_sets(folder: Path, n_validation: int, task: str = "default") -> t
             write_jsonl(rows, path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def warm_start_overlap(warm_start_json: Path, n_validation: int = 200) -> dict[str, int]:
+    """How many validation problems, RL training rows and held-out problems the demo policy's warm start trained on
+    (its SFT drew ``steps × batch_size`` problems of ``iter_problems(seed, "train")``; ``warm_start.json``)."""
+    from itertools import islice
+
+    sft = json.loads(warm_start_json.read_text())["sft"]
+    seen = {p["problem"] for p in islice(iter_problems(sft["seed"], "train"), sft["steps"] * sft["batch_size"])}
+    train, held_out = make_split(TASK_SEED, NUM_TRAIN, NUM_HELD_OUT)
+    return {"warm_start_problems": len(seen),
+            "validation_seen": sum(p["problem"] in seen for p in validation_problems(n_validation)),
+            "validation": n_validation, "train_rows_seen": sum(p["problem"] in seen for p in train),
+            "train_rows": len(train), "held_out_seen": sum(p["problem"] in seen for p in held_out)}
+
+
+if __name__ == "__main__":  # the warm-start overlap of the splits, for the cached demo policy
+    from prpo_lightning.demo.policy import MODEL_NAME
+    from prpo_lightning.models import resolve_model_path
+
+    print(json.dumps(warm_start_overlap(Path(resolve_model_path(MODEL_NAME)) / "warm_start.json")))

@@ -290,3 +290,13 @@ def test_read_curves_takes_the_validation_accuracy_from_the_csv_loggers_metrics(
     assert curves["eval/accuracy"] == [(0, 0.42), (10, 0.45)]
     assert curves[VAL] == [(0, 0.40), (10, 0.47)]
     assert curves["train/reward/mean"] == [(1, 0.5), (10, 0.6)]
+
+
+def test_warm_start_overlap_counts_the_problems_the_warm_start_saw(tmp_path):
+    # a warm start that drew the first 10 problems of the RL training stream: exactly the first 10 training rows,
+    # none of the validation split (which excludes every training row) and none of the held-out problems
+    ws = tmp_path / "warm_start.json"
+    ws.write_text(json.dumps({"sft": {"seed": replicate_splits.TASK_SEED, "steps": 2, "batch_size": 5}}))
+    assert replicate_splits.warm_start_overlap(ws, 20) == {
+        "warm_start_problems": 10, "validation_seen": 0, "validation": 20, "train_rows_seen": 10,
+        "train_rows": replicate_splits.NUM_TRAIN, "held_out_seen": 0}
