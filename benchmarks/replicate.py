@@ -12,9 +12,18 @@ Usage::
     .venv/bin/python benchmarks/replicate.py --grid spro-sweep --seeds 0 1 2      # SPRO beta x lr
     .venv/bin/python benchmarks/replicate.py --grid implicit-sweep --seeds 0 1 2  # PRPO over ImplicitPRM, beta x lr
     .venv/bin/python benchmarks/replicate.py --grid spro-cap --seeds 0 1 2        # SPRO with its process cap
+    .venv/bin/python benchmarks/replicate.py --grid bab --jobs 2   # best against best: 6 methods x 4 lrs, 60 steps
+    .venv/bin/python benchmarks/replicate.py --grid long --jobs 2  # the same on 5-8-operation chains
 
 Method grids live in ``benchmarks/replicate_grids.py``; each grid writes its own block of ``docs/replication.md``
 and its own plots.
+
+The best-against-best grids (``bab``, ``long``; ``replicate_bab.py``) also evaluate a validation split drawn from
+the training distribution (``replicate_splits.py``) on which each method's lr is chosen; their defaults (60 steps,
+evaluation every 10, the task variant) come from ``replicate_grids.GRID_SETTINGS``.
+
+Every finished run's ``result.json`` is also copied to ``benchmarks/results/runs/<method>/seed<k>.json`` (small,
+committed): a later session resumes a grid from those copies even without the ignored ``runs/`` folder.
 
 Outputs: ``runs/replicate/<method>/seed<k>/`` (logs, ``result.json``), ``docs/replication.md``,
 ``docs/_static/<tag>_accuracy.png``, ``docs/_static/<tag>_collapse.png`` and ``benchmarks/results/<tag>.json``
@@ -38,7 +47,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replicate_grids import GRIDS, MAIN_LR, baseline_of  # the method grids: main table, Hypothesis 1, SPRO sweep
+from replicate_bab import report_lines as bab_report_lines  # best against best: lr on validation, AUC
+from replicate_grids import BAB_LRS, GRID_SETTINGS, GRIDS, MAIN_LR, baseline_of  # the method grids
+from replicate_splits import VALIDATION_KEY, write_eval_sets  # held-out and validation sets
 from replicate_plots import band, by_method_of, extra_plots, save  # plots shared by every grid and grid-specific
 from replicate_stats import paired_tests  # the paired tests against GRPO
 
@@ -50,24 +61,50 @@ CURVE_KEYS = ("eval/accuracy", "train/completion/length_mean", "train/completion
               "train/completion/truncated_frac", "train/reward/mean", "train/accuracy",
               "train/advantage/outcome_abs_mean", "train/advantage/process_abs_mean",
               "train/advantage/process_to_outcome", "train/aligner/implicit_reward/token_mean",
-              "train/aligner/implicit_reward/cpr_final_mean", "train/prm/score_mean", "train/prm/score_std")
+              "train/aligner/implicit_reward/cpr_final_mean", "train/prm/score_mean", "train/prm/score_std",
+              VALIDATION_KEY)
+#: Copies of every finished run's ``result.json`` (committed; ``runs/`` is not).
+MIRROR = REPO / "benchmarks" / "results" / "runs"
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / method / f"seed{seed}"
 
 
-def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, extra: list[str], threads: int = 1) -> dict:
-    """Train one (method, seed) and write ``result.json``; skip if it already exists."""
+def _reuse(path: Path, method: str, overrides: list[str], max_steps: int, eval_sets: dict | None) -> dict:
+    """The finished run stored at ``path``, if it was trained with these settings.
+
+    Raises:
+        RuntimeError: if it was trained with other settings (a stale run is never reused).
+    """
+    result = json.loads(path.read_text())
+    if (result.get("overrides") != overrides or result.get("max_steps") != max_steps
+            or result.get("eval_sets") != eval_sets):
+        raise RuntimeError(f"{path} was trained with other settings ({result.get('overrides')}, "
+                           f"{result.get('max_steps')} steps, evaluation sets {result.get('eval_sets')}) than {method} "
+                           f"has now ({overrides}, {max_steps} steps, {eval_sets}): delete that run (and its copy "
+                           "under benchmarks/results/runs) or pass another --out")
+    return result
+
+
+def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, extra: list[str], threads: int = 1,
+            eval_sets: dict | None = None, mirror: Path | None = None) -> dict:
+    """Train one (method, seed) and write ``result.json`` (and its copy under ``mirror``); skip if either exists.
+
+    ``eval_sets`` (``{"task": ..., "validation": n, "paths": [held-out, validation]}``) evaluates the held-out set
+    and the validation split instead of the datamodule's held-out rows; its ``task`` and ``validation`` are stored
+    with the run and must match for the run to be reused."""
     rd = run_dir(out, method, seed)
     done = rd / "result.json"
+    copy = mirror / method / f"seed{seed}.json" if mirror is not None else None
     overrides = [*BUDGET, *METHODS[method], *extra]
+    stored_sets = {k: eval_sets[k] for k in ("task", "validation")} if eval_sets else None
     if done.exists():
-        result = json.loads(done.read_text())
-        if result.get("overrides") != overrides or result.get("max_steps") != max_steps:
-            raise RuntimeError(f"{done} was trained with other settings ({result.get('overrides')}, "
-                               f"{result.get('max_steps')} steps) than {method} has now ({overrides}, {max_steps} "
-                               "steps): delete that run folder or pass another --out")
+        return _reuse(done, method, overrides, max_steps, stored_sets)
+    if copy is not None and copy.exists():  # a run of an earlier session, committed
+        result = _reuse(copy, method, overrides, max_steps, stored_sets)
+        rd.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(result))
         return result
     rd.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -81,8 +118,11 @@ def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, 
         "--trainer.logger.init_args.version=0",
         *extra,
     ]
+    evaluation = {"every_n_steps": eval_every}
+    if eval_sets:  # held-out first: eval/accuracy stays the held-out accuracy
+        evaluation["benchmarks"] = [str(p) for p in eval_sets["paths"]]
     callbacks = [
-        {"class_path": "prpo_lightning.callbacks.MathEvalCallback", "init_args": {"every_n_steps": eval_every}},
+        {"class_path": "prpo_lightning.callbacks.MathEvalCallback", "init_args": evaluation},
         {"class_path": "prpo_lightning.callbacks.TrainingCurves"},
     ]
     cmd.append(f"--trainer.callbacks={json.dumps(callbacks)}")
@@ -95,18 +135,29 @@ def run_one(out: Path, method: str, seed: int, max_steps: int, eval_every: int, 
     curves = read_curves(rd / "logs" / "version_0" / "training_curves.csv")
     result = {"method": method, "seed": seed, "max_steps": max_steps, "overrides": overrides,
               "seconds": time.time() - t0, "curves": curves}
+    if stored_sets:
+        result["eval_sets"] = stored_sets
     done.write_text(json.dumps(result))
+    if copy is not None:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(json.dumps(result))
     return result
 
 
 def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """``{metric: [(step, value), ...]}`` from a TrainingCurves CSV."""
+    """``{metric: [(step, value), ...]}`` from a TrainingCurves CSV, plus the validation accuracy, which only the
+    CSVLogger's ``metrics.csv`` beside it holds (TrainingCurves records the training metrics and eval/accuracy)."""
     out: dict[str, list[tuple[int, float]]] = {k: [] for k in CURVE_KEYS}
     with path.open() as fh:
         for row in csv.DictReader(fh):
             for k in CURVE_KEYS:
                 if row.get(k) not in (None, ""):
                     out[k].append((int(row["step"]), float(row[k])))
+    logged = path.parent / "metrics.csv"
+    if logged.exists() and not out[VALIDATION_KEY]:
+        with logged.open() as fh:
+            out[VALIDATION_KEY] = sorted({(int(row["step"]), float(row[VALIDATION_KEY])) for row in csv.DictReader(fh)
+                                          if row.get(VALIDATION_KEY) not in (None, "")})
     return out
 
 
@@ -167,7 +218,8 @@ def plot(results: list[dict], methods: list[str], static: Path, tag: str = "repl
 def write_report(table: dict, methods: list[str], args: argparse.Namespace, path: Path, tag: str = "replication") -> None:
     cmd = (f".venv/bin/python benchmarks/replicate.py --seeds {' '.join(map(str, args.seeds))} "
            f"--max-steps {args.max_steps} --eval-every {args.eval_every} --threshold {args.threshold} "
-           f"--grid {args.grid} --methods {' '.join(args.methods)}")
+           f"--grid {args.grid} --methods {' '.join(args.methods)}"
+           + (f" --validation {args.validation}" if args.validation else ""))
     lines = [
         "# Small-scale replication on the offline arithmetic task",
         "",
@@ -196,9 +248,14 @@ def write_report(table: dict, methods: list[str], args: argparse.Namespace, path
                else "— | — | —")
             + f" | {r['minutes_per_run']:.1f} |"
         )
+    write_block(path, tag, lines[2:], lines[0])
+
+
+def write_block(path: Path, tag: str, lines: list[str], title: str = "# Small-scale replication") -> None:
+    """Put ``lines`` between ``<!-- BEGIN tag -->`` and ``<!-- END tag -->`` in ``path`` (appended the first time)."""
     begin, end = f"<!-- BEGIN {tag} -->", f"<!-- END {tag} -->"
-    block = begin + "\n" + "\n".join(lines[2:]) + "\n" + end
-    text = path.read_text() if path.exists() else lines[0] + "\n\n"
+    block = begin + "\n" + "\n".join(lines) + "\n" + end
+    text = path.read_text() if path.exists() else title + "\n\n"
     if begin in text:  # keep hand-written findings outside the generated block
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
@@ -214,15 +271,27 @@ def main() -> None:
                          "spro-cap (SPRO with its process cap)")
     ap.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="default: the grid's methods")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    ap.add_argument("--max-steps", type=int, default=20)
-    ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--threshold", type=float, default=0.6, help="accuracy threshold for steps-to-threshold")
+    ap.add_argument("--max-steps", type=int, default=None, help="default: the grid's (GRID_SETTINGS), else 20")
+    ap.add_argument("--eval-every", type=int, default=None, help="default: the grid's, else 5")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="accuracy threshold for steps-to-threshold (default: the grid's, else 0.6)")
+    ap.add_argument("--validation", type=int, default=None,
+                    help="problems of the validation split evaluated with the held-out set (default: the grid's, else 0)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "replicate")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each a separate process)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more prpo-fit overrides for every run")
     args = ap.parse_args()
+    settings = GRID_SETTINGS.get(args.grid, {})
+    for key, default in (("max_steps", 20), ("eval_every", 5), ("threshold", 0.6), ("validation", 0)):
+        if getattr(args, key) is None:
+            setattr(args, key, settings.get(key, default))
+    eval_sets = None
+    if args.validation:
+        task = settings.get("task", "default")
+        paths = write_eval_sets(args.out / "_eval_sets", args.validation, task)
+        eval_sets = {"task": task, "validation": args.validation, "paths": paths}
     grid_methods, tag = GRIDS[args.grid]
     args.methods = args.methods or list(grid_methods)
     grid = [(m, seed) for seed in args.seeds for m in args.methods]  # seed-major: partial grids stay balanced
@@ -230,13 +299,15 @@ def main() -> None:
     if args.report_only:
         for m, seed in grid:
             done = run_dir(args.out, m, seed) / "result.json"
+            done = done if done.exists() else MIRROR / m / f"seed{seed}.json"
             if done.exists():
                 results.append(json.loads(done.read_text()))
     else:
         def job(item: tuple[str, int]) -> dict | None:
             print(f"[replicate] start {item[0]} seed {item[1]}", flush=True)
             try:
-                res = run_one(args.out, item[0], item[1], args.max_steps, args.eval_every, args.extra, args.threads)
+                res = run_one(args.out, item[0], item[1], args.max_steps, args.eval_every, args.extra, args.threads,
+                              eval_sets, MIRROR)
             except RuntimeError as err:  # a failed run is reported, the others go on
                 print(f"[replicate] FAILED {err}", flush=True)
                 return None
@@ -251,6 +322,10 @@ def main() -> None:
     plot(results, methods, REPO / "docs" / "_static", tag)
     extra_plots(results, REPO / "docs" / "_static", tag)  # SPRO mechanism, Hypothesis-1 summary
     write_report(table, methods, args, REPO / "docs" / "replication.md", tag)
+    if args.grid in GRID_SETTINGS:  # best against best: lr chosen on validation, AUC, steps to threshold
+        best = bab_report_lines(results, BAB_LRS, args.max_steps, args.threshold, len(args.methods) * len(args.seeds))
+        write_block(REPO / "docs" / "replication.md", f"{tag}-best",
+                    [*best, "", f"![each method at its chosen lr](_static/{tag}_best.png)"])
     raw = REPO / "benchmarks" / "results" / f"{tag}.json"
     raw.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
                                "budget": BUDGET, "table": table, "runs": results}, indent=1, default=str))

@@ -158,8 +158,46 @@ def spro_cap() -> dict[str, list[str]]:
     return grid
 
 
+#: Best against best (issue 28): these methods at every lr of BAB_LRS, 60 steps, lr chosen on the validation split.
+BAB_METHODS = ("grpo", "prpo_rule_prm", "prpo_reference", "process_only", "pure", "prm_avg")
+BAB_LRS = (1e-5, 3e-5, 1e-4, 3e-4)
+#: The harder-chains task (``prpo_lightning.demo.arithmetic.LONG_SPEC``: 5–8 operations) needs longer completions.
+LONG_TASK = ["--data.init_args.task=long", "--model.sampling.max_new_tokens=128"]
+
+
+#: PRPO and process-only over the learned demo PRM (components.prms.LearnedArithPRM) instead of the exact rule.
+LEARNED = {
+    "prpo_learned_prm": [f"--model.aligner={ALIGNERS}.PRPOAligner", "--model.prm=components.prms.LearnedArithPRM"],
+    "process_only_learned_prm": [f"--model.aligner={ALIGNERS}.ProcessOnlyAligner",
+                                 "--model.prm=components.prms.LearnedArithPRM"],
+}
+#: The learned-PRM grid: its two methods beside GRPO and the same aligners over the exact PRM (shared with ``bab``).
+LEARNED_METHODS = ("grpo", "prpo_rule_prm", "process_only", *LEARNED)
+
+
+def best_vs_best(grid: str = "bab", task: list[str] | None = None,
+                 methods: tuple[str, ...] = BAB_METHODS) -> dict[str, list[str]]:
+    """``<grid>_<method>_lr<lr>`` for every method of ``methods`` and lr of :data:`BAB_LRS` (lr-major, so that a
+    seed-major run order finishes every method at an lr before the next lr's)."""
+    return {f"{grid}_{m}_lr{lr:g}": [*(MAIN | LEARNED)[m], *(task or []), f"--model.optim.lr={lr:g}"]
+            for lr in BAB_LRS for m in methods}
+
+
+#: The settings of the best-against-best grids (defaults of ``replicate.py``'s options for them): 60 steps,
+#: held-out and validation accuracy every 10 steps, a 200-problem validation split, the task variant.
+GRID_SETTINGS: dict[str, dict] = {
+    "bab": {"max_steps": 60, "eval_every": 10, "validation": 200, "task": "default", "threshold": 0.45},
+    "long": {"max_steps": 60, "eval_every": 10, "validation": 200, "task": "long", "threshold": 0.45},
+}
+GRID_SETTINGS["learned"] = GRID_SETTINGS["bab"]  # the same runs: bab_grpo_lr1e-05 etc. are shared with ``bab``
+BAB_PREFIXES = ("bab_", "long_")  # run-name prefixes of the best-against-best grids
+
+
 def baseline_of(method: str) -> str:
-    """The GRPO row a method is compared with: ``grpo_lr<lr>`` for a method run at another lr, else ``grpo``."""
+    """The GRPO row a method is compared with: ``grpo_lr<lr>`` for a method run at another lr, else ``grpo``; for a
+    best-against-best run ``<grid>_<method>_lr<lr>``, GRPO of that grid at that lr (the same-lr comparison)."""
+    if method.startswith(BAB_PREFIXES) and "_lr" in method:
+        return f"{method.split('_', 1)[0]}_grpo_lr{float(method.rsplit('_lr', 1)[1]):g}"
     lr = method.rsplit("_lr", 1)[1] if "_lr" in method else None
     return "grpo" if lr is None or float(lr) == MAIN_LR else f"grpo_lr{float(lr):g}"
 
@@ -172,4 +210,7 @@ GRIDS: dict[str, tuple[dict[str, list[str]], str]] = {
     "implicit-sweep": (implicit_sweep(), "replication-implicit-sweep"),
     "spro-cap": (spro_cap(), "replication-spro-cap"),
     "h1-hot": (hypothesis1_hot(), "replication-h1-hot"),
+    "bab": (best_vs_best("bab"), "replication-bab"),
+    "long": (best_vs_best("long", LONG_TASK), "replication-long"),
+    "learned": (best_vs_best("bab", methods=LEARNED_METHODS), "replication-learned"),
 }

@@ -239,6 +239,29 @@ def h1_summary(results: list[Result], static: Path, tag: str, title_note: str = 
     return save(fig, static / f"{tag}_summary.png")
 
 
+def best_curves(results: list[Result], static: Path, tag: str) -> Path:
+    """Best against best: held-out and validation accuracy over steps of every method at its chosen lr (mean and
+    95% CI over seeds; ``replicate_bab.choose_lrs``)."""
+    import matplotlib.pyplot as plt
+    from replicate_bab import HELDOUT_KEY, choose_lrs, runs_by_config
+    from replicate_grids import BAB_LRS
+    from replicate_splits import VALIDATION_KEY
+
+    choice, by_config = choose_lrs(results, BAB_LRS), runs_by_config(results)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for base, pick in sorted(choice.items()):
+        if pick["lr"] is None:
+            continue
+        runs = list(by_config[base][pick["lr"]].values())
+        label = f"{base} (lr {pick['lr']:g}, {len(runs)} seeds)"
+        band(axes[0], runs, HELDOUT_KEY, label=label)
+        band(axes[1], runs, VALIDATION_KEY, label=label)
+    axes[0].set(xlabel="optimizer step", ylabel="accuracy (greedy)", title="Held-out (200 problems), at the chosen lr")
+    axes[1].set(xlabel="optimizer step", title="Validation (200 train-distribution problems): chooses the lr")
+    axes[0].legend(fontsize=7)
+    return save(fig, static / f"{tag}_best.png")
+
+
 #: report tag → its extra plot (written next to the tag's accuracy and collapse plots).
 EXTRA_PLOTS: dict[str, Callable[[list[Result], Path, str], Path | None]] = {
     "replication-spro-sweep": spro_mechanism,
@@ -246,6 +269,9 @@ EXTRA_PLOTS: dict[str, Callable[[list[Result], Path, str], Path | None]] = {
     "replication-h1": h1_summary,
     "replication-spro-cap": spro_cap_drift,
     "replication-h1-hot": h1_hot_summary,
+    "replication-bab": best_curves,
+    "replication-long": best_curves,
+    "replication-learned": best_curves,
 }
 
 

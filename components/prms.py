@@ -6,6 +6,8 @@ Re-exports the implementations:
 * :class:`~components.prm_shepherd.MathShepherdPRM`: Math-Shepherd causal LM with " ки" step tags;
 * :class:`~components.prm_implicit.ImplicitPRM`: β·(log π_old − log π_ref), no extra model;
 * :class:`~components.equation_check.EquationCheckPRM`: offline rule-based arithmetic checker (the demo's PRM);
+* :class:`~components.prm_learned.LearnedArithPRM`: a small learned PRM for the demo task, shipped with the package
+  (``components/prm_models/arith-prm-tiny``; rebuilt by ``python -m components.prm_learned_build``);
 * :class:`~components.prm_biased.BiasedPRM`: wraps any PRM and biases its scores (noise, short steps, early
   stopping, late-step penalty) in seeded, controlled ways (Hypothesis-1 experiments).
 
@@ -22,6 +24,7 @@ from components.equation_check import EquationCheckPRM
 from components.prm_biased import BiasedPRM
 from components.prm_common import TaggedStepPRM, segment_texts, truncate_keep_first_tag
 from components.prm_implicit import ImplicitPRM
+from components.prm_learned import LearnedArithPRM
 from components.prm_qwen import QwenMathPRM, Qwen2ForProcessRewardModel, qwen_prm_text
 from components.prm_shepherd import MathShepherdPRM
 
@@ -29,6 +32,7 @@ __all__ = [
     "BiasedPRM",
     "EquationCheckPRM",
     "ImplicitPRM",
+    "LearnedArithPRM",
     "MathShepherdPRM",
     "Qwen2ForProcessRewardModel",
     "QwenMathPRM",

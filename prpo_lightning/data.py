@@ -390,6 +390,7 @@ class ArithmeticDataModule(PromptDataModule):
         num_train: training problems.
         num_eval: held-out problems (disjoint from training).
         task_seed: seed of the problem generator.
+        task: named task variant of ``prpo_lightning.demo.arithmetic.TASKS`` (``"long"``: 5–8 operations).
         batch_size / eval_batch_size / seed: as in :class:`PromptDataModule`.
     """
 
@@ -402,13 +403,17 @@ class ArithmeticDataModule(PromptDataModule):
         eval_batch_size: int = 100,
         seed: int = 0,
         max_eval_samples: int | None = None,
+        task: str = "default",
     ):
+        from prpo_lightning.demo.arithmetic import task_spec
+
         super().__init__(batch_size, eval_batch_size, seed, max_eval_samples)
         self.num_train, self.num_eval, self.task_seed = num_train, num_eval, task_seed
+        self.task, self.spec = task, task_spec(task)
 
     def load_rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         from prpo_lightning.demo.arithmetic import make_split
 
-        train, held_out = make_split(seed=self.task_seed, n_train=self.num_train, n_eval=self.num_eval)
+        train, held_out = make_split(seed=self.task_seed, n_train=self.num_train, n_eval=self.num_eval, spec=self.spec)
         return list(train), list(held_out)
 

@@ -123,3 +123,20 @@ def test_grading_helpers():
     assert check_equation("3 * 4 = 13") is False
     assert check_equation("7 / 2 = 3") is False
     assert check_equation("\\boxed{7}") is None
+
+
+def test_long_task_variant_has_5_to_8_true_equations_and_reaches_the_datamodule():
+    from prpo_lightning.data import ArithmeticDataModule
+    from prpo_lightning.demo.arithmetic import LONG_SPEC, task_spec
+
+    assert task_spec("long") == LONG_SPEC and task_spec("default") == DEFAULT_SPEC
+    problems = generate_problems(0, 200, "train", LONG_SPEC)
+    lengths = {len(p["solution"].splitlines()) - 1 for p in problems}  # equations, then the boxed line
+    assert lengths == {5, 6, 7, 8}
+    assert all(check_equation(line) for p in problems for line in p["solution"].splitlines()[:-1])
+    dm = ArithmeticDataModule(num_train=6, num_eval=3, task="long")
+    train, held_out = dm.load_rows()
+    assert train == generate_problems(1234, 6, "train", LONG_SPEC)
+    assert held_out == generate_problems(1234, 3, "eval", LONG_SPEC)
+    with pytest.raises(ValueError, match="unknown arithmetic task 'longer'"):
+        ArithmeticDataModule(task="longer")

@@ -140,3 +140,163 @@ def test_grid_plots_are_written(tmp_path):
         assert path == tmp_path / f"{tag}_{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert replicate_plots.extra_plots(results, tmp_path, "replication") is None  # the main grid has none
+    bab = [_bab(m, lr, seed, 0.4 + 0.01 * seed, [0.42, 0.45, 0.5]) for m in ("grpo", "pure") for lr in (1e-5, 3e-4)
+           for seed in (0, 1)]
+    bab[0]["curves"][VAL] = [(0, 0.3), (30, 0.35), (60, 0.4)]
+    path = replicate_plots.extra_plots(bab, tmp_path, "replication-bab")
+    assert path == tmp_path / "replication-bab_best.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- best against best (issue 28)
+import replicate_bab  # noqa: E402
+import replicate_splits  # noqa: E402
+
+VAL = replicate_splits.VALIDATION_KEY
+
+
+def test_curve_auc_and_steps_to_threshold_hand_values():
+    curve = [(0, 0.4), (10, 0.5), (20, 0.5)]
+    # trapezoids: 10 * (0.4 + 0.5) / 2 + 10 * (0.5 + 0.5) / 2 = 4.5 + 5 = 9.5; / 20 = 0.475
+    assert replicate_bab.curve_auc(curve, 20) == pytest.approx(0.475)
+    assert replicate_bab.curve_auc([(0, 0.2), (20, 0.6)], 20) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="step 0 and at step 30"):
+        replicate_bab.curve_auc(curve, 30)  # not evaluated at the horizon: no guess
+    assert replicate_bab.steps_to(curve, 0.45) == 10
+    assert replicate_bab.steps_to(curve, 0.4) == 0
+    assert replicate_bab.steps_to(curve, 0.6) is None
+    assert replicate_bab.split_name("bab_prpo_rule_prm_lr0.0001") == ("bab", "prpo_rule_prm", 1e-4)
+    assert replicate_bab.split_name("long_grpo_lr3e-05") == ("long", "grpo", 3e-5)
+
+
+def _bab(method: str, lr: float, seed: int, val: float, held: list[float]) -> dict:
+    """A 60-step run: held-out accuracy at steps 0, 30, 60 and final validation accuracy ``val``."""
+    curves = {k: [] for k in replicate.CURVE_KEYS}
+    curves["eval/accuracy"] = list(zip((0, 30, 60), held))
+    curves[VAL] = [(0, 0.3), (60, val)]
+    return {"method": f"bab_{method}_lr{lr:g}", "seed": seed, "seconds": 60.0, "curves": curves}
+
+
+def test_lr_is_chosen_on_mean_final_validation_accuracy_over_common_seeds_ties_to_smaller_lr():
+    results = [_bab("grpo", 1e-5, 0, 0.40, [0.4, 0.4, 0.4]), _bab("grpo", 1e-5, 1, 0.50, [0.4, 0.4, 0.4]),
+               _bab("grpo", 3e-5, 0, 0.46, [0.4, 0.4, 0.4]), _bab("grpo", 3e-5, 1, 0.44, [0.4, 0.4, 0.4]),
+               _bab("grpo", 1e-4, 0, 0.60, [0.4, 0.4, 0.4]),  # best on seed 0, but seed 1 is not finished here
+               _bab("pure", 1e-5, 0, 0.5, [0.4, 0.4, 0.4]), _bab("pure", 3e-5, 0, 0.5, [0.4, 0.4, 0.4])]
+    choice = replicate_bab.choose_lrs(results, (1e-5, 3e-5, 1e-4))
+    g = choice["grpo"]
+    assert g["seeds"] == [0]  # only seed 0 finished at every lr
+    assert g["by_lr"] == pytest.approx({1e-5: 0.40, 3e-5: 0.46, 1e-4: 0.60})
+    assert g["lr"] == 1e-4 and g["missing"] == []
+    without = replicate_bab.choose_lrs(results[:4], (1e-5, 3e-5, 1e-4))["grpo"]  # seeds 0 and 1 at two lrs
+    assert without["by_lr"] == pytest.approx({1e-5: 0.45, 3e-5: 0.45}) and without["missing"] == [1e-4]
+    assert without["lr"] == 1e-5  # a tie (0.45 = 0.45) goes to the smaller lr
+    assert choice["pure"]["lr"] == 1e-5 and choice["pure"]["missing"] == [1e-4]
+
+
+def test_best_against_best_pairs_each_method_at_its_lr_with_grpo_at_grpos_lr():
+    results = []
+    for seed, (g_hi, g_lo, p_hi, p_lo) in enumerate([(0.44, 0.40, 0.50, 0.30), (0.46, 0.42, 0.46, 0.30),
+                                                     (0.48, 0.40, 0.54, 0.30)]):
+        # GRPO's validation prefers 3e-5, PRPO's 1e-4; the held-out finals of the other lrs must not be used
+        results += [_bab("grpo", 3e-5, seed, 0.5, [0.42, 0.43, g_hi]), _bab("grpo", 1e-4, seed, 0.4, [0.42, 0.43, g_lo]),
+                    _bab("prpo_rule_prm", 3e-5, seed, 0.4, [0.42, 0.43, p_lo]),
+                    _bab("prpo_rule_prm", 1e-4, seed, 0.5, [0.42, 0.50, p_hi])]
+    table = replicate_bab.best_against_best(results, (3e-5, 1e-4), horizon=60, threshold=0.45)
+    assert table["grpo"]["lr"] == 3e-5 and "vs_grpo" not in table["grpo"]
+    row = table["prpo_rule_prm"]
+    assert row["lr"] == 1e-4 and row["grpo_lr"] == 3e-5
+    mean, t_p, flip_p, seeds = row["vs_grpo"]  # d = [0.06, 0.00, 0.06]: mean 0.04, sd = sqrt(0.0012)
+    assert seeds == [0, 1, 2] and mean == pytest.approx(0.04)
+    t = 0.04 / (math.sqrt(0.0012) / math.sqrt(3))
+    assert t_p == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-9)
+    assert flip_p == pytest.approx(0.5)  # |sum| 0.12 is reached by 4 of the 8 sign patterns (the 0.00 seed's sign is free)
+    assert row["final_mean"] == pytest.approx(0.50)
+    # AUC: (30 * (0.42 + 0.50) / 2 + 30 * (0.50 + final) / 2) / 60 = 0.23 + 0.125 + final / 4; mean final 0.50
+    assert row["auc_mean"] == pytest.approx(0.23 + 0.125 + 0.50 / 4)
+    auc_mean = row["auc_vs_grpo"][0]  # PRPO's middle point 0.50 vs GRPO's 0.43, plus the final difference
+    assert auc_mean == pytest.approx((0.50 - 0.43) / 2 + 0.04 / 4)
+    assert row["steps_to_threshold"] == [30, 30, 30] and table["grpo"]["steps_to_threshold"] == [None, 60, 60]
+    lines = replicate_bab.report_lines(results, (3e-5, 1e-4), 60, 0.45, 16)
+    assert lines[0].startswith("Runs finished: **12 of 16** (partial")
+    assert "| prpo_rule_prm | 0.0001 | 3 | 50.0% ± 4.0% | +4.0 pts (3 seeds) |" in "\n".join(lines)
+    partial = replicate_bab.report_lines(results[:2], (3e-5, 1e-4, 3e-4), 60, 0.45, 24)
+    assert "| grpo | 3e-05* | 1 | 44.0% (1 seed) | — | — | — |" in partial  # 3e-4 has no run yet: starred
+
+
+def test_validation_split_is_train_distribution_disjoint_from_train_rows_and_held_out(tmp_path):
+    from prpo_lightning.demo.arithmetic import make_split, split_of
+
+    val = replicate_splits.validation_problems(50)
+    train, held_out = make_split(replicate_splits.TASK_SEED, replicate_splits.NUM_TRAIN, replicate_splits.NUM_HELD_OUT)
+    texts = {p["problem"] for p in val}
+    assert len(texts) == 50 and {split_of(t) for t in texts} == {"train"}
+    assert not texts & {p["problem"] for p in train} and not texts & {p["problem"] for p in held_out}
+    assert replicate_splits.validation_problems(50) == val  # deterministic
+    heldout_path, val_path = replicate_splits.write_eval_sets(tmp_path, 50)
+    from prpo_lightning.demo.arithmetic import read_jsonl
+
+    assert read_jsonl(heldout_path) == held_out  # exactly the datamodule's held-out rows
+    assert read_jsonl(val_path) == val
+    val_path.write_text(val_path.read_text().replace("+", "-", 1))  # a changed generator is refused, not overwritten
+    with pytest.raises(RuntimeError, match="holds other problems"):
+        replicate_splits.write_eval_sets(tmp_path, 50)
+
+
+def test_bab_grids_name_every_method_at_every_lr_and_pair_with_their_own_grpo():
+    bab, long = replicate_grids.best_vs_best("bab"), replicate.METHODS
+    assert len(bab) == 6 * 4
+    assert bab["bab_prpo_rule_prm_lr3e-05"] == [*replicate.METHODS["prpo_rule_prm"], "--model.optim.lr=3e-05"]
+    assert long["long_pure_lr0.0003"] == [*replicate.METHODS["pure"], *replicate_grids.LONG_TASK, "--model.optim.lr=0.0003"]
+    assert replicate_grids.baseline_of("bab_pure_lr0.0001") == "bab_grpo_lr0.0001"  # not the 20-step main table's
+    assert replicate_grids.baseline_of("long_prm_avg_lr1e-05") == "long_grpo_lr1e-05"
+    assert replicate_grids.GRID_SETTINGS["bab"]["max_steps"] == 60
+
+
+def test_a_committed_copy_resumes_a_run_and_a_stale_copy_or_other_eval_sets_are_refused(tmp_path):
+    method, seed = "bab_grpo_lr3e-05", 2
+    sets = {"task": "default", "validation": 200, "paths": ["h.jsonl", "v.jsonl"]}
+    stored = {"task": "default", "validation": 200}
+    done = {"method": method, "seed": seed, "max_steps": 60, "eval_sets": stored, "curves": {},
+            "overrides": [*replicate.BUDGET, *replicate.METHODS[method]]}
+    mirror = tmp_path / "mirror"
+    (mirror / method).mkdir(parents=True)
+    (mirror / method / "seed2.json").write_text(json.dumps(done))
+    out = tmp_path / "runs"
+    assert replicate.run_one(out, method, seed, 60, 10, [], eval_sets=sets, mirror=mirror) == done
+    assert json.loads((replicate.run_dir(out, method, seed) / "result.json").read_text()) == done  # restored
+    with pytest.raises(RuntimeError, match="trained with other settings"):  # other validation size
+        replicate.run_one(out, method, seed, 60, 10, [], eval_sets=dict(sets, validation=100), mirror=mirror)
+    with pytest.raises(RuntimeError, match="trained with other settings"):  # no validation at all
+        replicate.run_one(out, method, seed, 60, 10, [], mirror=mirror)
+    (replicate.run_dir(out, method, seed) / "result.json").unlink()
+    (mirror / method / "seed2.json").write_text(json.dumps(dict(done, max_steps=20)))
+    with pytest.raises(RuntimeError, match="trained with other settings"):
+        replicate.run_one(out, method, seed, 60, 10, [], eval_sets=sets, mirror=mirror)
+
+
+def test_learned_prm_grid_shares_the_bab_runs_and_swaps_only_the_prm():
+    learned = replicate_grids.GRIDS["learned"][0]
+    assert learned["bab_grpo_lr0.0003"] == replicate.METHODS["bab_grpo_lr0.0003"]  # trained once for both grids
+    assert len(learned) == 5 * 4
+    exact, ours = learned["bab_process_only_lr0.0001"], learned["bab_process_only_learned_prm_lr0.0001"]
+    assert [a for a in exact if a not in ours] == [f"--model.prm={replicate_grids.EQ_PRM}"]
+    assert [a for a in ours if a not in exact] == ["--model.prm=components.prms.LearnedArithPRM"]
+    assert replicate_grids.baseline_of("bab_prpo_learned_prm_lr1e-05") == "bab_grpo_lr1e-05"
+
+
+def test_read_curves_takes_the_validation_accuracy_from_the_csv_loggers_metrics(tmp_path):
+    (tmp_path / "training_curves.csv").write_text("step,eval/accuracy,train/reward/mean\n0,0.42,\n1,,0.5\n10,0.45,0.6\n")
+    (tmp_path / "metrics.csv").write_text(f"step,eval/accuracy,{VAL},train/loss\n0,0.42,0.40,\n1,,,0.3\n10,0.45,0.47,\n")
+    curves = replicate.read_curves(tmp_path / "training_curves.csv")
+    assert curves["eval/accuracy"] == [(0, 0.42), (10, 0.45)]
+    assert curves[VAL] == [(0, 0.40), (10, 0.47)]
+    assert curves["train/reward/mean"] == [(1, 0.5), (10, 0.6)]
+
+
+def test_warm_start_overlap_counts_the_problems_the_warm_start_saw(tmp_path):
+    # a warm start that drew the first 10 problems of the RL training stream: exactly the first 10 training rows,
+    # none of the validation split (which excludes every training row) and none of the held-out problems
+    ws = tmp_path / "warm_start.json"
+    ws.write_text(json.dumps({"sft": {"seed": replicate_splits.TASK_SEED, "steps": 2, "batch_size": 5}}))
+    assert replicate_splits.warm_start_overlap(ws, 20) == {
+        "warm_start_problems": 10, "validation_seen": 0, "validation": 20, "train_rows_seen": 10,
+        "train_rows": replicate_splits.NUM_TRAIN, "held_out_seen": 0}

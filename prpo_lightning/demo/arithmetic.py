@@ -65,6 +65,21 @@ class TaskSpec:
 
 
 DEFAULT_SPEC = TaskSpec()
+LONG_SPEC = TaskSpec(min_ops=5, max_ops=8)
+"""Harder chains: 5–8 operations per problem (the default mixes 2–4), same operands and value bound."""
+TASKS: dict[str, TaskSpec] = {"default": DEFAULT_SPEC, "long": LONG_SPEC}
+"""Named task variants (``ArithmeticDataModule(task=...)``, ``benchmarks/replicate_grids.py``)."""
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The :class:`TaskSpec` of a named variant of :data:`TASKS`.
+
+    Raises:
+        ValueError: if ``task`` is not one of them.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown arithmetic task {task!r}: use one of {sorted(TASKS)}")
+    return TASKS[task]
 
 
 def _apply(a: int, op: str, b: int) -> int:
