@@ -9,6 +9,23 @@ from components import threads
 from components.threads import TorchThreads, free_cores
 
 
+def test_busy_cores_now_reads_the_cpu_time_of_a_window(tmp_path, monkeypatch):
+    from components import threads
+
+    stat = tmp_path / "stat"
+    readings = iter(["cpu  100 0 100 800 0 0 0 0 0 0\n", "cpu  150 0 150 900 0 0 0 0 0 0\n"])  # 100 of 200 busy
+
+    def sleep(_: float) -> None:
+        stat.write_text(next(readings))
+
+    stat.write_text(next(readings))
+    monkeypatch.setattr(threads.time, "sleep", sleep)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    assert threads.busy_cores_now(stat=str(stat)) == pytest.approx(1.0)  # half of 2 cores busy
+    monkeypatch.setattr(threads.time, "sleep", lambda _: None)
+    assert threads.busy_cores_now(stat=str(tmp_path / "missing")) is None
+
+
 def test_free_cores_hand_values():
     assert free_cores(2, 0.0) == 2  # idle 2-core machine: both
     assert free_cores(2, 0.4) == 2
