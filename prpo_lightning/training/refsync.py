@@ -15,7 +15,6 @@ saved in checkpoints (``prpo_ref_sync``) with the optimizer-step count, and rest
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
