@@ -36,7 +36,9 @@ from prpo_lightning.rollout.engine import EngineCapabilities, RolloutEngine, Rol
 from prpo_lightning.training.lora import base_model, is_lora, merged_weights
 from prpo_lightning.rollout.sampling import pad_token_id
 
-from components.vllm_support import quiet_rotary_reload_warning, remove_stale_model_dirs, tmp_prefix
+from components.vllm_support import (
+    checked_weights, quiet_rotary_reload_warning, remove_stale_model_dirs, tmp_prefix, weight_manifest,
+)
 
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
 
@@ -136,6 +138,7 @@ class VLLMEngine(RolloutEngine):
         self._asleep = False
         self._model_dir: tempfile.TemporaryDirectory | None = None
         self._owns_process_group = False  # vLLM initialised torch.distributed itself (no trainer process group)
+        self._manifest: dict[str, tuple[int, ...]] = {}  # every tensor vLLM holds: a sync must stream all of them
 
     def check_sampling(self, sampling: SamplingConfig) -> None:
         """An explicit ``max_model_len`` must hold the longest prompt plus the completion budget (checked at start
@@ -214,6 +217,7 @@ class VLLMEngine(RolloutEngine):
         if self.llm is not None:
             return
         self._check_kv_cache(policy.config, next(policy.parameters()).dtype)
+        self._manifest = weight_manifest(policy)
         from vllm import LLM
 
         on_cuda = self.device.type == "cuda"
@@ -279,15 +283,26 @@ class VLLMEngine(RolloutEngine):
                 )
 
     def _push_weights(self, policy: torch.nn.Module) -> None:
+        """Stream the policy into vLLM, every tensor checked against :attr:`_manifest` as it passes.
+
+        Raises:
+            IncompleteWeightsError: a tensor is unknown, mis-shaped, repeated or missing (the caller's version does
+                not advance).
+        """
         if self._asleep:
             raise RuntimeError("VLLMEngine: weights cannot be synced while asleep; call wake_up() first")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(policy),
-                                                          "is_checkpoint_format": True})
+        stream = checked_weights(policy_weights(policy), self._manifest, "VLLMEngine")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
     def sync_weights(self, policy: torch.nn.Module, version: int | None = None) -> None:
         """Stream ``policy``'s weights into vLLM in place, reset the prefix cache and bump the version (on every
-        rank: under ZeRO-3 the shards are gathered collectively)."""
+        rank: under ZeRO-3 the shards are gathered collectively).
+
+        Raises:
+            IncompleteWeightsError: the stream lacked a tensor vLLM holds, or had an unknown or mis-shaped one; the
+                version stays where it was, so the next :meth:`generate` raises ``StaleWeightsError``.
+        """
         self._push_weights(policy)
         super().sync_weights(policy, version)
 

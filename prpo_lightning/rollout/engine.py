@@ -163,7 +163,8 @@ class RolloutEngine(ABC):
 
     def setup(self, policy: torch.nn.Module, tokenizer: Any, device: torch.device | None = None,
               lockstep: bool = False) -> None:
-        """Bind the engine to the policy. Called once, after the strategy has placed the policy.
+        """Bind the engine to the policy and load its current weights. Called once, after the strategy has placed
+        the policy; the module then counts the engine as holding its current weight version (no sync follows).
 
         Args:
             policy: the trained Hugging Face causal LM (under ZeRO-3 its parameters are partitioned).
