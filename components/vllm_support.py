@@ -104,6 +104,29 @@ class _RotaryWarningOnce:
         return shown
 
 
+def quiet_vllm(level: str = "ERROR") -> None:
+    """Set the level of vLLM's loggers in this process unless the user set ``VLLM_LOGGING_LEVEL``.
+
+    The environment variable is what vLLM re-reads when an engine configures its logging; loggers configured
+    before (vLLM already imported) are set directly.
+    """
+    import logging
+    import sys
+
+    if os.environ.get("VLLM_LOGGING_LEVEL", level).upper() != level and not getattr(quiet_vllm, "ours", False):
+        return  # the user's level
+    os.environ["VLLM_LOGGING_LEVEL"] = level
+    quiet_vllm.ours = True  # type: ignore[attr-defined]
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch.distributed.reduce_op` is deprecated", category=FutureWarning)
+    if "vllm" in sys.modules:
+        logger = logging.getLogger("vllm")
+        logger.setLevel(level)
+        for handler in logger.handlers:
+            handler.setLevel(level)
+
+
 def quiet_rotary_reload_warning() -> None:
     """Install :class:`_RotaryWarningOnce` on vLLM's layer-wise reload logger (once per process)."""
     import logging
