@@ -264,6 +264,15 @@ class VLLMServerEngine(RolloutEngine):
             self._tmp = None
 
     # ------------------------------------------------------------------ weights
+    def set_weight_version(self, version: int) -> None:
+        """Stamp ``version`` on every server (rank 0) for the weights they hold since :meth:`setup`."""
+        if self._rank == 0:
+            for slot in range(len(self.clients)):
+                self._on_server(slot, lambda client: set_version(client, version))
+        if self._world > 1:
+            torch.distributed.barrier()
+        super().set_weight_version(version)
+
     def _push(self, policy: torch.nn.Module, version: int) -> None:
         assert self.transport is not None
         self.transport.push(checked_weights(policy_weights(policy), self._manifest, "VLLMServerEngine"), version,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from components.vllm_server import ServerClient
+from components.vllm_server import ServerClient, ServerError
 
 #: A safetensors shard is written once this many bytes are buffered (bounded memory for large policies).
 SHARD_BYTES = 1 << 30
@@ -91,7 +91,12 @@ class DiskTransport:
 
     def load(self, client: ServerClient, folder: str, version: int) -> None:
         """Make one server reload ``folder`` in place, drop its prefix cache and stamp ``version``."""
-        client.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": folder}})
+        try:
+            client.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": folder}})
+        except ServerError as err:
+            raise ServerError(f"{client.url} could not load the policy's weights from {folder} ({err}). Does it "
+                              "serve the policy's architecture (same config: vocabulary, layers, sizes)? Its log "
+                              "says which tensor failed.") from err
         client.post("/reset_prefix_cache")
         set_version(client, version)
 

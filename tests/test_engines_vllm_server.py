@@ -53,7 +53,7 @@ def group_alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tok = load_tokenizer(build_char_tokenizer(tmp_path_factory.mktemp("tok")))
-    model = load_causal_lm(config=qwen2_config(len(tok)), seed=0).eval()
+    model = load_causal_lm(config=qwen2_config(128), seed=0).eval()  # the architecture of the modules trained below
     with torch.no_grad():  # a larger EOS embedding (tied with lm_head) makes EOS common: rows of varied length
         model.model.embed_tokens.weight[tok.eos_token_id] *= 8.0
     engine = VLLMServerEngine(num_servers=2, **SERVER_KW)
@@ -206,6 +206,47 @@ def test_unreachable_urls_are_named_at_setup_and_mid_run(setup, tmp_path):
     assert time.monotonic() - start < 30
     live.teardown()
     engine.sync_weights(model, engine.weight_version + 1)  # give the shared server the engine's version back
+
+
+def _fit(root: Path, url: str, steps: int, ckpt_in: str | None = None) -> tuple[dict, list]:
+    """A ``steps``-step run against a running server (connected: setup pushes the policy's weights), checkpointing
+    after every step; returns the final weights and the (seeds, completion ids) of every rollout."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_engines_vllm_module import vllm_module
+    from test_resume import ToyPrompts, make_trainer, tokenizer_dir
+
+    module = vllm_module(tokenizer_dir(root), engine=VLLMServerEngine(urls=[url], **SERVER_KW))
+    samples: list = []
+    sample = module.engine.sample
+
+    def recording_sample(request):
+        result = sample(request)
+        samples.append((list(request.seeds), result.completion_ids.clone()))
+        return result
+
+    module.engine.sample = recording_sample
+    every_step = ModelCheckpoint(dirpath=str(root), every_n_train_steps=1, save_last=True, save_top_k=-1)
+    trainer = make_trainer(root, steps, callbacks=[every_step], enable_checkpointing=True)
+    trainer.fit(module, ToyPrompts(n=8, batch_size=2, seed=1), ckpt_path=ckpt_in)
+    return {k: v.clone() for k, v in module.policy.state_dict().items()}, samples
+
+
+def test_interrupted_run_resumes_exactly(setup, tmp_path):
+    """4 steps straight vs 2 steps + resume from last.ckpt for 2 more, through one running server: the resumed
+    steps draw the same seeds and completions, and the weights end bit-identical."""
+    model, tok, engine, hf, prompts = setup
+    url = engine.clients[0].url
+    try:
+        full, full_samples = _fit(tmp_path / "a", url, 4)
+        _, first = _fit(tmp_path / "c", url, 2)
+        resumed, rest = _fit(tmp_path / "d", url, 4, ckpt_in=str(tmp_path / "c" / "last.ckpt"))
+    finally:
+        engine.sync_weights(model, engine.weight_version + 1)  # the shared servers back to the fixture's weights
+    assert len(full_samples) == 4 and len(first) == 2 and len(rest) == 2
+    for (seeds_a, ids_a), (seeds_b, ids_b) in zip(full_samples, first + rest):
+        assert seeds_a == seeds_b and torch.equal(ids_a, ids_b)
+    for name, value in full.items():
+        assert torch.equal(value, resumed[name]), name
 
 
 def test_cli_fit_demo_config_with_the_server_engine(tmp_path):

@@ -115,7 +115,7 @@ class RolloutCollector:
         checkpoint load). Called at fit/validate/test start and before every rollout, on every rank."""
         if not self.engine_ready:  # setup loads the policy's current weights (the engine contract): no sync follows
             self.engine.setup(self.policy, self.tokenizer, device, lockstep=self.plan.lockstep)
-            self.engine.weight_version = self.weights_version
+            self.engine.set_weight_version(self.weights_version)
             self.engine_ready, self.engine_stale = True, False
         if self.engine_stale:
             self.engine.sync_weights(self.policy, self.weights_version)

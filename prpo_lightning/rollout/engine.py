@@ -194,6 +194,12 @@ class RolloutEngine(ABC):
         """
         self.weight_version = self.weight_version + 1 if version is None else int(version)
 
+    def set_weight_version(self, version: int) -> None:
+        """Record that the weights the engine holds are the policy's version ``version`` without copying anything
+        (called right after :meth:`setup`, which loaded the policy's current weights). Engines that stamp versions
+        elsewhere (a server) extend it."""
+        self.weight_version = int(version)
+
     def sleep(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's memory before the update (only when ``capabilities.supports_sleep``)."""
 
