@@ -107,7 +107,10 @@ class ServedPRM(QwenMathPRM):
     call raises :class:`~prpo_lightning.scoring.faults.PRMError`, which ``model.on_prm_error`` turns into a stop
     (``raise``) or a skipped batch (``skip``). A launched server that has died fails the call at once, with its log.
 
-    Args (beyond :class:`~components.prm_qwen.QwenMathPRM`'s; ``micro_batch_size`` is inputs per request):
+    The arguments of :class:`~components.prm_qwen.QwenMathPRM` keep their meaning (``micro_batch_size``: inputs per
+    request); the others:
+
+    Args:
         launch: start a server (default: when no ``urls`` are given).
         urls: ``http://host:port`` of running servers to connect to (then ``launch`` must not be true).
         python: the interpreter with vLLM for launching (default: this one).
