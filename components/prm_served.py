@@ -288,6 +288,10 @@ class ServedPRM(QwenMathPRM):
                  self.server.log_path)
         try:
             self.server.wait_healthy()
+        except ServerError as err:  # the message names the engine's setting; this is the PRM's
+            self.server.stop()
+            raise ServerError(str(err).replace("model.engine.startup_timeout_s", f"{SETTING}.startup_timeout_s")) \
+                from err
         except BaseException:
             self.server.stop()
             raise

@@ -253,3 +253,48 @@ def test_launched_server_dies_with_a_killed_trainer(prm_dir, tmp_path):
     assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
     pid = int(run.stdout.split()[0])
     assert not _wait_gone(pid), f"server group {pid} outlived its trainer"
+
+
+SHARE_WORKER = """
+import json, sys
+import torch.distributed as dist
+from components.prms import ServedPRM
+rank, init, prm_dir, fake, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=2)
+result = {}
+try:
+    ServedPRM(prm_dir, dtype="float32", max_length=80, python="/bin/false", startup_timeout_s=30).setup("cpu")
+except Exception as err:
+    result["failed_launch"] = type(err).__name__ + ": " + str(err)[:300]
+prm = ServedPRM(prm_dir, dtype="float32", max_length=80, python=fake, startup_timeout_s=60)
+prm.setup("cpu")
+result.update(url=prm.clients[0].url, launched=prm.server is not None, scores=prm.score_texts(["q"], [["a", "b"]]),
+              pid=prm.server.process.pid if prm.server else None)
+dist.barrier()
+prm.teardown()
+open(out + "/" + str(rank) + ".json", "w").write(json.dumps(result))
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_ranks_share_rank_zeros_server_and_its_launch_errors(prm_dir, tmp_path):
+    """Two gloo ranks: rank 0 launches, both score on its server; a failed launch is raised on both ranks."""
+    fake = fake_python(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", SHARE_WORKER, str(r), str(tmp_path / "init"), str(prm_dir), fake,
+                               str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    import json
+
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
+    assert r0["launched"] and not r1["launched"] and r0["url"] == r1["url"]
+    assert r0["scores"] == r1["scores"] and len(r0["scores"][0]) == 2
+    assert "exited with code 1" in r0["failed_launch"]
+    assert "rank 0 could not launch the shared PRM server" in r1["failed_launch"]
+    assert not _wait_gone(r0["pid"])
