@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
+import lightning as L  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
@@ -68,21 +70,38 @@ def build_tiny_prm(path: Path) -> Path:
     return path
 
 
-def server_pids(marker: str) -> list[int]:
-    """Live processes whose command line contains ``marker`` (a model folder, a port)."""
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "vllm.entrypoints.openai.api_server" in cmd and marker in cmd and proc.info["status"] != "zombie":
-            found.append(proc.info["pid"])
-    return found
+def alive(pids: set[int]) -> set[int]:
+    """The processes of ``pids`` that still run (zombies count as gone)."""
+    out = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
-def wait_gone(marker: str, limit_s: float = 30.0) -> list[int]:
+def server_processes(pgid: int, log: Path) -> set[int]:
+    """A launched server's processes: its process group, and every ``pid=`` its log names (API server, engine)."""
+    pids = {p.pid for p in psutil.process_iter() if _pgid(p.pid) == pgid}
+    if log.exists():
+        pids |= {int(m) for m in re.findall(r"pid=(\d+)", log.read_text(errors="replace"))}
+    return pids
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def wait_gone(pids: set[int], limit_s: float = 30.0) -> set[int]:
     deadline = time.monotonic() + limit_s
-    while (alive := server_pids(marker)) and time.monotonic() < deadline:
+    while (left := alive(pids)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    return alive
+    return left
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +114,11 @@ def served(prm_dir):
     """One ServedPRM that launches its vLLM server (the module's only one); stopped, and checked gone, at the end."""
     prm = ServedPRM(str(prm_dir), **SERVER)
     prm.setup("cpu")
+    pids = server_processes(prm.server.process.pid, Path(prm.server.log_path))
+    assert len(alive(pids)) >= 2  # the API server and its engine process
     yield prm
     prm.teardown()
-    assert not wait_gone(str(prm_dir)), "the PRM server outlived teardown"
+    assert not wait_gone(pids), "the PRM server outlived teardown"
 
 
 def policy_batch(prm_dir: Path):
@@ -142,37 +163,53 @@ def test_cli_fit_demo_config_with_served_prm(prm_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(args, capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
-    assert not wait_gone(f"--port {port}"), "prpo-fit left its PRM server running"
+    log = Path(f"{prm_dir}.server-{port}.log")
+    pids = server_processes(-1, log)
+    assert len(pids) >= 2, f"no server pids in {log}"
+    assert not wait_gone(pids), "prpo-fit left its PRM server running"
     (metrics,) = tmp_path.glob("**/metrics.csv")
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("train/prm/request_s")]
     assert len(rows) == 2 and all(float(r["train/prm/request_s"]) > 0 for r in rows)
     assert all(0.0 <= float(r["train/prm/score_mean"]) <= 1.0 for r in rows)
 
 
-def test_server_killed_mid_run_gives_named_error_or_skip(served, prm_dir, tmp_path):
-    """Last in this file: it kills the module's server."""
+class KillServerAfterFirstStep(L.Callback):
+    """SIGKILL the PRM's launched server (its whole process group) after the first training step."""
+
+    def __init__(self, prm: ServedPRM) -> None:
+        self.prm = prm
+        self.first_step: dict[str, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.first_step = self.prm.batch_metrics()  # set by a successful scoring call only
+            os.killpg(self.prm.server.process.pid, signal.SIGKILL)
+            self.prm.server.process.wait(30)
+
+
+def test_server_killed_mid_run_gives_skip_or_named_error(served, prm_dir, tmp_path):
+    """Last in this file: it kills the module's server during a run (on_prm_error: skip), then checks the errors."""
+    from test_faults import _OneSegment, _ProcessAligner
+
     batch, tok = policy_batch(prm_dir)
-    connected = ServedPRM(str(prm_dir), urls=[served.server.url], **{k: v for k, v in SERVER.items()
-                                                                     if k in ("dtype", "max_length", "retries",
-                                                                              "retry_wait_s", "request_timeout_s")})
+    connect = {k: SERVER[k] for k in ("dtype", "max_length", "retries", "retry_wait_s", "request_timeout_s")}
+    connected = ServedPRM(str(prm_dir), urls=[served.server.url], **connect)
     connected.setup("cpu")
     assert connected.score(batch, tok).step_mask.any()
-    os.killpg(served.server.process.pid, signal.SIGKILL)
-    served.server.process.wait(30)
+    tok_dir = tokenizer_dir(tmp_path)
+    module = make_module(tok_dir, segmenter=_OneSegment(), prm=served, aligner=_ProcessAligner(), on_prm_error="skip")
+    kill = KillServerAfterFirstStep(served)
+    trainer = make_trainer(tmp_path, 2, callbacks=[kill])
+    trainer.fit(module, ToyPrompts())
+    assert trainer.global_step == 2 and not served.server.alive
+    assert kill.first_step["request_s"] > 0  # step 1 was scored on the server ...
+    assert trainer.callback_metrics["train/faults/prm_errors"] == 1.0  # ... step 2's update was skipped
     start = time.monotonic()
     with pytest.raises(PRMError, match=r"launched at http://127\.0\.0\.1:\d+ has exited with code -9"):
         served.score(batch, tok)
     with pytest.raises(PRMError, match=r"POST http://127\.0\.0\.1:\d+/pooling failed 2 time\(s\)"):
         connected.score(batch, tok)
     assert time.monotonic() - start < 30.0
-    # through training: on_prm_error raise names the PRM, skip skips the batch's update
-    tok_dir = tokenizer_dir(tmp_path)
-    from test_faults import _OneSegment, _ProcessAligner
-
-    module = make_module(tok_dir, segmenter=_OneSegment(), prm=served, aligner=_ProcessAligner(), on_prm_error="skip")
-    trainer = make_trainer(tmp_path, 1)
-    trainer.fit(module, ToyPrompts())
-    assert trainer.callback_metrics["train/faults/prm_errors"] == 1.0
     module = make_module(tok_dir, segmenter=_OneSegment(), prm=served, aligner=_ProcessAligner(), on_prm_error="raise")
     with pytest.raises(PRMError, match=r"PRM ServedPRM failed .*has exited with code -9"):
         make_trainer(tmp_path, 1).fit(module, ToyPrompts())

@@ -220,6 +220,8 @@ def test_launch_arguments_scoring_death_and_teardown(prm_dir, tag_id, tmp_path):
     prm.setup("cpu")
     server = prm.server
     assert server is not None and server.alive
+    prm.setup("cpu")  # a later stage (validate after fit) reuses the running server
+    assert prm.server is server
     args = server.command()
     assert args[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and args[args.index("--model") + 1] == str(prm_dir)
     joined = " ".join(args)
