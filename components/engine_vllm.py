@@ -37,7 +37,7 @@ from prpo_lightning.training.lora import base_model, is_lora, merged_weights
 from prpo_lightning.rollout.sampling import pad_token_id
 
 from components.vllm_support import (
-    checked_weights, quiet_rotary_reload_warning, quiet_vllm, remove_stale_model_dirs, tmp_prefix, weight_manifest,
+    checked_weights, cpu_prefill_settings, quiet_rotary_reload_warning, quiet_vllm, remove_stale_model_dirs, tmp_prefix, weight_manifest,
 )
 
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
@@ -259,6 +259,8 @@ class VLLMEngine(RolloutEngine):
         )
         if self.kv_cache_memory_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_memory_gib * (1 << 30))
+        if not on_cuda:  # a seeded request whose prefill is split crashes the CPU backend ("CPU Generator does not
+            kwargs.update(cpu_prefill_settings(self.max_model_len, policy.config))  # use offset"): never split
         if world > 1:  # one engine per rank inside the trainer's process group (as TRL's colocate mode)
             kwargs["distributed_executor_backend"] = "external_launcher"
             self._export_launcher_env(rank, world, on_cuda)

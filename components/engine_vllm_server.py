@@ -41,7 +41,7 @@ from components.engine_vllm import policy_weights
 from components.vllm_server import (
     ServerClient, ServerError, ServerProcess, ServerUnreachableError, check_reachable,
 )
-from components.vllm_support import checked_weights, remove_stale_model_dirs, tmp_prefix, weight_manifest
+from components.vllm_support import checked_weights, cpu_prefill_settings, remove_stale_model_dirs, tmp_prefix, weight_manifest
 from components.weight_transfer import DiskTransport, NCCLTransport, server_version, set_version
 from prpo_lightning.rollout.engine import (
     EngineCapabilities, RolloutEngine, RolloutResult, SampleRequest, StaleWeightsError, pack_completions,
@@ -160,6 +160,9 @@ class VLLMServerEngine(RolloutEngine):
             args += ["--kv-cache-memory-bytes", str(int(self.kv_cache_memory_gib * (1 << 30)))]
         if (not on_cuda) if self.enforce_eager is None else self.enforce_eager:
             args.append("--enforce-eager")
+        if not on_cuda and self.policy is not None:  # see cpu_prefill_settings: a split seeded prefill crashes
+            prefill = cpu_prefill_settings(self.max_model_len, self.policy.config)
+            args += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(prefill["max_num_batched_tokens"])]
         if self.transport is not None:
             args += list(self.transport.server_args)
         return args + self.extra_args

@@ -79,6 +79,19 @@ def checked_weights(stream: Iterable[tuple[str, Tensor]], manifest: dict[str, tu
         )
 
 
+def cpu_prefill_settings(max_model_len: int | None, config: Any) -> dict[str, Any]:
+    """vLLM settings that keep every prompt's prefill in one piece on the CPU backend.
+
+    vLLM 0.32's CPU backend crashes (``RuntimeError: CPU Generator does not use offset``) when the prefill of a
+    seeded request is split over two scheduler steps (chunked prefill), which happens as soon as a rollout's prompt
+    tokens pass ``max_num_batched_tokens`` (4096): e.g. 32 prompts × 8 samples × 25 tokens. Chunked prefill is off
+    and the token budget holds the longest sequence (vLLM's rule for that mode), at least 4096.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    length = int(max_model_len or getattr(text, "max_position_embeddings", 0) or 4096)
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(length, 4096)}
+
+
 def tmp_prefix() -> str:
     """This process's prefix for its vLLM model folder: ``prpo_vllm_<host>_<pid>_``."""
     import socket

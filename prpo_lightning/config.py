@@ -227,11 +227,13 @@ class SamplerMismatchError(RuntimeError):
     """The sampler's log-probs are too far from the trainer's (e.g. a weight sync was missed)."""
 
 
-#: Default ``logp_diff_max`` thresholds of :class:`MismatchCheck` by the trainer's parameter dtype. float32: a synced
-#: vLLM engine's largest difference was 4.3e-5 and the smallest fault measured 0.03 (a sync that skipped two layers),
-#: so 1e-3 sits 23x above the noise and 30x below the fault. The 16-bit values come from
-#: ``benchmarks/sync_check.py`` (``benchmarks/results/sync_check.json``, docs/engines.rst).
-DEFAULT_MISMATCH_THRESHOLDS: dict[str, float] = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
+#: Default ``logp_diff_max`` thresholds of :class:`MismatchCheck` by the trainer's parameter dtype, from
+#: ``benchmarks/sync_check.py`` (``benchmarks/results/sync_check.json``; docs/engines.rst "Self-check"). float32: a
+#: synced vLLM engine's largest difference was 6.0e-5 over 3 × 19.6k tokens and the smallest fault 0.013 (a sync that
+#: skipped two layers after one lr-1e-5 step): 1e-3 sits 17x above the noise and 13x below the fault. bfloat16: the
+#: noise (1.43) is as large as the faults (0.83-1.20), so 4.0 stops gross faults only. float16: not measured, no
+#: default.
+DEFAULT_MISMATCH_THRESHOLDS: dict[str, float] = {"float32": 1e-3, "bfloat16": 4.0}
 
 
 @dataclass
@@ -243,7 +245,8 @@ class MismatchCheck:
     :func:`~prpo_lightning.rollout.offpolicy.mismatch_metrics`)."""
     threshold: float | None = None
     """The largest acceptable value. None (default, ``logp_diff_max`` only): by the policy's dtype, from
-    :data:`DEFAULT_MISMATCH_THRESHOLDS` (float32 1e-3, bfloat16 0.5, float16 0.1)."""
+    :data:`DEFAULT_MISMATCH_THRESHOLDS` (float32 1e-3; bfloat16 4.0, which stops gross faults only; other dtypes: set
+    it)."""
     mode: Literal["warn", "raise"] = "raise"
     """``raise`` (default) raises :class:`SamplerMismatchError`; ``warn`` logs a warning and trains on."""
 
@@ -273,15 +276,17 @@ class MismatchCheck:
                              f"{DEFAULT_MISMATCH_THRESHOLDS}): set it")
         return DEFAULT_MISMATCH_THRESHOLDS[name]
 
-    def check_sampling(self, top_p: float, top_k: int) -> None:
-        """The default threshold assumes untruncated sampling; refuse it with ``top_p < 1`` or ``top_k > 0``.
+    def check_settings(self, top_p: float, top_k: int, dtype: Any = None) -> None:
+        """Refuse at start what the check could only refuse mid-run: no default threshold for ``dtype``, or the
+        default threshold with ``top_p < 1`` or ``top_k > 0`` (it assumes untruncated sampling).
 
         With truncation the sampler's (processed) log-probs are of the renormalised distribution, so every token
         differs from the trainer's by ``-log(mass kept)`` and a tight ``logp_diff_max`` would fail at every step.
 
         Raises:
-            ValueError: naming the sampling settings and the two ways out.
+            ValueError: naming the dtype or the sampling settings and the ways out.
         """
+        self.threshold_for(dtype)
         if self.threshold is None and (top_p < 1.0 or top_k > 0):
             raise ValueError(
                 f"model.rollout_check: the default check (logp_diff_max within the dtype's noise) cannot hold with "
