@@ -238,3 +238,26 @@ def test_two_training_steps_give_the_same_weights(tmp_path):
     assert moved > 1e-4  # the run trained
     for name, want in weights[0].items():
         torch.testing.assert_close(weights[1][name], want, rtol=0, atol=1e-5, msg=name)
+
+
+def test_token_budget_ranks_make_equal_passes(monkeypatch):
+    """Under DDP/ZeRO every rank backpropagates as many micro-batches as the rank with the most: with a token budget
+    the count is all-reduced (max) and the missing passes are zero-weighted dummies that leave the gradient alone."""
+    import prpo_lightning.training.updater as updater_mod
+
+    model = _model()
+    rollout, loss = _rollout(kl=False, off_policy=False), LossConfig()
+    optim = OptimConfig(micro_batch_tokens=60, packing=True, share_prompt_prefix=False)
+    _, want = _accumulate(model, rollout, loss, optim)
+    own = len(micro_batches(row_lengths(rollout.prompt_mask, rollout.completion_mask), 8, 60, packed=True))
+    monkeypatch.setattr(updater_mod, "all_reduce_max", lambda n: n + 2)  # another rank cut 2 more micro-batches
+    passes: list[int] = []
+    plan = plan_passes(RunNeeds(), CAPS, loss, optim)
+    updater = PolicyUpdater(model, loss, optim, plan, 0.7, T_MAX, 0, 0,
+                            backward=lambda x: (passes.append(1), x.backward()),
+                            clip_gradients=lambda *a, **k: None, on_optimizer_step=lambda: None)
+    model.zero_grad()
+    updater.accumulate(rollout, torch.arange(rollout.size), torch.device("cpu"))
+    assert len(passes) == own + 2
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=0, atol=1e-6, msg=name)
