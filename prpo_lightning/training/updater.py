@@ -30,7 +30,6 @@ from prpo_lightning.batch import RolloutBatch
 from prpo_lightning.config import LossConfig, OptimConfig
 from prpo_lightning.runtime.distributed import all_reduce_max, all_reduce_sum, is_distributed
 from prpo_lightning.training.logprobs import completion_logprobs
-from prpo_lightning.training.packing import check_packing_support, micro_batches, row_lengths, trim_padding
 from prpo_lightning.training.losses import (
     aggregate_loss,
     cispo_loss,
@@ -39,6 +38,7 @@ from prpo_lightning.training.losses import (
     kl_penalty,
     top_entropy_mask,
 )
+from prpo_lightning.training.packing import check_packing_support, micro_batches, row_lengths, trim_padding
 from prpo_lightning.training.plan import PassPlan
 
 
