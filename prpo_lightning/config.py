@@ -222,8 +222,10 @@ class OptimConfig:
     restart at 0 on every row, so no compute or memory goes to padding and no row attends to another. Needs an
     attention implementation that reads packed position ids (``sdpa``, ``eager``, ``flex_attention``, flash-attention
     2/3/4; anything else is refused when the updater is built) and ``share_prompt_prefix: false``. Works with LoRA,
-    gradient checkpointing and DeepSpeed. Same log-probs and gradients as the padded passes up to float rounding;
-    combine with ``micro_batch_tokens`` for long-tailed completion lengths."""
+    gradient checkpointing and DeepSpeed. Same log-probs and gradients as the padded passes up to float rounding.
+    Only flash-attention's varlen kernels skip the attention between rows; ``sdpa`` and ``eager`` apply a
+    block-diagonal mask over the whole packed sequence (attention cost ∝ its tokens squared), so combine packing
+    with ``micro_batch_tokens``, which bounds that sequence."""
 
     def __post_init__(self) -> None:
         if self.packing and self.share_prompt_prefix:
