@@ -38,14 +38,16 @@ def _model(gradient_checkpointing: bool = False, lora: LoRAConfig | None = None,
 
 
 def _rows(seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Completions of every length from 1 to ``T_MAX`` (plus an empty one), prompts of 1 to ``P_MAX`` tokens."""
+    """Completions of every length from 1 to ``T_MAX`` (plus an empty one), prompts of 1 to ``P_MAX`` tokens, each
+    prompt shared by 4 consecutive rows (a group: the shared-prompt pass has something to share)."""
     g = torch.Generator().manual_seed(seed)
     c_len = torch.cat([torch.randperm(T_MAX, generator=g) + 1, torch.tensor([0])])  # (B,)
     b = c_len.shape[0]
-    p_len = torch.randint(1, P_MAX + 1, (b,), generator=g)  # (B,)
+    group = torch.arange(b) // 4  # (B,)
+    p_len = torch.randint(1, P_MAX + 1, (b,), generator=g)[group]  # (B,)
     p_mask = (torch.arange(P_MAX)[None] >= P_MAX - p_len[:, None]).long()  # (B, P) left padding
     c_mask = (torch.arange(T_MAX)[None] < c_len[:, None]).long()  # (B, T) right padding
-    p_ids = torch.randint(3, VOCAB, (b, P_MAX), generator=g) * p_mask  # (B, P)
+    p_ids = torch.randint(3, VOCAB, (b, P_MAX), generator=g)[group] * p_mask  # (B, P)
     c_ids = torch.randint(3, VOCAB, (b, T_MAX), generator=g) * c_mask  # (B, T)
     return p_ids, p_mask, c_ids, c_mask
 
@@ -100,10 +102,10 @@ def test_packed_pass_feeds_one_sequence_with_restarting_positions():
 def test_regrouped_logprobs_equal_padded(variant, attn):
     model = _model(attn=attn)
     p_ids, p_mask, c_ids, c_mask = _rows()
-    want_lp, want_ent = batched_logprobs(model, p_ids, p_mask, c_ids, c_mask, 0.7, 3, with_entropy=True)
+    want_lp, want_ent = batched_logprobs(model, p_ids, p_mask, c_ids, c_mask, 0.7, 3, with_entropy=True)  # padded
     opts = VARIANTS[variant]
     lp, ent = batched_logprobs(model, p_ids, p_mask, c_ids, c_mask, 0.7, 3, with_entropy=True,
-                               share_prompts=opts.get("share_prompt_prefix", False),
+                               share_prompts=opts.get("share_prompt_prefix", True),
                                micro_batch_tokens=opts.get("micro_batch_tokens"), packing=opts.get("packing", False))
     assert lp.shape == want_lp.shape and bool((lp[c_mask == 0] == 0).all())
     torch.testing.assert_close(lp, want_lp, rtol=0, atol=1e-5)
