@@ -1,8 +1,8 @@
 """The ``packing`` section of the GPU check (``benchmarks/gpu_check.py``): padding-free packed passes and token-budget
 micro-batches (issue 24, ``optim.packing`` / ``optim.micro_batch_tokens``) on the GPU's attention kernels.
 
-* ``fp32_packed_vs_padded_sdpa``: log-probs, entropies and every gradient of the packed pass against the padded pass
-  (SDPA, float32), within the profile's ``logprob_tol``;
+* ``fp32_packed_vs_padded_sdpa``: log-probs, entropies and every gradient of the packed pass (SDPA row by row,
+  ``prpo_sdpa_varlen``) against the padded pass (SDPA with its mask), float32, within the profile's ``logprob_tol``;
 * ``flash_attention_2_packed``: with CUDA and ``flash_attn`` installed, the packed pass on flash-attention's varlen
   kernel: no row sees another (a changed token of row 0 leaves every other row's log-probs bit-identical), and its
   bf16 log-probs against the padded SDPA pass (informational). Skipped, with the reason, without them;

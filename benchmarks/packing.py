@@ -170,10 +170,8 @@ def _publish(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], lo
         f"`optim.micro_batch_tokens: {args.budget}`. Each configuration runs in a fresh process, {args.rounds} "
         "rounds alternating; the pass peak is the peak RSS minus the RSS just before the pass. The loss column shows "
         "that every configuration computes the same loss (gradients equal to 1e-5: `tests/test_packing.py`). "
-        "On SDPA (and eager) a packed micro-batch's attention runs over the whole packed sequence with a "
-        "block-diagonal mask, so its cost grows with the square of the micro-batch's tokens; only flash-attention's "
-        "varlen kernels skip the blocks between rows. Hence `packed` alone gains less than the sorted `budget`, and "
-        "the budget also bounds a packed pass.", "",
+        "Packed passes on SDPA run one attention call per row (`prpo_sdpa_varlen`), so no configuration computes "
+        "attention between rows or over padding except `padded` and, within its sorted micro-batches, `budget`.", "",
         *rows, "",
         f"Target (packed ≤ 0.6× padded time and ≤ 0.6× padded peak memory): "
         f"{_verdict(runs, 'packed')}; with the token budget: {_verdict(runs, 'budget_packed')}.",

@@ -223,9 +223,10 @@ class OptimConfig:
     attention implementation that reads packed position ids (``sdpa``, ``eager``, ``flex_attention``, flash-attention
     2/3/4; anything else is refused when the updater is built) and ``share_prompt_prefix: false``. Works with LoRA,
     gradient checkpointing and DeepSpeed. Same log-probs and gradients as the padded passes up to float rounding.
-    Only flash-attention's varlen kernels skip the attention between rows; ``sdpa`` and ``eager`` apply a
-    block-diagonal mask over the whole packed sequence (attention cost ∝ its tokens squared), so combine packing
-    with ``micro_batch_tokens``, which bounds that sequence."""
+    The attention skips the pairs of rows with flash-attention's varlen kernels and with ``sdpa`` (the packed pass
+    switches an ``sdpa`` model to ``prpo_sdpa_varlen``: one SDPA call per row, every other pass unchanged);
+    ``eager`` and ``flex_attention`` apply a block-diagonal mask over the whole packed sequence (cost ∝ its tokens
+    squared), which ``micro_batch_tokens`` bounds."""
 
     def __post_init__(self) -> None:
         if self.packing and self.share_prompt_prefix:

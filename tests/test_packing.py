@@ -82,8 +82,8 @@ def test_packed_pass_feeds_one_sequence_with_restarting_positions():
     seen = {}
 
     class Recorder(torch.nn.Module):
-        def forward(self, input_ids, position_ids, use_cache, logits_to_keep):
-            seen.update(ids=input_ids, pos=position_ids, keep=logits_to_keep, use_cache=use_cache)
+        def forward(self, input_ids, position_ids, use_cache, logits_to_keep, **kwargs):
+            seen.update(ids=input_ids, pos=position_ids, keep=logits_to_keep, use_cache=use_cache, **kwargs)
             return type("Out", (), {"logits": torch.zeros(1, len(logits_to_keep), 3)})()
 
     p_ids, p_mask = torch.tensor([[0, 4, 5], [6, 7, 8]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
@@ -92,6 +92,8 @@ def test_packed_pass_feeds_one_sequence_with_restarting_positions():
     assert seen["ids"].tolist() == [[4, 5, 9, 10, 6, 7, 8, 11]]
     assert seen["pos"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
     assert seen["keep"].tolist() == [1, 2, 6] and seen["use_cache"] is False  # the token before each completion token
+    assert seen["cu_seq_lens_q"].tolist() == seen["cu_seq_lens_k"].tolist() == [0, 4, 8]  # row boundaries
+    assert seen["max_length_q"] == seen["max_length_k"] == 4
     with pytest.raises(ValueError, match="right-padded"):
         packed_completion_logits(Recorder(), p_ids, p_mask, c_ids, torch.tensor([[0, 1], [1, 0]]))
 
@@ -263,3 +265,28 @@ def test_token_budget_ranks_make_equal_passes(monkeypatch):
     assert len(passes) == own + 2
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_sdpa_runs_packed_rows_one_by_one_and_leaves_other_passes_bit_identical():
+    """A packed pass switches an sdpa policy to the row-by-row SDPA (Σ L² attention instead of S²): the padded passes
+    before and after the switch are bit-identical, and the row-by-row attention equals one SDPA call per row."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from prpo_lightning.training.packing import SDPA_VARLEN, sdpa_varlen_attention
+
+    model = _model().eval()
+    p_ids, p_mask, c_ids, c_mask = _rows()
+    with torch.no_grad():
+        before, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, with_entropy=True)
+        completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, packed=True)
+        assert model.config._attn_implementation == SDPA_VARLEN
+        after, _ = completion_logprobs(model, p_ids, p_mask, c_ids, c_mask, with_entropy=True)
+    assert torch.equal(before, after)
+    layer = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 9, 8, generator=g) for h in (4, 2, 2))  # (1, H, S, D), rows of 2, 3 and 4 tokens
+    cu = torch.tensor([0, 2, 5, 9], dtype=torch.int32)
+    out, _ = sdpa_varlen_attention(layer, q, k, v, None, scaling=8 ** -0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    for s, e in ((0, 2), (2, 5), (5, 9)):
+        want, _ = sdpa_attention_forward(layer, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None, scaling=8 ** -0.5)
+        torch.testing.assert_close(out[:, s:e], want, rtol=0, atol=1e-6)

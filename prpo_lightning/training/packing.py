@@ -17,13 +17,63 @@ Shapes: ``B`` rows, ``P`` padded prompt length (left padding), ``T`` padded comp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+#: The attention implementation a packed pass switches an ``sdpa`` model to (:func:`sdpa_varlen_attention`).
+SDPA_VARLEN = "prpo_sdpa_varlen"
+
 #: Attention implementations of the pinned transformers that keep packed rows apart (see the module docstring).
 PACKING_ATTENTION: tuple[str, ...] = (
-    "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+    "sdpa", SDPA_VARLEN, "eager", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4",
 )
+
+
+def sdpa_varlen_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                          attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, None]:
+    """transformers' SDPA attention, run row by row on a packed sequence (a varlen kernel in plain PyTorch).
+
+    With the ``cu_seq_lens_q`` that :func:`packed_completion_logits` passes (and no sliding window), each packed row
+    ``[cu[i], cu[i+1])`` gets its own causal SDPA call, so the attention costs ``Σ_i L_i²`` instead of the ``S²`` of
+    the block-diagonal mask; everything else (generation, padded passes) is transformers' ``sdpa_attention_forward``
+    unchanged.
+
+    Args:
+        module: the attention layer.
+        query: ``(1, H, S, D)``; key, value: ``(1, H_kv, S, D)``.
+        attention_mask: the mask transformers built (block-diagonal for a packed pass; unused there).
+
+    Returns:
+        ``((1, S, H, D) attention output, None)``, as ``sdpa_attention_forward``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1 or kwargs.get("sliding_window") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rest = {k: v for k, v in kwargs.items() if k not in ("is_causal", "cu_seq_lens_q", "cu_seq_lens_k")}
+    bounds = cu.tolist()
+    outs = [sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], None, is_causal=True,
+                                   **rest)[0] for s, e in zip(bounds[:-1], bounds[1:])]  # (1, L_i, H, D) each
+    return torch.cat(outs, dim=1), None  # (1, S, H, D)
+
+
+def use_varlen_sdpa(model: torch.nn.Module) -> None:
+    """Switch an ``sdpa`` model to :data:`SDPA_VARLEN` (registered with transformers on first use); idempotent.
+
+    Only packed passes behave differently (row-by-row attention); the numbers of every other forward are unchanged.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
+    AttentionMaskInterface.register(SDPA_VARLEN, sdpa_mask)
+    config._attn_implementation = SDPA_VARLEN
 
 
 def row_lengths(prompt_mask: Tensor, completion_mask: Tensor) -> Tensor:
@@ -140,11 +190,17 @@ def packed_completion_logits(model: torch.nn.Module, prompt_ids: Tensor, prompt_
     positions = (attn.long().cumsum(dim=1) - 1)[attn]  # (S,) restart at 0 on every row
     packed_index = attn.flatten().long().cumsum(dim=0).view_as(attn) - 1  # (B, P + T) index in the packed sequence
     keep = packed_index[:, p:][c_mask] - 1  # (N,) the token before each completion token predicts it
-    out = model(input_ids=ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=keep)
+    lengths = attn.long().sum(dim=1)  # (B,) tokens of each row in the packed sequence
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(dim=0)]).to(torch.int32)  # (B + 1,) row boundaries
+    cu = torch.unique_consecutive(cu)  # rows without tokens left out
+    longest = int(lengths.max())
+    use_varlen_sdpa(model)
+    out = model(input_ids=ids[None], position_ids=positions[None], use_cache=False, logits_to_keep=keep,
+                cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     return out.logits[0]  # (N, V)
 
 
 __all__ = [
-    "PACKING_ATTENTION", "attention_implementation", "check_packing_support", "micro_batches",
-    "packed_completion_logits", "row_lengths", "trim_padding",
+    "PACKING_ATTENTION", "SDPA_VARLEN", "attention_implementation", "check_packing_support", "micro_batches",
+    "packed_completion_logits", "row_lengths", "sdpa_varlen_attention", "trim_padding", "use_varlen_sdpa",
 ]
