@@ -8,8 +8,10 @@ is computed (log-probs, losses and gradients equal the padded row-count passes u
 - ``packing`` (:func:`packed_completion_logits`): the real tokens of a micro-batch's rows are concatenated into one
   ``(1, S)`` sequence whose ``position_ids`` restart at 0 on every row. Transformers reads packed position ids (with no
   attention mask and no cache) as independent sequences: a block-diagonal causal mask for ``sdpa``, ``eager`` and
-  ``flex_attention`` (``masking_utils.find_packed_sequence_indices``), varlen kernels with ``cu_seqlens`` for the
-  flash-attention implementations (``modeling_flash_attention_utils._is_packed_sequence``).
+  ``flex_attention`` (``masking_utils.find_packed_sequence_indices``), varlen kernels for the flash-attention
+  implementations (which also get the rows' ``cu_seq_lens`` directly). An ``sdpa`` model is switched to
+  :data:`SDPA_VARLEN` (:func:`sdpa_varlen_attention`), which runs one causal SDPA call per row instead of the masked
+  ``S × S`` attention, and is plain SDPA for every other pass.
 
 Shapes: ``B`` rows, ``P`` padded prompt length (left padding), ``T`` padded completion length (right padding),
 ``S`` real tokens of a packed micro-batch, ``N`` completion tokens of it, ``V`` vocabulary size.
