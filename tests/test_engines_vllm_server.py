@@ -309,3 +309,20 @@ def test_a_server_does_not_outlive_a_trainer_killed_with_sigkill(tmp_path):
     finally:
         if trainer.poll() is None:
             trainer.kill()
+
+
+def test_the_gpu_check_served_section_passes_on_cpu(tmp_path):
+    """``benchmarks/gpu_check.py --dry-run --only served`` in the vLLM environment: the section a lent GPU runs
+    (there with NCCL weight transfer) passes here with the shared-folder transfer."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--only", "served",
+                           "--out", str(out), "--work", str(tmp_path / "work")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entry = json.loads((out / "gpu_check.json").read_text())["sections"]["served"]
+    assert entry["status"] == "passed", entry
+    checks = entry["checks"]
+    assert checks["greedy_equals_hf_before_and_after_sync"]["each"] == [True, True]
+    assert checks["synced_logp_diff_max"]["value"] <= 1e-3 < checks["never_synced_is_caught"]["value"]
+    assert "## Served rollouts (issue 22)" in (out / "gpu_check.md").read_text()
