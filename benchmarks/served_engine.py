@@ -2,8 +2,9 @@
 (``VLLMServerEngine``), in one run, on this machine.
 
 Each engine trains ``configs/demo.yaml`` (the shipped demo policy, 32 prompts × 8 samples, up to 64 tokens) for
-``--steps`` steps through ``prpo-fit`` in a fresh process (evaluation callbacks off, CSV metrics), one engine after
-the other; the first ``--warmup`` steps are dropped and the medians of the module's phase timings are reported
+``--steps`` steps through ``prpo-fit`` in a fresh process (evaluation callbacks off, CSV metrics); the engines
+alternate for ``--rounds`` rounds (A B A B: a change of the machine's load hits both), the first ``--warmup`` steps of
+each run are dropped and the medians over all rounds of the module's phase timings are reported
 (``train/time/step_s`` start to start, rollout, scoring, update, weight sync). The server's start-up time is reported
 apart (it is paid once per run). Runs in the vLLM environment::
 
@@ -35,18 +36,18 @@ ENGINES = {
 }
 
 
-def run_engine(name: str, steps: int, workdir: Path) -> dict:
+def run_engine(name: str, steps: int, workdir: Path, tag: str) -> dict:
     """Train ``steps`` steps with one engine; return the per-step phase timings and the wall time."""
     args = [sys.executable, "-m", "prpo_lightning.cli", "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
             *ENGINES[name], f"--trainer.max_steps={steps}", "--trainer.callbacks=[]",
-            f"--trainer.logger.init_args.save_dir={workdir}", f"--trainer.logger.init_args.name={name}"]
+            f"--trainer.logger.init_args.save_dir={workdir}", f"--trainer.logger.init_args.name={tag}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     start = time.perf_counter()
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3000, cwd=workdir)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    metrics = next(workdir.glob(f"{name}/version_*/metrics.csv"))
+    metrics = next(workdir.glob(f"{tag}/version_*/metrics.csv"))
     rows: dict[int, dict[str, float]] = {}
     with open(metrics) as handle:
         for row in csv.DictReader(handle):
@@ -57,9 +58,9 @@ def run_engine(name: str, steps: int, workdir: Path) -> dict:
     return {"wall_s": wall, "steps": [rows[k] for k in sorted(rows)]}
 
 
-def summarise(run: dict, warmup: int) -> dict:
-    """Median of each phase over the steps after ``warmup`` (``step_s`` is logged one row late)."""
-    kept = run["steps"][warmup:]
+def summarise(runs: list[dict], warmup: int) -> dict:
+    """Median of each phase over the steps after ``warmup`` of every round (``step_s`` is logged one row late)."""
+    kept = [s for run in runs for s in run["steps"][warmup:]]
     return {phase: statistics.median([s[phase] for s in kept if phase in s])
             for phase in PHASES if any(phase in s for s in kept)}
 
@@ -68,23 +69,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "served_engine.json"))
     args = parser.parse_args()
+    runs: dict[str, list[dict]] = {name: [] for name in ENGINES}
     with tempfile.TemporaryDirectory(prefix="served_engine_") as tmp:
-        runs = {name: run_engine(name, args.steps, Path(tmp)) for name in ENGINES}
-    summary = {name: summarise(run, args.warmup) for name, run in runs.items()}
+        for r in range(args.rounds):
+            for name in ENGINES:
+                runs[name].append(run_engine(name, args.steps, Path(tmp), f"{name}_{r}"))
+                print(f"round {r} {name}: {runs[name][-1]['wall_s']:.0f}s", flush=True)
+    summary = {name: summarise(rounds, args.warmup) for name, rounds in runs.items()}
     ratio = summary["served"]["step_s"] / summary["colocated"]["step_s"]
     report = {
         "command": "VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/python benchmarks/served_engine.py "
                    + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"), "cpu_count": os.cpu_count(), "loadavg": os.getloadavg(),
-        "steps": args.steps, "warmup": args.warmup, "median_s": summary,
+        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "median_s": summary,
         "served_over_colocated_step": ratio,
-        "wall_s": {name: run["wall_s"] for name, run in runs.items()}, "per_step": runs,
+        "wall_s": {name: [run["wall_s"] for run in rounds] for name, rounds in runs.items()}, "per_step": runs,
     }
     Path(args.out).write_text(json.dumps(report, indent=1))
     for name, phases in summary.items():
-        print(name, {k: round(v, 3) for k, v in phases.items()}, f"wall {runs[name]['wall_s']:.0f}s")
+        print(name, {k: round(v, 3) for k, v in phases.items()})
     print(f"served / colocated step time: {ratio:.2f}x")
 
 

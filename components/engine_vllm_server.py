@@ -135,15 +135,19 @@ class VLLMServerEngine(RolloutEngine):
                                   supports_sleep=False, needs_weight_sync=True)
 
     def check_sampling(self, sampling: Any) -> None:
-        """An explicit ``max_model_len`` must hold the longest prompt plus the completion budget.
+        """Checks made when the module is built, before any model loads: an explicit ``max_model_len`` must hold the
+        longest prompt plus the completion budget, and every URL given must answer ``/health``.
 
         Raises:
             ValueError: ``max_model_len < max_prompt_length + max_new_tokens``.
+            ServerError: a URL does not answer (naming it and the command that starts such a server).
         """
         need = int(sampling.max_prompt_length) + int(sampling.max_new_tokens)
         if self.max_model_len is not None and int(self.max_model_len) < need:
             raise ValueError(f"model.engine.max_model_len {self.max_model_len} is smaller than "
                              f"model.sampling.max_prompt_length + max_new_tokens = {need}: raise it or leave it unset")
+        for url in self.urls:
+            check_reachable(url, "VLLMServerEngine (model.engine.urls)", self.launch_hint())
 
     # ------------------------------------------------------------------ server arguments
     def server_args(self, dtype: torch.dtype) -> list[str]:

@@ -195,6 +195,11 @@ def test_unreachable_urls_are_named_at_setup_and_mid_run(setup, tmp_path):
     with pytest.raises(ServerError, match=f"(?s)no vLLM server answers at {url}.*api_server"):
         connected.setup(model, tok)
     assert not connected.clients
+    from test_engines_vllm_module import vllm_module  # the module refuses it when built, before any model loads
+    from test_resume import tokenizer_dir
+
+    with pytest.raises(ServerError, match=f"(?s)model.engine.urls.*{url}.*api_server"):
+        vllm_module(tokenizer_dir(tmp_path), engine=VLLMServerEngine(urls=[url], **SERVER_KW))
     live = VLLMServerEngine(urls=[engine.clients[0].url], max_retries=1, request_timeout_s=5, **{
         k: v for k, v in SERVER_KW.items() if k != "request_timeout_s"})
     live.setup(model, tok)  # connects and pushes the policy (version 0 on that server)
