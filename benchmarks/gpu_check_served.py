@@ -38,7 +38,9 @@ def served(p: Any, device: torch.device, budget: Budget, skip: type[Exception]) 
     from prpo_lightning.training.logprobs import completion_logprobs
 
     tok = build_tokenizer()
-    shape = {**p.model, "head_dim": max(32, int(p.model.get("head_dim", 0) or 0) or 64)}
+    shape = dict(p.model)
+    if shape["hidden_size"] // shape["num_attention_heads"] < 32:  # vLLM's CPU attention needs a head size >= 32
+        shape["num_attention_heads"] = shape["num_key_value_heads"] = max(1, shape["hidden_size"] // 64)
     config = {"model_type": "qwen2", "vocab_size": len(tok), "max_position_embeddings": 512,
               "tie_word_embeddings": True, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
               **shape}

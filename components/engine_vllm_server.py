@@ -324,6 +324,12 @@ class VLLMServerEngine(RolloutEngine):
                 if not self.servers[slot].alive:
                     self._restart(slot)
             return call(self.clients[slot])
+        except ServerError as err:
+            if self.servers and self._rank == 0:  # a launched server: its log says why
+                server = self.servers[slot]
+                raise ServerError(f"{err}\nErrors in {server.log_path}:\n{server.log_errors()}\nLast lines:\n"
+                                  f"{server.log_tail(10)}") from err
+            raise
 
     def _restart(self, slot: int) -> None:
         """Start a dead launched server again and give it the current weights before it serves."""
