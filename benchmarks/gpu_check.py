@@ -14,6 +14,9 @@ Entry point ``bash benchmarks/gpu_check.sh`` (installs the wheels brought in ``.
 * ``packing`` (``gpu_check_packing.py``): packed vs padded log-probs and gradients on SDPA, the packed pass on
   flash-attention 2's varlen kernel (skipped with the reason without CUDA or ``flash_attn``), and the update pass's
   time and peak memory padded vs token budget vs packed over long-tailed lengths (``--only packing`` runs it alone).
+* ``served`` (``gpu_check_served.py``): ``VLLMServerEngine`` with a launched vLLM server (NCCL weight transfer on CUDA):
+  greedy equality with HF ``generate`` before and after a sync, the synced and never-synced ``logp_diff_max``; skipped
+  with the reason where vLLM is not importable.
 
 Each section has its own time budget and is guarded: a failure is recorded with its traceback and the next
 section runs. After every section the results are written to ``gpu_check.json`` and ``gpu_check.md`` in ``$OUT``
@@ -47,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import gpu_check_packing  # noqa: E402
+import gpu_check_served  # noqa: E402
 import gpu_check_report  # noqa: E402
 import gpu_check_sections as sections  # noqa: E402
 import gpu_check_train as training  # noqa: E402
@@ -108,7 +112,7 @@ def gpu_profile() -> Profile:
         deadline_s=395.0, min_start_s=20.0,
         budgets={"environment": 40, "decoder": 80, "throughput": 60, "train_grpo": 60, "train_prpo": 70,
                  "train_zero2": 70, "train_zero3": 70, "resume": 60, "export": 45, "resume_zero2": 50,
-                 "export_zero2": 40, "train_zero3_prpo": 70, "packing": 45},
+                 "export_zero2": 40, "train_zero3_prpo": 70, "packing": 45, "served": 90},
         packing_check_rows=8, packing_check_len=512, packing_rows=16, packing_max_len=2048, packing_micro_batch=4,
         packing_budget=8192,
         notes=["DeepSpeed runs use the 1.5B width with 8 of its 28 layers, so that their checkpoints (bf16 weights "
@@ -126,7 +130,7 @@ def dry_run_profile() -> Profile:
         deadline_s=600.0, min_start_s=5.0,
         budgets={"environment": 60, "decoder": 60, "throughput": 60, "train_grpo": 120, "train_prpo": 120,
                  "train_zero2": 60, "train_zero3": 60, "resume": 120, "export": 90, "resume_zero2": 60,
-                 "export_zero2": 60, "train_zero3_prpo": 60, "packing": 60},
+                 "export_zero2": 60, "train_zero3_prpo": 60, "packing": 60, "served": 240},
     )
 
 
@@ -273,6 +277,7 @@ class Check:
             ("export_zero2", lambda b: self.export(b, "zero2")),
             ("train_zero3_prpo", lambda b: self.train(b, "prpo", 3)),  # KL reference built from gathered shards
             ("packing", lambda b: gpu_check_packing.packing(self.p, self.device, b)),
+            ("served", lambda b: gpu_check_served.served(self.p, self.device, b, Skip)),
         ]
         for name, fn in plan:
             if only is None or name in only:

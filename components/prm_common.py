@@ -18,6 +18,8 @@ from prpo_lightning.scoring.prm import ProcessRewardModel, ProcessScores, pad_st
 log = logging.getLogger(__name__)
 
 Truncation = Literal["carry_forward", "error"]
+#: One encoded PRM input: ``(row index, token ids, separator positions read)``.
+PRMInput = tuple[int, list[int], list[int]]
 
 
 def segment_texts(batch: RolloutBatch, tokenizer: Any, skip_special_tokens: bool = True) -> list[list[str]]:
@@ -161,14 +163,17 @@ class TaggedStepPRM(ProcessRewardModel):
             raise ValueError(f"{type(self).__name__}: found {len(positions)} step separators for {len(steps)} steps")
         return ids, positions
 
-    @torch.no_grad()
-    def score_texts(self, problems: list[str], steps: list[list[str]]) -> list[list[float]]:
-        """Score step texts directly: ``problems[i]`` with its ``steps[i]`` → one P(correct) per step."""
-        if self.model is None:
-            self.setup(self.device)
-        assert self.model is not None
-        self.model.eval()
-        inputs: list[tuple[int, list[int], list[int]]] = []
+    def encode_inputs(self, problems: list[str], steps: list[list[str]]) -> tuple[list[PRMInput], int, int]:
+        """Encode every non-empty row and apply the truncation rule.
+
+        Returns:
+            ``(inputs, truncated_rows, carried_steps)``; ``inputs`` holds ``(row, ids, positions)`` for every row
+            with at least one step, ``positions`` being the separators read (all separators left in ``ids``).
+
+        Raises:
+            ValueError: a row is longer than ``max_length`` under ``truncation="error"``.
+        """
+        inputs: list[PRMInput] = []
         carried = truncated = 0
         for i, (problem, row) in enumerate(zip(problems, steps)):
             if not row:
@@ -181,6 +186,20 @@ class TaggedStepPRM(ProcessRewardModel):
                 truncated += 1
                 carried += len(row) - len(pos)
             inputs.append((i, ids, pos))
+        return inputs, truncated, carried
+
+    @torch.no_grad()
+    def read_step_probs(self, inputs: list[PRMInput]) -> dict[int, list[float]]:
+        """P(step correct) at the separator positions of every input: ``{row: [p per position]}``.
+
+        Runs the model in micro-batches of ``micro_batch_size`` inputs, sorted by length, right-padded with an
+        attention mask. Subclasses that score elsewhere (e.g. on a server) override this method only, so the
+        inputs (:meth:`encode_inputs`) stay identical.
+        """
+        if self.model is None:
+            self.setup(self.device)
+        assert self.model is not None
+        self.model.eval()
         read: dict[int, list[float]] = {}
         order = sorted(inputs, key=lambda x: len(x[1]))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -196,6 +215,14 @@ class TaggedStepPRM(ProcessRewardModel):
             probs = probs.float().cpu()
             for r, (i, _, pos) in enumerate(chunk):
                 read[i] = probs[r, pos].tolist()
+        return read
+
+    def score_texts(self, problems: list[str], steps: list[list[str]]) -> list[list[float]]:
+        """Score step texts directly: ``problems[i]`` with its ``steps[i]`` → one P(correct) per step."""
+        if self.tokenizer is None:
+            self.setup(self.device)
+        inputs, truncated, carried = self.encode_inputs(problems, steps)
+        read = self.read_step_probs(inputs)
         out: list[list[float]] = []
         for i, row in enumerate(steps):
             vals = read.get(i, [])

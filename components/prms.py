@@ -3,6 +3,7 @@
 Re-exports the implementations:
 
 * :class:`~components.prm_qwen.QwenMathPRM`: Qwen2.5-Math-PRM checkpoints, native head (no remote code);
+* :class:`~components.prm_served.ServedPRM`: the same PRM behind vLLM servers (launched or running), scored over HTTP;
 * :class:`~components.prm_shepherd.MathShepherdPRM`: Math-Shepherd causal LM with " ки" step tags;
 * :class:`~components.prm_implicit.ImplicitPRM`: β·(log π_old − log π_ref), no extra model;
 * :class:`~components.equation_check.EquationCheckPRM`: offline rule-based arithmetic checker (the demo's PRM);
@@ -26,6 +27,7 @@ from components.prm_common import TaggedStepPRM, segment_texts, truncate_keep_fi
 from components.prm_implicit import ImplicitPRM
 from components.prm_learned import LearnedArithPRM
 from components.prm_qwen import QwenMathPRM, Qwen2ForProcessRewardModel, qwen_prm_text
+from components.prm_served import ServedPRM
 from components.prm_shepherd import MathShepherdPRM
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "MathShepherdPRM",
     "Qwen2ForProcessRewardModel",
     "QwenMathPRM",
+    "ServedPRM",
     "TaggedStepPRM",
     "qwen_prm_text",
     "segment_texts",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -197,6 +198,18 @@ class ServerProcess:
                 return "\n".join(handle.read().decode(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def log_errors(self, lines: int = 6) -> str:
+        """The last lines of the server's log that name an exception (``...Error: ...``), newest last: the root
+        cause, which the tail often misses under a long traceback."""
+        try:
+            with open(self.log_path or "", "rb") as handle:
+                text = handle.read().decode(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        found = [line for line in text if re.search(r"\b\w+(Error|Exception): ", line)
+                 and "Tokenizer not available" not in line and "EngineDeadError" not in line]
+        return "\n".join(found[-lines:]) or "(no exception in the log)"
 
     def wait_healthy(self, poll_s: float = 1.0) -> None:
         """Wait until ``GET /health`` answers 200.

@@ -257,38 +257,87 @@ class SamplerMismatchError(RuntimeError):
     """The sampler's log-probs are too far from the trainer's (e.g. a weight sync was missed)."""
 
 
+#: Default ``logp_diff_max`` thresholds of :class:`MismatchCheck` by the trainer's parameter dtype, from
+#: ``benchmarks/sync_check.py`` (``benchmarks/results/sync_check.json``; docs/engines.rst "Self-check"). float32: a
+#: synced vLLM engine's largest difference was 6.0e-5 over 3 × 19.6k tokens and the smallest fault 0.013 (a sync that
+#: skipped two layers after one lr-1e-5 step): 1e-3 sits 17x above the noise and 13x below the fault. bfloat16: the
+#: noise (1.43) is as large as the faults (0.83-1.20), so 4.0 stops gross faults only. float16: not measured, no
+#: default.
+DEFAULT_MISMATCH_THRESHOLDS: dict[str, float] = {"float32": 1e-3, "bfloat16": 4.0}
+
+
 @dataclass
 class MismatchCheck:
     """``model.rollout_check``: the sampler-vs-trainer self-check, run every step when the engine returns log-probs."""
 
-    metric: MismatchMetric = "logp_diff_mean"
-    """``logp_diff_mean``, ``logp_diff_max`` or ``kl`` (see :func:`~prpo_lightning.rollout.sampling.offpolicy.mismatch_metrics`)."""
-    threshold: float = 0.1
-    """The largest acceptable value (0.1 mean absolute log-prob difference is several times a synced bf16 engine's)."""
-    mode: Literal["warn", "raise"] = "warn"
-    """``warn`` logs a warning; ``raise`` raises :class:`SamplerMismatchError`."""
+    metric: MismatchMetric = "logp_diff_max"
+    """``logp_diff_max`` (default: one stale layer moves it by orders of magnitude), ``logp_diff_mean`` or ``kl`` (see
+    :func:`~prpo_lightning.rollout.offpolicy.mismatch_metrics`)."""
+    threshold: float | None = None
+    """The largest acceptable value. None (default, ``logp_diff_max`` only): by the policy's dtype, from
+    :data:`DEFAULT_MISMATCH_THRESHOLDS` (float32 1e-3; bfloat16 4.0, which stops gross faults only; other dtypes: set
+    it)."""
+    mode: Literal["warn", "raise"] = "raise"
+    """``raise`` (default) raises :class:`SamplerMismatchError`; ``warn`` logs a warning and trains on."""
 
     def __post_init__(self) -> None:
         if self.metric not in get_args(MismatchMetric):
-            raise ValueError(f"MismatchCheck.metric must be one of {get_args(MismatchMetric)}, got {self.metric!r}")
+            raise ValueError(f"model.rollout_check.metric must be one of {get_args(MismatchMetric)}, got {self.metric!r}")
         if self.mode not in ("warn", "raise"):
-            raise ValueError(f"MismatchCheck.mode must be 'warn' or 'raise', got {self.mode!r}")
-        if not self.threshold >= 0:
-            raise ValueError(f"MismatchCheck.threshold must be >= 0, got {self.threshold}")
+            raise ValueError(f"model.rollout_check.mode must be 'warn' or 'raise', got {self.mode!r}")
+        if self.threshold is None and self.metric != "logp_diff_max":
+            raise ValueError(f"model.rollout_check.threshold has a default for logp_diff_max only: set it for "
+                             f"metric {self.metric!r}")
+        if self.threshold is not None and not self.threshold >= 0:
+            raise ValueError(f"model.rollout_check.threshold must be >= 0, got {self.threshold}")
 
-    def __call__(self, metrics: dict[str, float], step: int | None = None) -> bool:
-        """Check ``metrics`` (``rollout/<metric>``); True when within the threshold.
+    def threshold_for(self, dtype: Any = None) -> float:
+        """The threshold in force: the one given, else the default of ``dtype`` (a torch dtype or its name; None:
+        float32).
+
+        Raises:
+            ValueError: no default for that dtype (set ``model.rollout_check.threshold``).
+        """
+        if self.threshold is not None:
+            return float(self.threshold)
+        name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+        if name not in DEFAULT_MISMATCH_THRESHOLDS:
+            raise ValueError(f"model.rollout_check.threshold has no default for dtype {name} (defaults: "
+                             f"{DEFAULT_MISMATCH_THRESHOLDS}): set it")
+        return DEFAULT_MISMATCH_THRESHOLDS[name]
+
+    def check_settings(self, top_p: float, top_k: int, dtype: Any = None) -> None:
+        """Refuse at start what the check could only refuse mid-run: no default threshold for ``dtype``, or the
+        default threshold with ``top_p < 1`` or ``top_k > 0`` (it assumes untruncated sampling).
+
+        With truncation the sampler's (processed) log-probs are of the renormalised distribution, so every token
+        differs from the trainer's by ``-log(mass kept)`` and a tight ``logp_diff_max`` would fail at every step.
+
+        Raises:
+            ValueError: naming the dtype or the sampling settings and the ways out.
+        """
+        self.threshold_for(dtype)
+        if self.threshold is None and (top_p < 1.0 or top_k > 0):
+            raise ValueError(
+                f"model.rollout_check: the default check (logp_diff_max within the dtype's noise) cannot hold with "
+                f"model.sampling.top_p {top_p} / top_k {top_k}: the engine's log-probs are those of the truncated, "
+                "renormalised distribution. Set model.rollout_check.threshold to the offset you accept (e.g. 2.0) "
+                "or mode: warn, or sample with top_p: 1 and top_k: 0"
+            )
+
+    def __call__(self, metrics: dict[str, float], step: int | None = None, dtype: Any = None) -> bool:
+        """Check ``metrics`` (``rollout/<metric>``) against :meth:`threshold_for` ``dtype``; True when within it.
 
         Raises:
             SamplerMismatchError: the metric exceeds the threshold and ``mode`` is ``raise``.
         """
-        value = metrics[f"rollout/{self.metric}"]
-        if value <= self.threshold:
+        value, limit = metrics[f"rollout/{self.metric}"], self.threshold_for(dtype)
+        if value <= limit:
             return True
-        msg = (f"rollout/{self.metric} = {value:.4g} exceeds {self.threshold:.4g}"
+        msg = (f"rollout/{self.metric} = {value:.4g} exceeds {limit:.4g}"
                f"{'' if step is None else f' at step {step}'}: the sampler does not sample from the trained weights "
-               "(a missed engine.sync_weights, or a sampler with other numerics); check the weight sync, or raise "
-               "the threshold if this mismatch is expected")
+               "(a missed or partial engine.sync_weights, or a sampler with other numerics); check the weight sync, "
+               "or set model.rollout_check.threshold (or mode: warn) if this mismatch is expected")
         if self.mode == "raise":
             raise SamplerMismatchError(msg)
         log.warning(msg)

@@ -108,6 +108,8 @@ class PRPOModule(L.LightningModule):
         self.verifier, self.aligner, self.segmenter, self.prm = verifier, aligner, segmenter, prm
         self.engine: RolloutEngine = engine if engine is not None else AutoEngine()
         self.engine.check_sampling(sampling)  # e.g. vLLM's max_model_len against the sampling lengths, before loading
+        if self.engine.capabilities.sampler_logprobs:  # the self-check runs: its default needs untruncated sampling
+            rollout_check.check_settings(sampling.top_p, sampling.top_k, dtype)
         self.sampling, self.loss_cfg, self.optim_cfg = sampling, loss, optim
         self.reward_shaping, self.rollout_check, self.rollout_correction = reward_shaping, rollout_check, rollout_correction
         self.skip_budget = SkipBudget(max_consecutive_skips)

@@ -18,5 +18,5 @@ if [ ! -x .venv-vllm/bin/python ]; then
 fi
 vstart=$(date +%s)
 VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=1 .venv-vllm/bin/python -m pytest -q \
-  tests/test_engines_vllm.py tests/test_engines_vllm_module.py
+  tests/test_engines_vllm.py tests/test_engines_vllm_module.py tests/test_engines_vllm_server.py tests/test_prm_served.py
 echo "[test] main suite ${main_s}s, vLLM suite $(( $(date +%s) - vstart ))s"

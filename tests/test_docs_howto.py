@@ -177,7 +177,7 @@ def test_custom_engine_trains_syncs_and_passes_the_self_check(tmp_path) -> None:
     assert module.plan.old_logprobs  # not the trainer's kernels: a separate log π_old pass
     trainer = make_trainer(tmp_path, 2)
     trainer.fit(module, ToyPrompts(n=4, batch_size=2, seed=1))
-    assert server.loads == 4  # setup, the initial sync at fit start, and one per update
+    assert server.loads == 3  # setup (which loads the current weights: no second push at start) and one per update
     assert module.engine.weight_version == 2
     for name, value in module.policy.state_dict().items():
         assert torch.equal(server.model.state_dict()[name], value), name

@@ -144,6 +144,50 @@ def test_sync_after_optimizer_steps_and_skipped_sync_detected(setup):
     assert MismatchCheck(threshold=0.05, mode="raise")(metrics)
 
 
+def test_never_synced_engine_trips_the_default_check(setup):
+    """A sync that never happens (the version bumped, no weights streamed) is caught by the default self-check
+    (``logp_diff_max`` with the float32 threshold 1e-3), not only by a hand-tuned one."""
+    model, tok, engine, hf, prompts = setup
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    text = torch.tensor([tok("Q: 1+1=2 and 12*7=84")["input_ids"]])
+    loss = model(input_ids=text, labels=text).loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    model.eval()
+    stale = engine.generate(SampleRequest(prompts, 4, SAMPLING, [1, 2, 3, 4]))
+    metrics = mismatch_metrics(stale.sampler_logprobs, trainer_logprobs(model, tok, prompts, 4, stale, 1.0),
+                               stale.completion_mask)
+    print("never synced after one lr-1e-3 step:", metrics)
+    with pytest.raises(SamplerMismatchError, match="logp_diff_max"):
+        MismatchCheck()(metrics)
+    engine.sync_weights(model)
+    fresh = engine.generate(SampleRequest(prompts, 4, SAMPLING, [1, 2, 3, 4]))
+    assert MismatchCheck()(mismatch_metrics(fresh.sampler_logprobs, trainer_logprobs(model, tok, prompts, 4, fresh, 1.0),
+                                            fresh.completion_mask))
+
+
+def test_partial_weight_stream_is_refused_before_the_version_advances(setup, monkeypatch):
+    import components.engine_vllm as engine_module
+    from components.vllm_support import IncompleteWeightsError
+
+    model, tok, engine, hf, prompts = setup
+    version = engine.weight_version
+    full = engine_module.policy_weights
+    monkeypatch.setattr(engine_module, "policy_weights",
+                        lambda policy: ((n, t) for n, t in full(policy) if ".layers.1." not in n))
+    with pytest.raises(IncompleteWeightsError, match=r"ended without \d+ of the \d+ tensors.*layers\.1\."):
+        engine.sync_weights(model, version + 1)
+    assert engine.weight_version == version
+    with pytest.raises(StaleWeightsError):
+        engine.generate(SampleRequest(prompts, 1, SAMPLING, [0] * 4, greedy=True, policy_version=version + 1))
+    monkeypatch.setattr(engine_module, "policy_weights", full)
+    engine.sync_weights(model, version + 1)  # a complete stream is accepted again
+    ours = engine.generate(SampleRequest(prompts, 1, SAMPLING, [0] * 4, greedy=True, policy_version=version + 1))
+    assert_same(ours, hf.generate(SampleRequest(prompts, 1, SAMPLING, [0] * 4, greedy=True)))
+
+
 def test_sleep_mode_is_refused_on_cpu_and_capabilities(setup):
     model, tok, engine, hf, prompts = setup
     with pytest.raises(ValueError, match="enable_sleep_mode needs a CUDA device"):
@@ -244,3 +288,4 @@ def test_rotary_reload_warning_is_shown_once_not_at_every_sync(setup):
     finally:
         log.removeHandler(handler)
     assert shown.count("RotaryEmbedding: Failed to load weights") <= 1  # before: one per sync
+

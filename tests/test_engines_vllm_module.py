@@ -143,7 +143,11 @@ def test_prpo_with_entropy_spike_segmenter(tmp_path):
     assert trainer.global_step == 2 and float(trainer.callback_metrics["train/segments/per_completion"]) >= 1
 
 
-def test_cli_fit_demo_config_with_vllm(tmp_path, monkeypatch):
+def test_cli_fit_demo_config_with_vllm(tmp_path, monkeypatch, capfd):
+    """Through the CLI with the default self-check; vLLM's own ~30 start-up log lines stay off the console
+    (``model.engine.log_level: ERROR``)."""
+    import re
+
     from prpo_lightning.cli import cli_main
 
     monkeypatch.setattr("sys.argv", ["prpo-fit"])
@@ -159,6 +163,9 @@ def test_cli_fit_demo_config_with_vllm(tmp_path, monkeypatch):
     cli = cli_main(args)
     assert isinstance(cli.model.engine, VLLMEngine) and cli.trainer.global_step == 3
     assert float(cli.trainer.callback_metrics["train/rollout/logp_diff_max"]) < 1e-3
+    out, err = capfd.readouterr()
+    vllm_lines = [line for line in (out + err).splitlines() if re.search(r"\) (INFO|WARNING) \d\d-\d\d ", line)]
+    assert not vllm_lines, vllm_lines[:5]
 
 
 def test_greedy_evaluation_through_vllm_equals_hf(tmp_path):

@@ -96,12 +96,42 @@ def test_mismatch_metrics_degenerate_cases():
 
 def test_mismatch_check_warn_raise_and_pass(caplog):
     metrics = {"rollout/logp_diff_mean": 0.2, "rollout/logp_diff_max": 1.0, "rollout/kl": 0.01}
-    assert MismatchCheck(threshold=0.3)(metrics)
+    assert MismatchCheck(metric="logp_diff_mean", threshold=0.3)(metrics)
     assert MismatchCheck(metric="kl", threshold=0.05, mode="raise")(metrics)
     with caplog.at_level(logging.WARNING):
-        assert not MismatchCheck(threshold=0.1)(metrics, step=7)
+        assert not MismatchCheck(metric="logp_diff_mean", threshold=0.1, mode="warn")(metrics, step=7)
     assert "rollout/logp_diff_mean = 0.2 exceeds 0.1 at step 7" in caplog.text
     with pytest.raises(SamplerMismatchError, match="logp_diff_max"):
         MismatchCheck(metric="logp_diff_max", threshold=0.5, mode="raise")(metrics)
-    with pytest.raises(ValueError, match="MismatchCheck.mode"):
+    with pytest.raises(ValueError, match="rollout_check.mode"):
         MismatchCheck(mode="ignore")
+
+
+def test_default_check_is_logp_diff_max_by_dtype_and_raises():
+    """The default: ``logp_diff_max`` against the dtype's threshold (float32 1e-3, bfloat16 4.0), raise."""
+    import torch
+
+    check = MismatchCheck()
+    assert (check.metric, check.mode, check.threshold) == ("logp_diff_max", "raise", None)
+    assert check.threshold_for(torch.float32) == 1e-3 and check.threshold_for(None) == 1e-3
+    assert check.threshold_for(torch.bfloat16) == 4.0 and check.threshold_for("bfloat16") == 4.0
+    assert check({"rollout/logp_diff_max": 1e-3}, dtype=torch.float32)  # at the threshold: passes
+    with pytest.raises(SamplerMismatchError, match="logp_diff_max = 0.0011 exceeds 0.001 at step 3"):
+        check({"rollout/logp_diff_max": 1.1e-3}, step=3, dtype=torch.float32)
+    assert check({"rollout/logp_diff_max": 1.43}, dtype=torch.bfloat16)  # bf16 kernel noise measured on CPU
+    assert MismatchCheck(threshold=2.0).threshold_for(torch.float32) == 2.0  # a given threshold wins
+    for dtype in (torch.float16, torch.float64):
+        with pytest.raises(ValueError, match=f"no default for dtype {str(dtype)[6:]}"):
+            check.threshold_for(dtype)
+    with pytest.raises(ValueError, match="default for logp_diff_max only"):
+        MismatchCheck(metric="kl")
+
+
+def test_default_check_refuses_truncated_sampling_and_unmeasured_dtypes_at_start():
+    MismatchCheck().check_settings(top_p=1.0, top_k=0, dtype="bfloat16")
+    MismatchCheck(threshold=2.0).check_settings(top_p=0.9, top_k=0, dtype="float16")  # a chosen threshold
+    for top_p, top_k in ((0.95, 0), (1.0, 20)):
+        with pytest.raises(ValueError, match=f"top_p {top_p} / top_k {top_k}.*model.rollout_check.threshold"):
+            MismatchCheck().check_settings(top_p=top_p, top_k=top_k, dtype="float32")
+    with pytest.raises(ValueError, match="no default for dtype float16"):
+        MismatchCheck().check_settings(top_p=1.0, top_k=0, dtype="float16")

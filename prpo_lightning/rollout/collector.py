@@ -113,9 +113,10 @@ class RolloutCollector:
     def setup_engine(self, device: torch.device) -> RolloutEngine:
         """Set the engine up on the placed policy (once) and sync it when the policy's weights changed since (a
         checkpoint load). Called at fit/validate/test start and before every rollout, on every rank."""
-        if not self.engine_ready:
+        if not self.engine_ready:  # setup loads the policy's current weights (the engine contract): no sync follows
             self.engine.setup(self.policy, self.tokenizer, device, lockstep=self.plan.lockstep)
-            self.engine_ready, self.engine_stale = True, True
+            self.engine.set_weight_version(self.weights_version)
+            self.engine_ready, self.engine_stale = True, False
         if self.engine_stale:
             self.engine.sync_weights(self.policy, self.weights_version)
             self.engine_stale = False
@@ -302,7 +303,7 @@ class RolloutCollector:
         """The self-check on the global batch: metrics all-reduced over ranks (every rank calls, even without
         rollouts), so all ranks raise or warn together."""
         mismatch = mismatch_metrics(sampler, old, mask, across_ranks=True)
-        self.rollout_check(mismatch, step=step)
+        self.rollout_check(mismatch, step=step, dtype=next(self.policy.parameters()).dtype)
         return mismatch
 
     def _lockstep_forwards(self, num_calls: int, device: torch.device) -> None:

@@ -163,7 +163,8 @@ class RolloutEngine(ABC):
 
     def setup(self, policy: torch.nn.Module, tokenizer: Any, device: torch.device | None = None,
               lockstep: bool = False) -> None:
-        """Bind the engine to the policy. Called once, after the strategy has placed the policy.
+        """Bind the engine to the policy and load its current weights. Called once, after the strategy has placed
+        the policy; the module then counts the engine as holding its current weight version (no sync follows).
 
         Args:
             policy: the trained Hugging Face causal LM (under ZeRO-3 its parameters are partitioned).
@@ -192,6 +193,12 @@ class RolloutEngine(ABC):
             version: the policy's weight version after this step (default: the engine's version + 1).
         """
         self.weight_version = self.weight_version + 1 if version is None else int(version)
+
+    def set_weight_version(self, version: int) -> None:
+        """Record that the weights the engine holds are the policy's version ``version`` without copying anything
+        (called right after :meth:`setup`, which loaded the policy's current weights). Engines that stamp versions
+        elsewhere (a server) extend it."""
+        self.weight_version = int(version)
 
     def sleep(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's memory before the update (only when ``capabilities.supports_sleep``)."""
