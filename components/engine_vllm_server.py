@@ -31,15 +31,17 @@ import os
 import shlex
 import sys
 import tempfile
-import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from components.engine_vllm import policy_weights
 from components.vllm_server import (
-    ServerClient, ServerError, ServerProcess, ServerUnreachableError, check_reachable,
+    ServerClient, ServerError, ServerProcess, ServerUnreachableError, check_reachable, read_generate_answer,
 )
 from components.vllm_support import checked_weights, cpu_prefill_settings, remove_stale_model_dirs, tmp_prefix, weight_manifest
 from components.weight_transfer import DiskTransport, NCCLTransport, server_version, set_version
@@ -52,6 +54,27 @@ from prpo_lightning.training.lora import base_model
 
 class ServerUnavailableError(RuntimeError):
     """A vLLM server stayed unreachable after the retries (and, for a launched one, a restart)."""
+
+
+class _DeadServer(Exception):
+    """A launched server died during a request sent from a worker thread (restarted by the main thread)."""
+
+    def __init__(self, slot: int) -> None:
+        super().__init__(slot)
+        self.slot = slot
+
+
+def _wait_healthy(url: str, timeout_s: float) -> bool:
+    """Poll ``url/health`` until it answers (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    probe = ServerClient(url, timeout_s=5.0, retries=0)
+    while time.monotonic() < deadline:
+        try:
+            probe.get("/health")
+            return True
+        except ServerError:
+            time.sleep(1.0)
+    return False
 
 
 class VLLMServerEngine(RolloutEngine):
@@ -108,6 +131,14 @@ class VLLMServerEngine(RolloutEngine):
                 raise ValueError(f"model.engine.{key} must be {rule}; got {locals()[key]!r}")
         if not launch and not urls:
             raise ValueError("model.engine: give model.engine.urls (running servers) or set launch: true")
+        for entry in devices or []:
+            if len(str(entry).split(",")) != tensor_parallel_size:
+                raise ValueError(f"model.engine.devices entry {entry!r} names {len(str(entry).split(','))} GPU(s) but "
+                                 f"tensor_parallel_size is {tensor_parallel_size}: give each server that many")
+        if launch and not urls and not devices and torch.cuda.is_available():
+            raise ValueError("model.engine.devices is required to launch servers on a GPU machine: the servers need "
+                             "GPUs of their own (e.g. devices: [\"6\"] with trainer.devices: [0, 1, 2, 3, 4, 5]); "
+                             "or connect to running servers with model.engine.urls")
         self.launch = bool(launch) and not urls
         self.urls = [u.rstrip("/") for u in (urls or [])]
         self.devices = list(devices) if devices else None
@@ -127,7 +158,7 @@ class VLLMServerEngine(RolloutEngine):
         self._manifest: dict[str, tuple[int, ...]] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._rank, self._world = 0, 1
-        self._restart_lock = threading.Lock()
+        self._dtype_hint = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # for messages before setup
 
     @property
     def capabilities(self) -> EngineCapabilities:  # type: ignore[override]
@@ -147,7 +178,7 @@ class VLLMServerEngine(RolloutEngine):
             raise ValueError(f"model.engine.max_model_len {self.max_model_len} is smaller than "
                              f"model.sampling.max_prompt_length + max_new_tokens = {need}: raise it or leave it unset")
         for url in self.urls:
-            check_reachable(url, "VLLMServerEngine (model.engine.urls)", self.launch_hint())
+            check_reachable(url, "VLLMServerEngine (model.engine.urls)", self.launch_hint(self._dtype_hint))
 
     # ------------------------------------------------------------------ server arguments
     def server_args(self, dtype: torch.dtype) -> list[str]:
@@ -167,8 +198,9 @@ class VLLMServerEngine(RolloutEngine):
         if not on_cuda and self.policy is not None:  # see cpu_prefill_settings: a split seeded prefill crashes
             prefill = cpu_prefill_settings(self.max_model_len, self.policy.config)
             args += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(prefill["max_num_batched_tokens"])]
-        if self.transport is not None:
-            args += list(self.transport.server_args)
+        nccl = self.weight_transfer == "nccl" or (self.weight_transfer == "auto" and on_cuda)
+        if nccl:
+            args += list(NCCLTransport.server_args)
         return args + self.extra_args
 
     def launch_hint(self, dtype: torch.dtype = torch.float32) -> str:
@@ -196,22 +228,58 @@ class VLLMServerEngine(RolloutEngine):
         self._manifest = weight_manifest(policy)
         for url in self.urls:  # fail fast, before any weights are written
             check_reachable(url, "VLLMServerEngine", self.launch_hint(dtype))
-        urls: list[str] = list(self.urls)
-        if self._rank == 0:
+
+        def start(stream: Iterator[tuple[str, Tensor]]) -> list[str]:
             self._make_transport(dtype)
-            if self.launch:
-                urls = self._launch(policy, dtype)
-            self.clients = [self._client(u) for u in urls]
-            assert self.transport is not None
-            self.transport.setup(self.clients)
-            if not self.launch:
-                self._push(policy, self.weight_version)
-            for client in self.clients:
-                set_version(client, self.weight_version)
+            try:
+                urls = self._launch(policy, dtype, stream) if self.launch else list(self.urls)
+                self.clients = [self._client(u) for u in urls]
+                assert self.transport is not None
+                self.transport.setup(self.clients)
+                if not self.launch:
+                    self.transport.push(checked_weights(stream, self._manifest, "VLLMServerEngine"),
+                                        self.weight_version, self.clients)
+                for client in self.clients:
+                    set_version(client, self.weight_version)
+            except BaseException:
+                self.teardown()  # no half-built engine, no server left behind
+                raise
+            return urls
+
+        urls = self._on_rank0(policy, start)
+        self.clients = [self._client(u) for u in urls]
+
+    def _on_rank0(self, policy: torch.nn.Module | None, work: Any) -> Any:
+        """Run ``work(stream)`` on rank 0 only, with the policy's weight stream (None: no stream), and give its result
+        to every rank. Under ZeRO-3 the other ranks join the gathers of that stream, and rank 0 drains it when
+        ``work`` fails midway, so that no rank waits in an unmatched collective; rank 0's error reaches every rank.
+        """
+        zero3 = policy is not None and any(hasattr(p, "ds_id") for p in policy.parameters())
+        result, error = None, None
+        if self._rank == 0:
+            stream = policy_weights(policy) if policy is not None else iter(())
+            try:
+                result = work(stream)
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks are told
+                error = err
+                if zero3:
+                    try:
+                        for _ in stream:
+                            pass
+                    except Exception:  # noqa: BLE001 - the first error is the one reported
+                        pass
+        elif zero3:
+            for _ in policy_weights(policy):  # join rank 0's gathers
+                pass
         if self._world > 1:
-            shared = [urls]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            self.clients = [self._client(u) for u in shared[0]]
+            box = [None if error is None else f"{type(error).__name__}: {error}", result]
+            torch.distributed.broadcast_object_list(box, src=0)
+            if self._rank != 0 and box[0] is not None:
+                raise ServerError(f"VLLMServerEngine: rank 0 failed: {box[0]}")
+            result = box[1]
+        if error is not None:
+            raise error
+        return result
 
     def _client(self, url: str) -> ServerClient:
         return ServerClient(url, timeout_s=self.request_timeout_s, retries=self.max_retries)
@@ -227,7 +295,7 @@ class VLLMServerEngine(RolloutEngine):
         self.transport = (NCCLTransport(self._manifest, dtype, self.tensor_parallel_size, self.host)
                           if kind == "nccl" else DiskTransport(root))
 
-    def _launch(self, policy: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+    def _launch(self, policy: torch.nn.Module, dtype: torch.dtype, stream: Iterator[tuple[str, Tensor]]) -> list[str]:
         """Write the policy (config + weights: the only full stream at start), start every server, wait for all."""
         root = self.workdir or self._tmp.name  # type: ignore[union-attr]
         model_dir = os.path.join(root, "policy")
@@ -236,7 +304,7 @@ class VLLMServerEngine(RolloutEngine):
         if not getattr(config, "architectures", None):
             config.architectures = [type(base_model(policy)).__name__]
         config.save_pretrained(model_dir)
-        DiskTransport(root).write(checked_weights(policy_weights(policy), self._manifest, "VLLMServerEngine"), 0)
+        DiskTransport(root).write(checked_weights(stream, self._manifest, "VLLMServerEngine"), 0)
         weights = os.path.join(root, "weights", "v0")
         for name in os.listdir(weights):
             os.replace(os.path.join(weights, name), os.path.join(model_dir, name))
@@ -244,16 +312,13 @@ class VLLMServerEngine(RolloutEngine):
         env = {"VLLM_SERVER_DEV_MODE": "1"}
         for i in range(self.num_servers):
             extra = {"CUDA_VISIBLE_DEVICES": self.devices[i]} if self.devices else {}
+            log = os.path.join(self.workdir, f"server-{i}.log") if self.workdir else None
             server = ServerProcess(model_dir, self.server_args(dtype), python=self.python, host=self.host,
-                                   env={**env, **extra}, startup_timeout_s=self.startup_timeout_s,
+                                   env={**env, **extra}, startup_timeout_s=self.startup_timeout_s, log_path=log,
                                    name=f"VLLMServerEngine server {i}")
             self.servers.append(server.start())
-        try:
-            for server in self.servers:
-                server.wait_healthy()
-        except BaseException:
-            self.teardown()
-            raise
+        for server in self.servers:
+            server.wait_healthy()  # on failure the caller tears everything down
         return [s.url for s in self.servers]
 
     def teardown(self) -> None:
@@ -273,17 +338,13 @@ class VLLMServerEngine(RolloutEngine):
     # ------------------------------------------------------------------ weights
     def set_weight_version(self, version: int) -> None:
         """Stamp ``version`` on every server (rank 0) for the weights they hold since :meth:`setup`."""
-        if self._rank == 0:
+
+        def stamp(_: Any) -> None:
             for slot in range(len(self.clients)):
                 self._on_server(slot, lambda client: set_version(client, version))
-        if self._world > 1:
-            torch.distributed.barrier()
-        super().set_weight_version(version)
 
-    def _push(self, policy: torch.nn.Module, version: int) -> None:
-        assert self.transport is not None
-        self.transport.push(checked_weights(policy_weights(policy), self._manifest, "VLLMServerEngine"), version,
-                            self.clients)
+        self._on_rank0(None, stamp)
+        super().set_weight_version(version)
 
     def sync_weights(self, policy: torch.nn.Module, version: int | None = None) -> None:
         """Rank 0 streams the policy to every server and stamps the new version; all ranks then agree on it.
@@ -291,39 +352,48 @@ class VLLMServerEngine(RolloutEngine):
         Under ZeRO-3 every rank iterates the stream (the shards are gathered collectively); only rank 0 sends.
 
         Raises:
-            IncompleteWeightsError: the stream lacked a tensor or had an unknown or mis-shaped one (nothing is
-                loaded and the version does not advance).
+            IncompleteWeightsError: the stream lacked a tensor or had an unknown or mis-shaped one (with the disk
+                transport nothing is loaded; with NCCL the servers may hold part of it); the version does not
+                advance.
+            ServerError: on the other ranks, naming rank 0's error.
         """
         new = self.weight_version + 1 if version is None else int(version)
-        if self._rank == 0:
-            self._push(policy, new)
-        elif any(hasattr(p, "ds_id") for p in policy.parameters()):
-            for _ in policy_weights(policy):  # join the gathers of rank 0's stream
-                pass
-        if self._world > 1:
-            torch.distributed.barrier()
+        assert self.transport is not None or self._rank != 0
+
+        def push(stream: Iterator[tuple[str, Tensor]]) -> None:
+            for slot in range(len(self.clients)):  # a dead launched server comes back before the push
+                self._on_server(slot, server_version)
+            self.transport.push(checked_weights(stream, self._manifest, "VLLMServerEngine"), new, self.clients)
+
+        self._on_rank0(policy, push)
         super().sync_weights(policy, new)
 
     # ------------------------------------------------------------------ sampling
-    def _on_server(self, slot: int, call: Any) -> Any:
-        """``call(client)`` on server ``slot``; when it finds no server and that server was launched here and died,
-        restart it once (with the current weights) and call again.
+    def _on_server(self, slot: int, call: Any, restart: bool = True) -> Any:
+        """``call(client)`` on server ``slot``.
+
+        When no server answers: a launched one that died is restarted (rank 0, main thread only: ``restart``) with
+        the current weights and called again; on the other ranks the call waits up to ``startup_timeout_s`` for
+        rank 0's restart.
 
         Raises:
+            _DeadServer: the server died and ``restart`` is False (the caller restarts it on the main thread).
             ServerUnavailableError: the server stayed unreachable.
+            ServerError: the server answered with an error (for a launched one, with the exceptions of its log).
         """
         try:
             return call(self.clients[slot])
         except ServerUnreachableError as err:
-            if not (self.servers and self._rank == 0 and not self.servers[slot].alive):
-                raise ServerUnavailableError(
-                    f"VLLMServerEngine: server {self.clients[slot].url} did not answer after "
-                    f"{self.max_retries + 1} attempts ({err}); check it is running (model.engine.urls) or raise "
-                    "model.engine.request_timeout_s / max_retries") from err
-            with self._restart_lock:  # concurrent requests to the dead server: one restart
-                if not self.servers[slot].alive:
-                    self._restart(slot)
-            return call(self.clients[slot])
+            if self.launch and self._rank == 0 and self.servers and not self.servers[slot].alive:
+                if not restart:
+                    raise _DeadServer(slot) from err
+                self._restart(slot)
+                return call(self.clients[slot])
+            if self.launch and self._rank != 0 and _wait_healthy(self.clients[slot].url, self.startup_timeout_s):
+                return call(self.clients[slot])
+            raise ServerUnavailableError(
+                f"VLLMServerEngine: server {self.clients[slot].url} did not answer ({err}); check it is running "
+                "(model.engine.urls) or raise model.engine.request_timeout_s / max_retries") from err
         except ServerError as err:
             if self.servers and self._rank == 0:  # a launched server: its log says why
                 server = self.servers[slot]
@@ -332,9 +402,11 @@ class VLLMServerEngine(RolloutEngine):
             raise
 
     def _restart(self, slot: int) -> None:
-        """Start a dead launched server again and give it the current weights before it serves."""
+        """Start a dead launched server again (main thread) and give it the current weights before it serves."""
         server = self.servers[slot]
         server.stop()
+        if server.log_path and os.path.exists(server.log_path):  # keep the dead server's log for the post-mortem
+            os.replace(server.log_path, server.log_path + ".died")
         server.process = None
         try:
             server.start().wait_healthy()
@@ -353,6 +425,38 @@ class VLLMServerEngine(RolloutEngine):
                 raise StaleWeightsError(f"VLLMServerEngine: server {client.url} holds weight version {held}, the "
                                         f"engine is at {want}: a weight sync did not reach it")
 
+    def _slot(self, group: int) -> int:
+        """The server of group ``group``: round-robin, starting at this rank's offset (ranks spread the load)."""
+        return (group + self._rank) % len(self.clients)
+
+    def _send_all(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send every group's request concurrently; a launched server found dead is restarted on this (the main)
+        thread after the pool and its groups are sent again."""
+        def send(job: tuple[int, dict[str, Any]]) -> Any:
+            index, body = job
+            try:
+                return self._on_server(self._slot(index), lambda c: c.post("/inference/v1/generate", body),
+                                       restart=False)
+            except _DeadServer as dead:
+                return dead
+
+        jobs = list(enumerate(bodies))
+        workers = min(self.max_concurrent_requests, len(jobs))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vllm-server-request") as pool:
+            answers = list(pool.map(send, jobs))
+        dead = sorted({a.slot for a in answers if isinstance(a, _DeadServer)})
+        if dead:
+            for slot in dead:
+                self._restart(slot)
+            again = [job for job, a in zip(jobs, answers) if isinstance(a, _DeadServer)]
+            with ThreadPoolExecutor(max_workers=min(workers, len(again)), thread_name_prefix="vllm-server-retry") as pool:
+                for (index, _), answer in zip(again, pool.map(send, again)):
+                    if isinstance(answer, _DeadServer):
+                        raise ServerUnavailableError(f"VLLMServerEngine: server {answer.slot} died again right after "
+                                                     "its restart")
+                    answers[index] = answer
+        return answers
+
     def sample(self, request: SampleRequest) -> RolloutResult:
         """One request per group, spread over the servers, sent concurrently; rows in group order."""
         prompts, g, sampling = request.prompts, request.num_generations, request.sampling
@@ -369,32 +473,21 @@ class VLLMServerEngine(RolloutEngine):
         }
         bodies = [{"token_ids": [int(t) for t in p.tolist()], "sampling_params": {**params, "seed": int(seed)}}
                   for p, seed in zip(prompts, request.seeds)]
-        workers = min(self.max_concurrent_requests, len(bodies))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vllm-server-request") as pool:
-            answers = list(pool.map(
-                lambda job: self._on_server(job[0] % len(self.clients),
-                                            lambda client: client.post("/inference/v1/generate", job[1])),
-                enumerate(bodies)))
+        answers = self._send_all(bodies)
         rows: list[list[int]] = []
         logprobs: list[list[float]] = []
-        want = str(self.weight_version)
+        vocab = int(getattr(self.policy.config, "vocab_size", 0) or 0) or None
         for j, answer in enumerate(answers):
-            choices = sorted(answer.get("choices") or [], key=lambda c: int(c["index"]))
-            if len(choices) != g:
-                raise RuntimeError(f"VLLMServerEngine: the server returned {len(choices)} samples for group {j}, "
-                                   f"expected {g}")
-            for choice in choices:
-                versions = {str(span["version"]) for span in choice.get("weight_versions") or []}
-                if versions - {want}:
-                    raise StaleWeightsError(f"VLLMServerEngine: group {j} was sampled with weight version(s) "
-                                            f"{sorted(versions)}, the engine is at {want}")
-                tokens = [int(t) for t in choice["token_ids"]]
-                content = (choice.get("logprobs") or {}).get("content") or []
-                if len(content) != len(tokens):
-                    raise RuntimeError(f"VLLMServerEngine: {len(tokens)} tokens but {len(content)} log-probs in "
-                                       f"group {j}: start the server with --logprobs-mode processed_logprobs")
+            url = self.clients[self._slot(j)].url
+            try:
+                group = read_generate_answer(answer, g, str(self.weight_version), vocab, sampling.max_new_tokens)
+            except StaleWeightsError as err:
+                raise StaleWeightsError(f"VLLMServerEngine: {url}, group {j}: {err}") from err
+            except ValueError as err:
+                raise ServerError(f"VLLMServerEngine: {url} answered group {j} with {err}") from err
+            for tokens, row_logprobs in group:
                 rows.append(tokens)
-                logprobs.append([float(c["logprob"]) for c in content])
+                logprobs.append(row_logprobs)
         ids, mask, truncated = pack_completions(rows, eos_id, pad_id, sampling.max_new_tokens, self.device)
         sampler_logprobs = torch.zeros(ids.shape, dtype=torch.float32)  # (B, T)
         for i, row in enumerate(logprobs):
