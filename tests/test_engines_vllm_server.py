@@ -186,6 +186,35 @@ def test_a_killed_launched_server_is_restarted_with_the_current_weights(setup):
     assert torch.equal(after.completion_ids, greedy(hf, prompts, None).completion_ids)
 
 
+def test_a_server_killed_while_requests_are_in_flight_is_restarted_and_stays_up(setup):
+    """The restart happens on the main thread after the request pool (a server started from a worker thread would
+    get the death signal when that thread exits): the restarted server still answers at the next rollout."""
+    model, tok, engine, hf, prompts = setup
+    version = engine.weight_version
+    before = greedy(engine, prompts, version)
+    victim = engine.clients[1]
+    post = victim.post
+    killed = []
+
+    def kill_then_post(path, body=None, timeout_s=None):
+        if path == "/inference/v1/generate" and not killed:
+            killed.append(engine.servers[1].process.pid)
+            os.killpg(killed[0], signal.SIGKILL)
+            engine.servers[1].process.wait(timeout=30)
+        return post(path, body, timeout_s)
+
+    victim.post = kill_then_post
+    try:
+        during = greedy(engine, prompts, version)
+    finally:
+        victim.post = post
+    assert killed and engine.servers[1].alive and engine.servers[1].process.pid != killed[0]
+    assert torch.equal(before.completion_ids, during.completion_ids)
+    time.sleep(1.0)
+    assert engine.servers[1].alive  # not killed when the request threads exited
+    assert torch.equal(greedy(engine, prompts, version).completion_ids, before.completion_ids)
+
+
 def test_unreachable_urls_are_named_at_setup_and_mid_run(setup, tmp_path):
     model, tok, engine, hf, prompts = setup
     from components.vllm_server import free_port
@@ -200,11 +229,10 @@ def test_unreachable_urls_are_named_at_setup_and_mid_run(setup, tmp_path):
 
     with pytest.raises(ServerError, match=f"(?s)model.engine.urls.*{url}.*api_server"):
         vllm_module(tokenizer_dir(tmp_path), engine=VLLMServerEngine(urls=[url], **SERVER_KW))
-    live = VLLMServerEngine(urls=[engine.clients[0].url], max_retries=1, request_timeout_s=5, **{
-        k: v for k, v in SERVER_KW.items() if k != "request_timeout_s"})
+    live = VLLMServerEngine(urls=[engine.clients[0].url], max_retries=1, **SERVER_KW)
     live.setup(model, tok)  # connects and pushes the policy (version 0 on that server)
     live.clients[0].url = url  # the server "went away"
-    live.clients[0].retry_wait_s = 0.1
+    live.clients[0].retry_wait_s, live.clients[0].timeout_s = 0.1, 5.0
     start = time.monotonic()
     with pytest.raises(server_module.ServerUnavailableError, match=url):
         greedy(live, prompts, 0)
@@ -263,6 +291,7 @@ def test_cli_fit_demo_config_with_the_server_engine(tmp_path):
         sys.executable, "-m", "prpo_lightning.cli", "fit", "--config", str(REPO / "configs" / "demo.yaml"),
         "--model.engine=components.engines.VLLMServerEngine", "--model.engine.init_args.kv_cache_memory_gib=0.1",
         "--model.engine.init_args.max_model_len=256", f"--model.engine.init_args.workdir={tmp_path / 'served'}",
+        "--model.engine.init_args.startup_timeout_s=400",
         "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.callbacks=[]",
         "--model.policy=null", f"--model.policy_config={json.dumps(qwen2_config(128))}",
         f"--model.tokenizer={tokenizer_dir(tmp_path)}", "--model.sampling.num_generations=4",
@@ -271,7 +300,7 @@ def test_cli_fit_demo_config_with_the_server_engine(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=500, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert list((tmp_path / "served").glob("policy.server-*.log")), "no server was launched in the workdir"
+    assert list((tmp_path / "served").glob("server-*.log")), "no server was launched in the workdir"
     leftover = subprocess.run(["pgrep", "-f", f"api_server --model {tmp_path}"], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
 
