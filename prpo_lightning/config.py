@@ -181,23 +181,29 @@ class OptimConfig:
     """``model.optim``: AdamW, the LR schedule and the PPO update structure."""
 
     lr: float = 1e-6
-    """Peak learning rate."""
+    """Peak learning rate. A resumed run (``--ckpt_path``) with another value follows the new schedule from the
+    resumed step (logged once; the Adam moments are kept)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     warmup_steps: int = 0
-    """Linear warm-up, in optimizer steps."""
+    """Linear warm-up, in optimizer steps (the unit of ``trainer.max_steps``)."""
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     """After warm-up: ``constant``, ``linear`` (decay to 0) or ``cosine``."""
     total_steps: int | None = None
-    """Optimizer steps of the decay; default: ``trainer.max_steps`` × updates per step."""
+    """Optimizer steps the schedule decays over; default: ``trainer.max_steps``, which counts optimizer steps (an
+    epoch-budgeted run: training batches × optimizer steps per batch). A ``linear``/``cosine`` schedule shorter
+    than ``max_steps`` is refused (its last steps would train at lr 0). On resume the value given now applies
+    from the resumed step."""
     grad_clip: float | None = 1.0
     """Max global gradient norm, or None."""
     ppo_epochs: int = 1
-    """Passes over each rollout batch."""
+    """Passes over each rollout batch. Each training batch makes ``ppo_epochs × ceil(rows / mini_batch_size)``
+    optimizer steps, and each counts towards ``trainer.max_steps``; the last batch's update stops when
+    ``max_steps`` is reached (a warning says so at the start when ``max_steps`` is not a multiple)."""
     mini_batch_size: int | None = None
-    """Completions per optimizer step (None: the whole rollout batch, i.e. on-policy)."""
+    """Completions per optimizer step, per rank (None: the whole rollout batch, i.e. on-policy)."""
     micro_batch_size: int = 8
     """Completions per forward/backward (gradient accumulation inside a mini-batch)."""
     share_prompt_prefix: bool = True
