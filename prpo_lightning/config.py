@@ -380,16 +380,18 @@ CONFIGS: tuple[type, ...] = (SamplingConfig, DynamicSamplingConfig, LossConfig, 
 
 def check_module_settings(
     *, policy: str | None, policy_config: dict[str, Any] | None, tokenizer: str | None, on_prm_error: str,
-    lora: LoRAConfig | None, ref_sync: RefSyncConfig, num_generations: int, aligner_name: str, group_relative: bool,
+    component_timeout_s: float | None, lora: LoRAConfig | None, ref_sync: RefSyncConfig, num_generations: int,
+    aligner_name: str, group_relative: bool,
     process_scores: bool, has_segmenter_and_prm: bool, has_reference: bool,
 ) -> None:
     """Checks of ``PRPOModule``'s arguments that involve more than one group, before any model loads.
 
     Raises:
         ValueError: naming the keys: the policy given twice or not at all, ``policy_config`` without a tokenizer, an
-            unknown ``on_prm_error``, LoRA with reference sync, ref sync without a reference, an aligner that reads
-            process scores without a segmenter and a PRM, a group-relative aligner with ``num_generations: 1`` (every
-            advantage would be 0), or a misspelt builtin model name.
+            unknown ``on_prm_error``, a ``component_timeout_s`` that is not a positive number, LoRA with reference
+            sync, ref sync without a reference, an aligner that reads process scores without a segmenter and a PRM,
+            a group-relative aligner with ``num_generations: 1`` (every advantage would be 0), or a misspelt builtin
+            model name.
     """
     from prpo_lightning.runtime.models import check_builtin_name  # the builtin registry: checked, never loaded
 
@@ -399,6 +401,11 @@ def check_module_settings(
         raise ValueError(f"{aligner_name} uses process scores: set model.segmenter and model.prm")
     if on_prm_error not in ("raise", "skip"):
         raise ValueError(f"on_prm_error must be 'raise' or 'skip', got {on_prm_error!r}")
+    timeout = component_timeout_s
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise ValueError(f"model.component_timeout_s must be null (no limit) or a number of seconds > 0; got "
+                         f"{timeout!r}: the longest one verifier (reward) or PRM call may take")
     if policy_config is not None and tokenizer is None:
         raise ValueError("a policy built from policy_config needs model.tokenizer (a local tokenizer path)")
     if lora is not None and ref_sync.sync_ref_model:

@@ -61,6 +61,8 @@ class PRPOModule(L.LightningModule):
         on_prm_error: ``raise`` (a :class:`~prpo_lightning.scoring.faults.PRMError` stops training) or ``skip``
             (the batch's update is skipped, counted under ``train/faults/prm_errors``).
         max_consecutive_skips: batches in a row that may update nothing; one more raises ``SkippedBatchesError``.
+        component_timeout_s: seconds one verifier (reward) or PRM call may take; a call past it follows that
+            component's error policy (:mod:`~prpo_lightning.scoring.deadline`). None (default): no limit.
         engine: the rollout engine (default :class:`~prpo_lightning.rollout.engines.AutoEngine`).
         rollout_correction / rollout_check / reward_shaping / reward_weights / ref_sync / lora: see the config.
 
@@ -88,6 +90,7 @@ class PRPOModule(L.LightningModule):
         seed: int = 0,
         on_prm_error: Literal["raise", "skip"] = "raise",
         max_consecutive_skips: int = 3,
+        component_timeout_s: float | None = None,
         engine: RolloutEngine | None = None,
         rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig(),
         rollout_check: MismatchCheck = MismatchCheck(),
@@ -101,6 +104,7 @@ class PRPOModule(L.LightningModule):
         self.needs = combine_needs(verifier, aligner, segmenter, prm)
         check_module_settings(
             policy=policy, policy_config=policy_config, tokenizer=tokenizer, on_prm_error=on_prm_error, lora=lora,
+            component_timeout_s=component_timeout_s,
             ref_sync=ref_sync, num_generations=sampling.num_generations, aligner_name=type(aligner).__name__,
             group_relative=self.needs.group_relative, process_scores=self.needs.process_scores,
             has_segmenter_and_prm=segmenter is not None and prm is not None,
@@ -147,7 +151,7 @@ class PRPOModule(L.LightningModule):
                                               self.plan.reference)
         object.__setattr__(self, "_reference", reference)
         scorer = Scorer(self.verifier, self.aligner, self.segmenter, self.prm, self.tokenizer, self.reward_shaping,
-                        self.sampling.max_new_tokens, hp.on_prm_error)
+                        self.sampling.max_new_tokens, hp.on_prm_error, hp.component_timeout_s)
         self.collector = RolloutCollector(
             self.engine, self.policy, self._reference, self.tokenizer, scorer, self.plan, self.sampling,
             PromptFormat(hp.prompt_template, hp.system_prompt, hp.use_chat_template), hp.seed,
@@ -178,11 +182,7 @@ class PRPOModule(L.LightningModule):
         self.ref_sync.apply_pending(self._reference)  # a resumed synced reference (ZeRO-3: built just above)
         self._start_stage()
 
-    def on_validation_start(self) -> None:
-        self._start_stage()
-
-    def on_test_start(self) -> None:
-        self._start_stage()
+    on_validation_start = on_test_start = _start_stage  # the frozen models and the engine, as at fit start
 
     def on_fit_end(self) -> None:
         self.collector.teardown_engine()
