@@ -10,7 +10,10 @@ Entry point ``bash benchmarks/gpu_check.sh`` (installs the wheels brought in ``.
 * ``train_zero2``/``train_zero3``: the same with the DeepSpeed overlays on one GPU (checkpointed);
   ``train_zero3_prpo``: PRPO (KL reference model, gradient checkpointing) under ZeRO-3;
 * ``resume``/``export``: one more step from the ZeRO-3 checkpoint with ``--ckpt_path``, then ``prpo-export`` of
-  it; ``resume_zero2``/``export_zero2``: the same for the ZeRO-2 checkpoint, last, as time allows.
+  it; ``resume_zero2``/``export_zero2``: the same for the ZeRO-2 checkpoint, as time allows;
+* ``packing`` (``gpu_check_packing.py``): packed vs padded log-probs and gradients on SDPA, the packed pass on
+  flash-attention 2's varlen kernel (skipped with the reason without CUDA or ``flash_attn``), and the update pass's
+  time and peak memory padded vs token budget vs packed over long-tailed lengths (``--only packing`` runs it alone).
 
 Each section has its own time budget and is guarded: a failure is recorded with its traceback and the next
 section runs. After every section the results are written to ``gpu_check.json`` and ``gpu_check.md`` in ``$OUT``
@@ -43,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+import gpu_check_packing  # noqa: E402
 import gpu_check_report  # noqa: E402
 import gpu_check_sections as sections  # noqa: E402
 import gpu_check_train as training  # noqa: E402
@@ -85,6 +89,12 @@ class Profile:
     min_start_s: float
     vocab: int = 128
     zero3_new_tokens: int = 24
+    packing_check_rows: int = 6
+    packing_check_len: int = 24
+    packing_rows: int = 8
+    packing_max_len: int = 64
+    packing_micro_batch: int = 4
+    packing_budget: int = 128
     notes: list[str] = field(default_factory=list)
 
 
@@ -95,10 +105,12 @@ def gpu_profile() -> Profile:
         prompt_len=48, logprob_tol=1e-3, throughput_batches=(8, 32, 128), throughput_new_tokens=128,
         throughput_min_s=8.0, mfu_rows=16, mfu_prompt_len=64, mfu_completion_len=448, mfu_reps=5, train_group=4,
         train={"prompts": 8, "group": 4, "new_tokens": 128, "micro_batch": 16}, train_steps=2, ds_layers=8,
-        deadline_s=350.0, min_start_s=20.0,
+        deadline_s=395.0, min_start_s=20.0,
         budgets={"environment": 40, "decoder": 80, "throughput": 60, "train_grpo": 60, "train_prpo": 70,
                  "train_zero2": 70, "train_zero3": 70, "resume": 60, "export": 45, "resume_zero2": 50,
-                 "export_zero2": 40, "train_zero3_prpo": 70},
+                 "export_zero2": 40, "train_zero3_prpo": 70, "packing": 45},
+        packing_check_rows=8, packing_check_len=512, packing_rows=16, packing_max_len=2048, packing_micro_batch=4,
+        packing_budget=8192,
         notes=["DeepSpeed runs use the 1.5B width with 8 of its 28 layers, so that their checkpoints (bf16 weights "
                "+ fp32 master weights and Adam moments) stay small enough to write, reload and collate in seconds"],
     )
@@ -114,7 +126,7 @@ def dry_run_profile() -> Profile:
         deadline_s=600.0, min_start_s=5.0,
         budgets={"environment": 60, "decoder": 60, "throughput": 60, "train_grpo": 120, "train_prpo": 120,
                  "train_zero2": 60, "train_zero3": 60, "resume": 120, "export": 90, "resume_zero2": 60,
-                 "export_zero2": 60, "train_zero3_prpo": 60},
+                 "export_zero2": 60, "train_zero3_prpo": 60, "packing": 60},
     )
 
 
@@ -260,6 +272,7 @@ class Check:
             ("resume_zero2", lambda b: self.resume(b, "zero2")),
             ("export_zero2", lambda b: self.export(b, "zero2")),
             ("train_zero3_prpo", lambda b: self.train(b, "prpo", 3)),  # KL reference built from gathered shards
+            ("packing", lambda b: gpu_check_packing.packing(self.p, self.device, b)),
         ]
         for name, fn in plan:
             if only is None or name in only:

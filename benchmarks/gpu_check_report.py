@@ -117,6 +117,30 @@ def _throughput(entry: dict[str, Any]) -> list[str]:
     return lines + ["", res.get("mfu_formula", ""), ""]
 
 
+def _packing(entry: dict[str, Any]) -> list[str]:
+    res, checks = entry.get("results", {}), entry.get("checks", {})
+    sdpa, flash = checks.get("fp32_packed_vs_padded_sdpa", {}), checks.get("flash_attention_2_packed", {})
+    lines = ["## Packing (issue 24)", "",
+             f"Packed vs padded, SDPA fp32: log-probs {_num(sdpa.get('logprob_max_abs_diff'))}, entropies "
+             f"{_num(sdpa.get('entropy_max_abs_diff'))}, relative gradients {_num(sdpa.get('grad_rel_diff'))} (max abs "
+             f"differences, tolerance {sdpa.get('tolerance')}). Flash-attention 2 varlen: "
+             + (flash["skipped"] if "skipped" in flash else
+                f"other rows bit-identical {flash.get('other_rows_bit_identical')}, bf16 vs padded SDPA mean/max "
+                f"{_num(flash.get('bf16_vs_padded_sdpa_mean_abs_diff'))}/"
+                f"{_num(flash.get('bf16_vs_padded_sdpa_max_abs_diff'))}") + ".", "",
+             f"Update pass over {res.get('rows')} rows ({res.get('completion_tokens')} completion tokens, longest "
+             f"{res.get('max_len')}), {res.get('dtype')}; padded/packed: {res.get('padded_micro_batch_rows')} rows per "
+             f"micro-batch, budget: {res.get('micro_batch_tokens')} tokens; memory: {res.get('memory')}.", "",
+             "| configuration | seconds | peak GiB | time vs padded | memory vs padded |", "|---|---:|---:|---:|---:|"]
+    for u in res.get("update_pass", []):
+        if "skipped" in u:
+            lines.append(f"| {u['config']} | {u['skipped']} | | | |")
+        else:
+            lines.append(f"| {u['config']} | {u['seconds']} | {u['peak_memory_gib']} | {u.get('time_vs_padded')} | "
+                         f"{u.get('memory_vs_padded')} |")
+    return lines + [""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Render ``report`` as Markdown: a status table, then one part per section family, then failure tails."""
     sections = report["sections"]
@@ -138,6 +162,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _training(sections)
     if "throughput" in sections and sections["throughput"].get("results"):
         lines += _throughput(sections["throughput"])
+    if "packing" in sections and sections["packing"].get("results"):
+        lines += _packing(sections["packing"])
     tails = [(n, e.get("error") or e.get("results", {}).get("output_tail")) for n, e in sections.items()
              if e["status"] == "failed"]
     if any(t for _, t in tails):

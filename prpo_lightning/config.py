@@ -210,9 +210,35 @@ class OptimConfig:
     """Run each distinct prompt of a micro-batch once in every log-prob pass and let its completions attend to the
     shared KV cache. Exact up to float rounding. Not applied under gradient checkpointing (no KV cache there) or
     ZeRO-3 with several ranks (equal forward calls). A ``micro_batch_size`` that is a multiple of G computes each
-    prompt once on-policy."""
+    prompt once on-policy. Not combined with ``packing``."""
+    micro_batch_tokens: int | None = None
+    """Token budget of a micro-batch in the reference, old-log-prob and update passes (None: ``micro_batch_size`` rows
+    per micro-batch). The rows are sorted by length, longest first, and each micro-batch takes rows while its tokens
+    stay within the budget: with ``packing`` the sum of the rows' prompt + completion tokens, without it the rows times
+    the longest row (the padded input). ``micro_batch_size`` is then ignored; a row longer than the budget goes alone
+    (never split, never dropped), so a budget >= ``max_prompt_length + max_new_tokens`` bounds every pass. The loss
+    and its gradient do not depend on the grouping (the normalisers are the mini-batch's), except under
+    ``loss.top_entropy_quantile < 1``, whose quantile is per micro-batch: that combination is refused. Choosing it:
+    a pass's peak memory grows with its tokens (activations, and ``completion tokens × vocabulary`` float32 logits),
+    not with its rows; start at ``max_prompt_length + max_new_tokens`` (one longest row per pass) and double it while
+    the update pass's peak memory fits with headroom. Larger budgets mean fewer, larger passes (faster on a GPU); on a
+    CPU the time hardly depends on it beyond a few thousand tokens (``benchmarks/packing.py``)."""
+    packing: bool = False
+    """Padding-free passes: the rows of a micro-batch are concatenated into one sequence whose ``position_ids``
+    restart at 0 on every row, so no compute or memory goes to padding and no row attends to another. Needs an
+    attention implementation that reads packed position ids (``sdpa``, ``eager``, ``flex_attention``, flash-attention
+    2/3/4; anything else is refused when the updater is built) and ``share_prompt_prefix: false``. Works with LoRA,
+    gradient checkpointing and DeepSpeed. Same log-probs and gradients as the padded passes up to float rounding.
+    The attention skips the pairs of rows with flash-attention's varlen kernels and with ``sdpa`` (the packed pass
+    switches an ``sdpa`` model to ``prpo_sdpa_varlen``: one SDPA call per row, every other pass unchanged);
+    ``eager`` and ``flex_attention`` apply a block-diagonal mask over the whole packed sequence (cost ∝ its tokens
+    squared), which ``micro_batch_tokens`` bounds."""
 
     def __post_init__(self) -> None:
+        if self.packing and self.share_prompt_prefix:
+            raise ValueError("model.optim.packing: true cannot be combined with model.optim.share_prompt_prefix: true "
+                             "(the default): a packed pass runs every row's prompt itself; set "
+                             "model.optim.share_prompt_prefix: false, or model.optim.packing: false")
         _check("optim", self, [
             ("lr", self.lr > 0, "> 0 (the peak learning rate)"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
@@ -225,6 +251,10 @@ class OptimConfig:
             ("mini_batch_size", self.mini_batch_size is None or self.mini_batch_size >= 1,
              "null (the whole rollout batch) or an integer >= 1"),
             ("micro_batch_size", self.micro_batch_size >= 1, "an integer >= 1"),
+            ("micro_batch_tokens", self.micro_batch_tokens is None or (_is_int(self.micro_batch_tokens)
+                                                                      and self.micro_batch_tokens >= 1),
+             "null (micro_batch_size rows per micro-batch) or an integer >= 1 (tokens per micro-batch)"),
+            ("packing", isinstance(self.packing, bool), "true or false"),
         ])
 
 

@@ -8,7 +8,6 @@ forward passes are planned once (:func:`~prpo_lightning.training.plan.plan_passe
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import lightning as L
@@ -42,6 +41,7 @@ from prpo_lightning.training.outcome import RankReport, SkipBudget, advance_with
 from prpo_lightning.training.plan import PassPlan, combine_needs, needs_reference_model, plan_passes
 from prpo_lightning.training.policy import build_policy
 from prpo_lightning.training.refsync import ReferenceSync
+from prpo_lightning.training.timing import StepTimer, trained_tokens
 
 
 class PRPOModule(L.LightningModule):
@@ -129,6 +129,7 @@ class PRPOModule(L.LightningModule):
         self.collector: RolloutCollector | None = None
         self.updater: PolicyUpdater | None = None
         self.step_metrics: dict[str, float] = {}
+        self.timer = StepTimer()  # train/time/* and train/perf/* (prpo_lightning/training/timing.py)
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -176,6 +177,7 @@ class PRPOModule(L.LightningModule):
         self.collector.setup_engine(self.device)
 
     def on_fit_start(self) -> None:
+        self.timer.reset()
         if self._reference is None and self.plan.reference and zero3_config(self._trainer) is not None:
             object.__setattr__(self, "_reference", unpartitioned_copy(self.policy, self.device))
             self.collector.reference = self._reference
@@ -234,7 +236,7 @@ class PRPOModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         ctx = self.step_context()
-        t_start = time.perf_counter()
+        self.timer.start()
         collected = self.collector.collect(batch, ctx)  # generate → score (→ refill, under dynamic sampling)
         report = RankReport(collected.no_prompts, collected.prm_error, collected.no_signal)
         outcome = self.skip_budget.decide(report, ctx.step, self.sampling.max_prompt_length)
@@ -244,15 +246,14 @@ class PRPOModule(L.LightningModule):
             metrics["lr"] = float(self.lr_schedulers().get_last_lr()[0])
             advance_without_update(self.trainer, self.lr_schedulers())
             self.collector.sync_engine()  # wakes the engine; the weights did not change, so nothing is streamed
-            self.log_step_metrics(metrics)
+            self.log_step_metrics(self.timer.finish(metrics))
             return None
-        t_update = time.perf_counter()
+        self.timer.mark("update")
         metrics.update(self.update_policy(collected.rollout))  # a rank without rows joins with zero-weighted passes
-        t_sync = time.perf_counter()
+        self.timer.mark("sync")
         self.collector.sync_engine()
-        metrics.update({"time/scoring_s": t_update - t_start - metrics["time/rollout_s"],
-                        "time/update_s": t_sync - t_update, "time/weight_sync_s": time.perf_counter() - t_sync})
-        self.log_step_metrics(metrics)
+        trained = trained_tokens(collected.rollout, self.loss_cfg, self.optim_cfg.ppo_epochs)
+        self.log_step_metrics(self.timer.finish(metrics, trained))  # times maxed, tokens summed over ranks
         if collected.rollout is not None:
             self.log_dict({"reward": metrics["reward/mean"], "acc": metrics["accuracy"]}, prog_bar=True, logger=False)
         return None

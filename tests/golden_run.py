@@ -94,7 +94,7 @@ class MetricsRecorder:
 
             def on_train_batch_end(inner, trainer, pl_module, outputs, batch, batch_idx) -> None:
                 metrics = getattr(pl_module, "step_metrics", {})
-                keep = {k: v for k, v in metrics.items() if not k.startswith("train/time/")}
+                keep = {k: v for k, v in metrics.items() if not k.startswith(("train/time/", "train/perf/"))}
                 inner.rows.append({"step": trainer.global_step, **keep})
 
         self.callback = _CB()

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
 SECTIONS = ("environment", "decoder", "throughput", "train_grpo", "train_prpo", "train_zero2", "train_zero3", "resume",
-            "export", "resume_zero2", "export_zero2", "train_zero3_prpo")
+            "export", "resume_zero2", "export_zero2", "train_zero3_prpo", "packing")
 DEEPSPEED_SECTIONS = {"train_zero2", "train_zero3", "resume_zero2", "export_zero2", "train_zero3_prpo"}
 
 
@@ -42,7 +42,7 @@ def test_dry_run_passes_every_section_and_writes_the_results(tmp_path):
             continue
         assert entry["status"] == "passed", (name, entry.get("error"), entry.get("checks"))
         assert entry["checks"] and all(c["passed"] in (True, None) for c in entry["checks"].values())
-    assert report["summary"] == {"passed": 7, "failed": 0, "skipped": len(DEEPSPEED_SECTIONS)}
+    assert report["summary"] == {"passed": 8, "failed": 0, "skipped": len(DEEPSPEED_SECTIONS)}
 
     sections = report["sections"]
     decoder = sections["decoder"]["checks"]
@@ -58,6 +58,13 @@ def test_dry_run_passes_every_section_and_writes_the_results(tmp_path):
     assert all(g["tokens"] == g["batch"] * 16 and g["tokens_per_s"] > 0 for g in gen), "EOS is suppressed"
     update = sections["throughput"]["results"]["update_pass"]
     assert [u["share_prompts"] for u in update] == [False, True] and all(u["mfu"] > 0 for u in update)
+
+    packing = sections["packing"]
+    assert packing["checks"]["fp32_packed_vs_padded_sdpa"]["passed"] is True
+    assert packing["checks"]["flash_attention_2_packed"] == {
+        "passed": None, "skipped": "flash-attention needs a CUDA GPU (the dry run has none)"}
+    assert [u["config"] for u in packing["results"]["update_pass"]] == ["padded", "budget", "packed", "budget_packed"]
+    assert "## Packing (issue 24)" in md
 
     grpo, resume, export = (sections[n]["results"] for n in ("train_grpo", "resume", "export"))
     assert grpo["steps_reached"] == 2 and resume["steps_reached"] == 3

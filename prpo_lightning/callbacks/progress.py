@@ -4,7 +4,9 @@ epochs and after a resume, without Lightning's ``v_num``.
 Lightning's bars count batches within an epoch (``Epoch 0/-2``, ``8/2`` after a resume). RL runs are budgeted
 in optimizer steps (``trainer.max_steps``), and one batch may make several (``ppo_epochs``, mini-batches), so the
 bar follows ``trainer.global_step`` against the same budget the run stops at and the LR schedule decays over
-(:mod:`prpo_lightning.training.schedule`). ``prpo-fit`` installs it in place of Lightning's default bar.
+(:mod:`prpo_lightning.training.schedule`). ``prpo-fit`` installs it in place of Lightning's default bar. From the
+second step on, the postfix shows the step time (``step=1.23s``: :term:`train/time/step_s`, the last step start to
+start, maxed over ranks).
 """
 
 from __future__ import annotations
@@ -17,6 +19,17 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from prpo_lightning.training.schedule import step_budget
+
+
+def step_time_item(step_metrics: dict[str, float]) -> dict[str, str]:
+    """``{"step": "1.23s"}`` from a module's ``train/time/step_s``, or ``{}`` before it is known (the first step).
+
+    Example:
+        >>> step_time_item({"train/time/step_s": 1.234})
+        {'step': '1.23s'}
+    """
+    seconds = step_metrics.get("train/time/step_s")
+    return {} if seconds is None else {"step": f"{float(seconds):.2f}s"}
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -67,9 +80,11 @@ class StepProgressBar(TQDMProgressBar):
             self._train_progress_bar.close()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """The progress-bar metrics without ``v_num`` (the logger version is not a training quantity)."""
+        """The progress-bar metrics without ``v_num`` (the logger version is not a training quantity), with the
+        step time (``step``, e.g. ``1.23s``) once the module logged ``train/time/step_s``."""
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        items.update(step_time_item(getattr(pl_module, "step_metrics", None) or {}))
         return items
 
     def _show_step(self, trainer: L.Trainer, pl_module: L.LightningModule, force: bool = False) -> None:

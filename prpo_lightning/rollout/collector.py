@@ -12,7 +12,6 @@ Shapes: ``N`` prompts, ``G`` completions per prompt, ``B = N·G``, ``P`` padded 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ from prpo_lightning.rollout.sampling import left_pad, pad_token_id
 from prpo_lightning.runtime.distributed import all_reduce_max, group_seed
 from prpo_lightning.scoring.pipeline import Scorer, guarded_call
 from prpo_lightning.training.logprobs import batched_logprobs
+from prpo_lightning.training.packing import micro_batches, row_lengths
 from prpo_lightning.training.plan import PassPlan
 
 
@@ -167,12 +167,16 @@ class RolloutCollector:
 
     def collect_round(self, batch: dict[str, Any], ctx: StepContext, round_index: int) -> Round:
         """One generate → score round: wake and sync the engine, sample (with the planned log-prob passes), put the
-        engine to sleep, then grade, segment, score and align."""
+        engine to sleep, then grade, segment, score and align. Times ``time/rollout_s`` (= ``generate_s`` +
+        ``old_logprobs_s`` + ``ref_logprobs_s``) and ``time/scoring_s``; counts ``perf/sampled_tokens``."""
         t0 = time.perf_counter()
         self.sync_engine()
         rollout, metrics = self.make_rollout(batch, ctx, round_index=round_index)
         self.sleep_engine()
         t1 = time.perf_counter()
+        passes = metrics.get("time/old_logprobs_s", 0.0) + metrics.get("time/ref_logprobs_s", 0.0)
+        metrics.update({"time/generate_s": t1 - t0 - passes,  # all of the rollout but the log-prob passes
+                        "perf/sampled_tokens": float(rollout.completion_mask.sum()) if rollout is not None else 0.0})
         prm_error = None
         if rollout is not None:
             rollout, prm_error, score_metrics = self.scorer.score(rollout, ctx)
@@ -259,14 +263,20 @@ class RolloutCollector:
         weights (when the engine returned log-probs), and reference log-probs."""
         micro, temp, share = self.micro_batch_size, self.sampling.temperature, self.plan.share_prompt_prefix
         c_ids, c_mask = result.completion_ids.to(ctx.device), result.completion_mask.to(ctx.device)  # (B, T)
+        batching = {"micro_batch_tokens": self.plan.micro_batch_tokens, "packing": self.plan.packing}
         metrics: dict[str, float] = {}
+        t0 = time.perf_counter()
         if self.plan.old_logprobs:
             old, ent = batched_logprobs(
-                self.policy, p_ids, p_mask, c_ids, c_mask, temp, micro, with_entropy=True, share_prompts=share
+                self.policy, p_ids, p_mask, c_ids, c_mask, temp, micro, with_entropy=True, share_prompts=share,
+                **batching,
             )  # (B, T), (B, T)
             rollout.old_logprobs, rollout.entropies = old.cpu(), ent.cpu()
             if self.plan.lockstep:
-                self._lockstep_forwards(math.ceil(c_ids.shape[0] / micro), ctx.device)
+                lengths = row_lengths(p_mask, c_mask)  # (B,)
+                self._lockstep_forwards(len(micro_batches(lengths, micro, self.plan.micro_batch_tokens,
+                                                          self.plan.packing)), ctx.device)
+            metrics["time/old_logprobs_s"] = time.perf_counter() - t0
         if self.plan.sampler_check:
             if result.sampler_logprobs is None:
                 raise RuntimeError(f"{type(self.engine).__name__} declares sampler_logprobs but returned none")
@@ -279,10 +289,13 @@ class RolloutCollector:
                 rollout.is_weights = weights
                 metrics.update(is_metrics)
         if self.reference is not None:
+            t0 = time.perf_counter()
             ref, _ = batched_logprobs(
-                self.reference, p_ids, p_mask, c_ids, c_mask, temp, micro, with_entropy=False, share_prompts=share
+                self.reference, p_ids, p_mask, c_ids, c_mask, temp, micro, with_entropy=False, share_prompts=share,
+                **batching,
             )
             rollout.ref_logprobs = ref.cpu()
+            metrics["time/ref_logprobs_s"] = time.perf_counter() - t0
         return metrics
 
     def _check_sampler(self, sampler: Tensor, old: Tensor, mask: Tensor, step: int) -> dict[str, float]:

@@ -37,10 +37,12 @@ from prpo_lightning.scoring.grouping import group_extrema, group_sum
 
 CRITERIA = ("outcome", "advantage")
 _LEFT_PADDED = ("prompt_ids", "prompt_mask")
-_SUMMED = ("data/skipped_long_prompts", "time/rollout_s", "time/scoring_s")
+_SUMMED = ("data/skipped_long_prompts",)  # and every phase time (time/*) and token count (perf/*)
 
 
-
+def _summed(key: str) -> bool:
+    """Whether a round metric adds up over rounds (counts, phase times) instead of being round 0's."""
+    return key in _SUMMED or key.startswith(("time/", "perf/"))
 
 
 def signal_mask(batch: RolloutBatch, criterion: str) -> Tensor:
@@ -248,7 +250,7 @@ def fill_batch(
             prm_error = new.prm_error
             if new.rollout is not None:
                 filler.absorb(new.rollout)
-        for key in _SUMMED:  # counts and phase times add up over rounds; the other metrics are round 0's
+        for key in [k for k in {**metrics, **new.metrics} if _summed(k)]:  # the other metrics are round 0's
             metrics[key] = metrics.get(key, 0.0) + new.metrics.pop(key, 0.0)
         for key, value in new.metrics.items():
             metrics.setdefault(key, value)

@@ -52,6 +52,18 @@ def all_reduce_max(value: int) -> int:
     return int(t.item())
 
 
+def all_reduce_max_floats(values: list[float]) -> list[float]:
+    """Element-wise maximum of ``values`` over all ranks (float64); identity in a single process.
+
+    A collective call: every rank must call it with a list of the same length.
+    """
+    if not is_distributed():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
 def group_seed(seed: int, step: int, group_id: int) -> int:
     """Sampling seed of one prompt group at one training step (a 63-bit mix of the three integers).
 

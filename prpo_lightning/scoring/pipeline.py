@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -191,14 +192,17 @@ def segment_and_score(
     check_segment_spans(spans, batch.lengths.tolist(), source=f"segmenter {component_name(segmenter)}.segment")
     batch.segment_spans = spans
     view = declared_inputs_view(batch, prm, "prm")
-    scores = check_process_scores(guarded_call("PRM", prm, "score", lambda: prm.score(view, tokenizer), batch.size,
-                                               timeout_s), batch, prm)
+    t0 = time.perf_counter()
+    raw = guarded_call("PRM", prm, "score", lambda: prm.score(view, tokenizer), batch.size, timeout_s)
+    prm_s = time.perf_counter() - t0  # the PRM alone: train/time/prm_s
+    scores = check_process_scores(raw, batch, prm)
     counts = torch.tensor([len(r) for r in spans], dtype=torch.float32)  # (B,)
     batch.step_scores = scores.step_scores.float().cpu()
     batch.step_mask = scores.step_mask.bool().cpu()
     batch.token_scores = None if scores.token_scores is None else scores.token_scores.float().cpu()
     valid = batch.step_scores[batch.step_mask]
     metrics = {
+        "time/prm_s": prm_s,
         "segments/per_completion": float(counts.mean()) if counts.numel() else 0.0,
         "segments/max": float(counts.max()) if counts.numel() else 0.0,
     }
@@ -244,7 +248,9 @@ def compute_advantages(
         ComponentContractError: if a component breaks its contract (see :func:`grade`, :func:`segment_and_score`).
     """
     with torch.no_grad():
+        t0 = time.perf_counter()
         metrics = grade(batch, verifier, timeout_s, reward_clock)
+        metrics["time/verify_s"] = time.perf_counter() - t0  # the verifier and its checks: train/time/verify_s
         if reward_shaping is not None and reward_shaping.overlong is not None:
             if max_new_tokens is None:
                 raise ValueError("compute_advantages: reward_shaping.overlong needs max_new_tokens")

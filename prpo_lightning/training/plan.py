@@ -70,6 +70,9 @@ class PassPlan:
         share_prompt_prefix: log-prob passes compute each distinct prompt once per micro-batch.
         lockstep: ranks must make equal numbers of policy forward calls (ZeRO-3 with several ranks).
         reasons: one line per decision, for the log.
+        micro_batch_tokens: the token budget of the log-prob passes' micro-batches (``optim.micro_batch_tokens``), or
+            None (``micro_batch_size`` rows).
+        packing: the log-prob passes are padding-free (``optim.packing``).
     """
 
     reference: bool
@@ -79,6 +82,8 @@ class PassPlan:
     share_prompt_prefix: bool
     lockstep: bool
     reasons: tuple[str, ...]
+    micro_batch_tokens: int | None = None
+    packing: bool = False
 
     def describe(self) -> str:
         """A one-paragraph summary for the log."""
@@ -102,7 +107,18 @@ def plan_passes(
         optim: the update structure (``ppo_epochs``, ``mini_batch_size``, ``share_prompt_prefix``).
         gradient_checkpointing: activation checkpointing is on (no KV cache: prompts cannot be shared).
         lockstep: DeepSpeed ZeRO-3 with several ranks.
+
+    Raises:
+        ValueError: ``optim.micro_batch_tokens`` with ``loss.top_entropy_quantile < 1`` (its quantile is taken per
+            micro-batch, so the token-budget grouping would change which tokens are kept).
     """
+    if optim.micro_batch_tokens is not None and loss.top_entropy_quantile < 1.0:
+        raise ValueError(
+            f"model.optim.micro_batch_tokens={optim.micro_batch_tokens} cannot be combined with "
+            f"model.loss.top_entropy_quantile={loss.top_entropy_quantile}: the entropy quantile is taken over each "
+            "micro-batch's tokens, and token-budget micro-batches group the rows by length, so the kept tokens (and "
+            "the gradient) would depend on the grouping; use model.optim.micro_batch_size (micro_batch_tokens: null) "
+            "or top_entropy_quantile: 1")
     reasons = []
     reference = needs_reference_model(needs, loss)
     reasons.append("reference log-probs: " + ("yes (" + ("loss.kl_coef > 0" if loss.kl_coef > 0 else
@@ -125,7 +141,12 @@ def plan_passes(
         reasons.append("sampler-vs-trainer check and importance weights: yes (the engine returns its log-probs)")
     share = optim.share_prompt_prefix and not gradient_checkpointing and not lockstep
     reasons.append(f"shared prompt prefixes: {'yes' if share else 'no'}")
-    return PassPlan(reference, old_logprobs, generation_entropies, sampler_check, share, lockstep, tuple(reasons))
+    if optim.micro_batch_tokens is not None:
+        reasons.append(f"micro-batches: by a budget of {optim.micro_batch_tokens} tokens (rows sorted by length)")
+    if optim.packing:
+        reasons.append("padding-free packed passes: yes")
+    return PassPlan(reference, old_logprobs, generation_entropies, sampler_check, share, lockstep, tuple(reasons),
+                    optim.micro_batch_tokens, optim.packing)
 
 
 __all__ = ["PassPlan", "RunNeeds", "combine_needs", "needs_reference_model", "plan_passes"]

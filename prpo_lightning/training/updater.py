@@ -38,6 +38,7 @@ from prpo_lightning.training.losses import (
     kl_penalty,
     top_entropy_mask,
 )
+from prpo_lightning.training.packing import check_packing_support, micro_batches, row_lengths, trim_padding
 from prpo_lightning.training.plan import PassPlan
 
 
@@ -178,6 +179,8 @@ class PolicyUpdater:
         self.policy, self.loss_cfg, self.optim_cfg, self.plan = policy, loss, optim, plan
         self.temperature, self.max_new_tokens, self.seed, self.pad_id = temperature, max_new_tokens, seed, pad_id
         self.backward, self.clip_gradients, self.on_optimizer_step = backward, clip_gradients, on_optimizer_step
+        if optim.packing:
+            check_packing_support(policy)
 
     def update(self, rollout: RolloutBatch | None, optimizer: Any, scheduler: Any, step: int, device: torch.device,
                ds_engine: Any = None, max_updates: int | None = None) -> dict[str, float]:
@@ -215,7 +218,8 @@ class PolicyUpdater:
                 if max_updates is not None and n_updates >= max_updates:
                     break
                 idx = order[start : start + mb]  # (b,), possibly empty on a rank with fewer rows
-                n_micro = math.ceil(min(mb, n_max - start) / cfg.micro_batch_size)
+                n_micro = (None if cfg.micro_batch_tokens is not None  # counted from the rows in accumulate
+                           else math.ceil(min(mb, n_max - start) / cfg.micro_batch_size))
                 optimizer.zero_grad()
                 stats = self.accumulate(rollout, idx, device, n_micro)
                 if cfg.grad_clip is not None and ds_engine is None:  # DeepSpeed clips inside its step
@@ -240,7 +244,10 @@ class PolicyUpdater:
 
         Token and sequence counts are summed over ranks and each rank's loss is multiplied by the world size, so the
         gradient that DDP/DeepSpeed average over ranks is the gradient of the global mini-batch loss. ``n_micro``
-        (the same on every rank) pads this rank's micro-batches with zero-weighted dummy passes.
+        (the same on every rank) pads this rank's micro-batches with zero-weighted dummy passes. With
+        ``optim.micro_batch_tokens`` the micro-batches are cut by the token budget (the most any rank cuts sets
+        ``n_micro``); the normalisers are the mini-batch's either way, so the grouping leaves the gradient unchanged
+        up to float rounding.
 
         Args:
             rollout: the scored rollout (None: this rank only makes dummy passes).
@@ -248,7 +255,7 @@ class PolicyUpdater:
             device: the policy's device.
             n_micro: micro-batches every rank makes (default: this rank's own count).
         """
-        lcfg, micro_size = self.loss_cfg, self.optim_cfg.micro_batch_size
+        lcfg, ocfg = self.loss_cfg, self.optim_cfg
         rows = rollout.select(idx) if rollout is not None and idx.numel() else None
         mask = loss_mask(rows, lcfg) if rows is not None else torch.zeros(0, 1, dtype=torch.bool)  # (b, T)
         n_seq = float(idx.numel())
@@ -268,7 +275,13 @@ class PolicyUpdater:
             stats["entropy_bonus"] = 0.0
         if top_on:
             stats["top_entropy_frac"] = 0.0
-        pieces: list[Tensor | None] = list(idx.split(micro_size)) if rows is not None else []
+        pieces: list[Tensor | None] = []
+        if rows is not None:  # row-count micro-batches are idx.split(micro_batch_size)
+            lengths = row_lengths(rows.prompt_mask, rows.completion_mask)  # (b,)
+            pieces = [idx[p] for p in micro_batches(lengths, ocfg.micro_batch_size, ocfg.micro_batch_tokens,
+                                                   ocfg.packing)]
+        if ocfg.micro_batch_tokens is not None:
+            n_micro = all_reduce_max(len(pieces))
         pieces += [None] * max((n_micro or len(pieces)) - len(pieces), 0)
         for micro_idx in pieces:
             if micro_idx is None:  # lock-step dummy pass: all parameters take part, zero gradient
@@ -281,10 +294,13 @@ class PolicyUpdater:
             c_ids = micro.completion_ids[:, :t_len].to(device)  # (b, t)
             c_attn = micro.completion_mask[:, :t_len].to(device)  # (b, t)
             c_mask = loss_mask(micro, lcfg)[:, :t_len].to(device)  # (b, t) tokens in the loss
+            p_ids, p_mask = micro.prompt_ids.to(device), micro.prompt_mask.to(device)  # (b, P)
+            if ocfg.micro_batch_tokens is not None:  # and the prompts' left padding
+                p_ids, p_mask, _, _ = trim_padding(p_ids, p_mask, c_ids, c_attn)  # (b, p)
             logp, ent = completion_logprobs(
-                self.policy, micro.prompt_ids.to(device), micro.prompt_mask.to(device), c_ids, c_attn,
-                self.temperature, with_entropy=on_policy or bonus_on or top_on,
-                share_prompts=self.plan.share_prompt_prefix, entropy_grad=bonus_on,
+                self.policy, p_ids, p_mask, c_ids, c_attn, self.temperature,
+                with_entropy=on_policy or bonus_on or top_on, share_prompts=self.plan.share_prompt_prefix,
+                entropy_grad=bonus_on, packed=ocfg.packing,
             )  # (b, t), (b, t) | None
             old = logp.detach() if on_policy else micro.old_logprobs[:, :t_len].to(device)  # (b, t)
             if on_policy:

