@@ -122,7 +122,7 @@ class LRSchedule:
     def on_train_start(self, trainer: L.Trainer, optimizer: Any, scheduler: Any) -> None:
         """After the checkpoint is restored: warn when ``max_steps`` cuts a batch's update, and put the settings
         given now into the restored optimizer and scheduler (see the module docstring)."""
-        spb, max_steps = self.steps_per_batch, trainer.max_steps
+        spb, max_steps = self._steps_per_batch(trainer), trainer.max_steps  # the train loader is set up by now
         if max_steps is not None and max_steps > 0 and spb > 1 and max_steps % spb:
             rank_zero_warn(f"[prpo] trainer.max_steps={max_steps} counts optimizer steps and each training batch "
                            f"makes {spb} (model.optim.ppo_epochs × mini-batches): the last batch's update stops "
