@@ -4,9 +4,10 @@
   ``reward_funcs`` + ``reward_weights``). ``model.verifier: [...]`` with ``model.reward_weights`` builds one.
   The verdict's **status comes from the first verifier** (it gates ``accuracy`` and the evaluation metrics);
   the reward is ``Σ_k w_k · reward_k``.
-* :class:`CallableReward` wraps ``f(completion: str, answer: str, **row) -> float``, imported by dotted path, as
-  an :class:`~prpo_lightning.scoring.verifier.OutcomeVerifier`. ``row`` holds the row's other fields
-  (:data:`~prpo_lightning.batch.ROW_FIELDS`: ``problem``, ``id``, ``truncated``, ``num_tokens``).
+* :class:`CallableReward` wraps ``f(completion: str, answer: str, **row) -> float`` (or an ``async def``),
+  imported by dotted path, as an :class:`~prpo_lightning.scoring.verifier.OutcomeVerifier`. ``row`` holds the row's
+  other fields (:data:`~prpo_lightning.batch.ROW_FIELDS`: ``problem``, ``id``, ``truncated``, ``num_tokens``).
+  ``workers: N`` calls rows in N threads; an async function's rows are awaited concurrently.
 * :class:`BoxedFormatReward` rewards a completion that contains a complete ``\\boxed{...}`` answer.
 
 Example (YAML)::
@@ -22,13 +23,16 @@ Example (YAML)::
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from components.math_answer.extract import extract_last_boxed
+from prpo_lightning.scoring.deadline import parallel_map, run_coroutines
 from prpo_lightning.scoring.combined import WeightedVerifiers, combine_verifiers
 from prpo_lightning.scoring.verifier import OutcomeVerifier, Verdict, VerdictStatus
 
@@ -74,19 +78,30 @@ class CallableReward(OutcomeVerifier):
     ``>= correct_threshold``, else ``INCORRECT`` (the status only matters when this is the first, or only,
     verifier: it gates ``accuracy``).
 
+    Rows are called one at a time by default. A slow function (a remote judge, a sandbox) can run ``workers`` rows
+    at once in daemon threads (:func:`~prpo_lightning.scoring.deadline.parallel_map`; it must be thread-safe); an
+    ``async def`` function's rows are awaited concurrently (at most ``workers`` at a time; default: all). Either way
+    the rewards come back in row order, the same numbers as one at a time. ``model.component_timeout_s`` bounds
+    the whole batch.
+
     Args:
         function: dotted path of the function, ``"my_pkg.rewards:fn"`` (imported at construction).
         correct_threshold: values at or above it count as correct.
+        workers: rows called at once (null: 1 for a plain function, all for an async one).
 
     Raises:
-        ValueError: when the function cannot be imported (see :func:`import_function`).
+        ValueError: when the function cannot be imported (see :func:`import_function`), or ``workers`` < 1.
         RewardFunctionError: (from grading) when the function raises or returns something other than a finite
             real number; the message names the function and the row.
     """
 
-    def __init__(self, function: str, correct_threshold: float = 1.0) -> None:
+    def __init__(self, function: str, correct_threshold: float = 1.0, workers: int | None = None) -> None:
+        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
+            raise ValueError(f"CallableReward: workers must be null or an integer >= 1; got {workers!r} (rows "
+                             "of a batch called at once)")
         self.function_path = function
         self.correct_threshold = float(correct_threshold)
+        self.workers = workers
         self._function = import_function(function)
 
     @property
@@ -105,7 +120,7 @@ class CallableReward(OutcomeVerifier):
     def verify_batch(
         self, completions: Sequence[str], golds: Sequence[str], rows: Sequence[Mapping[str, Any]] | None = None
     ) -> list[Verdict]:
-        """Call the function once per row (with the row's fields as keyword arguments).
+        """Call the function once per row (with the row's fields as keyword arguments), ``workers`` at a time.
 
         Raises:
             ValueError: if the sequences differ in length.
@@ -116,11 +131,26 @@ class CallableReward(OutcomeVerifier):
         if not len(completions) == len(golds) == len(rows):
             raise ValueError(f"CallableReward got {len(completions)} completions, {len(golds)} gold answers and "
                              f"{len(rows)} rows")
-        return [self._one(i, c, g, r) for i, (c, g, r) in enumerate(zip(completions, golds, rows))]
+        if inspect.iscoroutinefunction(self._function):
+            values = run_coroutines([functools.partial(self._function, c, g, **r)
+                                     for c, g, r in zip(completions, golds, rows)], self.workers)
+            return [self._verdict(i, None, r, v) if isinstance(v, BaseException) else self._verdict(i, v, r)
+                    for i, (v, r) in enumerate(zip(values, rows))]
+        return parallel_map(lambda i: self._one(i, completions[i], golds[i], rows[i]), len(completions),
+                            self.workers or 1)
 
     def _one(self, index: int, completion: str, gold: str, row: Mapping[str, Any]) -> Verdict:
         try:
             value = self._function(completion, gold, **row)
+        except BaseException as err:  # noqa: BLE001 - SystemExit and exceptions get the function's name
+            return self._verdict(index, None, row, err)
+        return self._verdict(index, value, row)
+
+    def _verdict(self, index: int, value: Any, row: Mapping[str, Any], error: BaseException | None = None) -> Verdict:
+        """The verdict of one row's value, or the named error for what the function raised."""
+        try:
+            if error is not None:
+                raise error
         except SystemExit as err:  # sys.exit() / exit() in the function: it must not end the run without a word
             raise RewardFunctionError(f"reward function {self.function_path} called sys.exit({err.code!r}) on row "
                                       f"{index}; a reward function must return a float (raise an exception to stop "

@@ -209,22 +209,21 @@ class PRPOCLI(LightningCLI):
                 self._locks.append(lock)
         if config.get("ckpt_path") == "last":
             config["ckpt_path"] = resolve_last_checkpoint(self.trainer)
-        self._compare_with_checkpoint(config.get("ckpt_path"), fit=True)
+        self._compare_with_checkpoint(config.get("ckpt_path"))
 
     def before_validate(self) -> None:
-        self._compare_with_checkpoint(self.config_init[self.subcommand].get("ckpt_path"), fit=False)
+        self._compare_with_checkpoint(self.config_init[self.subcommand].get("ckpt_path"))
 
     def before_test(self) -> None:
-        self._compare_with_checkpoint(self.config_init[self.subcommand].get("ckpt_path"), fit=False)
+        self._compare_with_checkpoint(self.config_init[self.subcommand].get("ckpt_path"))
 
-    def _compare_with_checkpoint(self, ckpt_path: str | None, fit: bool) -> None:
+    def _compare_with_checkpoint(self, ckpt_path: str | None) -> None:
         """Refuse LoRA settings the checkpoint cannot be loaded with; warn once about every other difference."""
         if not ckpt_path or not os.path.isfile(ckpt_path):
             return
         verify_checkpoint(ckpt_path)
-        effective, not_applied = check_resume_settings(self.model.hparams, checkpoint_hyperparameters(ckpt_path),
-                                                       ckpt_path, fit=fit)
-        message = describe_differences(ckpt_path, effective, not_applied)
+        message = describe_differences(ckpt_path, check_resume_settings(
+            self.model.hparams, checkpoint_hyperparameters(ckpt_path), ckpt_path))
         if message:
             rank_zero_warn(message)
 

@@ -181,23 +181,29 @@ class OptimConfig:
     """``model.optim``: AdamW, the LR schedule and the PPO update structure."""
 
     lr: float = 1e-6
-    """Peak learning rate."""
+    """Peak learning rate. A resumed run (``--ckpt_path``) with another value follows the new schedule from the
+    resumed step (logged once; the Adam moments are kept)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     warmup_steps: int = 0
-    """Linear warm-up, in optimizer steps."""
+    """Linear warm-up, in optimizer steps (the unit of ``trainer.max_steps``)."""
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     """After warm-up: ``constant``, ``linear`` (decay to 0) or ``cosine``."""
     total_steps: int | None = None
-    """Optimizer steps of the decay; default: ``trainer.max_steps`` × updates per step."""
+    """Optimizer steps the schedule decays over; default: ``trainer.max_steps``, which counts optimizer steps (an
+    epoch-budgeted run: training batches × optimizer steps per batch). A ``linear``/``cosine`` schedule shorter
+    than ``max_steps`` is refused (its last steps would train at lr 0). On resume the value given now applies
+    from the resumed step."""
     grad_clip: float | None = 1.0
     """Max global gradient norm, or None."""
     ppo_epochs: int = 1
-    """Passes over each rollout batch."""
+    """Passes over each rollout batch. Each training batch makes ``ppo_epochs × ceil(rows / mini_batch_size)``
+    optimizer steps, and each counts towards ``trainer.max_steps``; the last batch's update stops when
+    ``max_steps`` is reached (a warning says so at the start when ``max_steps`` is not a multiple)."""
     mini_batch_size: int | None = None
-    """Completions per optimizer step (None: the whole rollout batch, i.e. on-policy)."""
+    """Completions per optimizer step, per rank (None: the whole rollout batch, i.e. on-policy)."""
     micro_batch_size: int = 8
     """Completions per forward/backward (gradient accumulation inside a mini-batch)."""
     share_prompt_prefix: bool = True
@@ -453,16 +459,18 @@ CONFIGS: tuple[type, ...] = (SamplingConfig, DynamicSamplingConfig, LossConfig, 
 
 def check_module_settings(
     *, policy: str | None, policy_config: dict[str, Any] | None, tokenizer: str | None, on_prm_error: str,
-    lora: LoRAConfig | None, ref_sync: RefSyncConfig, num_generations: int, aligner_name: str, group_relative: bool,
+    component_timeout_s: float | None, lora: LoRAConfig | None, ref_sync: RefSyncConfig, num_generations: int,
+    aligner_name: str, group_relative: bool,
     process_scores: bool, has_segmenter_and_prm: bool, has_reference: bool,
 ) -> None:
     """Checks of ``PRPOModule``'s arguments that involve more than one group, before any model loads.
 
     Raises:
         ValueError: naming the keys: the policy given twice or not at all, ``policy_config`` without a tokenizer, an
-            unknown ``on_prm_error``, LoRA with reference sync, ref sync without a reference, an aligner that reads
-            process scores without a segmenter and a PRM, a group-relative aligner with ``num_generations: 1`` (every
-            advantage would be 0), or a misspelt builtin model name.
+            unknown ``on_prm_error``, a ``component_timeout_s`` that is not a positive number, LoRA with reference
+            sync, ref sync without a reference, an aligner that reads process scores without a segmenter and a PRM,
+            a group-relative aligner with ``num_generations: 1`` (every advantage would be 0), or a misspelt builtin
+            model name.
     """
     from prpo_lightning.runtime.models import check_builtin_name  # the builtin registry: checked, never loaded
 
@@ -472,6 +480,11 @@ def check_module_settings(
         raise ValueError(f"{aligner_name} uses process scores: set model.segmenter and model.prm")
     if on_prm_error not in ("raise", "skip"):
         raise ValueError(f"on_prm_error must be 'raise' or 'skip', got {on_prm_error!r}")
+    timeout = component_timeout_s
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise ValueError(f"model.component_timeout_s must be null (no limit) or a number of seconds > 0; got "
+                         f"{timeout!r}: the longest one verifier (reward) or PRM call may take")
     if policy_config is not None and tokenizer is None:
         raise ValueError("a policy built from policy_config needs model.tokenizer (a local tokenizer path)")
     if lora is not None and ref_sync.sync_ref_model:

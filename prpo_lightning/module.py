@@ -35,7 +35,8 @@ from prpo_lightning.scoring.prm import ProcessRewardModel
 from prpo_lightning.scoring.segmenter import Segmenter
 from prpo_lightning.scoring.verifier import OutcomeVerifier
 from prpo_lightning.training.lora import check_adapter_state, trainable_state_keys
-from prpo_lightning.training.updater import PolicyUpdater, deepspeed_engine, lr_factor
+from prpo_lightning.training.schedule import LRSchedule
+from prpo_lightning.training.updater import PolicyUpdater, deepspeed_engine
 from prpo_lightning.training.outcome import RankReport, SkipBudget, advance_without_update
 from prpo_lightning.training.plan import PassPlan, combine_needs, needs_reference_model, plan_passes
 from prpo_lightning.training.policy import build_policy
@@ -60,6 +61,8 @@ class PRPOModule(L.LightningModule):
         on_prm_error: ``raise`` (a :class:`~prpo_lightning.scoring.faults.PRMError` stops training) or ``skip``
             (the batch's update is skipped, counted under ``train/faults/prm_errors``).
         max_consecutive_skips: batches in a row that may update nothing; one more raises ``SkippedBatchesError``.
+        component_timeout_s: seconds one verifier (reward) or PRM call may take; a call past it follows that
+            component's error policy (:mod:`~prpo_lightning.scoring.deadline`). None (default): no limit.
         engine: the rollout engine (default :class:`~prpo_lightning.rollout.engines.AutoEngine`).
         rollout_correction / rollout_check / reward_shaping / reward_weights / ref_sync / lora: see the config.
 
@@ -87,6 +90,7 @@ class PRPOModule(L.LightningModule):
         seed: int = 0,
         on_prm_error: Literal["raise", "skip"] = "raise",
         max_consecutive_skips: int = 3,
+        component_timeout_s: float | None = None,
         engine: RolloutEngine | None = None,
         rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig(),
         rollout_check: MismatchCheck = MismatchCheck(),
@@ -100,6 +104,7 @@ class PRPOModule(L.LightningModule):
         self.needs = combine_needs(verifier, aligner, segmenter, prm)
         check_module_settings(
             policy=policy, policy_config=policy_config, tokenizer=tokenizer, on_prm_error=on_prm_error, lora=lora,
+            component_timeout_s=component_timeout_s,
             ref_sync=ref_sync, num_generations=sampling.num_generations, aligner_name=type(aligner).__name__,
             group_relative=self.needs.group_relative, process_scores=self.needs.process_scores,
             has_segmenter_and_prm=segmenter is not None and prm is not None,
@@ -113,6 +118,7 @@ class PRPOModule(L.LightningModule):
         self.sampling, self.loss_cfg, self.optim_cfg = sampling, loss, optim
         self.reward_shaping, self.rollout_check, self.rollout_correction = reward_shaping, rollout_check, rollout_correction
         self.skip_budget = SkipBudget(max_consecutive_skips)
+        self.lr_schedule = LRSchedule(optim, sampling.num_generations)  # max_steps and the rate, in optimizer steps
         self.ref_sync = ReferenceSync(ref_sync)  # counts optimizer steps; mixes the policy into the reference
         self.evaluation = EvaluationStages()
         self.automatic_optimization = False
@@ -148,7 +154,7 @@ class PRPOModule(L.LightningModule):
                                               self.plan.reference)
         object.__setattr__(self, "_reference", reference)
         scorer = Scorer(self.verifier, self.aligner, self.segmenter, self.prm, self.tokenizer, self.reward_shaping,
-                        self.sampling.max_new_tokens, hp.on_prm_error)
+                        self.sampling.max_new_tokens, hp.on_prm_error, hp.component_timeout_s)
         self.collector = RolloutCollector(
             self.engine, self.policy, self._reference, self.tokenizer, scorer, self.plan, self.sampling,
             PromptFormat(hp.prompt_template, hp.system_prompt, hp.use_chat_template), hp.seed,
@@ -180,11 +186,7 @@ class PRPOModule(L.LightningModule):
         self.ref_sync.apply_pending(self._reference)  # a resumed synced reference (ZeRO-3: built just above)
         self._start_stage()
 
-    def on_validation_start(self) -> None:
-        self._start_stage()
-
-    def on_test_start(self) -> None:
-        self._start_stage()
+    on_validation_start = on_test_start = _start_stage  # the frozen models and the engine, as at fit start
 
     def on_fit_end(self) -> None:
         self.collector.teardown_engine()
@@ -200,9 +202,11 @@ class PRPOModule(L.LightningModule):
         cfg = self.optim_cfg
         params = [p for p in self.policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
-        total = cfg.total_steps or max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg.warmup_steps, total, cfg.schedule))
+        sched = self.lr_schedule.build(opt, self.trainer)  # over max_steps optimizer steps (training/schedule.py)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self) -> None:  # after a resume's restore: the settings given now take effect
+        self.lr_schedule.on_train_start(self.trainer, self.optimizers(), self.lr_schedulers())
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -211,6 +215,7 @@ class PRPOModule(L.LightningModule):
         checkpoint["prpo_rng_states"] = collect_rng_states()
         checkpoint["prpo_skip_budget"] = self.skip_budget.state_dict()
         checkpoint["prpo_ref_sync"] = self.ref_sync.state_dict(self._reference)
+        checkpoint["prpo_lr_schedule"] = self.lr_schedule.state_dict()
         if self.hparams.lora is not None and "state_dict" in checkpoint:
             adapters = trainable_state_keys(self.policy, "policy.")
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in adapters}
@@ -221,6 +226,7 @@ class PRPOModule(L.LightningModule):
             self.collector.on_checkpoint_loaded()
         if checkpoint.get("prpo_rng_states") is not None:
             restore_rng_states(checkpoint["prpo_rng_states"])
+        self.lr_schedule.load_state_dict(checkpoint.get("prpo_lr_schedule"))
         if checkpoint.get("prpo_skip_budget") is not None:
             self.skip_budget.load_state_dict(checkpoint["prpo_skip_budget"])
         if self.hparams.lora is not None and "state_dict" in checkpoint:  # adapters only: complete with the base
@@ -257,7 +263,7 @@ class PRPOModule(L.LightningModule):
     def update_policy(self, rollout: RolloutBatch | None) -> dict[str, float]:
         """The PPO update of this rank's rollout (all ranks join); the global batch's loss statistics."""
         return self.updater.update(rollout, self.optimizers(), self.lr_schedulers(), self.global_step, self.device,
-                                   deepspeed_engine(self.trainer))
+                                   deepspeed_engine(self.trainer), self.lr_schedule.updates_left(self.trainer))
 
     def log_step_metrics(self, metrics: dict[str, float]) -> None:
         """Log one step's metrics as ``train/<key>`` and keep exactly them in :attr:`step_metrics`, so that a

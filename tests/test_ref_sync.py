@@ -66,7 +66,7 @@ def test_sync_without_a_reference_is_refused(tmp_path):
 
 def _sync_module(tok, **kw):
     # 2 mini-batches per step: 2 optimizer steps per training step, so syncs fall mid-step too
-    optim = OptimConfig(lr=1e-2, warmup_steps=1, schedule="linear", total_steps=4, micro_batch_size=4,
+    optim = OptimConfig(lr=1e-2, warmup_steps=1, schedule="linear", total_steps=8, micro_batch_size=4,
                         mini_batch_size=4)
     ref_sync = RefSyncConfig(sync_ref_model=True, ref_model_mixup_alpha=0.3, ref_model_sync_steps=3)
     return make_module(tok, optim=optim, ref_sync=ref_sync, **kw)

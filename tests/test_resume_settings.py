@@ -84,12 +84,9 @@ def test_misspelt_target_module_is_named_with_the_available_names(tmp_path):
         cli_main(args)
 
 
-def test_optimizer_state_settings_are_listed_as_not_applied_on_fit():
+def test_optimizer_settings_are_listed_as_taking_effect():
     stored = {"optim": {"lr": 1e-3, "ppo_epochs": 1}, "lora": None}
-    effective, not_applied = check_resume_settings({"optim": {"lr": 2e-3, "ppo_epochs": 2}, "lora": None}, stored,
-                                                   "x.ckpt", fit=True)
-    assert effective == ["model.optim.ppo_epochs: 1 (checkpoint) -> 2 (now)"]
-    assert not_applied == ["model.optim.lr: 0.001 (checkpoint) -> 0.002 (now)"]
-    effective, not_applied = check_resume_settings({"optim": {"lr": 2e-3, "ppo_epochs": 1}, "lora": None}, stored,
-                                                   "x.ckpt", fit=False)
-    assert effective == ["model.optim.lr: 0.001 (checkpoint) -> 0.002 (now)"] and not_applied == []
+    effective = check_resume_settings({"optim": {"lr": 2e-3, "ppo_epochs": 2}, "lora": None}, stored, "x.ckpt")
+    assert effective == ["model.optim.lr: 0.001 (checkpoint) -> 0.002 (now)",
+                         "model.optim.ppo_epochs: 1 (checkpoint) -> 2 (now)"]
+    assert check_resume_settings({"optim": {"lr": 1e-3, "ppo_epochs": 1}, "lora": None}, stored, "x.ckpt") == []

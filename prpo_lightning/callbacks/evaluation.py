@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from prpo_lightning.data import PromptDataset, collate_prompts
+from prpo_lightning.callbacks.preemption import agree_to_stop
 from prpo_lightning.evaluation.benchmarks import load_benchmark, resolve_benchmark
 from prpo_lightning.evaluation.runner import DEFAULT_SET, BenchmarkEvaluator, EvalConfig, output_dir_for
 
@@ -139,13 +140,24 @@ class MathEvalCallback(L.Callback):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: Any) -> float:
-        """Evaluate every configured benchmark, write outputs, log, and return the headline accuracy."""
+    def evaluate(self, trainer: L.Trainer, pl_module: Any) -> float | None:
+        """Evaluate every configured benchmark, write outputs, log, and return the headline accuracy.
+
+        A stop signal (SIGTERM/SIGUSR1, preemption) on any rank ends the evaluation at the next batch, on every
+        rank together: nothing is recorded, None is returned, and the run stops at the end of the step (a
+        checkpoint, exit 143); the resumed run redoes this evaluation first (:meth:`on_train_start`).
+        """
         names = self.benchmarks or [DEFAULT_SET]
         evaluator = BenchmarkEvaluator(names, self.config, pl_module.device, default_benchmark=names[0])
         step = trainer.global_step
-        bar = tqdm(self._loader(trainer), desc=f"eval @ step {step}", leave=False, disable=not trainer.is_global_zero)
-        for batch in bar:
+        loader = self._loader(trainer)
+        bar = tqdm(loader, desc=f"eval @ step {step}", leave=False, disable=not trainer.is_global_zero)
+        for done, batch in enumerate(bar):
+            if agree_to_stop(trainer):  # every rank stops at the same batch
+                bar.close()
+                rank_zero_info(f"[prpo] evaluation at step {step} stopped by a signal after {done} of {len(loader)} "
+                               "batches: nothing recorded; the resumed run evaluates this step first")
+                return None
             evaluator.run_batch(pl_module, batch)
         out_dir = output_dir_for(trainer, self.config, "fit", step)
         result = evaluator.finalize(step=step, stage="eval", output_dir=out_dir, loggers=trainer.loggers,
@@ -169,15 +181,22 @@ class MathEvalCallback(L.Callback):
         return dict(self.last_result["files"]) if self.last_result else {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if self.eval_at_start and not any(h["step"] == trainer.global_step for h in self.history):
+        """The "before" evaluation; on resume also an evaluation that was due at this step but was stopped by a
+        signal (the history has no entry for it)."""
+        step = trainer.global_step
+        due = self.eval_at_start or (self.every_n_steps and step > 0 and step % self.every_n_steps == 0)
+        if due and not any(h["step"] == step for h in self.history):
             acc = self.evaluate(trainer, pl_module)
-            rank_zero_info(f"[prpo] held-out accuracy before RL (step {trainer.global_step}): {acc:.1%}")
+            if acc is not None:
+                when = "before RL" if step == 0 else "at the resumed step"
+                rank_zero_info(f"[prpo] held-out accuracy {when} (step {step}): {acc:.1%}")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
             acc = self.evaluate(trainer, pl_module)
-            rank_zero_info(f"[prpo] held-out accuracy at step {step}: {acc:.1%}")
+            if acc is not None:
+                rank_zero_info(f"[prpo] held-out accuracy at step {step}: {acc:.1%}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if not self.eval_at_end:

@@ -2,21 +2,23 @@
 epochs and after a resume, without Lightning's ``v_num``.
 
 Lightning's bars count batches within an epoch (``Epoch 0/-2``, ``8/2`` after a resume). RL runs are budgeted
-in steps (``trainer.max_steps``), and one batch may make several optimizer steps (``ppo_epochs``, mini-batches),
-so the bar follows ``trainer.global_step``. ``prpo-fit`` installs it in place of Lightning's default bar. From the
+in optimizer steps (``trainer.max_steps``), and one batch may make several (``ppo_epochs``, mini-batches), so the
+bar follows ``trainer.global_step`` against the same budget the run stops at and the LR schedule decays over
+(:mod:`prpo_lightning.training.schedule`). ``prpo-fit`` installs it in place of Lightning's default bar. From the
 second step on, the postfix shows the step time (``step=1.23s``: :term:`train/time/step_s`, the last step start to
 start, maxed over ranks).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+from prpo_lightning.training.schedule import step_budget
 
 
 def step_time_item(step_metrics: dict[str, float]) -> dict[str, str]:
@@ -33,8 +35,8 @@ def step_time_item(step_metrics: dict[str, float]) -> dict[str, str]:
 class StepProgressBar(TQDMProgressBar):
     """:class:`~lightning.pytorch.callbacks.TQDMProgressBar` whose training bar is ``global_step / max_steps``.
 
-    The total is ``trainer.max_steps``, or ``trainer.estimated_stepping_batches`` for an epoch-budgeted run
-    (no total when that is infinite). Validation and test bars are Lightning's.
+    The total is ``trainer.max_steps``, or for an epoch-budgeted run the training batches × the optimizer steps
+    each makes (no total when the run is unbounded). Validation and test bars are Lightning's.
 
     Args:
         refresh_rate: update the bar every N steps (0 disables it).
@@ -47,11 +49,9 @@ class StepProgressBar(TQDMProgressBar):
 
     @staticmethod
     def total_steps(trainer: L.Trainer) -> int | None:
-        """The step budget: ``max_steps``, else the estimate from ``max_epochs`` (None when unbounded)."""
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            return int(trainer.max_steps)
-        estimate = trainer.estimated_stepping_batches
-        return int(estimate) if math.isfinite(estimate) else None
+        """The optimizer-step budget: ``max_steps``, else the estimate from ``max_epochs`` (None when unbounded)."""
+        schedule = getattr(trainer.lightning_module, "lr_schedule", None)
+        return step_budget(trainer, schedule.steps_per_batch if schedule is not None else 1)
 
     def init_train_tqdm(self) -> Tqdm:
         """The training bar: ``step`` from ``global_step`` (a resumed run's rate counts its own steps only)."""

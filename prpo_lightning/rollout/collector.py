@@ -26,7 +26,7 @@ from prpo_lightning.rollout.engine import RolloutEngine, RolloutResult, SampleRe
 from prpo_lightning.rollout.offpolicy import correction_weights, mismatch_metrics
 from prpo_lightning.rollout.sampling import left_pad, pad_token_id
 from prpo_lightning.runtime.distributed import all_reduce_max, group_seed
-from prpo_lightning.scoring.pipeline import Scorer
+from prpo_lightning.scoring.pipeline import Scorer, guarded_call
 from prpo_lightning.training.logprobs import batched_logprobs
 from prpo_lightning.training.packing import micro_batches, row_lengths
 from prpo_lightning.training.plan import PassPlan
@@ -364,6 +364,7 @@ class RolloutCollector:
             rows += [j] * g
             j += 1
         rollout.extras["batch_rows"] = rows
-        verifier = self.scorer.verifier
-        rollout.verdicts = verifier.verify_batch(rollout.completions, rollout.answers, rollout_rows(rollout))
+        verifier = self.scorer.verifier  # under the training's guard and model.component_timeout_s
+        rollout.verdicts = guarded_call("verifier", verifier, "verify_batch", lambda: verifier.verify_batch(
+            rollout.completions, rollout.answers, rollout_rows(rollout)), rollout.size, self.scorer.component_timeout_s)
         return rollout

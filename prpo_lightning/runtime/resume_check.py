@@ -8,9 +8,10 @@ LightningCLI replaces the YAML and command-line settings of the model with the c
   with a :class:`ResumeSettingsError` naming the key and both values: the LoRA settings ``model.lora`` (adapters
   or none), ``model.lora.r``, ``model.lora.alpha`` and ``model.lora.target_modules``, and the sizes of a
   ``model.policy_config`` architecture (:data:`SHAPE_KEYS`);
-- every other difference is listed once in a warning (the values given now take effect). On ``fit``, the
-  optimizer's ``lr``, ``weight_decay`` and ``betas`` come back with the checkpoint's optimizer state; a new value
-  for them is listed separately, as not applied.
+- every other difference is listed once in a warning (the values given now take effect). On ``fit`` this includes
+  the optimizer's ``lr``, ``weight_decay`` and ``betas`` and the schedule's length: the restored optimizer keeps
+  its Adam moments and follows the new schedule from the resumed step
+  (:mod:`prpo_lightning.training.schedule`, which logs the new rate once).
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ LORA_FIXED = ("r", "alpha", "target_modules")
 #: ``model.policy_config`` entries that set tensor shapes: another value cannot load the checkpoint's weights.
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim")
-#: Settings restored from the checkpoint's optimizer state when ``fit`` resumes.
-OPTIMIZER_STATE_KEYS = ("optim.lr", "optim.weight_decay", "optim.betas")
 _INTERNAL = ("_instantiator", "_class_path")
 
 
@@ -71,19 +70,17 @@ def _lora_value(key: str, value: Any) -> Any:
     return float(value) if key == "alpha" and value is not None else value
 
 
-def check_resume_settings(current: Mapping[str, Any], stored: Mapping[str, Any], ckpt_path: str,
-                          fit: bool) -> tuple[list[str], list[str]]:
+def check_resume_settings(current: Mapping[str, Any], stored: Mapping[str, Any], ckpt_path: str) -> list[str]:
     """Compare the module's hyper-parameters ``current`` with the checkpoint's ``stored`` ones.
 
     Args:
         current: the module's ``hparams`` (dicts or config dataclasses).
         stored: :func:`checkpoint_hyperparameters` of ``ckpt_path``.
         ckpt_path: the checkpoint's path (for the messages).
-        fit: whether training resumes (the optimizer state is restored), rather than validate/test.
 
     Returns:
-        ``(effective, not_applied)``: lines ``model.<key>: <checkpoint value> (checkpoint) -> <value> (now)`` for
-        the differences that take effect, and for those restored from the optimizer state on ``fit``.
+        Lines ``model.<key>: <checkpoint value> (checkpoint) -> <value> (now)``, one per difference (all take
+        effect).
 
     Raises:
         ResumeSettingsError: the LoRA settings or the policy_config's sizes differ (see the module docstring).
@@ -112,7 +109,7 @@ def check_resume_settings(current: Mapping[str, Any], stored: Mapping[str, Any],
         now["lora"], then["lora"] = {k: v for k, v in lora_now.items() if k not in LORA_FIXED}, \
             {k: v for k, v in lora_then.items() if k not in LORA_FIXED}
     flat_now, flat_then = _flatten(now, "", {}), _flatten(then, "", {})
-    effective, not_applied = [], []
+    effective = []
     for key in sorted(set(flat_now) & set(flat_then)):
         if flat_now[key] != flat_then[key] and key.startswith("policy_config.") and key.split(".")[-1] in SHAPE_KEYS:
             raise ResumeSettingsError(
@@ -121,18 +118,13 @@ def check_resume_settings(current: Mapping[str, Any], stored: Mapping[str, Any],
                 "checkpoint's model.policy_config, or start a new run without --ckpt_path."
             )
         if flat_now[key] != flat_then[key]:
-            line = f"model.{key}: {flat_then[key]!r} (checkpoint) -> {flat_now[key]!r} (now)"
-            (not_applied if fit and key in OPTIMIZER_STATE_KEYS else effective).append(line)
-    return effective, not_applied
+            effective.append(f"model.{key}: {flat_then[key]!r} (checkpoint) -> {flat_now[key]!r} (now)")
+    return effective
 
 
-def describe_differences(ckpt_path: str, effective: list[str], not_applied: list[str]) -> str | None:
-    """One warning text for :func:`check_resume_settings`'s lists, or None when nothing differs."""
-    parts = []
-    if effective:
-        parts.append(f"[prpo] --ckpt_path {ckpt_path}: {len(effective)} setting(s) differ from the checkpoint's; the "
-                     "values given now (YAML / command line) take effect:\n  " + "\n  ".join(effective))
-    if not_applied:
-        parts.append(f"[prpo] --ckpt_path {ckpt_path}: NOT applied on resume, the checkpoint's optimizer state "
-                     "keeps its own values:\n  " + "\n  ".join(not_applied))
-    return "\n".join(parts) or None
+def describe_differences(ckpt_path: str, effective: list[str]) -> str | None:
+    """One warning text for :func:`check_resume_settings`'s list, or None when nothing differs."""
+    if not effective:
+        return None
+    return (f"[prpo] --ckpt_path {ckpt_path}: {len(effective)} setting(s) differ from the checkpoint's; the values "
+            "given now (YAML / command line) take effect:\n  " + "\n  ".join(effective))

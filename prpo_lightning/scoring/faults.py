@@ -28,6 +28,22 @@ class ComponentError(ComponentContractError):
     broken component contract."""
 
 
+class ComponentTimeoutError(RuntimeError):
+    """A component call did not return within ``model.component_timeout_s``; the message names the call, the
+    limit and the setting. Raised inside the call's guard, so it follows the component's error policy: a PRM's
+    becomes a :class:`PRMError` (skipped under ``on_prm_error: skip``), a verifier's a :class:`VerifierError`.
+
+    Attributes:
+        what: the call (``"PRM MyPRM.score on 16 completions"``).
+        seconds: the limit.
+        setting: the key that sets it.
+    """
+
+    def __init__(self, message: str, what: str = "", seconds: float = 0.0, setting: str = "") -> None:
+        super().__init__(message)
+        self.what, self.seconds, self.setting = what, seconds, setting
+
+
 class PRMError(RuntimeError):
     """A process reward model raised (or timed out) while scoring a batch; the message names the PRM."""
 

@@ -6,10 +6,11 @@ is taken by ``batch.group_ids`` (prompt id), so the result does not depend on ro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -27,7 +28,9 @@ from prpo_lightning.batch import (
 )
 from prpo_lightning.config import RewardShapingConfig
 from prpo_lightning.scoring.aligner import AdvantageAligner, sum_of_terms
-from prpo_lightning.scoring.faults import PROGRAMMING_ERRORS, ComponentError, PRMError, VerifierError
+from prpo_lightning.scoring.deadline import RewardClock, StepAbandoned, call_with_deadline
+from prpo_lightning.scoring.faults import (PROGRAMMING_ERRORS, ComponentError, ComponentTimeoutError, PRMError,
+                                           VerifierError)
 from prpo_lightning.scoring.grouping import group_index, zero_variance_fraction
 from prpo_lightning.scoring.prm import ProcessRewardModel, ProcessScores
 from prpo_lightning.scoring.segmenter import Segmenter
@@ -48,7 +51,8 @@ def _programming_error(kind: str, component: Any, method: str, err: BaseExceptio
     )
 
 
-def guarded_call(kind: str, component: Any, method: str, call: Callable[[], T], size: int) -> T:
+def guarded_call(kind: str, component: Any, method: str, call: Callable[[], T], size: int,
+                 timeout_s: float | None = None) -> T:
     """Run one component call under the fault policy: a programming error becomes a :class:`ComponentError`, any
     other exception a :class:`PRMError` (``kind`` ``"PRM"``: skippable under ``on_prm_error: skip``) or a
     :class:`VerifierError` (any other kind: a bug, never skipped); each names the component and the method.
@@ -59,10 +63,18 @@ def guarded_call(kind: str, component: Any, method: str, call: Callable[[], T], 
         method: the method being called (for the message).
         call: the call itself.
         size: completions in the call (for the message).
+        timeout_s: ``model.component_timeout_s``: the call runs in a daemon thread and a call still running after
+            that many seconds raises :class:`~prpo_lightning.scoring.faults.ComponentTimeoutError` here, which
+            follows the policy above (:mod:`prpo_lightning.scoring.deadline`); None: no limit, in this thread.
     """
     name = type(component).__name__
     try:
+        if timeout_s is not None:
+            return call_with_deadline(call, timeout_s, f"{kind} {name}.{method} on {size} completions",
+                                      "model.component_timeout_s")
         return call()
+    except StepAbandoned:  # a stop signal ended the wait: preemption, not a component error
+        raise
     except SystemExit as err:  # sys.exit() in a component must not end the run without a word
         raise ComponentError(f"{kind} {name}.{method} called sys.exit({err.code!r}): a component must return its "
                              f"result or raise an exception, never exit the process. Fix {name}.{method}.") from err
@@ -72,10 +84,13 @@ def guarded_call(kind: str, component: Any, method: str, call: Callable[[], T], 
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with the component's name
         error = PRMError if kind == "PRM" else VerifierError
-        raise error(f"{kind} {name} failed on {size} completions: {type(err).__name__}: {err}") from err
+        message = (str(err) if isinstance(err, ComponentTimeoutError)
+                   else f"{kind} {name} failed on {size} completions: {type(err).__name__}: {err}")
+        raise error(message) from err
 
 
-def grade(batch: RolloutBatch, verifier: OutcomeVerifier) -> dict[str, float]:
+def grade(batch: RolloutBatch, verifier: OutcomeVerifier, timeout_s: float | None = None,
+          reward_clock: RewardClock | None = None) -> dict[str, float]:
     """Fill ``batch.verdicts`` and ``batch.outcome_rewards`` ``(B,)``; return verifier metrics.
 
     The verifier's own :meth:`~prpo_lightning.scoring.verifier.OutcomeVerifier.batch_metrics` (e.g. the math verifier's
@@ -85,9 +100,10 @@ def grade(batch: RolloutBatch, verifier: OutcomeVerifier) -> dict[str, float]:
         ComponentContractError: if ``verify_batch`` does not return one ``Verdict`` per completion.
     """
     name = component_name(verifier)
-    verdicts = guarded_call("verifier", verifier, "verify_batch",
-                            lambda: verifier.verify_batch(batch.completions, batch.answers, rollout_rows(batch)),
-                            batch.size)
+    with reward_clock.timing(name) if reward_clock is not None else contextlib.nullcontext():
+        verdicts = guarded_call("verifier", verifier, "verify_batch",
+                                lambda: verifier.verify_batch(batch.completions, batch.answers, rollout_rows(batch)),
+                                batch.size, timeout_s)
     if not isinstance(verdicts, list) or len(verdicts) != batch.size:
         got = f"{len(verdicts)} items" if isinstance(verdicts, list) else f"a {type(verdicts).__name__}"
         raise ComponentContractError(f"verifier {name}.verify_batch returned {got} for {batch.size} completions: "
@@ -158,7 +174,7 @@ def check_process_scores(scores: Any, batch: RolloutBatch, prm: ProcessRewardMod
 
 
 def segment_and_score(
-    batch: RolloutBatch, segmenter: Segmenter, prm: ProcessRewardModel, tokenizer: Any
+    batch: RolloutBatch, segmenter: Segmenter, prm: ProcessRewardModel, tokenizer: Any, timeout_s: float | None = None
 ) -> dict[str, float]:
     """Fill ``segment_spans``, ``step_scores`` ``(B, S)``, ``step_mask`` ``(B, S)`` and ``token_scores``.
 
@@ -177,7 +193,7 @@ def segment_and_score(
     batch.segment_spans = spans
     view = declared_inputs_view(batch, prm, "prm")
     t0 = time.perf_counter()
-    raw = guarded_call("PRM", prm, "score", lambda: prm.score(view, tokenizer), batch.size)
+    raw = guarded_call("PRM", prm, "score", lambda: prm.score(view, tokenizer), batch.size, timeout_s)
     prm_s = time.perf_counter() - t0  # the PRM alone: train/time/prm_s
     scores = check_process_scores(raw, batch, prm)
     counts = torch.tensor([len(r) for r in spans], dtype=torch.float32)  # (B,)
@@ -213,6 +229,8 @@ def compute_advantages(
     tokenizer: Any,
     reward_shaping: RewardShapingConfig | None = None,
     max_new_tokens: int | None = None,
+    timeout_s: float | None = None,
+    reward_clock: RewardClock | None = None,
 ) -> dict[str, float]:
     """Run the whole scoring pipeline on ``batch`` (in place) and return its metrics.
 
@@ -221,6 +239,8 @@ def compute_advantages(
 
     Every component runs under ``torch.no_grad()``: scoring never builds an autograd graph, so a model PRM keeps
     no activations. Each component sees the batch through :func:`~prpo_lightning.batch.declared_inputs_view`.
+    ``timeout_s`` (``model.component_timeout_s``) bounds the verifier and PRM calls (:func:`guarded_call`);
+    ``reward_clock`` times the verifier (:class:`~prpo_lightning.scoring.deadline.RewardClock`).
 
     Raises:
         ValueError: if the aligner needs process scores but no segmenter/PRM is configured, or it returns
@@ -229,7 +249,7 @@ def compute_advantages(
     """
     with torch.no_grad():
         t0 = time.perf_counter()
-        metrics = grade(batch, verifier)
+        metrics = grade(batch, verifier, timeout_s, reward_clock)
         metrics["time/verify_s"] = time.perf_counter() - t0  # the verifier and its checks: train/time/verify_s
         if reward_shaping is not None and reward_shaping.overlong is not None:
             if max_new_tokens is None:
@@ -242,7 +262,7 @@ def compute_advantages(
                 raise ValueError(
                     f"{component_name(aligner)} uses process scores: configure model.segmenter and model.prm"
                 )
-            metrics.update(segment_and_score(batch, segmenter, prm, tokenizer))
+            metrics.update(segment_and_score(batch, segmenter, prm, tokenizer, timeout_s))
         view = declared_inputs_view(batch, aligner, "aligner")
         name = component_name(aligner)
         terms = checked_terms(aligner.advantage_terms(view), batch.completion_mask, name)
@@ -334,6 +354,8 @@ class Scorer:
         reward_shaping: shaping added to the outcome rewards before the aligner.
         max_new_tokens: the completion budget (the overlong penalty's reference).
         on_prm_error: ``raise`` or ``skip`` (a PRM failure skips this rank's update, counted and warned).
+        component_timeout_s: the limit of one verifier or PRM call (None: none), see :func:`guarded_call`.
+        reward_clock: times the verifier against the rest of the step (warns once when rewards dominate).
     """
 
     verifier: OutcomeVerifier
@@ -344,6 +366,8 @@ class Scorer:
     reward_shaping: RewardShapingConfig
     max_new_tokens: int
     on_prm_error: Literal["raise", "skip"] = "raise"
+    component_timeout_s: float | None = None
+    reward_clock: RewardClock = field(default_factory=RewardClock)
 
     def score(self, rollout: RolloutBatch, ctx: StepContext) -> tuple[RolloutBatch | None, str | None, dict[str, float]]:
         """Grade, segment, score and align ``rollout`` in place (:func:`compute_advantages`).
@@ -356,7 +380,8 @@ class Scorer:
         """
         try:
             metrics = compute_advantages(rollout, self.verifier, self.aligner, self.segmenter, self.prm,
-                                         self.tokenizer, self.reward_shaping, self.max_new_tokens)
+                                         self.tokenizer, self.reward_shaping, self.max_new_tokens,
+                                         self.component_timeout_s, self.reward_clock)
         except PRMError as err:
             if self.on_prm_error == "raise":
                 raise

@@ -183,7 +183,7 @@ class PolicyUpdater:
             check_packing_support(policy)
 
     def update(self, rollout: RolloutBatch | None, optimizer: Any, scheduler: Any, step: int, device: torch.device,
-               ds_engine: Any = None) -> dict[str, float]:
+               ds_engine: Any = None, max_updates: int | None = None) -> dict[str, float]:
         """Run ``ppo_epochs`` × mini-batches of optimizer steps on this rank's rollout (a collective call).
 
         Args:
@@ -193,6 +193,8 @@ class PolicyUpdater:
             step: ``global_step`` at the start of the step (seeds the shuffling).
             device: the policy's device.
             ds_engine: the DeepSpeed engine (its gradients are partitioned: it clips and reports the norm), or None.
+            max_updates: optimizer steps left before ``trainer.max_steps`` (the same on every rank): the update
+                stops after that many, so a run never makes more than ``max_steps``; None: no limit.
 
         Returns:
             The mean loss statistics of the batch's optimizer steps and ``lr``, the mean rate they used.
@@ -213,6 +215,8 @@ class PolicyUpdater:
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=gen) if (mb < n_max or cfg.ppo_epochs > 1) else torch.arange(n)
             for start in range(0, n_max, mb):
+                if max_updates is not None and n_updates >= max_updates:
+                    break
                 idx = order[start : start + mb]  # (b,), possibly empty on a rank with fewer rows
                 n_micro = (None if cfg.micro_batch_tokens is not None  # counted from the rows in accumulate
                            else math.ceil(min(mb, n_max - start) / cfg.micro_batch_size))
