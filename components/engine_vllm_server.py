@@ -29,11 +29,10 @@ from __future__ import annotations
 import copy
 import os
 import shlex
+import socket
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import torch
@@ -43,6 +42,7 @@ from components.engine_vllm import policy_weights
 from components.vllm_server import (
     ServerClient, ServerError, ServerProcess, ServerUnreachableError, check_reachable, read_generate_answer,
 )
+from components.vllm_ranks import DeadServer, ServerUnavailableError, run_on_rank0, send_all, wait_healthy
 from components.vllm_support import checked_weights, cpu_prefill_settings, remove_stale_model_dirs, tmp_prefix, weight_manifest
 from components.weight_transfer import DiskTransport, NCCLTransport, server_version, set_version
 from prpo_lightning.rollout.engine import (
@@ -50,31 +50,6 @@ from prpo_lightning.rollout.engine import (
 )
 from prpo_lightning.rollout.sampling import pad_token_id
 from prpo_lightning.training.lora import base_model
-
-
-class ServerUnavailableError(RuntimeError):
-    """A vLLM server stayed unreachable after the retries (and, for a launched one, a restart)."""
-
-
-class _DeadServer(Exception):
-    """A launched server died during a request sent from a worker thread (restarted by the main thread)."""
-
-    def __init__(self, slot: int) -> None:
-        super().__init__(slot)
-        self.slot = slot
-
-
-def _wait_healthy(url: str, timeout_s: float) -> bool:
-    """Poll ``url/health`` until it answers (True) or ``timeout_s`` passes (False)."""
-    deadline = time.monotonic() + timeout_s
-    probe = ServerClient(url, timeout_s=5.0, retries=0)
-    while time.monotonic() < deadline:
-        try:
-            probe.get("/health")
-            return True
-        except ServerError:
-            time.sleep(1.0)
-    return False
 
 
 class VLLMServerEngine(RolloutEngine):
@@ -228,6 +203,13 @@ class VLLMServerEngine(RolloutEngine):
         self._manifest = weight_manifest(policy)
         for url in self.urls:  # fail fast, before any weights are written
             check_reachable(url, "VLLMServerEngine", self.launch_hint(dtype))
+        if self._world > 1 and self.launch and self.host in ("127.0.0.1", "localhost"):
+            hosts: list[Any] = [None] * self._world
+            torch.distributed.all_gather_object(hosts, socket.gethostname())
+            if len(set(hosts)) > 1:
+                raise ValueError(f"model.engine.host is {self.host!r} but the ranks run on {len(set(hosts))} machines: "
+                                 "servers launched by rank 0 must listen on an address the other machines reach "
+                                 "(model.engine.host: rank 0's private IP), or connect with model.engine.urls")
 
         def start(stream: Iterator[tuple[str, Tensor]]) -> list[str]:
             self._make_transport(dtype)
@@ -250,36 +232,8 @@ class VLLMServerEngine(RolloutEngine):
         self.clients = [self._client(u) for u in urls]
 
     def _on_rank0(self, policy: torch.nn.Module | None, work: Any) -> Any:
-        """Run ``work(stream)`` on rank 0 only, with the policy's weight stream (None: no stream), and give its result
-        to every rank. Under ZeRO-3 the other ranks join the gathers of that stream, and rank 0 drains it when
-        ``work`` fails midway, so that no rank waits in an unmatched collective; rank 0's error reaches every rank.
-        """
-        zero3 = policy is not None and any(hasattr(p, "ds_id") for p in policy.parameters())
-        result, error = None, None
-        if self._rank == 0:
-            stream = policy_weights(policy) if policy is not None else iter(())
-            try:
-                result = work(stream)
-            except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks are told
-                error = err
-                if zero3:
-                    try:
-                        for _ in stream:
-                            pass
-                    except Exception:  # noqa: BLE001 - the first error is the one reported
-                        pass
-        elif zero3:
-            for _ in policy_weights(policy):  # join rank 0's gathers
-                pass
-        if self._world > 1:
-            box = [None if error is None else f"{type(error).__name__}: {error}", result]
-            torch.distributed.broadcast_object_list(box, src=0)
-            if self._rank != 0 and box[0] is not None:
-                raise ServerError(f"VLLMServerEngine: rank 0 failed: {box[0]}")
-            result = box[1]
-        if error is not None:
-            raise error
-        return result
+        """:func:`~components.vllm_ranks.run_on_rank0` with this engine's rank and world size."""
+        return run_on_rank0(policy, work, self._rank, self._world, "VLLMServerEngine")
 
     def _client(self, url: str) -> ServerClient:
         return ServerClient(url, timeout_s=self.request_timeout_s, retries=self.max_retries)
@@ -377,7 +331,7 @@ class VLLMServerEngine(RolloutEngine):
         rank 0's restart.
 
         Raises:
-            _DeadServer: the server died and ``restart`` is False (the caller restarts it on the main thread).
+            DeadServer: the server died and ``restart`` is False (the caller restarts it on the main thread).
             ServerUnavailableError: the server stayed unreachable.
             ServerError: the server answered with an error (for a launched one, with the exceptions of its log).
         """
@@ -386,10 +340,10 @@ class VLLMServerEngine(RolloutEngine):
         except ServerUnreachableError as err:
             if self.launch and self._rank == 0 and self.servers and not self.servers[slot].alive:
                 if not restart:
-                    raise _DeadServer(slot) from err
+                    raise DeadServer(slot) from err
                 self._restart(slot)
                 return call(self.clients[slot])
-            if self.launch and self._rank != 0 and _wait_healthy(self.clients[slot].url, self.startup_timeout_s):
+            if self.launch and self._rank != 0 and wait_healthy(self.clients[slot].url, self.startup_timeout_s):
                 return call(self.clients[slot])
             raise ServerUnavailableError(
                 f"VLLMServerEngine: server {self.clients[slot].url} did not answer ({err}); check it is running "
@@ -430,32 +384,8 @@ class VLLMServerEngine(RolloutEngine):
         return (group + self._rank) % len(self.clients)
 
     def _send_all(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Send every group's request concurrently; a launched server found dead is restarted on this (the main)
-        thread after the pool and its groups are sent again."""
-        def send(job: tuple[int, dict[str, Any]]) -> Any:
-            index, body = job
-            try:
-                return self._on_server(self._slot(index), lambda c: c.post("/inference/v1/generate", body),
-                                       restart=False)
-            except _DeadServer as dead:
-                return dead
-
-        jobs = list(enumerate(bodies))
-        workers = min(self.max_concurrent_requests, len(jobs))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vllm-server-request") as pool:
-            answers = list(pool.map(send, jobs))
-        dead = sorted({a.slot for a in answers if isinstance(a, _DeadServer)})
-        if dead:
-            for slot in dead:
-                self._restart(slot)
-            again = [job for job, a in zip(jobs, answers) if isinstance(a, _DeadServer)]
-            with ThreadPoolExecutor(max_workers=min(workers, len(again)), thread_name_prefix="vllm-server-retry") as pool:
-                for (index, _), answer in zip(again, pool.map(send, again)):
-                    if isinstance(answer, _DeadServer):
-                        raise ServerUnavailableError(f"VLLMServerEngine: server {answer.slot} died again right after "
-                                                     "its restart")
-                    answers[index] = answer
-        return answers
+        """Every group's request, concurrently (:func:`~components.vllm_ranks.send_all`)."""
+        return send_all(bodies, self._slot, self._on_server, self._restart, self.max_concurrent_requests)
 
     def sample(self, request: SampleRequest) -> RolloutResult:
         """One request per group, spread over the servers, sent concurrently; rows in group order."""
