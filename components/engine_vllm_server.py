@@ -70,6 +70,7 @@ class VLLMServerEngine(RolloutEngine):
         max_num_seqs: most sequences a server schedules at once.
         enforce_eager: no CUDA graphs (default: True without CUDA).
         server_args: further arguments for launched servers.
+        env: further environment variables of launched servers (e.g. ``VLLM_CPU_OMP_THREADS_BIND``).
         python: the interpreter with vLLM used to launch servers (default: this one).
         host: the address launched servers listen on (and the NCCL rendezvous address).
         workdir: folder for the policy and the weight versions; it must be the same path for trainer and servers
@@ -87,7 +88,8 @@ class VLLMServerEngine(RolloutEngine):
         self, launch: bool = True, urls: list[str] | None = None, devices: list[str] | None = None,
         num_servers: int = 1, tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
         kv_cache_memory_gib: float | None = None, max_model_len: int | None = None, max_num_seqs: int = 256,
-        enforce_eager: bool | None = None, server_args: list[str] | None = None, python: str | None = None,
+        enforce_eager: bool | None = None, server_args: list[str] | None = None, env: dict[str, str] | None = None,
+        python: str | None = None,
         host: str = "127.0.0.1", workdir: str | None = None,
         weight_transfer: Literal["auto", "disk", "nccl"] = "auto", startup_timeout_s: float = 600.0,
         request_timeout_s: float = 600.0, max_retries: int = 2, max_concurrent_requests: int = 64,
@@ -121,7 +123,7 @@ class VLLMServerEngine(RolloutEngine):
         self.tensor_parallel_size = int(tensor_parallel_size)
         self.gpu_memory_utilization, self.kv_cache_memory_gib = gpu_memory_utilization, kv_cache_memory_gib
         self.max_model_len, self.max_num_seqs, self.enforce_eager = max_model_len, int(max_num_seqs), enforce_eager
-        self.extra_args = list(server_args or [])
+        self.extra_args, self.extra_env = list(server_args or []), dict(env or {})
         self.python, self.host, self.workdir = python, host, workdir
         self.weight_transfer = weight_transfer
         self.startup_timeout_s, self.request_timeout_s = float(startup_timeout_s), float(request_timeout_s)
@@ -263,7 +265,7 @@ class VLLMServerEngine(RolloutEngine):
         for name in os.listdir(weights):
             os.replace(os.path.join(weights, name), os.path.join(model_dir, name))
         os.rmdir(weights)
-        env = {"VLLM_SERVER_DEV_MODE": "1"}
+        env = {**self.extra_env, "VLLM_SERVER_DEV_MODE": "1"}
         for i in range(self.num_servers):
             extra = {"CUDA_VISIBLE_DEVICES": self.devices[i]} if self.devices else {}
             log = os.path.join(self.workdir, f"server-{i}.log") if self.workdir else None

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.vllm
 import torch  # noqa: E402
 
 import components.engine_vllm_server as server_module  # noqa: E402
+import components.vllm_ranks as ranks_module  # noqa: E402
 from components.engines import HFGenerateEngine, VLLMServerEngine  # noqa: E402
 from components.vllm_server import ServerClient, ServerError  # noqa: E402
 from components.vllm_support import IncompleteWeightsError  # noqa: E402
@@ -148,12 +149,12 @@ def test_skipped_sync_trips_the_default_self_check(setup):
 def test_partial_weight_stream_is_refused_and_the_version_does_not_advance(setup, monkeypatch):
     model, tok, engine, hf, prompts = setup
     version = engine.weight_version
-    full = server_module.policy_weights
+    full = ranks_module.policy_weights  # the stream rank 0 pushes
 
     def without_layer_one(policy):
         return ((n, t) for n, t in full(policy) if ".layers.1." not in n)
 
-    monkeypatch.setattr(server_module, "policy_weights", without_layer_one)
+    monkeypatch.setattr(ranks_module, "policy_weights", without_layer_one)
     with pytest.raises(IncompleteWeightsError, match=r"ended without \d+ of the \d+ tensors.*layers\.1\."):
         engine.sync_weights(model, version + 1)
     assert engine.weight_version == version
@@ -164,7 +165,7 @@ def test_partial_weight_stream_is_refused_and_the_version_does_not_advance(setup
         for n, t in full(policy):
             yield n, (t[:-1] if n.endswith("o_proj.weight") else t)
 
-    monkeypatch.setattr(server_module, "policy_weights", misshaped)
+    monkeypatch.setattr(ranks_module, "policy_weights", misshaped)
     with pytest.raises(IncompleteWeightsError, match="of shape"):
         engine.sync_weights(model, version + 1)
     assert engine.weight_version == version and all(
