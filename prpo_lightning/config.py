@@ -312,9 +312,10 @@ class MismatchCheck:
                              f"{DEFAULT_MISMATCH_THRESHOLDS}): set it")
         return DEFAULT_MISMATCH_THRESHOLDS[name]
 
-    def check_settings(self, top_p: float, top_k: int, dtype: Any = None) -> None:
+    def check_settings(self, top_p: float, top_k: int, dtype: Any = None, runs: bool = True) -> None:
         """Refuse at start what the check could only refuse mid-run: no default threshold for ``dtype``, or the
-        default threshold with ``top_p < 1`` or ``top_k > 0`` (it assumes untruncated sampling).
+        default threshold with ``top_p < 1`` or ``top_k > 0`` (it assumes untruncated sampling). Nothing to check
+        when the check does not ``runs`` (an engine without sampler log-probs).
 
         With truncation the sampler's (processed) log-probs are of the renormalised distribution, so every token
         differs from the trainer's by ``-log(mass kept)`` and a tight ``logp_diff_max`` would fail at every step.
@@ -322,6 +323,8 @@ class MismatchCheck:
         Raises:
             ValueError: naming the dtype or the sampling settings and the ways out.
         """
+        if not runs:
+            return
         self.threshold_for(dtype)
         if self.threshold is None and (top_p < 1.0 or top_k > 0):
             raise ValueError(

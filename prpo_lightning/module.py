@@ -2,8 +2,7 @@
 
 :meth:`PRPOModule.training_step` reads top to bottom: the :class:`~prpo_lightning.rollout.collector.RolloutCollector`
 samples, scores and aligns a batch (``docs/architecture.md``), the :class:`~prpo_lightning.training.outcome.SkipBudget`
-decides whether it updates, and the :class:`~prpo_lightning.training.updater.PolicyUpdater` runs the PPO update; the
-forward passes are planned once (:func:`~prpo_lightning.training.plan.plan_passes`).
+decides whether it updates, the :class:`~prpo_lightning.training.updater.PolicyUpdater` runs the PPO update.
 """
 
 from __future__ import annotations
@@ -104,8 +103,8 @@ class PRPOModule(L.LightningModule):
         self.needs = combine_needs(verifier, aligner, segmenter, prm)
         check_module_settings(
             policy=policy, policy_config=policy_config, tokenizer=tokenizer, on_prm_error=on_prm_error, lora=lora,
-            component_timeout_s=component_timeout_s,
-            ref_sync=ref_sync, num_generations=sampling.num_generations, aligner_name=type(aligner).__name__,
+            component_timeout_s=component_timeout_s, ref_sync=ref_sync, num_generations=sampling.num_generations,
+            aligner_name=type(aligner).__name__,
             group_relative=self.needs.group_relative, process_scores=self.needs.process_scores,
             has_segmenter_and_prm=segmenter is not None and prm is not None,
             has_reference=needs_reference_model(self.needs, loss))
@@ -113,8 +112,7 @@ class PRPOModule(L.LightningModule):
         self.verifier, self.aligner, self.segmenter, self.prm = verifier, aligner, segmenter, prm
         self.engine: RolloutEngine = engine if engine is not None else AutoEngine()
         self.engine.check_sampling(sampling)  # e.g. vLLM's max_model_len against the sampling lengths, before loading
-        if self.engine.capabilities.sampler_logprobs:  # the self-check runs: its default needs untruncated sampling
-            rollout_check.check_settings(sampling.top_p, sampling.top_k, dtype)
+        rollout_check.check_settings(sampling.top_p, sampling.top_k, dtype, self.engine.capabilities.sampler_logprobs)
         self.sampling, self.loss_cfg, self.optim_cfg = sampling, loss, optim
         self.reward_shaping, self.rollout_check, self.rollout_correction = reward_shaping, rollout_check, rollout_correction
         self.skip_budget = SkipBudget(max_consecutive_skips)

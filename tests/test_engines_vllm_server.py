@@ -25,6 +25,7 @@ pytestmark = pytest.mark.vllm
 import torch  # noqa: E402
 
 import components.engine_vllm_server as server_module  # noqa: E402
+import components.vllm_ranks as ranks_module  # noqa: E402
 from components.engines import HFGenerateEngine, VLLMServerEngine  # noqa: E402
 from components.vllm_server import ServerClient, ServerError  # noqa: E402
 from components.vllm_support import IncompleteWeightsError  # noqa: E402
@@ -148,12 +149,12 @@ def test_skipped_sync_trips_the_default_self_check(setup):
 def test_partial_weight_stream_is_refused_and_the_version_does_not_advance(setup, monkeypatch):
     model, tok, engine, hf, prompts = setup
     version = engine.weight_version
-    full = server_module.policy_weights
+    full = ranks_module.policy_weights  # the stream rank 0 pushes
 
     def without_layer_one(policy):
         return ((n, t) for n, t in full(policy) if ".layers.1." not in n)
 
-    monkeypatch.setattr(server_module, "policy_weights", without_layer_one)
+    monkeypatch.setattr(ranks_module, "policy_weights", without_layer_one)
     with pytest.raises(IncompleteWeightsError, match=r"ended without \d+ of the \d+ tensors.*layers\.1\."):
         engine.sync_weights(model, version + 1)
     assert engine.weight_version == version
@@ -164,7 +165,7 @@ def test_partial_weight_stream_is_refused_and_the_version_does_not_advance(setup
         for n, t in full(policy):
             yield n, (t[:-1] if n.endswith("o_proj.weight") else t)
 
-    monkeypatch.setattr(server_module, "policy_weights", misshaped)
+    monkeypatch.setattr(ranks_module, "policy_weights", misshaped)
     with pytest.raises(IncompleteWeightsError, match="of shape"):
         engine.sync_weights(model, version + 1)
     assert engine.weight_version == version and all(
@@ -186,6 +187,35 @@ def test_a_killed_launched_server_is_restarted_with_the_current_weights(setup):
     assert torch.equal(after.completion_ids, greedy(hf, prompts, None).completion_ids)
 
 
+def test_a_server_killed_while_requests_are_in_flight_is_restarted_and_stays_up(setup):
+    """The restart happens on the main thread after the request pool (a server started from a worker thread would
+    get the death signal when that thread exits): the restarted server still answers at the next rollout."""
+    model, tok, engine, hf, prompts = setup
+    version = engine.weight_version
+    before = greedy(engine, prompts, version)
+    victim = engine.clients[1]
+    post = victim.post
+    killed = []
+
+    def kill_then_post(path, body=None, timeout_s=None):
+        if path == "/inference/v1/generate" and not killed:
+            killed.append(engine.servers[1].process.pid)
+            os.killpg(killed[0], signal.SIGKILL)
+            engine.servers[1].process.wait(timeout=30)
+        return post(path, body, timeout_s)
+
+    victim.post = kill_then_post
+    try:
+        during = greedy(engine, prompts, version)
+    finally:
+        victim.post = post
+    assert killed and engine.servers[1].alive and engine.servers[1].process.pid != killed[0]
+    assert torch.equal(before.completion_ids, during.completion_ids)
+    time.sleep(1.0)
+    assert engine.servers[1].alive  # not killed when the request threads exited
+    assert torch.equal(greedy(engine, prompts, version).completion_ids, before.completion_ids)
+
+
 def test_unreachable_urls_are_named_at_setup_and_mid_run(setup, tmp_path):
     model, tok, engine, hf, prompts = setup
     from components.vllm_server import free_port
@@ -200,11 +230,10 @@ def test_unreachable_urls_are_named_at_setup_and_mid_run(setup, tmp_path):
 
     with pytest.raises(ServerError, match=f"(?s)model.engine.urls.*{url}.*api_server"):
         vllm_module(tokenizer_dir(tmp_path), engine=VLLMServerEngine(urls=[url], **SERVER_KW))
-    live = VLLMServerEngine(urls=[engine.clients[0].url], max_retries=1, request_timeout_s=5, **{
-        k: v for k, v in SERVER_KW.items() if k != "request_timeout_s"})
+    live = VLLMServerEngine(urls=[engine.clients[0].url], max_retries=1, **SERVER_KW)
     live.setup(model, tok)  # connects and pushes the policy (version 0 on that server)
     live.clients[0].url = url  # the server "went away"
-    live.clients[0].retry_wait_s = 0.1
+    live.clients[0].retry_wait_s, live.clients[0].timeout_s = 0.1, 5.0
     start = time.monotonic()
     with pytest.raises(server_module.ServerUnavailableError, match=url):
         greedy(live, prompts, 0)
@@ -263,6 +292,7 @@ def test_cli_fit_demo_config_with_the_server_engine(tmp_path):
         sys.executable, "-m", "prpo_lightning.cli", "fit", "--config", str(REPO / "configs" / "demo.yaml"),
         "--model.engine=components.engines.VLLMServerEngine", "--model.engine.init_args.kv_cache_memory_gib=0.1",
         "--model.engine.init_args.max_model_len=256", f"--model.engine.init_args.workdir={tmp_path / 'served'}",
+        "--model.engine.init_args.startup_timeout_s=400",
         "--trainer.max_steps=3", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.callbacks=[]",
         "--model.policy=null", f"--model.policy_config={json.dumps(qwen2_config(128))}",
         f"--model.tokenizer={tokenizer_dir(tmp_path)}", "--model.sampling.num_generations=4",
@@ -271,7 +301,7 @@ def test_cli_fit_demo_config_with_the_server_engine(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=500, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert list((tmp_path / "served").glob("policy.server-*.log")), "no server was launched in the workdir"
+    assert list((tmp_path / "served").glob("server-*.log")), "no server was launched in the workdir"
     leftover = subprocess.run(["pgrep", "-f", f"api_server --model {tmp_path}"], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
 

@@ -303,8 +303,17 @@ class RolloutCollector:
         """The self-check on the global batch: metrics all-reduced over ranks (every rank calls, even without
         rollouts), so all ranks raise or warn together."""
         mismatch = mismatch_metrics(sampler, old, mask, across_ranks=True)
-        self.rollout_check(mismatch, step=step, dtype=next(self.policy.parameters()).dtype)
+        self.rollout_check(mismatch, step=step, dtype=self._compute_dtype())
         return mismatch
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype of the trainer's log-prob pass: autocast's under mixed precision (``bf16-mixed`` keeps float32
+        parameters but computes in bfloat16, with bfloat16's noise), else the parameters'."""
+        param = next(self.policy.parameters())
+        kind = param.device.type
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+        return param.dtype
 
     def _lockstep_forwards(self, num_calls: int, device: torch.device) -> None:
         """ZeRO-3: make up the difference to the most policy forward passes any rank made."""
