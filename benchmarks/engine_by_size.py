@@ -58,11 +58,12 @@ def measure(size: str, threads: int, prompts: int, new_tokens: int, repeats: int
     for name, engine in (("static", StaticCacheEngine()),
                          ("vllm", VLLMEngine(kv_cache_memory_gib=1.0, max_model_len=256, ignore_eos=True))):
         engine.setup(model, never)
-        engine.generate(SampleRequest(rows[:2], 1, sampling, [0, 1]))  # warm-up
+        engine.generate(SampleRequest(rows[:2], 1, sampling, [0, 1], batch_seed=0))  # warm-up
         rates = []
         for r in range(repeats):
             t0 = time.perf_counter()
-            result = engine.generate(SampleRequest(rows, 1, sampling, list(range(r, r + prompts))))
+            result = engine.generate(SampleRequest(rows, 1, sampling, list(range(r, r + prompts)),
+                                                   batch_seed=r))  # one batched call (vLLM seeds per request)
             rates.append(int(result.completion_mask.sum()) / (time.perf_counter() - t0))
         engine.teardown()
         out["engines"][name] = {"tokens_per_s": statistics.median(rates), "all": rates}

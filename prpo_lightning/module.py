@@ -61,7 +61,7 @@ class PRPOModule(L.LightningModule):
             (the batch's update is skipped, counted under ``train/faults/prm_errors``).
         max_consecutive_skips: batches in a row that may update nothing; one more raises ``SkippedBatchesError``.
         component_timeout_s: seconds one verifier (reward) or PRM call may take; a call past it follows that
-            component's error policy (:mod:`~prpo_lightning.scoring.deadline`). None (default): no limit.
+            component's error policy (:mod:`~prpo_lightning.scoring.deadline`); default one hour. None: no limit.
         engine: the rollout engine (default :class:`~prpo_lightning.rollout.engines.AutoEngine`).
         rollout_correction / rollout_check / reward_shaping / reward_weights / ref_sync / lora: see the config.
 
@@ -89,7 +89,7 @@ class PRPOModule(L.LightningModule):
         seed: int = 0,
         on_prm_error: Literal["raise", "skip"] = "raise",
         max_consecutive_skips: int = 3,
-        component_timeout_s: float | None = None,
+        component_timeout_s: float | None = 3600.0,
         engine: RolloutEngine | None = None,
         rollout_correction: RolloutCorrectionConfig = RolloutCorrectionConfig(),
         rollout_check: MismatchCheck = MismatchCheck(),

@@ -278,3 +278,12 @@ def test_sigterm_while_a_prm_stalls_saves_the_state_before_the_step_and_exits_14
     assert want["global_step"] == 4
     for key, value in want["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), key
+
+
+def test_the_default_run_has_a_finite_time_limit():
+    """Out of the box a hung verifier or PRM cannot block a run (or its SIGTERM) forever: one hour per call."""
+    import inspect
+
+    from prpo_lightning.module import PRPOModule
+
+    assert inspect.signature(PRPOModule.__init__).parameters["component_timeout_s"].default == 3600.0

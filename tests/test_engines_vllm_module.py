@@ -258,3 +258,34 @@ if __name__ == "__main__":  # one DDP worker of the test above (Lightning re-exe
 
     torch.set_num_threads(1)
     _ddp_run(Path(sys.argv[1]), 2, sys.argv[2])
+
+
+def test_sigterm_exits_143_and_leaves_no_vllm_model_folder(tmp_path):
+    """Issue 27 item 9: a run stopped by SIGTERM (prpo-fit saves and exits 143) removes vLLM's model folder on the
+    way out (kill -9 leaves it, and the next start removes it: test_engines_vllm.py)."""
+    import signal
+    import subprocess
+    import sys
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    killer = ["--trainer.callbacks+=test_preemption.SignalOnce", "--trainer.callbacks.at_step=1",
+              f"--trainer.callbacks.flag={tmp_path / 'signalled'}", f"--trainer.callbacks.starts={tmp_path / 'log'}",
+              f"--trainer.callbacks.signum={int(signal.SIGTERM)}"]
+    args = [
+        "fit", "--config", str(REPO / "configs" / "demo.yaml"),
+        "--model.engine=components.engines.VLLMEngine", "--model.engine.init_args.kv_cache_memory_gib=0.1",
+        "--model.engine.init_args.max_model_len=256", "--trainer.max_steps=3",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.callbacks=[]", *killer,
+        "--model.policy=null", f"--model.policy_config={json.dumps(qwen2_config(128))}",
+        f"--model.tokenizer={tokenizer_dir(tmp_path)}", "--model.sampling.num_generations=4",
+        "--model.sampling.max_new_tokens=16", "--data.init_args.batch_size=2",
+    ]
+    env = {**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    code = "import sys; from prpo_lightning.cli import main; sys.argv[0] = 'prpo-fit'; main()"
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 143, (proc.stdout + proc.stderr)[-4000:]
+    assert (tmp_path / "signalled").exists()
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("prpo_vllm_")]
