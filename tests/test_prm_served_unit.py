@@ -99,13 +99,13 @@ def test_scores_equal_the_in_process_path_on_the_same_inputs(prm_dir, server):
 def test_requests_run_concurrently_round_robin_over_urls(prm_dir, tag_id):
     servers = [FakePRMServer(tag_id, delay_s=0.3).start() for _ in range(2)]
     try:
-        prm = served(prm_dir, [s.url for s in servers], micro_batch_size=1, max_concurrency=4)
+        prm = served(prm_dir, [s.url for s in servers], micro_batch_size=1, max_concurrency=2)
         prm.setup("cpu")
         problems, steps = ["q"] * 8, [[f"step {i}"] for i in range(8)]
         assert len(prm.score_texts(problems, steps)) == 8
         assert [len(s.requests) - 1 for s in servers] == [4, 4]  # minus setup's probe
-        assert max(s.max_in_flight for s in servers) >= 2  # requests overlapped
-        assert sum(s.max_in_flight for s in servers) <= 4
+        assert sum(s.max_in_flight for s in servers) >= 2  # requests overlapped (on the two servers)
+        assert max(s.max_in_flight for s in servers) <= 2  # never more than max_concurrency (unbounded: 4 each)
     finally:
         for s in servers:
             s.stop()

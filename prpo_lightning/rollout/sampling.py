@@ -8,6 +8,8 @@ Shapes: ``B`` completions, ``P`` padded prompt length (left padding), ``T`` padd
 
 from __future__ import annotations
 
+import weakref
+
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -20,7 +22,7 @@ from prpo_lightning.rollout.decoding import StaticCacheDecoder, entropy_of, unsu
 Sampler = Literal["auto", "hf", "static"]
 
 
-_ENGINE_LOGGED: set[tuple[int, str]] = set()
+_ENGINE_LOGGED: weakref.WeakKeyDictionary[torch.nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
 def resolve_sampler(model: torch.nn.Module, sampler: Sampler, synced_gpus: bool) -> str:
@@ -42,8 +44,9 @@ def resolve_sampler(model: torch.nn.Module, sampler: Sampler, synced_gpus: bool)
                              f"{reason}. Use model.engine: components.engines.HFGenerateEngine or AutoEngine.")
         return "static"
     choice = "static" if reason is None else "hf"
-    if (id(model), choice) not in _ENGINE_LOGGED:
-        _ENGINE_LOGGED.add((id(model), choice))
+    said = _ENGINE_LOGGED.setdefault(model, set())  # weakly keyed: a new model at a freed model's address is new
+    if choice not in said:
+        said.add(choice)
         why = "" if reason is None else f" ({reason})"
         rank_zero_info(f"[prpo] AutoEngine: sampling {type(model).__name__} with {choice!r}{why}")
     return choice
