@@ -340,6 +340,8 @@ class VLLMServerEngine(RolloutEngine):
         try:
             return call(self.clients[slot])
         except ServerUnreachableError as err:
+            if self.launch and self._rank == 0 and self.servers:
+                self.servers[slot].settle(3.0)  # a server killed mid-request may take a moment to exit
             if self.launch and self._rank == 0 and self.servers and not self.servers[slot].alive:
                 if not restart:
                     raise DeadServer(slot) from err

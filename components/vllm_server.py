@@ -306,6 +306,14 @@ class ServerProcess:
         """The process is running."""
         return self.process is not None and self.process.poll() is None
 
+    def settle(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for a process that is dying to exit (so that :attr:`alive` is accurate)."""
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the server's process group, then SIGKILL after ``grace_s`` (safe to call twice)."""
         if self.process is not None:

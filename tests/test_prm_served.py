@@ -160,10 +160,12 @@ def test_cli_fit_demo_config_with_served_prm(prm_dir, tmp_path):
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--model.sampling.num_generations=4", "--model.sampling.max_new_tokens=24", "--data.init_args.batch_size=2",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
     run = subprocess.run(args, capture_output=True, text=True, timeout=540, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-4000:]
-    log = Path(f"{prm_dir}.server-{port}.log")
+    (log,) = temp.glob(f"prpo_vllm_server_*_{port}.log")  # the server's log, in the trainer's temp folder
     pids = server_processes(-1, log)
     assert len(pids) >= 2, f"no server pids in {log}"
     assert not wait_gone(pids), "prpo-fit left its PRM server running"
