@@ -145,43 +145,31 @@ def _child_setup(parent: int) -> None:  # pragma: no cover - runs in the child b
             os._exit(1)
 
 
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to the process group ``pgid``; False when the group is gone."""
+    try:
+        os.killpg(pgid, signum)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
 def _stop_group(process: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the process group of ``process``, wait up to ``grace_s``, then SIGKILL it (idempotent)."""
-    if process.poll() is not None:
-        try:  # the leader is gone; children of the group may not be
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(process.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                return
-            time.sleep(0.1)
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    """SIGTERM the process group of ``process``, wait up to ``grace_s``, then SIGKILL it and wait until every process
+    of the group is gone (vLLM's engine process may still hold memory after the server's main process exited;
+    idempotent, every wait bounded)."""
+    if process.poll() is None and _signal_group(process.pid, signal.SIGTERM):
+        try:
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(process.pid, signal.SIGKILL)  # the leader may be gone while other processes of its group are not
     try:
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL
         pass
-    deadline = time.monotonic() + grace_s  # the group's other processes (vLLM's engine core) may still hold memory
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _signal_group(process.pid, 0):
         time.sleep(0.1)
 
 
