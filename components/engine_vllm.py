@@ -226,7 +226,6 @@ class VLLMEngine(RolloutEngine):
             return
         self._check_kv_cache(policy.config, next(policy.parameters()).dtype)
         self._manifest = weight_manifest(policy)
-        quiet_vllm(self.log_level)
         from vllm import LLM
 
         on_cuda = self.device.type == "cuda"
@@ -267,7 +266,8 @@ class VLLMEngine(RolloutEngine):
         self._owns_process_group = not distributed
         rng_states = collect_rng_states()  # vLLM seeds the global torch/numpy/python RNGs in-process
         try:
-            self.llm = LLM(**kwargs)
+            with quiet_vllm(self.log_level):
+                self.llm = LLM(**kwargs)
         except (ValueError, RuntimeError) as err:
             if "memory" not in str(err).lower():
                 raise

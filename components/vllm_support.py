@@ -3,6 +3,7 @@ killed runs, and a vLLM warning that repeats at every weight sync."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -117,27 +118,38 @@ class _RotaryWarningOnce:
         return shown
 
 
-def quiet_vllm(level: str = "ERROR") -> None:
-    """Set the level of vLLM's loggers in this process unless the user set ``VLLM_LOGGING_LEVEL``.
+@contextlib.contextmanager
+def quiet_vllm(level: str = "ERROR") -> Iterator[None]:
+    """While an in-process vLLM engine is built: vLLM's loggers at ``level``, unless the user set
+    ``VLLM_LOGGING_LEVEL``.
 
-    The environment variable is what vLLM re-reads when an engine configures its logging; loggers configured
-    before (vLLM already imported) are set directly.
+    vLLM configures its loggers from that variable when an engine starts; it is set for the construction only and
+    removed afterwards, so child processes (a launched server) keep their full logs. Loggers configured before (vLLM
+    already imported) are set directly.
     """
     import logging
     import sys
-
-    if os.environ.get("VLLM_LOGGING_LEVEL", level).upper() != level and not getattr(quiet_vllm, "ours", False):
-        return  # the user's level
-    os.environ["VLLM_LOGGING_LEVEL"] = level
-    quiet_vllm.ours = True  # type: ignore[attr-defined]
     import warnings
 
+    if os.environ.get("VLLM_LOGGING_LEVEL"):
+        yield  # the user's level wins
+        return
     warnings.filterwarnings("ignore", message=r"`torch.distributed.reduce_op` is deprecated", category=FutureWarning)
-    if "vllm" in sys.modules:
-        logger = logging.getLogger("vllm")
-        logger.setLevel(level)
-        for handler in logger.handlers:
-            handler.setLevel(level)
+
+    def set_loggers() -> None:
+        if "vllm" in sys.modules:
+            logger = logging.getLogger("vllm")
+            logger.setLevel(level)
+            for handler in logger.handlers:
+                handler.setLevel(level)
+
+    os.environ["VLLM_LOGGING_LEVEL"] = level
+    set_loggers()
+    try:
+        yield
+    finally:
+        os.environ.pop("VLLM_LOGGING_LEVEL", None)
+        set_loggers()
 
 
 def quiet_rotary_reload_warning() -> None:
