@@ -51,6 +51,8 @@ class RolloutBatch:
         step_mask: ``(B, S)`` bool, True where row i has a segment j.
         token_scores: ``(B, T)`` float or None, dense per-token process rewards (e.g. implicit PRM).
         advantages: ``(B, T)`` float, token advantages (0 on padding).
+        policy_versions: ``(B,)`` long or None, the weight version (optimizer steps and checkpoint loads) of the
+            engine that sampled each row; the update's version minus it is the row's staleness.
         extras: free-form per-batch data for user components.
     """
 
@@ -74,6 +76,7 @@ class RolloutBatch:
     step_mask: Tensor | None = None
     token_scores: Tensor | None = None
     advantages: Tensor | None = None
+    policy_versions: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

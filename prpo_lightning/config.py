@@ -382,6 +382,23 @@ class RolloutCorrectionConfig:
                              f"[{self.clip_min}, {self.clip_max}]")
 
 
+
+@dataclass
+class AsyncRolloutConfig:
+    """``model.async_rollout``: sample (and score) the next batch while the policy updates on the current one
+    (:mod:`prpo_lightning.rollout.async_rollouts`; ``docs/async.md``)."""
+
+    enabled: bool = False
+    """Train on a batch sampled ``max_staleness`` weight versions ago, generated and scored in the background."""
+    max_staleness: int = 1
+    """The pipeline's depth, >= 1: every batch is sampled exactly this many optimizer steps before its update (the
+    first ``max_staleness`` loader batches only fill the pipeline)."""
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_staleness) or self.max_staleness < 1:
+            raise ValueError(f"model.async_rollout.max_staleness must be an integer >= 1 (weight versions between "
+                             f"sampling a batch and its update), got {self.max_staleness!r}")
+
 # ----------------------------------------------------------------------------------------------------- rewards
 @dataclass
 class OverlongConfig:
@@ -457,7 +474,8 @@ class LoRAConfig:
 
 #: Every config dataclass (registered as safe globals for ``torch.load(weights_only=True)`` of checkpoints).
 CONFIGS: tuple[type, ...] = (SamplingConfig, DynamicSamplingConfig, LossConfig, OptimConfig, MismatchCheck,
-                             RolloutCorrectionConfig, OverlongConfig, RewardShapingConfig, RefSyncConfig, LoRAConfig)
+                             RolloutCorrectionConfig, AsyncRolloutConfig, OverlongConfig, RewardShapingConfig,
+                             RefSyncConfig, LoRAConfig)
 
 
 def check_module_settings(

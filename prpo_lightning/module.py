@@ -15,11 +15,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from prpo_lightning.batch import RolloutBatch, StepContext
 from prpo_lightning.config import (
-    LoRAConfig, LossConfig, MismatchCheck, OptimConfig, RefSyncConfig, RewardShapingConfig, RolloutCorrectionConfig,
+    AsyncRolloutConfig, LoRAConfig, LossConfig, MismatchCheck, OptimConfig, RefSyncConfig, RewardShapingConfig, RolloutCorrectionConfig,
     SamplingConfig, check_module_settings,
 )
 from prpo_lightning.evaluation.benchmarks import PAPER_PROMPT
 from prpo_lightning.evaluation.stages import EvaluationStages
+from prpo_lightning.callbacks.async_rollouts import AsyncRolloutsHooks
+from prpo_lightning.rollout.async_rollouts import AsyncRollouts, pipeline_for
 from prpo_lightning.rollout.collector import PromptFormat, RolloutCollector
 from prpo_lightning.rollout.engine import RolloutEngine
 from prpo_lightning.rollout.engines import AutoEngine
@@ -48,22 +50,18 @@ class PRPOModule(L.LightningModule):
 
     Args:
         verifier: grades each completion against its own gold answer (a list is combined with ``reward_weights``).
-        aligner: turns rewards and step scores into ``(B, T)`` token advantages.
-        segmenter / prm: cut completions into steps and score them (needed when the aligner reads process scores).
-        policy: Hugging Face id, local path or builtin name of the policy; ``policy_config``: instead, a config
-            dict (with ``model_type``) for a randomly initialised model (tests; needs ``tokenizer``).
-        tokenizer: tokenizer id/path (default: ``policy``).
-        dtype / gradient_checkpointing: the policy's parameter dtype; activation checkpointing.
-        sampling / loss / optim: :mod:`prpo_lightning.config` groups (every field is documented there).
+        aligner / segmenter / prm: token advantages ``(B, T)`` from rewards and step scores; steps and their scores.
+        policy / policy_config / tokenizer: the policy's Hugging Face id, local path or builtin name, or a config dict
+            (with ``model_type``) of a random model (tests); the tokenizer's id/path (default: ``policy``).
+        dtype / gradient_checkpointing / sampling / loss / optim: parameter dtype, activation checkpointing, and
+            :mod:`prpo_lightning.config` groups (every field is documented there).
         prompt_template / system_prompt / use_chat_template: how a problem becomes a prompt.
         seed: seeds sampling (per group and step), mini-batch shuffling and ``policy_config`` initialisation.
-        on_prm_error: ``raise`` (a :class:`~prpo_lightning.scoring.faults.PRMError` stops training) or ``skip``
-            (the batch's update is skipped, counted under ``train/faults/prm_errors``).
+        on_prm_error: ``raise`` (a ``PRMError`` stops training) or ``skip`` (the update is skipped and counted).
         max_consecutive_skips: batches in a row that may update nothing; one more raises ``SkippedBatchesError``.
-        component_timeout_s: seconds one verifier (reward) or PRM call may take; a call past it follows that
-            component's error policy (:mod:`~prpo_lightning.scoring.deadline`); default one hour. None: no limit.
-        engine: the rollout engine (default :class:`~prpo_lightning.rollout.engines.AutoEngine`).
-        rollout_correction / rollout_check / reward_shaping / reward_weights / ref_sync / lora: see the config.
+        component_timeout_s: seconds a verifier or PRM call may take (default one hour; None: no limit).
+        engine: the rollout engine (default :class:`~prpo_lightning.rollout.engines.AutoEngine`); rollout_correction,
+            rollout_check, reward_shaping, reward_weights, ref_sync, lora, async_rollout: see the config.
 
     Raises:
         ValueError / TypeError: an inconsistent setting or invalid component ``needs``, before any model loads.
@@ -97,6 +95,7 @@ class PRPOModule(L.LightningModule):
         reward_weights: list[float] | None = None,
         ref_sync: RefSyncConfig = RefSyncConfig(),
         lora: LoRAConfig | None = None,
+        async_rollout: AsyncRolloutConfig = AsyncRolloutConfig(),
     ) -> None:
         super().__init__()
         verifier = combine_verifiers(verifier, reward_weights)
@@ -123,11 +122,12 @@ class PRPOModule(L.LightningModule):
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
         object.__setattr__(self, "_reference", None)  # frozen, kept outside the module's parameters
-        # the forward passes of a step, from the components' needs and the engine's capabilities; ZeRO-3 with
-        # several ranks (known once a trainer attaches) plans them once more, in lock-step, in configure_model
-        self.plan: PassPlan = plan_passes(self.needs, self.engine.capabilities, loss, optim, gradient_checkpointing)
+        # the forward passes of a step (ZeRO-3 with several ranks plans them again, in lock-step, in configure_model)
+        self.plan: PassPlan = plan_passes(self.needs, self.engine.capabilities, loss, optim, gradient_checkpointing,
+                                          asynchronous=async_rollout.enabled)
         self.collector: RolloutCollector | None = None
-        self.updater: PolicyUpdater | None = None
+        self.rollouts: RolloutCollector | AsyncRollouts | None = None  # the collector, or the async pipeline over it
+        self.updater: PolicyUpdater | None = None  # the three built in configure_model
         self.step_metrics: dict[str, float] = {}
         self.timer = StepTimer()  # train/time/* and train/perf/* (prpo_lightning/training/timing.py)
 
@@ -145,7 +145,7 @@ class PRPOModule(L.LightningModule):
         strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
         if bool(getattr(strategy, "zero_stage_3", False)) and self.trainer.world_size > 1:
             self.plan = plan_passes(self.needs, self.engine.capabilities, self.loss_cfg, self.optim_cfg,
-                                    hp.gradient_checkpointing, lockstep=True)
+                                    hp.gradient_checkpointing, lockstep=True, asynchronous=hp.async_rollout.enabled)
         rank_zero_info(self.plan.describe())
         self.policy, reference = build_policy(hp.policy, hp.policy_config, hp.dtype, hp.seed, self.sampling,
                                               hp.gradient_checkpointing, hp.lora, zero3_config(self._trainer),
@@ -157,11 +157,11 @@ class PRPOModule(L.LightningModule):
             self.engine, self.policy, self._reference, self.tokenizer, scorer, self.plan, self.sampling,
             PromptFormat(hp.prompt_template, hp.system_prompt, hp.use_chat_template), hp.seed,
             self.optim_cfg.micro_batch_size, self.rollout_check, self.rollout_correction)
+        self.rollouts = pipeline_for(self.collector, hp.async_rollout, self.needs, hp.seed)  # sync: the collector
         self.updater = PolicyUpdater(
             self.policy, self.loss_cfg, self.optim_cfg, self.plan, self.sampling.temperature,
-            self.sampling.max_new_tokens, hp.seed, pad_token_id(self.tokenizer),
-            backward=self.manual_backward, clip_gradients=self.clip_gradients,
-            on_optimizer_step=lambda: self.after_optimizer_step())
+            self.sampling.max_new_tokens, hp.seed, pad_token_id(self.tokenizer), backward=self.manual_backward,
+            clip_gradients=self.clip_gradients, on_optimizer_step=lambda: self.after_optimizer_step())
 
     def after_optimizer_step(self) -> None:
         """Count a weight update (the engine syncs to it) and mix the policy into the reference under ``ref_sync``."""
@@ -186,15 +186,17 @@ class PRPOModule(L.LightningModule):
 
     on_validation_start = on_test_start = _start_stage  # the frozen models and the engine, as at fit start
 
-    def on_fit_end(self) -> None:
+    def on_fit_end(self) -> None:  # (validate/test: on_validation_end below, on_test_end)
         self.collector.teardown_engine()
 
     def on_validation_end(self) -> None:
         if self._trainer is not None and self.trainer.state.fn == "validate":  # not the validation loop of fit
             self.collector.teardown_engine()
 
-    def on_test_end(self) -> None:
-        self.collector.teardown_engine()
+    on_test_end = on_fit_end
+
+    def configure_callbacks(self) -> list[L.Callback]:  # checkpoints and shutdown of the async pipeline
+        return [AsyncRolloutsHooks()] if self.hparams.async_rollout.enabled else []
 
     def configure_optimizers(self) -> Any:
         cfg = self.optim_cfg
@@ -208,8 +210,7 @@ class PRPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store this rank's global RNG states (for user components that draw from them), the skip budget, the
-        synced reference (with ``ref_sync``) and, with LoRA, the adapters only (the base reloads)."""
+        """Store this rank's RNG states, the skip budget, the synced reference and (LoRA) the adapters only."""
         checkpoint["prpo_rng_states"] = collect_rng_states()
         checkpoint["prpo_skip_budget"] = self.skip_budget.state_dict()
         checkpoint["prpo_ref_sync"] = self.ref_sync.state_dict(self._reference)
@@ -225,8 +226,7 @@ class PRPOModule(L.LightningModule):
         if checkpoint.get("prpo_rng_states") is not None:
             restore_rng_states(checkpoint["prpo_rng_states"])
         self.lr_schedule.load_state_dict(checkpoint.get("prpo_lr_schedule"))
-        if checkpoint.get("prpo_skip_budget") is not None:
-            self.skip_budget.load_state_dict(checkpoint["prpo_skip_budget"])
+        self.skip_budget.load_state_dict(checkpoint.get("prpo_skip_budget"))
         if self.hparams.lora is not None and "state_dict" in checkpoint:  # adapters only: complete with the base
             check_adapter_state(self.policy, checkpoint["state_dict"])
             checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
@@ -237,7 +237,9 @@ class PRPOModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         ctx = self.step_context()
         self.timer.start()
-        collected = self.collector.collect(batch, ctx)  # generate → score (→ refill, under dynamic sampling)
+        collected = self.rollouts.collect(batch, ctx)  # generate → score (→ refill, under dynamic sampling)
+        if collected is None:  # asynchronous rollouts: the pipeline is still filling, nothing to train on yet
+            return None
         report = RankReport(collected.no_prompts, collected.prm_error, collected.no_signal)
         outcome = self.skip_budget.decide(report, ctx.step, self.sampling.max_prompt_length)
         metrics = {**collected.metrics, "faults/prm_errors": float(collected.prm_error is not None),
@@ -245,13 +247,13 @@ class PRPOModule(L.LightningModule):
         if not outcome.update:  # on every rank: the step and the LR schedule move on, the weights do not
             metrics["lr"] = float(self.lr_schedulers().get_last_lr()[0])
             advance_without_update(self.trainer, self.lr_schedulers())
-            self.collector.sync_engine()  # wakes the engine; the weights did not change, so nothing is streamed
+            self.rollouts.sync_engine()  # wakes the engine; the weights did not change, so nothing is streamed
             self.log_step_metrics(self.timer.finish(metrics))
             return None
         self.timer.mark("update")
         metrics.update(self.update_policy(collected.rollout))  # a rank without rows joins with zero-weighted passes
         self.timer.mark("sync")
-        self.collector.sync_engine()
+        self.rollouts.sync_engine()
         trained = trained_tokens(collected.rollout, self.loss_cfg, self.optim_cfg.ppo_epochs)
         self.log_step_metrics(self.timer.finish(metrics, trained))  # times maxed, tokens summed over ranks
         if collected.rollout is not None:
@@ -264,8 +266,7 @@ class PRPOModule(L.LightningModule):
                                    deepspeed_engine(self.trainer), self.lr_schedule.updates_left(self.trainer))
 
     def log_step_metrics(self, metrics: dict[str, float]) -> None:
-        """Log one step's metrics as ``train/<key>`` and keep exactly them in :attr:`step_metrics`, so that a
-        callback can tell a metric this step did not log from the previous step's value."""
+        """Log ``train/<key>`` metrics; :attr:`step_metrics` holds exactly this step's (callbacks read it)."""
         self.step_metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
         self.log_dict(self.step_metrics, on_step=True, on_epoch=False)
 
@@ -278,8 +279,7 @@ class PRPOModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def generate_and_grade(self, batch: dict[str, Any], greedy: bool = True, num_samples: int = 1,
                            **overrides: Any) -> RolloutBatch | None:
-        """Decode (greedy, or ``num_samples`` samples) and grade an evaluation batch
-        (:meth:`~prpo_lightning.rollout.collector.RolloutCollector.generate_and_grade`)."""
+        """Decode and grade an evaluation batch (:meth:`RolloutCollector.generate_and_grade`)."""
         return self.collector.generate_and_grade(batch, self.step_context(), greedy, num_samples, **overrides)
 
     @property

@@ -22,7 +22,7 @@ from torch import Tensor
 from prpo_lightning.batch import Round, RolloutBatch, StepContext, rollout_rows
 from prpo_lightning.config import MismatchCheck, RolloutCorrectionConfig, SamplingConfig
 from prpo_lightning.rollout.dynamic_sampling import fill_batch
-from prpo_lightning.rollout.engine import RolloutEngine, RolloutResult, SampleRequest
+from prpo_lightning.rollout.engine import RolloutEngine, SampleRequest
 from prpo_lightning.rollout.offpolicy import correction_weights, mismatch_metrics
 from prpo_lightning.rollout.sampling import left_pad, pad_token_id
 from prpo_lightning.runtime.distributed import all_reduce_max, group_seed
@@ -77,6 +77,21 @@ class Collected:
     metrics: dict[str, float]
 
 
+@dataclass
+class Sampled:
+    """A sampled batch before the trainer's passes and scoring.
+
+    Attributes:
+        rollout: the sampled rows (on the CPU), or None when no prompt fitted ``max_prompt_length``.
+        sampler_logprobs: ``(B, T)`` the engine's log-prob of every sampled token, or None (not returned).
+        metrics: the sampling metrics (``data/skipped_long_prompts``; later the passes' ``time/*``).
+    """
+
+    rollout: RolloutBatch | None
+    sampler_logprobs: Tensor | None
+    metrics: dict[str, float]
+
+
 class RolloutCollector:
     """Generates and scores rollouts for a :class:`~prpo_lightning.module.PRPOModule` (one per module).
 
@@ -108,6 +123,7 @@ class RolloutCollector:
         self.engine_ready = False  # engine.setup was called (and teardown not since)
         self.engine_stale = False  # the policy's weights changed outside an update (a checkpoint load)
         self.asleep = False
+        self.may_sleep = True  # False under asynchronous rollouts: the engine samples while the policy updates
 
     # ------------------------------------------------------------------ engine lifecycle
     def setup_engine(self, device: torch.device) -> RolloutEngine:
@@ -135,7 +151,7 @@ class RolloutCollector:
 
     def sleep_engine(self) -> None:
         """Free the engine's memory for scoring and the update, when it supports sleep mode."""
-        if self.engine_ready and self.engine.capabilities.supports_sleep and not self.asleep:
+        if self.may_sleep and self.engine_ready and self.engine.capabilities.supports_sleep and not self.asleep:
             self.engine.sleep()
             self.asleep = True
 
@@ -214,8 +230,28 @@ class RolloutCollector:
             StaleWeightsError: the engine was not synced after the policy's last update.
             SamplerMismatchError: the self-check (``rollout_check``, mode ``raise``) failed.
         """
-        sampling = sampling or self.sampling
         with_logprobs = (not greedy) if with_logprobs is None else with_logprobs
+        sampled = self.sample(batch, ctx, greedy, num_generations, sampling,
+                              with_logprobs and self.plan.generation_entropies, round_index)
+        if with_logprobs:
+            sampled.metrics.update(self.add_passes(sampled, ctx))
+        elif self.plan.lockstep:
+            self._lockstep_forwards(0, ctx.device)
+        return sampled.rollout, sampled.metrics
+
+    def sample(
+        self, batch: dict[str, Any], ctx: StepContext, greedy: bool = False, num_generations: int | None = None,
+        sampling: SamplingConfig | None = None, record_entropies: bool = False, round_index: int = 0,
+        policy_version: int | None = None,
+    ) -> Sampled:
+        """The engine's part of :meth:`make_rollout` (no trainer pass): format, tokenize, seed and sample.
+
+        The engine must be set up (:meth:`setup_engine`, on the main thread); :mod:`~prpo_lightning.rollout.async_rollouts`
+        calls this from its background thread when the engine holds its own weights, with the ``policy_version``
+        the engine held when the batch was launched (default: the current one).
+        """
+        version = self.weights_version if policy_version is None else int(policy_version)
+        sampling = sampling or self.sampling
         g = num_generations or (1 if greedy else sampling.num_generations)
         templates = batch.get("prompt_template") or [None] * len(batch["problem"])
         texts = [self.prompt_format(p, self.tokenizer, t) for p, t in zip(batch["problem"], templates)]
@@ -229,16 +265,10 @@ class RolloutCollector:
         result = engine.generate(SampleRequest(
             prompts=[torch.tensor(token_ids[i], dtype=torch.long) for i in keep], num_generations=g,
             sampling=sampling, seeds=[group_seed(self.seed, ctx.step, int(batch["id"][i])) for i in keep],
-            greedy=greedy, record_entropies=with_logprobs and self.plan.generation_entropies,
-            batch_seed=batch_seed, policy_version=self.weights_version,
+            greedy=greedy, record_entropies=record_entropies, batch_seed=batch_seed, policy_version=version,
         ))
         if not keep:
-            if self.plan.lockstep:
-                self._lockstep_forwards(0, ctx.device)
-            if with_logprobs and self.plan.sampler_check:  # join the other ranks' self-check reduction
-                empty = torch.zeros(0, 1)  # (0, 1)
-                self._check_sampler(empty, empty, empty.bool(), ctx.step)
-            return None, metrics
+            return Sampled(None, None, metrics)
         rows = torch.tensor(keep).repeat_interleave(g)  # (B,) prompt row of each completion
         prompt_ids, prompt_mask = left_pad([token_ids[i] for i in keep], pad_token_id(self.tokenizer), ctx.device)
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)  # (B, P)
@@ -251,19 +281,31 @@ class RolloutCollector:
             completions=self.tokenizer.batch_decode(result.completion_ids, skip_special_tokens=True),
             truncated=result.truncated.cpu(),
             entropies=result.entropies.cpu() if result.entropies is not None else None,
+            policy_versions=torch.full((len(rows),), version, dtype=torch.long),
         )
-        if with_logprobs:
-            metrics.update(self._add_logprobs(rollout, prompt_ids, prompt_mask, result, ctx))
-        elif self.plan.lockstep:
-            self._lockstep_forwards(0, ctx.device)
-        return rollout, metrics
+        sampler = result.sampler_logprobs.cpu() if result.sampler_logprobs is not None else None  # (B, T)
+        return Sampled(rollout, sampler, metrics)
 
-    def _add_logprobs(self, rollout: RolloutBatch, p_ids: Tensor, p_mask: Tensor, result: RolloutResult,
-                      ctx: StepContext) -> dict[str, float]:
-        """Old log-probs and entropies (the planned no-grad pass), the sampler-vs-trainer self-check and importance
-        weights (when the engine returned log-probs), and reference log-probs."""
+    def add_passes(self, sampled: Sampled, ctx: StepContext) -> dict[str, float]:
+        """The planned trainer passes of a sampled batch (a collective call under ZeRO-3 and the self-check): old
+        log-probs and entropies, the sampler-vs-trainer self-check and importance weights (when the engine returned
+        log-probs), and reference log-probs.
+
+        The self-check compares the sampler with the trainer at the same weights: it runs when every row was sampled
+        at the policy's current version, and is only measured for rows sampled earlier (asynchronous rollouts),
+        whose importance weights then correct the staleness too.
+        """
+        rollout = sampled.rollout
+        if rollout is None:
+            if self.plan.lockstep:
+                self._lockstep_forwards(0, ctx.device)
+            if self.plan.sampler_check:  # join the other ranks' self-check reduction
+                empty = torch.zeros(0, 1)  # (0, 1)
+                self._check_sampler(empty, empty, empty.bool(), ctx.step, check=True)
+            return {}
         micro, temp, share = self.micro_batch_size, self.sampling.temperature, self.plan.share_prompt_prefix
-        c_ids, c_mask = result.completion_ids.to(ctx.device), result.completion_mask.to(ctx.device)  # (B, T)
+        p_ids, p_mask = rollout.prompt_ids.to(ctx.device), rollout.prompt_mask.to(ctx.device)  # (B, P)
+        c_ids, c_mask = rollout.completion_ids.to(ctx.device), rollout.completion_mask.to(ctx.device)  # (B, T)
         batching = {"micro_batch_tokens": self.plan.micro_batch_tokens, "packing": self.plan.packing}
         metrics: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -279,10 +321,12 @@ class RolloutCollector:
                                                           self.plan.packing)), ctx.device)
             metrics["time/old_logprobs_s"] = time.perf_counter() - t0
         if self.plan.sampler_check:
-            if result.sampler_logprobs is None:
+            if sampled.sampler_logprobs is None:
                 raise RuntimeError(f"{type(self.engine).__name__} declares sampler_logprobs but returned none")
-            sampler = result.sampler_logprobs.cpu()  # (B, T)
-            metrics.update(self._check_sampler(sampler, rollout.old_logprobs, rollout.completion_mask, ctx.step))
+            sampler = sampled.sampler_logprobs  # (B, T)
+            current = bool((rollout.policy_versions == self.weights_version).all())
+            metrics.update(self._check_sampler(sampler, rollout.old_logprobs, rollout.completion_mask, ctx.step,
+                                               check=current))
             if self.rollout_correction.mode is not None:
                 weights, is_metrics = correction_weights(
                     rollout.old_logprobs, sampler, rollout.completion_mask, self.rollout_correction
@@ -299,11 +343,12 @@ class RolloutCollector:
             metrics["time/ref_logprobs_s"] = time.perf_counter() - t0
         return metrics
 
-    def _check_sampler(self, sampler: Tensor, old: Tensor, mask: Tensor, step: int) -> dict[str, float]:
+    def _check_sampler(self, sampler: Tensor, old: Tensor, mask: Tensor, step: int, check: bool) -> dict[str, float]:
         """The self-check on the global batch: metrics all-reduced over ranks (every rank calls, even without
-        rollouts), so all ranks raise or warn together."""
+        rollouts), so all ranks raise or warn together; ``check`` False (stale rows) only measures."""
         mismatch = mismatch_metrics(sampler, old, mask, across_ranks=True)
-        self.rollout_check(mismatch, step=step, dtype=self._compute_dtype())
+        if all_reduce_max(int(not check)) == 0:  # ranks decide alike: check unless some rank holds stale rows
+            self.rollout_check(mismatch, step=step, dtype=self._compute_dtype())
         return mismatch
 
     def _compute_dtype(self) -> torch.dtype:

@@ -119,8 +119,10 @@ class SkipBudget:
     def state_dict(self) -> dict[str, Any]:
         return {"consecutive": self.consecutive}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.consecutive = int(state["consecutive"])
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`state_dict` (None: a checkpoint from before the budget existed; nothing to restore)."""
+        if state is not None:
+            self.consecutive = int(state["consecutive"])
 
 
 def advance_without_update(trainer: L.Trainer, scheduler: Any) -> None:

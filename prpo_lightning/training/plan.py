@@ -97,6 +97,7 @@ def plan_passes(
     optim: OptimConfig,
     gradient_checkpointing: bool = False,
     lockstep: bool = False,
+    asynchronous: bool = False,
 ) -> PassPlan:
     """Decide the passes of a step (pure: the same inputs always give the same plan).
 
@@ -107,6 +108,7 @@ def plan_passes(
         optim: the update structure (``ppo_epochs``, ``mini_batch_size``, ``share_prompt_prefix``).
         gradient_checkpointing: activation checkpointing is on (no KV cache: prompts cannot be shared).
         lockstep: DeepSpeed ZeRO-3 with several ranks.
+        asynchronous: ``model.async_rollout.enabled`` (every update is off-policy by ``max_staleness`` versions).
 
     Raises:
         ValueError: ``optim.micro_batch_tokens`` with ``loss.top_entropy_quantile < 1`` (its quantile is taken per
@@ -126,6 +128,7 @@ def plan_passes(
     off_policy = optim.ppo_epochs > 1 or optim.mini_batch_size is not None
     engine_entropies_missing = needs.segmenter_entropies and not engine.entropies
     why = [w for w, on in (("off-policy update (ppo_epochs > 1 or mini_batch_size)", off_policy),
+                           ("asynchronous rollouts (the update is off-policy)", asynchronous),
                            ("a component reads old log-probs", needs.reads_logprobs),
                            ("the engine is not exactly the trainer's distribution", not engine.exact_trainer_distribution),
                            ("the segmenter needs entropies the engine cannot record", engine_entropies_missing)) if on]

@@ -11,8 +11,9 @@ sets the pace of a collective step); every token count is summed over ranks. How
     '- the rest     Lightning's loop, callbacks (checkpoints, validation), fetching the next batch
 
 ``step_s`` spans start to start so that work that overlaps the step (an asynchronous rollout) shows as a step
-shorter than the sum of its phases. Async mode (issue 23) is to log the time the update waited for its next batch as
-``train/time/batch_wait_s``: add it to :data:`TIME_KEYS` and time it where the update takes the batch.
+shorter than the sum of its phases. With asynchronous rollouts, ``time/batch_wait_s`` is the time the step waited
+for its batch (sampling and scoring still running in the background), and ``rollout_s``/``scoring_s`` are the
+background's own times, which overlap the update.
 Throughput (``docs/metrics.rst`` defines each key):
 
 - ``perf/sampled_tokens_per_s``: ``perf/sampled_tokens`` / ``time/generate_s``;
@@ -33,7 +34,7 @@ from prpo_lightning.training.updater import loss_mask
 #: Phase times reduced by their maximum over ranks (a key no rank logged stays absent).
 TIME_KEYS = (
     "time/rollout_s", "time/generate_s", "time/old_logprobs_s", "time/ref_logprobs_s", "time/scoring_s",
-    "time/verify_s", "time/prm_s", "time/update_s", "time/weight_sync_s", "time/step_s",
+    "time/verify_s", "time/prm_s", "time/update_s", "time/weight_sync_s", "time/step_s", "time/batch_wait_s",
 )
 #: Token counts summed over ranks (a key no rank logged stays absent).
 TOKEN_KEYS = ("perf/sampled_tokens", "perf/trained_tokens")
@@ -120,7 +121,8 @@ class StepTimer:
         """
         end, marks, out = self.now(), self.marks, dict(metrics)
         if "update" in marks and "sync" in marks:
-            out["time/scoring_s"] = marks["update"] - marks["start"] - out.get("time/rollout_s", 0.0)
+            if "time/batch_wait_s" not in out:  # asynchronous rollouts time their own (overlapped) scoring
+                out["time/scoring_s"] = marks["update"] - marks["start"] - out.get("time/rollout_s", 0.0)
             out["time/update_s"] = marks["sync"] - marks["update"]
             out["time/weight_sync_s"] = end - marks["sync"]
         if self.step_s is not None:
