@@ -112,7 +112,7 @@ class PRPOModule(L.LightningModule):
         self.engine: RolloutEngine = engine if engine is not None else AutoEngine()
         self.engine.check_sampling(sampling)  # e.g. vLLM's max_model_len against the sampling lengths, before loading
         rollout_check.check_settings(sampling.top_p, sampling.top_k, dtype, self.engine.capabilities.sampler_logprobs)
-        self.sampling, self.loss_cfg, self.optim_cfg = sampling, loss, optim
+        self.sampling, self.loss_cfg, self.optim_cfg, self.async_cfg = sampling, loss, optim, async_rollout
         self.reward_shaping, self.rollout_check, self.rollout_correction = reward_shaping, rollout_check, rollout_correction
         self.skip_budget = SkipBudget(max_consecutive_skips)
         self.lr_schedule = LRSchedule(optim, sampling.num_generations)  # max_steps and the rate, in optimizer steps
@@ -145,7 +145,7 @@ class PRPOModule(L.LightningModule):
         strategy = getattr(self._trainer, "strategy", None) if self._trainer is not None else None
         if bool(getattr(strategy, "zero_stage_3", False)) and self.trainer.world_size > 1:
             self.plan = plan_passes(self.needs, self.engine.capabilities, self.loss_cfg, self.optim_cfg,
-                                    hp.gradient_checkpointing, lockstep=True, asynchronous=hp.async_rollout.enabled)
+                                    hp.gradient_checkpointing, lockstep=True, asynchronous=self.async_cfg.enabled)
         rank_zero_info(self.plan.describe())
         self.policy, reference = build_policy(hp.policy, hp.policy_config, hp.dtype, hp.seed, self.sampling,
                                               hp.gradient_checkpointing, hp.lora, zero3_config(self._trainer),
@@ -157,7 +157,7 @@ class PRPOModule(L.LightningModule):
             self.engine, self.policy, self._reference, self.tokenizer, scorer, self.plan, self.sampling,
             PromptFormat(hp.prompt_template, hp.system_prompt, hp.use_chat_template), hp.seed,
             self.optim_cfg.micro_batch_size, self.rollout_check, self.rollout_correction)
-        self.rollouts = pipeline_for(self.collector, hp.async_rollout, self.needs, hp.seed)  # sync: the collector
+        self.rollouts = pipeline_for(self.collector, self.async_cfg, self.needs, hp.seed)  # sync: the collector
         self.updater = PolicyUpdater(
             self.policy, self.loss_cfg, self.optim_cfg, self.plan, self.sampling.temperature,
             self.sampling.max_new_tokens, hp.seed, pad_token_id(self.tokenizer), backward=self.manual_backward,
@@ -196,7 +196,7 @@ class PRPOModule(L.LightningModule):
     on_test_end = on_fit_end
 
     def configure_callbacks(self) -> list[L.Callback]:  # checkpoints and shutdown of the async pipeline
-        return [AsyncRolloutsHooks()] if self.hparams.async_rollout.enabled else []
+        return [AsyncRolloutsHooks()] if self.async_cfg.enabled else []
 
     def configure_optimizers(self) -> Any:
         cfg = self.optim_cfg
