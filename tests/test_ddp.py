@@ -8,7 +8,9 @@ Scenarios:
 
 - ``uneven``: 4 prompts per step (2 per rank), one of them longer than ``max_prompt_length``: the rank that
   draws it has fewer rows and must join the other rank's backward passes with zero-weighted dummy passes;
-- ``empty_rank``: 2 prompts per step (1 per rank), one too long: one rank has no rollout at all.
+- ``empty_rank``: 2 prompts per step (1 per rank), one too long: one rank has no rollout at all;
+- ``uneven_async``: ``uneven`` with asynchronous rollouts (``model.async_rollout``): every rank trains each batch one
+  weight version after sampling it, and the 2-rank run still equals the single process.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_resume import ToyPrompts, make_module, make_trainer, tokenizer_dir  # noqa: E402
 
 from prpo_lightning.module import PRPOModule  # noqa: E402
-from prpo_lightning.config import SamplingConfig  # noqa: E402
+from prpo_lightning.config import AsyncRolloutConfig, SamplingConfig  # noqa: E402
 
 LONG = "9" * 40 + "="  # over max_prompt_length=32
 SCENARIOS = {
     "uneven": {"rows": ["1+1=", LONG, "2+2=", "3+3="], "batch_size": 4},
     "empty_rank": {"rows": ["1+1=", LONG], "batch_size": 2},
+    "uneven_async": {"rows": ["1+1=", LONG, "2+2=", "3+3=", "4+4=", "5+5=", LONG, "6+6="], "batch_size": 4,
+                     "async": True},
 }
 STEPS = 2
 
@@ -57,6 +61,7 @@ class RecordingModule(PRPOModule):
                     "completion_ids": rollout.completion_ids.clone(),
                     "completion_mask": rollout.completion_mask.clone(),
                     "advantages": rollout.advantages.clone(),
+                    "versions": rollout.policy_versions.tolist(),  # weight version of each row's sampling
                     "loss": out.get("loss"),
                     "pg_loss": out.get("pg_loss"),
                 }
@@ -71,7 +76,8 @@ def run(scenario: str, out: Path, devices: int, tok: str) -> RecordingModule:
     # per-group seeding makes completions independent of the rank a prompt lands on (the default, batched
     # generation, is reproducible only for a fixed number of ranks)
     sampling = SamplingConfig(num_generations=4, max_new_tokens=8, max_prompt_length=32, seed_per_group=True)
-    module = make_module(tok, RecordingModule, sampling=sampling)
+    extra = {"async_rollout": AsyncRolloutConfig(enabled=True)} if spec.get("async") else {}
+    module = make_module(tok, RecordingModule, sampling=sampling, **extra)
     kw: dict[str, Any] = {"strategy": "ddp", "devices": devices} if devices > 1 else {}
     trainer = make_trainer(out, STEPS, **kw)
     trainer.fit(module, data)
@@ -133,6 +139,11 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         assert any(bool(v["adv"].abs().sum() > 0) for v in ref.values()), "degenerate test: all advantages are 0"
         assert any(r["loss"] != 0 for r in single.records)
         per_rank_rows = [[int(rec["group_ids"].numel()) for rec in r["records"]] for r in ranks]
+        if SCENARIOS[scenario].get("async"):  # on every rank: one version stale after the first update
+            for r in [single.records, *[rank["records"] for rank in ranks]]:
+                # rec["step"] is counted after the update: the update's version is step − 1
+                assert all({rec["step"] - 1 - v for v in rec["versions"]} == {min(rec["step"] - 1, 1)} for rec in r)
+                assert r
         if scenario == "empty_rank":  # the rank holding the long prompt never had a rollout
             assert sorted(len(rows) for rows in per_rank_rows) == [0, STEPS] or min(map(len, per_rank_rows)) < STEPS
         else:  # uneven rows: 4 vs 8 completions at some step
