@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -90,20 +91,20 @@ def test_skipped_sync_trips_the_self_check(tmp_path):
     assert module.global_step == 1  # the first step (fresh weights) passed, the second caught the stale engine
 
 
-def _fit(root: Path, steps: int, ckpt_in: str | None = None) -> tuple[dict, list]:
+def _fit(root: Path, steps: int, ckpt_in: str | None = None, **module_kw) -> tuple[dict, list]:
     """A ``steps``-step run that checkpoints after every step (``<root>/last.ckpt``, as a real run would: a
     checkpoint written by ``trainer.save_checkpoint`` after ``fit`` returned marks the epoch finished, so resuming
     from it starts the next epoch's shuffle instead of the rest of this one). Returns the final weights and the
     (seeds, completion ids) of every rollout."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    module = vllm_module(tokenizer_dir(root))
+    module = vllm_module(tokenizer_dir(root), **module_kw)
     samples: list = []
     sample = module.engine.sample
 
     def recording_sample(request):
         result = sample(request)
-        samples.append((list(request.seeds), result.completion_ids.clone()))
+        samples.append((list(request.seeds), result.completion_ids.clone(), threading.current_thread().name))
         return result
 
     module.engine.sample = recording_sample
@@ -121,12 +122,36 @@ def test_same_seed_same_run_and_exact_resume(tmp_path):
     _, first_samples = _fit(tmp_path / "c", 2)
     resumed, resumed_samples = _fit(tmp_path / "d", 4, ckpt_in=str(tmp_path / "c" / "last.ckpt"))
     assert len(full_samples) == 4 and len(first_samples) == 2 and len(resumed_samples) == 2
-    for (seeds_a, ids_a), (seeds_b, ids_b) in zip(full_samples, again_samples):
+    for (seeds_a, ids_a, _), (seeds_b, ids_b, _) in zip(full_samples, again_samples):
         assert seeds_a == seeds_b and torch.equal(ids_a, ids_b)
-    for (seeds_a, ids_a), (seeds_c, ids_c) in zip(full_samples, first_samples + resumed_samples):
+    for (seeds_a, ids_a, _), (seeds_c, ids_c, _) in zip(full_samples, first_samples + resumed_samples):
         assert seeds_a == seeds_c and torch.equal(ids_a, ids_c)
     for name, value in full.items():
         assert torch.equal(value, again[name]), name
+        assert torch.equal(value, resumed[name]), name
+
+
+def test_async_rollouts_sample_in_the_background_and_resume_exactly(tmp_path):
+    """``model.async_rollout`` with vLLM and PRPO's entropy segmenter: every batch after the first is sampled in the
+    background thread, one version before its update (the strict self-check, which needs equal versions, only
+    measures those rows); a run checkpointed at step 2 and resumed ends with the straight run's weights."""
+    from components.aligners import PRPOAligner
+    from components.prms import EquationCheckPRM
+    from components.segmenters import EntropySpikeSegmenter
+    from prpo_lightning.config import AsyncRolloutConfig
+
+    kw = dict(aligner=PRPOAligner(), segmenter=EntropySpikeSegmenter(min_gap=2), prm=EquationCheckPRM(),
+              async_rollout=AsyncRolloutConfig(enabled=True))
+    full, full_samples = _fit(tmp_path / "a", 4, **kw)
+    _, first_samples = _fit(tmp_path / "c", 2, **kw)
+    resumed, resumed_samples = _fit(tmp_path / "d", 4, ckpt_in=str(tmp_path / "c" / "last.ckpt"), **kw)
+    assert {name for _, _, name in full_samples} == {"prpo-async-rollouts"} and len(full_samples) == 5
+    # the straight run sampled 5 loader batches (4 updates + the one launched last); the killed one 3, of which the
+    # checkpoint at step 2 holds the third in flight: the resumed run samples the last two
+    assert len(first_samples) == 3 and len(resumed_samples) == 2
+    for (seeds_a, ids_a, _), (seeds_c, ids_c, _) in zip(full_samples, first_samples + resumed_samples):
+        assert seeds_a == seeds_c and torch.equal(ids_a, ids_c)
+    for name, value in full.items():
         assert torch.equal(value, resumed[name]), name
 
 

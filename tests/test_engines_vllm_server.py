@@ -242,14 +242,14 @@ def test_unreachable_urls_are_named_at_setup_and_mid_run(setup, tmp_path):
     engine.sync_weights(model, engine.weight_version + 1)  # give the shared server the engine's version back
 
 
-def _fit(root: Path, url: str, steps: int, ckpt_in: str | None = None) -> tuple[dict, list]:
+def _fit(root: Path, url: str, steps: int, ckpt_in: str | None = None, **module_kw) -> tuple[dict, list]:
     """A ``steps``-step run against a running server (connected: setup pushes the policy's weights), checkpointing
     after every step; returns the final weights and the (seeds, completion ids) of every rollout."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from test_engines_vllm_module import vllm_module
     from test_resume import ToyPrompts, make_trainer, tokenizer_dir
 
-    module = vllm_module(tokenizer_dir(root), engine=VLLMServerEngine(urls=[url], **SERVER_KW))
+    module = vllm_module(tokenizer_dir(root), engine=VLLMServerEngine(urls=[url], **SERVER_KW), **module_kw)
     samples: list = []
     sample = module.engine.sample
 
@@ -265,18 +265,24 @@ def _fit(root: Path, url: str, steps: int, ckpt_in: str | None = None) -> tuple[
     return {k: v.clone() for k, v in module.policy.state_dict().items()}, samples
 
 
-def test_interrupted_run_resumes_exactly(setup, tmp_path):
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_interrupted_run_resumes_exactly(setup, tmp_path, asynchronous):
     """4 steps straight vs 2 steps + resume from last.ckpt for 2 more, through one running server: the resumed
-    steps draw the same seeds and completions, and the weights end bit-identical."""
+    steps draw the same seeds and completions, and the weights end bit-identical. With asynchronous rollouts the
+    requests go out from the background thread and the checkpoint holds the batch in flight (5 loader batches are
+    sampled for 4 updates: 3 before the checkpoint at step 2, 2 after the resume)."""
+    from prpo_lightning.config import AsyncRolloutConfig
+
     model, tok, engine, hf, prompts = setup
     url = engine.clients[0].url
+    kw = {"async_rollout": AsyncRolloutConfig(enabled=True)} if asynchronous else {}
     try:
-        full, full_samples = _fit(tmp_path / "a", url, 4)
-        _, first = _fit(tmp_path / "c", url, 2)
-        resumed, rest = _fit(tmp_path / "d", url, 4, ckpt_in=str(tmp_path / "c" / "last.ckpt"))
+        full, full_samples = _fit(tmp_path / "a", url, 4, **kw)
+        _, first = _fit(tmp_path / "c", url, 2, **kw)
+        resumed, rest = _fit(tmp_path / "d", url, 4, ckpt_in=str(tmp_path / "c" / "last.ckpt"), **kw)
     finally:
         engine.sync_weights(model, engine.weight_version + 1)  # the shared servers back to the fixture's weights
-    assert len(full_samples) == 4 and len(first) == 2 and len(rest) == 2
+    assert (len(full_samples), len(first), len(rest)) == ((5, 3, 2) if asynchronous else (4, 2, 2))
     for (seeds_a, ids_a), (seeds_b, ids_b) in zip(full_samples, first + rest):
         assert seeds_a == seeds_b and torch.equal(ids_a, ids_b)
     for name, value in full.items():
