@@ -16,7 +16,9 @@ Entry point ``bash benchmarks/gpu_check.sh`` (installs the wheels brought in ``.
   time and peak memory padded vs token budget vs packed over long-tailed lengths (``--only packing`` runs it alone).
 * ``served`` (``gpu_check_served.py``): ``VLLMServerEngine`` with a launched vLLM server (NCCL weight transfer on CUDA):
   greedy equality with HF ``generate`` before and after a sync, the synced and never-synced ``logp_diff_max``; skipped
-  with the reason where vLLM is not importable.
+  with the reason where vLLM is not importable;
+* ``async`` (``gpu_check_async.py``): PRPO trained synchronously and with asynchronous rollouts: both finish, the
+  async run's staleness stays at most 1, and the median step times and their ratio.
 
 Each section has its own time budget and is guarded: a failure is recorded with its traceback and the next
 section runs. After every section the results are written to ``gpu_check.json`` and ``gpu_check.md`` in ``$OUT``
@@ -51,6 +53,7 @@ import torch  # noqa: E402
 
 import gpu_check_packing  # noqa: E402
 import gpu_check_served  # noqa: E402
+import gpu_check_async  # noqa: E402
 import gpu_check_report  # noqa: E402
 import gpu_check_sections as sections  # noqa: E402
 import gpu_check_train as training  # noqa: E402
@@ -109,10 +112,10 @@ def gpu_profile() -> Profile:
         prompt_len=48, logprob_tol=1e-3, throughput_batches=(8, 32, 128), throughput_new_tokens=128,
         throughput_min_s=8.0, mfu_rows=16, mfu_prompt_len=64, mfu_completion_len=448, mfu_reps=5, train_group=4,
         train={"prompts": 8, "group": 4, "new_tokens": 128, "micro_batch": 16}, train_steps=2, ds_layers=8,
-        deadline_s=395.0, min_start_s=20.0,
+        deadline_s=480.0, min_start_s=20.0,
         budgets={"environment": 40, "decoder": 80, "throughput": 60, "train_grpo": 60, "train_prpo": 70,
                  "train_zero2": 70, "train_zero3": 70, "resume": 60, "export": 45, "resume_zero2": 50,
-                 "export_zero2": 40, "train_zero3_prpo": 70, "packing": 45, "served": 90},
+                 "export_zero2": 40, "train_zero3_prpo": 70, "packing": 45, "served": 90, "async": 90},
         packing_check_rows=8, packing_check_len=512, packing_rows=16, packing_max_len=2048, packing_micro_batch=4,
         packing_budget=8192,
         notes=["DeepSpeed runs use the 1.5B width with 8 of its 28 layers, so that their checkpoints (bf16 weights "
@@ -127,10 +130,11 @@ def dry_run_profile() -> Profile:
         prompt_len=14, logprob_tol=1e-4, throughput_batches=(2, 4), throughput_new_tokens=16, throughput_min_s=1.0,
         mfu_rows=4, mfu_prompt_len=16, mfu_completion_len=16, mfu_reps=2, train_group=4,
         train={"prompts": 4, "group": 4, "new_tokens": 16, "micro_batch": 8}, train_steps=2, ds_layers=2,
-        deadline_s=600.0, min_start_s=5.0,
+        deadline_s=780.0, min_start_s=5.0,
         budgets={"environment": 60, "decoder": 60, "throughput": 60, "train_grpo": 120, "train_prpo": 120,
                  "train_zero2": 60, "train_zero3": 60, "resume": 120, "export": 90, "resume_zero2": 60,
-                 "export_zero2": 60, "train_zero3_prpo": 60, "packing": 60, "served": 240},
+                 "export_zero2": 60, "train_zero3_prpo": 60, "packing": 60, "served": 240,
+                 "async": 180},
     )
 
 
@@ -278,6 +282,8 @@ class Check:
             ("train_zero3_prpo", lambda b: self.train(b, "prpo", 3)),  # KL reference built from gathered shards
             ("packing", lambda b: gpu_check_packing.packing(self.p, self.device, b)),
             ("served", lambda b: gpu_check_served.served(self.p, self.device, b, Skip)),
+            ("async", lambda b: gpu_check_async.async_rollouts(self.p, b, self.work, self.tokenizer_dir(),
+                                                              "cpu" if self.p.dry_run else "gpu")),
         ]
         for name, fn in plan:
             if only is None or name in only:

@@ -18,7 +18,7 @@ SITE="${GPU_CHECK_SITE:-/tmp/site}"
 mkdir -p "$OUT_DIR"
 dry=0
 for arg in "$@"; do [ "$arg" = "--dry-run" ] && dry=1; done
-hard_limit=425  # seconds for the python part of the GPU run (its own deadline is 395 s, stack dump at 410 s)
+hard_limit=510  # seconds for the python part of the GPU run (its own deadline is 480 s, stack dump at 495 s)
 [ "$dry" = 1 ] && hard_limit=1200
 
 {

@@ -29,7 +29,8 @@ BENCH = ROOT / "benchmarks"
 DEEPSPEED_CONFIGS = {2: ROOT / "configs" / "deepspeed" / "zero2.yaml", 3: ROOT / "configs" / "deepspeed" / "zero3.yaml"}
 TAIL_CHARS = 3000  # of a failed run's output, kept in the JSON
 RECORDED_METRICS = ("train/loss", "train/reward/mean", "train/accuracy", "train/grad_norm", "train/time/rollout_s",
-                    "train/time/update_s", "train/completion/mean_length")
+                    "train/time/update_s", "train/completion/mean_length", "train/time/step_s",
+                    "train/time/batch_wait_s", "train/rollout/staleness_max")
 
 
 class LengthParityVerifier(OutcomeVerifier):

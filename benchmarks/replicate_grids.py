@@ -183,6 +183,12 @@ def best_vs_best(grid: str = "bab", task: list[str] | None = None,
             for lr in BAB_LRS for m in methods}
 
 
+#: Asynchronous rollouts (issue 23): GRPO and PRPO over the exact PRM, synchronous and with ``model.async_rollout``
+#: (one version stale), same budget: does one step of staleness cost held-out accuracy?
+ASYNC = {**{m: MAIN[m] for m in ("grpo", "prpo_rule_prm")},
+         **{f"{m}_async": [*MAIN[m], "--model.async_rollout.enabled=true"] for m in ("grpo", "prpo_rule_prm")}}
+
+
 #: The settings of the best-against-best grids (defaults of ``replicate.py``'s options for them): 60 steps,
 #: held-out and validation accuracy every 10 steps, a 200-problem validation split, the task variant.
 GRID_SETTINGS: dict[str, dict] = {
@@ -213,4 +219,5 @@ GRIDS: dict[str, tuple[dict[str, list[str]], str]] = {
     "bab": (best_vs_best("bab"), "replication-bab"),
     "long": (best_vs_best("long", LONG_TASK), "replication-long"),
     "learned": (best_vs_best("bab", methods=LEARNED_METHODS), "replication-learned"),
+    "async": (ASYNC, "replication-async"),
 }

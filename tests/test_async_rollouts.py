@@ -314,3 +314,24 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_weights(tmp_path, en
         got = torch.load(root / "final.pt")
         for name in want:
             assert torch.equal(want[name], got[name]), (kill, name)
+
+
+def test_async_accuracy_pairs_each_seed_with_its_synchronous_run(tmp_path):
+    """``benchmarks/async_accuracy.py`` on hand-made runs: final held-out accuracies, paired async − sync."""
+    import json
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import async_accuracy
+
+    finals = {"grpo": [0.40, 0.50, 0.45], "grpo_async": [0.42, 0.49, 0.47], "prpo_rule_prm": [0.5, 0.5, 0.5],
+              "prpo_rule_prm_async": [0.5, 0.5, 0.5]}
+    for method, values in finals.items():
+        for seed, value in enumerate(values):
+            path = tmp_path / method / f"seed{seed}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"curves": {"eval/accuracy": [[0, 0.1], [20, value]]}}))
+    out = async_accuracy.compare(tmp_path, [0, 1, 2])
+    assert out["grpo"]["sync"] == [0.40, 0.50, 0.45] and out["grpo"]["async"] == [0.42, 0.49, 0.47]
+    assert out["grpo"]["async_minus_sync"] == pytest.approx((0.02 - 0.01 + 0.02) / 3)
+    assert out["grpo"]["sign_flip_p"] == pytest.approx(4 / 8)  # |sum| >= 0.03 for 4 of the 8 sign patterns
+    assert out["prpo_rule_prm"]["async_minus_sync"] == 0.0 and out["prpo_rule_prm"]["paired_t_p"] == 1.0

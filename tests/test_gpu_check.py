@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
 SECTIONS = ("environment", "decoder", "throughput", "train_grpo", "train_prpo", "train_zero2", "train_zero3", "resume",
-            "export", "resume_zero2", "export_zero2", "train_zero3_prpo", "packing", "served")
+            "export", "resume_zero2", "export_zero2", "train_zero3_prpo", "packing", "served", "async")
 DEEPSPEED_SECTIONS = {"train_zero2", "train_zero3", "resume_zero2", "export_zero2", "train_zero3_prpo"}
 
 
@@ -45,7 +45,7 @@ def test_dry_run_passes_every_section_and_writes_the_results(tmp_path):
             continue
         assert entry["status"] == "passed", (name, entry.get("error"), entry.get("checks"))
         assert entry["checks"] and all(c["passed"] in (True, None) for c in entry["checks"].values())
-    assert report["summary"] == {"passed": 8, "failed": 0, "skipped": len(DEEPSPEED_SECTIONS) + 1}
+    assert report["summary"] == {"passed": 9, "failed": 0, "skipped": len(DEEPSPEED_SECTIONS) + 1}
 
     sections = report["sections"]
     decoder = sections["decoder"]["checks"]
@@ -68,6 +68,10 @@ def test_dry_run_passes_every_section_and_writes_the_results(tmp_path):
         "passed": None, "skipped": "flash-attention needs a CUDA GPU (the dry run has none)"}
     assert [u["config"] for u in packing["results"]["update_pass"]] == ["padded", "budget", "packed", "budget_packed"]
     assert "## Packing (issue 24)" in md
+
+    asynchronous = sections["async"]
+    assert asynchronous["checks"]["staleness_bounded"]["value"][-1] == 1.0
+    assert asynchronous["results"]["median_step_s"]["sync"] > 0 and asynchronous["results"]["async_over_sync"] > 0
 
     grpo, resume, export = (sections[n]["results"] for n in ("train_grpo", "resume", "export"))
     assert grpo["steps_reached"] == 2 and resume["steps_reached"] == 3

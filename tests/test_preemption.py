@@ -53,20 +53,27 @@ def _prpo_fit(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_saves_last_and_exits_143_and_the_requeue_resumes(tmp_path, signum):
+@pytest.mark.parametrize("signum,asynchronous", [(signal.SIGTERM, False), (signal.SIGUSR1, False),
+                                                 (signal.SIGTERM, True)])
+def test_a_signal_saves_last_and_exits_143_and_the_requeue_resumes(tmp_path, signum, asynchronous):
+    """With asynchronous rollouts the checkpoint also holds the batch in flight, and the background thread does not
+    keep the process from exiting."""
     tok = tokenizer_dir(tmp_path)
     every_10 = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                 "--trainer.callbacks.every_n_train_steps=10", "--trainer.callbacks.save_last=true"]
     killer = ["--trainer.callbacks+=test_preemption.SignalOnce", "--trainer.callbacks.at_step=2",
               f"--trainer.callbacks.flag={tmp_path / 'signalled'}", f"--trainer.callbacks.starts={tmp_path / 'log'}",
               f"--trainer.callbacks.signum={int(signum)}"]
-    command = cli_fit_args(tmp_path, tok, 5, *every_10, *killer, "--ckpt_path=last")[1:]
+    mode = ["--model.async_rollout.enabled=true"] if asynchronous else []
+    command = cli_fit_args(tmp_path, tok, 5, *every_10, *killer, *mode, "--ckpt_path=last")[1:]
     first = _prpo_fit(["fit", *command])
     assert first.returncode == 143, (first.stdout + first.stderr)[-4000:]
     assert "stopped by a signal after step 2" in first.stdout
     last = tmp_path / "runs" / "toy" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 2  # no checkpoint was due before step 10
+    saved = torch.load(last, weights_only=False)
+    assert saved["global_step"] == 2  # no checkpoint was due before step 10
+    in_flight = [v for k, v in saved["callbacks"].items() if k.startswith("AsyncRolloutsHooks")]
+    assert [len(v["pending"]) for v in in_flight] == ([1] if asynchronous else [])
     second = _prpo_fit(["fit", *command])
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     assert (tmp_path / "log").read_text().split("\n")[:-1] == ["start 0", "start 2", "end 5"]  # resumed at step 2
