@@ -70,6 +70,19 @@ def deepspeed_engine(trainer: Any) -> Any | None:
     return getattr(strategy, "model", None)
 
 
+def _start_micro_step(engine: Any) -> None:
+    """Start another micro-step of a DeepSpeed engine inside one training step, as its ``forward`` would.
+
+    Lightning calls the engine's ``forward`` once per ``training_step``, and the update's micro-batches run inside
+    it. ZeRO (DeepSpeed >= 0.17) counts micro-steps in that ``forward`` (``clear_backward_seen_flag``): without a
+    new count, ZeRO-3 copies each micro-batch's gradient partition over the previous one instead of adding it, so
+    the step would apply the last micro-batch's gradient only (``tests/test_packing_zero.py`` caught it).
+    """
+    clear = getattr(engine.optimizer, "clear_backward_seen_flag", None)
+    if clear is not None:
+        clear()
+
+
 def engine_grad_norm(engine: Any) -> float:
     """The global gradient norm (before clipping) that a ``DeepSpeedEngine`` computed in its last ``step()``.
 
@@ -221,7 +234,7 @@ class PolicyUpdater:
                 n_micro = (None if cfg.micro_batch_tokens is not None  # counted from the rows in accumulate
                            else math.ceil(min(mb, n_max - start) / cfg.micro_batch_size))
                 optimizer.zero_grad()
-                stats = self.accumulate(rollout, idx, device, n_micro)
+                stats = self.accumulate(rollout, idx, device, n_micro, ds_engine)
                 if cfg.grad_clip is not None and ds_engine is None:  # DeepSpeed clips inside its step
                     stats["grad_norm"] = grad_norm(self.policy)
                     self.clip_gradients(optimizer, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
@@ -239,7 +252,7 @@ class PolicyUpdater:
         return out
 
     def accumulate(self, rollout: RolloutBatch | None, idx: Tensor, device: torch.device,
-                   n_micro: int | None = None) -> dict[str, float]:
+                   n_micro: int | None = None, ds_engine: Any = None) -> dict[str, float]:
         """Backward the mini-batch ``idx`` in micro-batches; the summed gradient equals the full mini-batch loss.
 
         Token and sequence counts are summed over ranks and each rank's loss is multiplied by the world size, so the
@@ -249,11 +262,17 @@ class PolicyUpdater:
         ``n_micro``); the normalisers are the mini-batch's either way, so the grouping leaves the gradient unchanged
         up to float rounding.
 
+        Under DeepSpeed every ``backward`` is a gradient-accumulation boundary by default (its config's
+        ``gradient_accumulation_steps`` is 1: Lightning's), and ZeRO then keeps only the last micro-batch's gradient
+        for the step: the engine is told that only the last micro-batch ends the accumulation, and each micro-batch
+        starts a micro-step (:func:`_start_micro_step`).
+
         Args:
             rollout: the scored rollout (None: this rank only makes dummy passes).
             idx: ``(b,)`` rows of the mini-batch.
             device: the policy's device.
             n_micro: micro-batches every rank makes (default: this rank's own count).
+            ds_engine: the DeepSpeed engine, or None.
         """
         lcfg, ocfg = self.loss_cfg, self.optim_cfg
         rows = rollout.select(idx) if rollout is not None and idx.numel() else None
@@ -283,7 +302,11 @@ class PolicyUpdater:
         if ocfg.micro_batch_tokens is not None:
             n_micro = all_reduce_max(len(pieces))
         pieces += [None] * max((n_micro or len(pieces)) - len(pieces), 0)
-        for micro_idx in pieces:
+        for k, micro_idx in enumerate(pieces):
+            if ds_engine is not None:  # the same count on every rank: the boundaries (and reductions) line up
+                ds_engine.set_gradient_accumulation_boundary(k == len(pieces) - 1)
+                if k > 0:  # what the engine's forward does before a micro-step (ZeRO counts micro-steps there)
+                    _start_micro_step(ds_engine)
             if micro_idx is None:  # lock-step dummy pass: all parameters take part, zero gradient
                 dummy = torch.full((1, 1), self.pad_id, dtype=torch.long, device=device)
                 logits = self.policy(input_ids=dummy).logits
