@@ -26,6 +26,7 @@ run continues with the same samples, advantages and weights as an uninterrupted 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import queue
 import threading
@@ -156,6 +157,9 @@ class AsyncRollouts:
         self.live_policy = not collector.engine.capabilities.needs_weight_sync
         self.score_in_background = self.live_policy or not (needs.reads_logprobs or needs.segmenter_entropies)
         collector.may_sleep = False
+        # sampling encodes prompts while scoring (a segmenter, a PRM) may encode on another thread, and a fast
+        # tokenizer's encode is not thread-safe ("Already borrowed"): sampling gets its own copy
+        self.tokenizer = copy.deepcopy(collector.tokenizer)
         self.inflight: deque[InFlight] = deque()
         self.launched = 0
         self.worker = BackgroundWorker()
@@ -201,14 +205,14 @@ class AsyncRollouts:
 
     def _sample(self, batch: dict[str, Any], ctx: StepContext, version: int) -> Sampled:
         t0 = time.perf_counter()
-        sampled = self.collector.sample(batch, ctx, policy_version=version)
+        sampled = self.collector.sample(batch, ctx, policy_version=version, tokenizer=self.tokenizer)
         seconds = time.perf_counter() - t0
         sampled.metrics.update(self._sampled_metrics(sampled.rollout, seconds, seconds))
         return sampled
 
     def _sample_on_main(self, batch: dict[str, Any], ctx: StepContext) -> Sampled:
         t0 = time.perf_counter()
-        rollout, metrics = self.collector.make_rollout(batch, ctx)  # sampling and the passes, as a synchronous step
+        rollout, metrics = self.collector.make_rollout(batch, ctx, tokenizer=self.tokenizer)  # as a synchronous step
         seconds = time.perf_counter() - t0
         passes = metrics.get("time/old_logprobs_s", 0.0) + metrics.get("time/ref_logprobs_s", 0.0)
         metrics.update(self._sampled_metrics(rollout, seconds, seconds - passes))

@@ -24,38 +24,13 @@ from prpo_lightning.config import MismatchCheck, RolloutCorrectionConfig, Sampli
 from prpo_lightning.rollout.dynamic_sampling import fill_batch
 from prpo_lightning.rollout.engine import RolloutEngine, SampleRequest
 from prpo_lightning.rollout.offpolicy import correction_weights, mismatch_metrics
+from prpo_lightning.rollout.prompts import PromptFormat
 from prpo_lightning.rollout.sampling import left_pad, pad_token_id
 from prpo_lightning.runtime.distributed import all_reduce_max, group_seed
 from prpo_lightning.scoring.pipeline import Scorer, guarded_call
 from prpo_lightning.training.logprobs import batched_logprobs
 from prpo_lightning.training.packing import micro_batches, row_lengths
 from prpo_lightning.training.plan import PassPlan
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """How a problem becomes a prompt: ``template.format(problem=...)``, wrapped by the chat template when enabled.
-
-    Attributes:
-        template: format string with ``{problem}`` (a row's own ``prompt_template`` replaces it).
-        system_prompt: system message when the chat template is used.
-        use_chat_template: apply the tokenizer's chat template (None: when the tokenizer has one).
-    """
-
-    template: str
-    system_prompt: str | None = None
-    use_chat_template: bool | None = None
-
-    def __call__(self, problem: str, tokenizer: Any, template: str | None = None) -> str:
-        text = (template or self.template).format(problem=problem)
-        use_chat = self.use_chat_template
-        if use_chat is None:
-            use_chat = getattr(tokenizer, "chat_template", None) is not None
-        if not use_chat:
-            return text
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": text})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 @dataclass
@@ -206,6 +181,7 @@ class RolloutCollector:
     def make_rollout(
         self, batch: dict[str, Any], ctx: StepContext, greedy: bool = False, num_generations: int | None = None,
         sampling: SamplingConfig | None = None, with_logprobs: bool | None = None, round_index: int = 0,
+        tokenizer: Any = None,
     ) -> tuple[RolloutBatch | None, dict[str, float]]:
         """Sample completions for a prompt batch with the engine and run the planned log-prob passes.
 
@@ -222,6 +198,8 @@ class RolloutCollector:
             sampling: overrides the collector's sampling settings for this call (evaluation).
             with_logprobs: run the planned log-prob passes (default: when not greedy).
             round_index: dynamic sampling's extra rounds (1, 2, …) change the per-batch seed.
+            tokenizer: the tokenizer that encodes prompts and decodes completions (default: the policy's; the
+                asynchronous pipeline passes its own copy, since encoding is not thread-safe).
 
         Returns:
             ``(rollout, metrics)``; ``rollout`` lives on the CPU and is None when every prompt was skipped.
@@ -232,7 +210,7 @@ class RolloutCollector:
         """
         with_logprobs = (not greedy) if with_logprobs is None else with_logprobs
         sampled = self.sample(batch, ctx, greedy, num_generations, sampling,
-                              with_logprobs and self.plan.generation_entropies, round_index)
+                              with_logprobs and self.plan.generation_entropies, round_index, tokenizer=tokenizer)
         if with_logprobs:
             sampled.metrics.update(self.add_passes(sampled, ctx))
         elif self.plan.lockstep:
@@ -242,7 +220,7 @@ class RolloutCollector:
     def sample(
         self, batch: dict[str, Any], ctx: StepContext, greedy: bool = False, num_generations: int | None = None,
         sampling: SamplingConfig | None = None, record_entropies: bool = False, round_index: int = 0,
-        policy_version: int | None = None,
+        policy_version: int | None = None, tokenizer: Any = None,
     ) -> Sampled:
         """The engine's part of :meth:`make_rollout` (no trainer pass): format, tokenize, seed and sample.
 
@@ -251,11 +229,12 @@ class RolloutCollector:
         the engine held when the batch was launched (default: the current one).
         """
         version = self.weights_version if policy_version is None else int(policy_version)
+        tok = self.tokenizer if tokenizer is None else tokenizer
         sampling = sampling or self.sampling
         g = num_generations or (1 if greedy else sampling.num_generations)
         templates = batch.get("prompt_template") or [None] * len(batch["problem"])
-        texts = [self.prompt_format(p, self.tokenizer, t) for p, t in zip(batch["problem"], templates)]
-        token_ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        texts = [self.prompt_format(p, tok, t) for p, t in zip(batch["problem"], templates)]
+        token_ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
         keep = [i for i, ids in enumerate(token_ids) if len(ids) <= sampling.max_prompt_length]
         metrics = {"data/skipped_long_prompts": float(len(texts) - len(keep))}
         engine = self.setup_engine(ctx.device)
@@ -270,7 +249,7 @@ class RolloutCollector:
         if not keep:
             return Sampled(None, None, metrics)
         rows = torch.tensor(keep).repeat_interleave(g)  # (B,) prompt row of each completion
-        prompt_ids, prompt_mask = left_pad([token_ids[i] for i in keep], pad_token_id(self.tokenizer), ctx.device)
+        prompt_ids, prompt_mask = left_pad([token_ids[i] for i in keep], pad_token_id(tok), ctx.device)
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)  # (B, P)
         rollout = RolloutBatch(
             prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(),
@@ -278,7 +257,7 @@ class RolloutCollector:
             group_ids=batch["id"].cpu()[rows],
             problems=[batch["problem"][i] for i in rows.tolist()],
             answers=[batch["answer"][i] for i in rows.tolist()],
-            completions=self.tokenizer.batch_decode(result.completion_ids, skip_special_tokens=True),
+            completions=tok.batch_decode(result.completion_ids, skip_special_tokens=True),
             truncated=result.truncated.cpu(),
             entropies=result.entropies.cpu() if result.entropies is not None else None,
             policy_versions=torch.full((len(rows),), version, dtype=torch.long),
