@@ -33,6 +33,10 @@ def async_rollouts(p: Any, budget: Budget, work: Path, tokenizer_dir: str, accel
     median = {mode: statistics.median([s["train/time/step_s"] for s in rows[1:] if "train/time/step_s" in s] or [0])
               for mode, rows in per_step.items()}
     stale = [s.get("train/rollout/staleness_max") for s in per_step["async"] if "train/rollout/staleness_max" in s]
+    # the async run's first loader batch only fills the pipeline (no update, no grad norm): judge its updates
+    norms = [s["train/grad_norm"] for s in per_step["async"] if s.get("train/grad_norm") is not None]
+    runs["async"]["checks"]["grad_norm_positive"] = {"passed": len(norms) == steps and all(n > 0 for n in norms),
+                                                     "value": norms}
     checks = {
         "both_runs_finish": {"passed": all(all(c["passed"] is not False for c in run["checks"].values())
                                            for run in runs.values()),
