@@ -335,3 +335,22 @@ def test_async_accuracy_pairs_each_seed_with_its_synchronous_run(tmp_path):
     assert out["grpo"]["async_minus_sync"] == pytest.approx((0.02 - 0.01 + 0.02) / 3)
     assert out["grpo"]["sign_flip_p"] == pytest.approx(4 / 8)  # |sum| >= 0.03 for 4 of the 8 sign patterns
     assert out["prpo_rule_prm"]["async_minus_sync"] == 0.0 and out["prpo_rule_prm"]["paired_t_p"] == 1.0
+
+
+class Interrupt(L.Callback):
+    """Ctrl-C at the end of the second loader batch (the background is then sampling or scoring the next one)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_ends_the_background_thread(tmp_path):
+    tok = tokenizer_dir(tmp_path)
+    module = make_module(tok, engine=SnapshotEngine(), async_rollout=ASYNC)
+    trainer = make_trainer(tmp_path, 4, [Interrupt()])
+    try:  # Lightning turns Ctrl-C into a graceful stop (some versions exit)
+        trainer.fit(module, ToyPrompts())
+    except SystemExit:
+        pass
+    assert trainer.interrupted and module.global_step == 1 and _no_worker_thread()
