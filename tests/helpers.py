@@ -1,9 +1,14 @@
-"""Test helpers: a character-level tokenizer and tiny Qwen2 configs (no hub access)."""
+"""Test helpers: a character-level tokenizer, tiny Qwen2 configs (no hub access) and ``prpo-fit`` in a child process."""
 
 from __future__ import annotations
 
+import os
 import string
+import subprocess
+import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 CHARS = string.digits + string.ascii_letters + " \n+-*/=()[]{}\\.,:;?!'$^_<>|%"
 
@@ -40,3 +45,12 @@ def tiny_qwen2_config(vocab_size: int = 128, hidden: int = 32, layers: int = 2) 
         "eos_token_id": 1,
         "bos_token_id": 1,
     }
+
+
+def prpo_fit(args: list[str], timeout_s: float = 400) -> subprocess.CompletedProcess:
+    """``prpo-fit <args>`` in a child process (one thread, offline, ``tests/`` importable), its output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    code = "import sys; from prpo_lightning.cli import main; sys.argv[0] = 'prpo-fit'; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=str(REPO), capture_output=True, text=True,
+                          timeout=timeout_s)

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -20,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from helpers import prpo_fit
 from test_resume import ParityVerifier, ToyPrompts, cli_fit_args, make_module, make_trainer, tokenizer_dir
 from test_skips import OneSegment, ProcessGroupNorm, deadline
 
@@ -232,12 +232,6 @@ def test_the_timeout_is_checked_naming_the_key(tmp_path):
         make_module(tokenizer_dir(tmp_path), component_timeout_s=0)
 
 
-def _prpo_fit(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    code = "import sys; from prpo_lightning.cli import main; sys.argv[0] = 'prpo-fit'; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=str(REPO), capture_output=True, text=True,
-                          timeout=400)
 
 
 @pytest.mark.slow
@@ -259,20 +253,20 @@ def test_sigterm_while_a_prm_stalls_saves_the_state_before_the_step_and_exits_14
                             "--ckpt_path=last")[1:]
 
     start = time.monotonic()
-    first = _prpo_fit(["fit", *command(tmp_path)])
+    first = prpo_fit(["fit", *command(tmp_path)])
     assert first.returncode == 143, (first.stdout + first.stderr)[-4000:]
     assert time.monotonic() - start < 250  # not the 300 s limit: the signal ended the wait
     assert "stopped by a signal after step 2" in first.stdout
     last = tmp_path / "runs" / "toy" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2
-    second = _prpo_fit(["fit", *command(tmp_path)])
+    second = prpo_fit(["fit", *command(tmp_path)])
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     resumed = torch.load(last, weights_only=False)
     assert resumed["global_step"] == 4
     straight_root = tmp_path / "straight"
     straight_root.mkdir()
     (straight_root / "signalled").write_text("never signal")
-    straight = _prpo_fit(["fit", *command(straight_root)])
+    straight = prpo_fit(["fit", *command(straight_root)])
     assert straight.returncode == 0, (straight.stdout + straight.stderr)[-4000:]
     want = torch.load(straight_root / "runs" / "toy" / "checkpoints" / "last.ckpt", weights_only=False)
     assert want["global_step"] == 4

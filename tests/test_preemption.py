@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from helpers import prpo_fit
 import torch
 from test_resume import ParityVerifier, cli_fit_args, tokenizer_dir
 
@@ -44,12 +45,6 @@ class SignalOnce(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def _prpo_fit(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    code = "import sys; from prpo_lightning.cli import main; sys.argv[0] = 'prpo-fit'; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=str(REPO), capture_output=True, text=True,
-                          timeout=400)
 
 
 @pytest.mark.slow
@@ -66,7 +61,7 @@ def test_a_signal_saves_last_and_exits_143_and_the_requeue_resumes(tmp_path, sig
               f"--trainer.callbacks.signum={int(signum)}"]
     mode = ["--model.async_rollout.enabled=true"] if asynchronous else []
     command = cli_fit_args(tmp_path, tok, 5, *every_10, *killer, *mode, "--ckpt_path=last")[1:]
-    first = _prpo_fit(["fit", *command])
+    first = prpo_fit(["fit", *command])
     assert first.returncode == 143, (first.stdout + first.stderr)[-4000:]
     assert "stopped by a signal after step 2" in first.stdout
     last = tmp_path / "runs" / "toy" / "checkpoints" / "last.ckpt"
@@ -74,7 +69,7 @@ def test_a_signal_saves_last_and_exits_143_and_the_requeue_resumes(tmp_path, sig
     assert saved["global_step"] == 2  # no checkpoint was due before step 10
     in_flight = [v for k, v in saved["callbacks"].items() if k.startswith("AsyncRolloutsHooks")]
     assert [len(v["pending"]) for v in in_flight] == ([1] if asynchronous else [])
-    second = _prpo_fit(["fit", *command])
+    second = prpo_fit(["fit", *command])
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     assert (tmp_path / "log").read_text().split("\n")[:-1] == ["start 0", "start 2", "end 5"]  # resumed at step 2
 
@@ -110,7 +105,7 @@ def test_sigterm_during_evaluation_saves_exits_143_and_the_resume_redoes_the_eva
                             "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_last=true",
                             "--ckpt_path=last")[1:]
 
-    first = _prpo_fit(["fit", *command(tmp_path)])
+    first = prpo_fit(["fit", *command(tmp_path)])
     assert first.returncode == 143, (first.stdout + first.stderr)[-4000:]
     out = first.stdout + first.stderr
     assert "evaluation at step 2 stopped by a signal after 1 of 2 batches" in out, out[-3000:]
@@ -120,7 +115,7 @@ def test_sigterm_during_evaluation_saves_exits_143_and_the_resume_redoes_the_eva
     assert saved["global_step"] == 2
     history = next(v for k, v in saved["callbacks"].items() if k.startswith("MathEvalCallback"))["history"]
     assert history == []  # the stopped evaluation recorded nothing
-    second = _prpo_fit(["fit", *command(tmp_path)])
+    second = prpo_fit(["fit", *command(tmp_path)])
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     assert "held-out accuracy at the resumed step (step 2)" in second.stdout + second.stderr
     resumed = torch.load(next(last.parent.glob("*step=4.ckpt")), weights_only=False)  # the scheduled save at 4
@@ -128,7 +123,7 @@ def test_sigterm_during_evaluation_saves_exits_143_and_the_resume_redoes_the_eva
     straight_root = tmp_path / "straight"
     straight_root.mkdir()
     (straight_root / "signalled").write_text("never signal")
-    straight = _prpo_fit(["fit", *command(straight_root)])
+    straight = prpo_fit(["fit", *command(straight_root)])
     assert straight.returncode == 0, (straight.stdout + straight.stderr)[-4000:]
     want = torch.load(next((straight_root / "runs" / "toy" / "checkpoints").glob("*step=4.ckpt")), weights_only=False)
     assert resumed["global_step"] == want["global_step"] == 4
