@@ -243,26 +243,11 @@ def test_unreachable_urls_are_named_at_setup_and_mid_run(setup, tmp_path):
 
 
 def _fit(root: Path, url: str, steps: int, ckpt_in: str | None = None, **module_kw) -> tuple[dict, list]:
-    """A ``steps``-step run against a running server (connected: setup pushes the policy's weights), checkpointing
-    after every step; returns the final weights and the (seeds, completion ids) of every rollout."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from test_engines_vllm_module import vllm_module
-    from test_resume import ToyPrompts, make_trainer, tokenizer_dir
+    """``test_engines_vllm_module._fit`` against a running server (connected: setup pushes the policy's weights):
+    the final weights and the (seeds, completion ids, thread) of every rollout."""
+    from test_engines_vllm_module import _fit as fit_with
 
-    module = vllm_module(tokenizer_dir(root), engine=VLLMServerEngine(urls=[url], **SERVER_KW), **module_kw)
-    samples: list = []
-    sample = module.engine.sample
-
-    def recording_sample(request):
-        result = sample(request)
-        samples.append((list(request.seeds), result.completion_ids.clone()))
-        return result
-
-    module.engine.sample = recording_sample
-    every_step = ModelCheckpoint(dirpath=str(root), every_n_train_steps=1, save_last=True, save_top_k=-1)
-    trainer = make_trainer(root, steps, callbacks=[every_step], enable_checkpointing=True)
-    trainer.fit(module, ToyPrompts(n=8, batch_size=2, seed=1), ckpt_path=ckpt_in)
-    return {k: v.clone() for k, v in module.policy.state_dict().items()}, samples
+    return fit_with(root, steps, ckpt_in, engine=VLLMServerEngine(urls=[url], **SERVER_KW), **module_kw)
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
@@ -283,7 +268,7 @@ def test_interrupted_run_resumes_exactly(setup, tmp_path, asynchronous):
     finally:
         engine.sync_weights(model, engine.weight_version + 1)  # the shared servers back to the fixture's weights
     assert (len(full_samples), len(first), len(rest)) == ((5, 3, 2) if asynchronous else (4, 2, 2))
-    for (seeds_a, ids_a), (seeds_b, ids_b) in zip(full_samples, first + rest):
+    for (seeds_a, ids_a, _), (seeds_b, ids_b, _) in zip(full_samples, first + rest):
         assert seeds_a == seeds_b and torch.equal(ids_a, ids_b)
     for name, value in full.items():
         assert torch.equal(value, resumed[name]), name
