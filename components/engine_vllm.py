@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from prpo_lightning.runtime.checkpoint import collect_rng_states, restore_rng_states
-from prpo_lightning.rollout.engine import EngineCapabilities, RolloutEngine, RolloutResult, SampleRequest, pack_completions
+from prpo_lightning.rollout.engine import EngineCapabilities, RolloutEngine, RolloutResult, SampleRequest, pack_sampled
 from prpo_lightning.training.lora import base_model, is_lora, merged_weights
 from prpo_lightning.rollout.sampling import pad_token_id
 
@@ -386,9 +386,4 @@ class VLLMEngine(RolloutEngine):
                 tokens = list(sample.token_ids)
                 rows.append(tokens)
                 logprobs.append([float(sample.logprobs[t][tok].logprob) for t, tok in enumerate(tokens)])
-        ids, mask, truncated = pack_completions(rows, eos_id, pad_id, sampling.max_new_tokens, self.device)
-        sampler_logprobs = torch.zeros(ids.shape, dtype=torch.float32)  # (B, T)
-        for i, row_logprobs in enumerate(logprobs):
-            n = int(mask[i].sum())
-            sampler_logprobs[i, :n] = torch.tensor(row_logprobs[:n], dtype=torch.float32)
-        return RolloutResult(ids, mask, truncated, sampler_logprobs=sampler_logprobs.to(self.device))
+        return pack_sampled(rows, logprobs, eos_id, pad_id, sampling.max_new_tokens, self.device)

@@ -46,7 +46,7 @@ from components.vllm_ranks import DeadServer, ServerUnavailableError, run_on_ran
 from components.vllm_support import checked_weights, cpu_prefill_settings, remove_stale_model_dirs, tmp_prefix, weight_manifest
 from components.weight_transfer import DiskTransport, NCCLTransport, server_version, set_version
 from prpo_lightning.rollout.engine import (
-    EngineCapabilities, RolloutEngine, RolloutResult, SampleRequest, StaleWeightsError, pack_completions,
+    EngineCapabilities, RolloutEngine, RolloutResult, SampleRequest, StaleWeightsError, pack_sampled,
 )
 from prpo_lightning.rollout.sampling import pad_token_id
 from prpo_lightning.training.lora import base_model
@@ -422,9 +422,4 @@ class VLLMServerEngine(RolloutEngine):
             for tokens, row_logprobs in group:
                 rows.append(tokens)
                 logprobs.append(row_logprobs)
-        ids, mask, truncated = pack_completions(rows, eos_id, pad_id, sampling.max_new_tokens, self.device)
-        sampler_logprobs = torch.zeros(ids.shape, dtype=torch.float32)  # (B, T)
-        for i, row in enumerate(logprobs):
-            n = int(mask[i].sum())
-            sampler_logprobs[i, :n] = torch.tensor(row[:n], dtype=torch.float32)
-        return RolloutResult(ids, mask, truncated, sampler_logprobs=sampler_logprobs.to(self.device))
+        return pack_sampled(rows, logprobs, eos_id, pad_id, sampling.max_new_tokens, self.device)

@@ -10,7 +10,7 @@ import torch
 from components.engines import AutoEngine, HFGenerateEngine, StaticCacheEngine
 from helpers import build_char_tokenizer, tiny_qwen2_config
 from prpo_lightning.runtime.distributed import group_seed
-from prpo_lightning.rollout.engine import RolloutResult, StaleWeightsError, pack_completions, SampleRequest
+from prpo_lightning.rollout.engine import RolloutResult, StaleWeightsError, pack_completions, pack_sampled, SampleRequest
 from prpo_lightning.runtime.models import load_causal_lm, load_tokenizer
 from prpo_lightning.config import SamplingConfig
 from prpo_lightning.rollout.sampling import generate_completions, generate_groups, left_pad
@@ -127,3 +127,12 @@ def test_pack_completions_conventions():
     assert ids.tolist() == [[5, 1, 0, 0], [5, 6, 7, 8], [5, 6, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
     assert mask.sum(1).tolist() == [2, 4, 2, 0, 1]  # EOS included, nothing after it
     assert truncated.tolist() == [False, True, False, False, False]  # no EOS and the whole budget used
+
+
+def test_pack_sampled_keeps_the_log_probs_of_the_kept_tokens():
+    rows, logprobs = [[5, 1, 7], [5, 6], []], [[-0.5, -1.0, -9.0], [-0.25, -2.0], []]
+    out = pack_sampled(rows, logprobs, eos_id=1, pad_id=0, max_new_tokens=3)
+    assert out.completion_ids.tolist() == [[5, 1], [5, 6], [0, 0]]
+    # the token after EOS (-9.0) is cut with it; padding is 0
+    assert out.sampler_logprobs.tolist() == [[-0.5, -1.0], [-0.25, -2.0], [0.0, 0.0]]
+    assert out.sampler_logprobs.dtype == torch.float32 and out.truncated.tolist() == [False, False, False]

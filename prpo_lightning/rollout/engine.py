@@ -276,3 +276,25 @@ def pack_completions(
         [(not r or r[-1] != eos_id) and len(r) >= max_new_tokens for r in kept], dtype=torch.bool
     )  # (B,)
     return ids.to(device), mask.to(device), truncated.to(device)
+
+
+def pack_sampled(
+    rows: list[list[int]], logprobs: list[list[float]], eos_id: int, pad_id: int, max_new_tokens: int,
+    device: torch.device | str = "cpu",
+) -> RolloutResult:
+    """:func:`pack_completions` plus the sampler's log-prob of every kept token (engines that return both as lists).
+
+    Args:
+        rows: ``B`` lists of sampled token ids.
+        logprobs: ``B`` lists of the sampler's log-probs of those tokens (at least as long as each kept row).
+        eos_id / pad_id / max_new_tokens / device: as for :func:`pack_completions`.
+
+    Returns:
+        The result with ``sampler_logprobs`` ``(B, T)`` float32, 0 after each kept row.
+    """
+    ids, mask, truncated = pack_completions(rows, eos_id, pad_id, max_new_tokens, device)
+    sampler_logprobs = torch.zeros(ids.shape, dtype=torch.float32)  # (B, T)
+    for i, row in enumerate(logprobs):
+        n = int(mask[i].sum())
+        sampler_logprobs[i, :n] = torch.tensor(row[:n], dtype=torch.float32)
+    return RolloutResult(ids, mask, truncated, sampler_logprobs=sampler_logprobs.to(device))
