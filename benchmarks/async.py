@@ -19,7 +19,6 @@ writes ``benchmarks/results/async.json`` (the numbers ``docs/async.md`` quotes).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -30,6 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_common import read_phase_times  # noqa: E402
+
 PHASES = ("step_s", "rollout_s", "generate_s", "old_logprobs_s", "scoring_s", "update_s", "weight_sync_s",
           "batch_wait_s")
 SERVED = ["--model.engine=components.engines.VLLMServerEngine", "--model.engine.init_args.kv_cache_memory_gib=0.5",
@@ -62,14 +65,7 @@ def run(engine: str, mode: str, steps: int, workdir: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{tag} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    rows: dict[int, dict[str, float]] = {}
-    with open(next(workdir.glob(f"{tag}/version_*/metrics.csv"))) as handle:
-        for row in csv.DictReader(handle):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key.startswith("train/time/") and value not in ("", None):
-                    rows.setdefault(step, {})[key.removeprefix("train/time/")] = float(value)
-    return {"wall_s": wall, "steps": [rows[k] for k in sorted(rows)]}
+    return {"wall_s": wall, "steps": read_phase_times(next(workdir.glob(f"{tag}/version_*/metrics.csv")))}
 
 
 def pinned_python(workdir: Path, cpu: int) -> str:

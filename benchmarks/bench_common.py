@@ -255,3 +255,18 @@ def publish(name: str, res: dict[str, Any], markdown: str, to_docs: bool = True)
     print(markdown)
     if to_docs:
         write_docs_section(name, markdown)
+
+
+def read_phase_times(metrics_csv: Path) -> list[dict[str, float]]:
+    """The ``train/time/*`` values of a CSVLogger ``metrics.csv``, one dict per logged step in step order (keys
+    without the ``train/time/`` prefix)."""
+    import csv
+
+    rows: dict[int, dict[str, float]] = {}
+    with open(metrics_csv) as handle:
+        for row in csv.DictReader(handle):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key.startswith("train/time/") and value not in ("", None):
+                    rows.setdefault(step, {})[key.removeprefix("train/time/")] = float(value)
+    return [rows[k] for k in sorted(rows)]
