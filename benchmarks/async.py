@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_common import read_phase_times  # noqa: E402
+from bench_common import fit_demo  # noqa: E402
 
 PHASES = ("step_s", "rollout_s", "generate_s", "old_logprobs_s", "scoring_s", "update_s", "weight_sync_s",
           "batch_wait_s")
@@ -53,19 +52,10 @@ MODES = {"sync": [], "async": ["--model.async_rollout.enabled=true"]}
 
 def run(engine: str, mode: str, steps: int, workdir: Path) -> dict:
     """Train ``steps`` optimizer steps; return the per-step phase timings and the wall time."""
-    tag = f"{engine}_{mode}"
     split = SPLIT if engine == "served_split" else {"prefix": [], "env": {}}
     extra = [f"--model.engine.init_args.python={pinned_python(workdir, 1)}"] if engine == "served_split" else []
-    args = [*split["prefix"], sys.executable, "-m", "prpo_lightning.cli", "fit", "--config",
-            str(ROOT / "configs" / "demo.yaml"), *ENGINES[engine], *extra, *MODES[mode], f"--trainer.max_steps={steps}", "--trainer.callbacks=[]",
-            f"--trainer.logger.init_args.save_dir={workdir}", f"--trainer.logger.init_args.name={tag}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **split["env"]}
-    start = time.perf_counter()
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=3000, cwd=workdir)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{tag} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return {"wall_s": wall, "steps": read_phase_times(next(workdir.glob(f"{tag}/version_*/metrics.csv")))}
+    return fit_demo([*ENGINES[engine], *extra, *MODES[mode], f"--trainer.max_steps={steps}"], workdir,
+                    f"{engine}_{mode}", split["prefix"], split["env"])
 
 
 def pinned_python(workdir: Path, cpu: int) -> str:

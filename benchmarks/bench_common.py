@@ -270,3 +270,30 @@ def read_phase_times(metrics_csv: Path) -> list[dict[str, float]]:
                 if key.startswith("train/time/") and value not in ("", None):
                     rows.setdefault(step, {})[key.removeprefix("train/time/")] = float(value)
     return [rows[k] for k in sorted(rows)]
+
+
+def fit_demo(overrides: list[str], workdir: Path, tag: str, prefix: list[str] | None = None,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``prpo-fit fit`` of ``configs/demo.yaml`` with ``overrides`` in a fresh process (CSV logs under
+    ``workdir/tag``, evaluation callbacks off); ``{"wall_s", "steps"}`` with :func:`read_phase_times`' per-step timings.
+
+    Args:
+        overrides: extra command-line arguments (engine, mode, ``--trainer.max_steps``).
+        workdir: the run's working and log folder.
+        tag: the logger's run name.
+        prefix: a command put in front of the interpreter (e.g. ``taskset -c 0``).
+        env: extra environment variables.
+
+    Raises:
+        RuntimeError: the run failed (its output's tail is in the message).
+    """
+    args = [*(prefix or []), sys.executable, "-m", "prpo_lightning.cli", "fit", "--config",
+            str(ROOT / "configs" / "demo.yaml"), *overrides, "--trainer.callbacks=[]",
+            f"--trainer.logger.init_args.save_dir={workdir}", f"--trainer.logger.init_args.name={tag}"]
+    run_env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
+    start = time.perf_counter()
+    proc = subprocess.run(args, env=run_env, capture_output=True, text=True, timeout=3000, cwd=workdir)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tag} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return {"wall_s": wall, "steps": read_phase_times(next(workdir.glob(f"{tag}/version_*/metrics.csv")))}
