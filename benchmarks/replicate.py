@@ -13,7 +13,8 @@ Usage::
     .venv/bin/python benchmarks/replicate.py --grid implicit-sweep --seeds 0 1 2  # PRPO over ImplicitPRM, beta x lr
     .venv/bin/python benchmarks/replicate.py --grid spro-cap --seeds 0 1 2        # SPRO with its process cap
     .venv/bin/python benchmarks/replicate.py --grid bab --jobs 2   # best against best: 6 methods x 4 lrs, 60 steps
-    .venv/bin/python benchmarks/replicate.py --grid long --jobs 2  # the same on 5-8-operation chains
+    .venv/bin/python benchmarks/replicate.py --grid learned --jobs 2  # + PRPO, process-only over the learned PRM
+    .venv/bin/python benchmarks/replicate.py --grid long --jobs 2     # GRPO and PRPO on 5-8-operation chains
 
 Method grids live in ``benchmarks/replicate_grids.py``; each grid writes its own block of ``docs/replication.md``
 and its own plots.
@@ -48,7 +49,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replicate_bab import report_lines as bab_report_lines  # best against best: lr on validation, AUC
-from replicate_grids import BAB_LRS, GRID_SETTINGS, GRIDS, MAIN_LR, baseline_of  # the method grids
+from replicate_compare import chain_length_lines, learned_prm_lines  # issue 28's cross-grid tables
+from replicate_grids import GRID_SETTINGS, GRIDS, MAIN_LR, TASK_LABELS, baseline_of  # the method grids
 from replicate_splits import VALIDATION_KEY, write_eval_sets  # held-out and validation sets
 from replicate_plots import band, by_method_of, extra_plots, save  # plots shared by every grid and grid-specific
 from replicate_stats import paired_tests  # the paired tests against GRPO
@@ -264,6 +266,34 @@ def write_block(path: Path, tag: str, lines: list[str], title: str = "# Small-sc
     path.write_text(text)
 
 
+def finished_runs(out: Path, methods: list[str], seeds: list[int]) -> list[dict]:
+    """The finished runs among ``methods`` × ``seeds``: ``out``'s ``result.json``, else the committed copy."""
+    results = []
+    for m, seed in ((m, seed) for seed in seeds for m in methods):
+        done = run_dir(out, m, seed) / "result.json"
+        done = done if done.exists() else MIRROR / m / f"seed{seed}.json"
+        if done.exists():
+            results.append(json.loads(done.read_text()))
+    return results
+
+
+def write_cross_grid_blocks(args: argparse.Namespace, results: list[dict]) -> None:
+    """Issue 28's cross-grid tables (``replicate_compare.py``): PRPO's gain by chain length, from the finished
+    ``bab`` and ``long`` runs, once both have runs; the learned PRM against the exact one, for the ``learned`` grid."""
+    doc = REPO / "docs" / "replication.md"
+    horizon = args.max_steps
+    if args.grid in ("bab", "long"):
+        runs = {g: results if g == args.grid else finished_runs(args.out, list(GRIDS[g][0]), args.seeds)
+                for g in ("bab", "long")}
+        if all(runs.values()):
+            write_block(doc, "replication-chain-length", chain_length_lines(
+                {f"{TASK_LABELS[g]}": (runs[g], GRID_SETTINGS[g]["lrs"]) for g in ("bab", "long")}, horizon))
+    if args.grid == "learned":
+        write_block(doc, "replication-learned-compare", learned_prm_lines(
+            results, GRID_SETTINGS["learned"]["lrs"], horizon,
+            {"prpo_learned_prm": "prpo_rule_prm", "process_only_learned_prm": "process_only"}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", choices=list(GRIDS), default="main",
@@ -297,11 +327,7 @@ def main() -> None:
     grid = [(m, seed) for seed in args.seeds for m in args.methods]  # seed-major: partial grids stay balanced
     results = []
     if args.report_only:
-        for m, seed in grid:
-            done = run_dir(args.out, m, seed) / "result.json"
-            done = done if done.exists() else MIRROR / m / f"seed{seed}.json"
-            if done.exists():
-                results.append(json.loads(done.read_text()))
+        results = finished_runs(args.out, args.methods, args.seeds)
     else:
         def job(item: tuple[str, int]) -> dict | None:
             print(f"[replicate] start {item[0]} seed {item[1]}", flush=True)
@@ -323,9 +349,11 @@ def main() -> None:
     extra_plots(results, REPO / "docs" / "_static", tag)  # SPRO mechanism, Hypothesis-1 summary
     write_report(table, methods, args, REPO / "docs" / "replication.md", tag)
     if args.grid in GRID_SETTINGS:  # best against best: lr chosen on validation, AUC, steps to threshold
-        best = bab_report_lines(results, BAB_LRS, args.max_steps, args.threshold, len(args.methods) * len(args.seeds))
+        lrs = settings["lrs"]
+        best = bab_report_lines(results, lrs, args.max_steps, args.threshold, len(args.methods) * len(args.seeds))
         write_block(REPO / "docs" / "replication.md", f"{tag}-best",
                     [*best, "", f"![each method at its chosen lr](_static/{tag}_best.png)"])
+        write_cross_grid_blocks(args, results)
     raw = REPO / "benchmarks" / "results" / f"{tag}.json"
     raw.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
                                "budget": BUDGET, "table": table, "runs": results}, indent=1, default=str))

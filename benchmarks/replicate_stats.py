@@ -7,7 +7,7 @@ import functools
 import math
 
 
-def t_two_sided_p(t: float, df: int) -> float:
+def t_two_sided_p(t: float, df: float) -> float:
     """Two-sided p-value of Student's t: ``I_{df/(df+t²)}(df/2, 1/2)``."""
     import mpmath
 
@@ -52,3 +52,18 @@ def paired_tests(a: list[float], b: list[float]) -> tuple[float, float, float]:
         s = sum(x if (mask >> i) & 1 == 0 else -x for i, x in enumerate(d))
         extreme += abs(s) >= abs(sum(d)) - 1e-12
     return mean, t_p, extreme / 2**n
+
+
+def welch_p(a: list[float], b: list[float]) -> float:
+    """Two-sided p of Welch's unequal-variance t-test of mean(a) = mean(b) (Welch–Satterthwaite degrees of freedom).
+
+    NaN when either sample has fewer than two values, or both have zero variance (t undefined)."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) / len(a)  # squared standard error of each mean
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) / len(b)
+    if va + vb == 0:
+        return float("nan")
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return t_two_sided_p((ma - mb) / math.sqrt(va + vb), df)

@@ -245,7 +245,12 @@ def test_bab_grids_name_every_method_at_every_lr_and_pair_with_their_own_grpo():
     bab, long = replicate_grids.best_vs_best("bab"), replicate.METHODS
     assert len(bab) == 6 * 4
     assert bab["bab_prpo_rule_prm_lr3e-05"] == [*replicate.METHODS["prpo_rule_prm"], "--model.optim.lr=3e-05"]
-    assert long["long_pure_lr0.0003"] == [*replicate.METHODS["pure"], *replicate_grids.LONG_TASK, "--model.optim.lr=0.0003"]
+    assert long["long_prpo_rule_prm_lr3e-05"] == [*replicate.METHODS["prpo_rule_prm"], *replicate_grids.LONG_TASK,
+                                                  "--model.optim.lr=3e-05"]
+    long_grid = replicate_grids.GRIDS["long"][0]  # GRPO and PRPO at the two lrs any bab method chose
+    assert sorted(long_grid) == sorted(f"long_{m}_lr{lr:g}" for m in ("grpo", "prpo_rule_prm") for lr in (3e-5, 1e-4))
+    assert replicate_grids.GRID_SETTINGS["long"]["lrs"] == (3e-5, 1e-4) == replicate_grids.GRID_SETTINGS["learned"]["lrs"]
+    assert replicate_grids.GRID_SETTINGS["bab"]["lrs"] == replicate_grids.BAB_LRS
     assert replicate_grids.baseline_of("bab_pure_lr0.0001") == "bab_grpo_lr0.0001"  # not the 20-step main table's
     assert replicate_grids.baseline_of("long_prm_avg_lr1e-05") == "long_grpo_lr1e-05"
     assert replicate_grids.GRID_SETTINGS["bab"]["max_steps"] == 60
@@ -275,8 +280,8 @@ def test_a_committed_copy_resumes_a_run_and_a_stale_copy_or_other_eval_sets_are_
 
 def test_learned_prm_grid_shares_the_bab_runs_and_swaps_only_the_prm():
     learned = replicate_grids.GRIDS["learned"][0]
-    assert learned["bab_grpo_lr0.0003"] == replicate.METHODS["bab_grpo_lr0.0003"]  # trained once for both grids
-    assert len(learned) == 5 * 4
+    assert learned["bab_grpo_lr3e-05"] == replicate.METHODS["bab_grpo_lr3e-05"]  # trained once for both grids
+    assert len(learned) == 5 * 2
     exact, ours = learned["bab_process_only_lr0.0001"], learned["bab_process_only_learned_prm_lr0.0001"]
     assert [a for a in exact if a not in ours] == [f"--model.prm={replicate_grids.EQ_PRM}"]
     assert [a for a in ours if a not in exact] == ["--model.prm=components.prms.LearnedArithPRM"]
@@ -300,3 +305,67 @@ def test_warm_start_overlap_counts_the_problems_the_warm_start_saw(tmp_path):
     assert replicate_splits.warm_start_overlap(ws, 20) == {
         "warm_start_problems": 10, "validation_seen": 0, "validation": 20, "train_rows_seen": 10,
         "train_rows": replicate_splits.NUM_TRAIN, "held_out_seen": 0}
+
+
+# ---------------------------------------------------------------- cross-grid tables (issue 28)
+import replicate_compare  # noqa: E402
+
+
+def test_welch_p_hand_values():
+    # a = [1, 3], b = [5, 7]: squared standard errors 2/2 = 1 each, t = (2 - 6) / sqrt(2), df = 2^2 / (1 + 1) = 2;
+    # with 2 degrees of freedom the two-sided p is 1 - |t| / sqrt(2 + t^2) = 1 - sqrt(8) / sqrt(10)
+    assert replicate_stats.welch_p([1, 3], [5, 7]) == pytest.approx(1 - math.sqrt(8 / 10), abs=1e-9)
+    assert replicate_stats.welch_p([0, 2], [0, 2]) == pytest.approx(1.0)
+    assert math.isnan(replicate_stats.welch_p([1], [1, 2]))  # one value: no variance
+    assert math.isnan(replicate_stats.welch_p([1, 1], [2, 2]))  # no variance in either: t undefined
+
+
+def _run(grid: str, method: str, lr: float, seed: int, val: float, held: list[float], **train) -> dict:
+    run = _bab(method, lr, seed, val, held)
+    run["method"] = f"{grid}_{method}_lr{lr:g}"
+    for key, values in train.items():  # train curves logged at steps 50 and 60
+        run["curves"][f"train/completion/{key}" if key != "prm" else "train/prm/score_mean"] = list(zip((50, 60), values))
+    return run
+
+
+def test_chain_length_table_pairs_each_task_at_its_chosen_lrs_and_compares_the_gains():
+    bab, long = [], []
+    for seed, (d_bab, d_long) in enumerate([(0.02, 0.10), (0.04, 0.12), (0.06, 0.14)]):
+        # bab: both choose 1e-4; long: GRPO's validation prefers 3e-5 (the 1e-4 held-out values must not be used)
+        bab += [_run("bab", "grpo", 1e-4, seed, 0.5, [0.4, 0.4, 0.40]), _run("bab", "grpo", 3e-5, seed, 0.4, [0.4, 0.4, 0.9]),
+                _run("bab", "prpo_rule_prm", 1e-4, seed, 0.5, [0.4, 0.4, 0.40 + d_bab]),
+                _run("bab", "prpo_rule_prm", 3e-5, seed, 0.4, [0.4, 0.4, 0.9])]
+        long += [_run("long", "grpo", 3e-5, seed, 0.2, [0.0, 0.1, 0.10]), _run("long", "grpo", 1e-4, seed, 0.1, [0.0, 0.1, 0.9]),
+                 _run("long", "prpo_rule_prm", 1e-4, seed, 0.2, [0.0, 0.1, 0.10 + d_long])]
+    gains = replicate_compare.gains(long, (3e-5, 1e-4), "prpo_rule_prm", "grpo", 60)
+    assert gains == pytest.approx({0: 0.10, 1: 0.12, 2: 0.14})
+    # AUC gain: only the final point differs, by d, and it weighs 30 * d / 2 / 60 = d / 4
+    assert replicate_compare.gains(bab, (3e-5, 1e-4), "prpo_rule_prm", "grpo", 60, "auc") == pytest.approx(
+        {0: 0.005, 1: 0.01, 2: 0.015})
+    lines = replicate_compare.chain_length_lines({"default": (bab, (3e-5, 1e-4)), "long": (long, (3e-5, 1e-4))}, 60)
+    text = "\n".join(lines)
+    # bab: d = [0.02, 0.04, 0.06], mean 0.04, sd 0.02, CI half-width t_{0.975,2} * 0.02 / sqrt(3) = 4.303 * 0.01155
+    half = replicate_stats.t_quantile_975(2) * 0.02 / math.sqrt(3)
+    assert f"| default | 3e-05, 0.0001 | 0.0001: 40.0% (3 seeds) | 0.0001: 44.0% (3 seeds) | +4.0 ± {half * 100:.1f} pts" in text
+    assert "| long | 3e-05, 0.0001 | 3e-05: 10.0% (3 seeds) | 0.0001: 22.0% (3 seeds) | +12.0 ± " in text
+    # the gains differ by 0.08 with equal spreads (sd 0.02, n 3): t = 0.08 / sqrt(2 * 0.0004 / 3), df = 4
+    t = 0.08 / math.sqrt(2 * 0.0004 / 3)
+    p = replicate_stats.t_two_sided_p(t, 4)
+    assert f"Gain on long minus gain on default: final +8.0 pts (Welch t p = {p:.3f}), AUC +2.0 pts" in text
+
+
+def test_learned_prm_table_pairs_learned_with_exact_and_lists_the_collapse_symptoms():
+    results = []
+    for seed in range(2):
+        results += [_run("bab", "grpo", 1e-4, seed, 0.5, [0.42, 0.45, 0.48], no_boxed_frac=[0.0, 0.02], length_mean=[36, 38]),
+                    _run("bab", "process_only", 3e-5, seed, 0.5, [0.42, 0.44, 0.46], prm=[0.6, 0.8]),
+                    _run("bab", "process_only_learned_prm", 3e-5, seed, 0.5, [0.42, 0.20, 0.30 + 0.02 * seed],
+                         no_boxed_frac=[0.2, 0.4], length_mean=[20, 10], prm=[0.7, 0.9])]
+    lines = replicate_compare.learned_prm_lines(results, (3e-5, 1e-4), 60,
+                                                {"process_only_learned_prm": "process_only"})
+    text = "\n".join(lines)
+    # learned - exact per seed: 0.30 - 0.46 = -0.16 and 0.32 - 0.46 = -0.14: mean -0.15
+    assert "| process_only_learned_prm | process_only | 3e-05: 46.0% (2 seeds) | 3e-05: 31.0% (2 seeds) | -15.0 ± " in text
+    # symptoms: start 42%, lowest of each seed 0.20, final mean 0.31; vs GRPO's 0.48: -17 pts; tails over steps > 50
+    assert "| process_only_learned_prm | 3e-05 | 42.0% → 20.0% → 31.0% | -17.0 pts | 0.40 | 10.00 | 0.90 |" in text
+    assert "| grpo | 0.0001 | 42.0% → 42.0% → 48.0% | — | 0.02 | 38.00 | — |" in text
