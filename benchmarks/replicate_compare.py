@@ -85,9 +85,8 @@ def learned_prm_lines(results: list[dict], lrs: tuple[float, ...], horizon: int,
                       pairs: dict[str, str], baseline: str = "grpo", last: int = 10) -> list[str]:
     """The learned-PRM tables: ``pairs`` maps a method over the learned PRM to the same aligner over the exact PRM.
 
-    The first table pairs each by seed, each at its own chosen lr. The second lists Hypothesis 1's symptoms of
-    every method at its chosen lr: the held-out accuracy at the start, its lowest point and its end, and the means
-    of :data:`SYMPTOMS` over the last ``last`` training steps."""
+    The first table pairs each by seed, each at its own chosen lr. Then :func:`symptom_lines` at each method's
+    chosen lr, and at the largest lr of ``lrs`` when it has runs."""
     lines = ["| learned-PRM method | exact-PRM method | exact lr: final | learned lr: final | Δ learned − exact ± 95% CI "
              "| paired t p | sign-flip p |", "|---|---|---|---|---|---|---|"]
     for learned, exact in pairs.items():
@@ -98,25 +97,47 @@ def learned_prm_lines(results: list[dict], lrs: tuple[float, ...], horizon: int,
             cells.append("—" if lr is None else f"{lr:g}: {sum(accs) / len(accs):.1%} ({len(accs)} seeds)")
         d = list(gains(results, lrs, learned, exact, horizon).values())
         lines.append(f"| {learned} | {exact} | {cells[0]} | {cells[1]} | {_diff_cells(d)} |")
+    methods = [baseline, *dict.fromkeys(m for pair in pairs.items() for m in reversed(pair))]
     lines += ["", f"**Hypothesis 1's symptoms** at each method's chosen lr (held-out accuracy: mean over seeds at step 0, "
               f"the lowest of each seed's evaluations, and at step {horizon}; train columns: mean over the last {last} "
-              "steps and the seeds):", "",
-              "| method | lr | held-out start → lowest → final | Δ final vs GRPO | "
-              + " | ".join(SYMPTOMS.values()) + " |", "|---|---|---|---|" + "---|" * len(SYMPTOMS)]
-    methods = [baseline, *dict.fromkeys(m for pair in pairs.items() for m in reversed(pair))]
+              "steps and the seeds):", "", *symptom_lines(results, lrs, methods, horizon, baseline, last)]
+    hot = max(lrs)
+    if any(runs_by_config(results).get(m, {}).get(hot) for m in methods):
+        lines += ["", f"The same at lr {hot:g} for every method (the largest lr searched; process-only over the exact "
+                  "PRM collapsed there in the best-against-best grid):", "",
+                  *symptom_lines(results, lrs, methods, horizon, baseline, last, lr=hot)]
+    return lines
+
+
+def symptom_lines(results: list[dict], lrs: tuple[float, ...], methods: list[str], horizon: int, baseline: str,
+                  last: int, lr: float | None = None) -> list[str]:
+    """A table of Hypothesis 1's symptoms of ``methods``, each at its chosen lr (``lr=None``) or all at ``lr``: the
+    held-out accuracy at the start, its lowest point and its end, the final difference from ``baseline`` (paired by
+    seed; the baseline at its own chosen lr, or at ``lr``) and the means of :data:`SYMPTOMS` over the last ``last``
+    steps."""
+    by_config = runs_by_config(results)
+
+    def runs_of(m: str) -> tuple[float | None, dict[int, dict]]:
+        return chosen_runs(results, lrs, m) if lr is None else (lr, by_config.get(m, {}).get(lr, {}))
+
+    lines = ["| method | lr | seeds | held-out start → lowest → final | Δ final vs GRPO | "
+             + " | ".join(SYMPTOMS.values()) + " |", "|---|---|---|---|---|" + "---|" * len(SYMPTOMS)]
+    _, base_runs = runs_of(baseline)
     for m in methods:
-        lr, runs = chosen_runs(results, lrs, m)
-        if lr is None:
+        m_lr, runs = runs_of(m)
+        if m_lr is None or not runs:
             continue
         curves = [r["curves"] for r in runs.values()]
         start = sum(sorted(c[HELDOUT_KEY])[0][1] for c in curves) / len(curves)
         low = sum(min(v for _, v in c[HELDOUT_KEY]) for c in curves) / len(curves)
         end = sum(final(c[HELDOUT_KEY]) for c in curves) / len(curves)
-        d = list(gains(results, lrs, m, baseline, horizon).values()) if m != baseline else []
-        vs = "—" if m == baseline else (f"{sum(d) / len(d) * 100:+.1f} pts" if d else "—")
+        d = [final(runs[s]["curves"][HELDOUT_KEY]) - final(base_runs[s]["curves"][HELDOUT_KEY])
+             for s in sorted(runs) if s in base_runs]
+        vs = "—" if m == baseline or not d else f"{sum(d) / len(d) * 100:+.1f} pts"
         tails = []
         for key in SYMPTOMS:
             vals = [t for c in curves if (t := _tail_mean(c.get(key, []), horizon, last)) is not None]
             tails.append(f"{sum(vals) / len(vals):.2f}" if vals else "—")
-        lines.append(f"| {m} | {lr:g} | {start:.1%} → {low:.1%} → {end:.1%} | {vs} | " + " | ".join(tails) + " |")
+        lines.append(f"| {m} | {m_lr:g} | {len(runs)} | {start:.1%} → {low:.1%} → {end:.1%} | {vs} | "
+                     + " | ".join(tails) + " |")
     return lines
