@@ -32,6 +32,7 @@ import shlex
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -46,7 +47,8 @@ from components.vllm_ranks import DeadServer, ServerUnavailableError, run_on_ran
 from components.vllm_support import checked_weights, cpu_prefill_settings, remove_stale_model_dirs, tmp_prefix, weight_manifest
 from components.weight_transfer import DiskTransport, NCCLTransport, server_version, set_version
 from prpo_lightning.rollout.engine import (
-    EngineCapabilities, RolloutEngine, RolloutResult, SampleRequest, StaleWeightsError, pack_sampled,
+    EngineCapabilities, EngineRecoveryNeeded, RolloutEngine, RolloutResult, SampleRequest, StaleWeightsError,
+    pack_sampled,
 )
 from prpo_lightning.rollout.sampling import pad_token_id
 from prpo_lightning.training.lora import base_model
@@ -360,7 +362,15 @@ class VLLMServerEngine(RolloutEngine):
             raise
 
     def _restart(self, slot: int) -> None:
-        """Start a dead launched server again (main thread) and give it the current weights before it serves."""
+        """Start a dead launched server again (main thread) and give it the current weights before it serves.
+
+        Raises:
+            EngineRecoveryNeeded: called from another thread (asynchronous rollouts sample in the background);
+                :meth:`recover` restarts it on the main thread.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            raise EngineRecoveryNeeded(f"VLLMServerEngine: the launched server {self.clients[slot].url} died during a "
+                                       "background request; it is restarted on the main thread")
         server = self.servers[slot]
         server.stop()
         if server.log_path and os.path.exists(server.log_path):  # keep the dead server's log for the post-mortem
@@ -373,6 +383,13 @@ class VLLMServerEngine(RolloutEngine):
         except (ServerError, RuntimeError) as err:
             raise ServerUnavailableError(f"VLLMServerEngine: server {slot} died and could not be restarted: {err}") \
                 from err
+
+    def recover(self) -> None:
+        """Restart every launched server that died (rank 0, main thread), each given the current weights."""
+        if self.launch and self._rank == 0:
+            for slot, server in enumerate(self.servers):
+                if not server.alive:
+                    self._restart(slot)
 
     def _check_versions(self) -> None:
         """Refuse to sample when a server holds another weight version than the engine."""

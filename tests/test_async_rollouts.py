@@ -30,7 +30,7 @@ from prpo_lightning.config import (
 )
 from prpo_lightning.module import PRPOModule
 from prpo_lightning.rollout.async_rollouts import AsyncRolloutError, AsyncRollouts
-from prpo_lightning.rollout.engine import EngineCapabilities, RolloutResult, SampleRequest
+from prpo_lightning.rollout.engine import EngineCapabilities, EngineRecoveryNeeded, RolloutResult, SampleRequest
 from prpo_lightning.rollout.engines import HFGenerateEngine
 from prpo_lightning.rollout.sampling import left_pad, pad_token_id
 from prpo_lightning.training.logprobs import batched_logprobs
@@ -90,6 +90,31 @@ class FailingEngine(SnapshotEngine):
         if type(self).calls == 3:
             raise ConnectionError("the inference server went away")
         return super().sample(request)
+
+
+class DyingServerEngine(SnapshotEngine):
+    """Like a launched server that dies during its ``die_at``-th sampling call (in the background): that call
+    raises ``EngineRecoveryNeeded`` and so does every later one until :meth:`recover` runs. With ``repairable``
+    False, that batch's groups (its seeds) keep failing after the recovery."""
+
+    def __init__(self, die_at: int = 3, repairable: bool = True) -> None:
+        super().__init__()
+        self.die_at, self.repairable, self.dead, self.doomed = die_at, repairable, False, None
+        self.calls: list[list[int]] = []  # the seeds of every sampling call
+        self.recovered_on: list[bool] = []  # per recovery: on the main thread?
+
+    def sample(self, request):
+        self.calls.append(list(request.seeds))
+        if len(self.calls) == self.die_at:
+            self.dead, self.doomed = True, list(request.seeds)
+        if self.dead or (not self.repairable and list(request.seeds) == self.doomed):
+            assert threading.current_thread() is not threading.main_thread()
+            raise EngineRecoveryNeeded("the launched server died during a background request")
+        return super().sample(request)
+
+    def recover(self) -> None:
+        self.recovered_on.append(threading.current_thread() is threading.main_thread())
+        self.dead = False
 
 
 class Record(L.Callback):
@@ -226,6 +251,34 @@ def test_a_failing_background_engine_is_named(tmp_path):
     with pytest.raises(AsyncRolloutError, match="background sampling of loader batch 2 .* in FailingEngine failed: "
                                                 "ConnectionError: the inference server went away"):
         make_trainer(tmp_path, 4).fit(module, ToyPrompts())
+    assert _no_worker_thread()
+
+
+def test_a_batch_whose_server_died_in_the_background_is_sampled_again_after_a_main_thread_recovery(tmp_path):
+    tok = tokenizer_dir(tmp_path)
+    engine, rec = DyingServerEngine(die_at=3), Record()
+    module = make_module(tok, engine=engine, async_rollout=ASYNC)
+    with pytest.warns(UserWarning, match="server died during a background request; loader batch 2 is sampled again "
+                                         "with weight version 2"):
+        make_trainer(tmp_path, 4, [rec]).fit(module, ToyPrompts())
+    assert engine.recovered_on == [True]  # once, on the main thread
+    assert len(engine.calls) == 5 + 1  # 5 loader batches (4 steps + the pipeline's first) and the one resample
+    assert engine.calls.count(engine.doomed) == 2  # batch 2: the failed call and its resample, same seeds
+    assert module.global_step == 4 and [r["step"] for r in rec.rows] == [0, 1, 2, 3, 4]
+    # batch 2 was launched at version 1; its failure is found when the sync to version 2 waits for the background,
+    # so it is sampled again at version 2 and trained there (staleness 0); batch 3 is launched after that, at 2
+    assert [r["train/rollout/staleness_max"] for r in rec.rows[1:]] == [0.0, 1.0, 0.0, 1.0]
+    assert _no_worker_thread()
+
+
+def test_a_server_that_stays_dead_after_recovery_raises_after_one_resample(tmp_path):
+    tok = tokenizer_dir(tmp_path)
+    engine = DyingServerEngine(die_at=3, repairable=False)
+    module = make_module(tok, engine=engine, async_rollout=ASYNC)
+    with pytest.warns(UserWarning, match="sampled again"), pytest.raises(
+            AsyncRolloutError, match="background sampling of loader batch 2 .*EngineRecoveryNeeded: the launched server"):
+        make_trainer(tmp_path, 4).fit(module, ToyPrompts())
+    assert engine.recovered_on == [True] and engine.calls.count(engine.doomed) == 2  # one resample, then the error
     assert _no_worker_thread()
 
 

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from components.vllm_support import IncompleteWeightsError  # noqa: E402
 from helpers import build_char_tokenizer  # noqa: E402
 from prpo_lightning import SampleRequest  # noqa: E402
 from prpo_lightning.config import MismatchCheck, SamplerMismatchError  # noqa: E402
-from prpo_lightning.rollout.engine import StaleWeightsError  # noqa: E402
+from prpo_lightning.rollout.engine import EngineRecoveryNeeded, StaleWeightsError  # noqa: E402
 from prpo_lightning.rollout.offpolicy import mismatch_metrics  # noqa: E402
 from prpo_lightning.runtime.models import load_causal_lm, load_tokenizer  # noqa: E402
 from test_engines_vllm import SAMPLING, qwen2_config, trainer_logprobs  # noqa: E402
@@ -214,6 +215,36 @@ def test_a_server_killed_while_requests_are_in_flight_is_restarted_and_stays_up(
     time.sleep(1.0)
     assert engine.servers[1].alive  # not killed when the request threads exited
     assert torch.equal(greedy(engine, prompts, version).completion_ids, before.completion_ids)
+
+
+def test_a_server_that_died_under_a_background_request_is_restarted_by_recover_on_the_main_thread(setup):
+    """Asynchronous rollouts sample on a background thread, which must not start a server (the kernel would stop it
+    when that thread exits): the request raises EngineRecoveryNeeded, and ``recover()`` on the main thread restarts
+    the server with the current weights (tests/test_async_rollouts.py runs the pipeline's resample)."""
+    model, tok, engine, hf, prompts = setup
+    version = engine.weight_version
+    before = greedy(engine, prompts, version)
+    dead = engine.servers[0].process.pid
+    os.killpg(dead, signal.SIGKILL)
+    engine.servers[0].process.wait(timeout=30)
+    raised: list[BaseException] = []
+
+    def background() -> None:
+        try:
+            greedy(engine, prompts, version)
+        except BaseException as err:  # noqa: BLE001 - checked on the main thread
+            raised.append(err)
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join(timeout=300)
+    assert not thread.is_alive() and len(raised) == 1 and isinstance(raised[0], EngineRecoveryNeeded), raised
+    assert "died during a background request" in str(raised[0]) and not engine.servers[0].alive
+    engine.recover()
+    assert engine.servers[0].alive and engine.servers[0].process.pid != dead
+    assert torch.equal(greedy(engine, prompts, version).completion_ids, before.completion_ids)
+    time.sleep(1.0)
+    assert engine.servers[0].alive
 
 
 def test_unreachable_urls_are_named_at_setup_and_mid_run(setup, tmp_path):

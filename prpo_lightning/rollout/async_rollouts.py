@@ -28,28 +28,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import queue
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from prpo_lightning.batch import Round, RolloutBatch, StepContext
 from prpo_lightning.config import AsyncRolloutConfig
+from prpo_lightning.rollout.background import BackgroundWorker, done_future, wait_done
 from prpo_lightning.rollout.collector import Collected, RolloutCollector, Sampled
 from prpo_lightning.rollout.dynamic_sampling import fill_batch
+from prpo_lightning.rollout.engine import EngineRecoveryNeeded
 from prpo_lightning.rollout.sampling import pad_token_id
-from prpo_lightning.scoring.deadline import _caller_context
 from prpo_lightning.training.plan import RunNeeds
 
 T = TypeVar("T")
-#: Seconds :meth:`BackgroundWorker.close` waits for a running job before giving up on the (daemon) thread.
-CLOSE_TIMEOUT_S = 120.0
 #: Fields of a :class:`RolloutBatch` that scoring fills (not stored with an in-flight batch: it is scored again).
 _SCORED_FIELDS = ("verdicts", "outcome_rewards", "segment_spans", "step_scores", "step_mask", "token_scores",
                   "advantages")
@@ -57,59 +54,6 @@ _SCORED_FIELDS = ("verdicts", "outcome_rewards", "segment_spans", "step_scores",
 
 class AsyncRolloutError(RuntimeError):
     """A background job (sampling or scoring) of an in-flight batch failed; the cause is chained."""
-
-
-class BackgroundWorker:
-    """One daemon thread that runs jobs in submission order, each in the submitting thread's torch state."""
-
-    def __init__(self, name: str = "prpo-async-rollouts") -> None:
-        self.name = name
-        self.jobs: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
-        self.thread: threading.Thread | None = None
-
-    def submit(self, job: Callable[[], T]) -> Future[T]:
-        """Queue ``job``; its result (or exception) arrives in the returned future."""
-        if self.thread is None or not self.thread.is_alive():
-            self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self.thread.start()
-        future: Future[T] = Future()
-        in_context = _caller_context()
-        self.jobs.put((lambda: in_context(job), future))
-        return future
-
-    def _run(self) -> None:
-        while True:
-            item = self.jobs.get()
-            if item is None:
-                return
-            job, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(job())
-            except BaseException as err:  # noqa: BLE001 - handed to the training thread, which re-raises it
-                future.set_exception(err)
-
-    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> bool:
-        """Cancel the queued jobs, let the running one finish (at most ``timeout_s``) and end the thread.
-
-        Returns:
-            True when no thread is left running.
-        """
-        while True:
-            try:
-                item = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[1].cancel()
-        if self.thread is None:
-            return True
-        self.jobs.put(None)
-        self.thread.join(timeout_s)
-        alive = self.thread.is_alive()
-        self.thread = None if not alive else self.thread
-        return not alive
 
 
 @dataclass
@@ -122,6 +66,8 @@ class InFlight:
         version: the weight version it is sampled with.
         sampled: the sampled batch (the trainer's passes included when the engine reads the live policy).
         scored: its background scoring ``(rollout, prm_error, metrics)``, or None (scored when it is trained).
+        ctx: the step context it was launched with (None once restored from a checkpoint: sampled already).
+        resampled: whether it was sampled again after an :class:`EngineRecoveryNeeded` (once at most).
     """
 
     launch: int
@@ -129,12 +75,8 @@ class InFlight:
     version: int
     sampled: Future[Sampled]
     scored: Future[tuple[RolloutBatch | None, str | None, dict[str, float]]] | None = None
-
-
-def _done(value: T) -> Future[T]:
-    future: Future[T] = Future()
-    future.set_result(value)
-    return future
+    ctx: StepContext | None = None
+    resampled: bool = False
 
 
 class AsyncRollouts:
@@ -179,6 +121,7 @@ class AsyncRollouts:
     def collect(self, batch: dict[str, Any], ctx: StepContext) -> Collected | None:
         """Launch the loader's batch, then return the batch launched ``max_staleness`` steps ago, trained now
         (None while the pipeline fills)."""
+        self.recover_failed()
         self.raise_failed()
         self.launch(batch, ctx)
         if len(self.inflight) <= self.cfg.max_staleness:
@@ -187,21 +130,41 @@ class AsyncRollouts:
 
     def launch(self, batch: dict[str, Any], ctx: StepContext) -> None:
         """Sample (in the background, or now for a live-policy engine) and queue the scoring of one loader batch."""
-        collector = self.collector
-        collector.setup_engine(ctx.device)  # on the main thread: a launched server starts here
-        launch_ctx = dataclasses.replace(ctx, step=self.launched)
+        self.collector.setup_engine(ctx.device)  # on the main thread: a launched server starts here
         batch = {k: v.cpu() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, (list, tuple)) else v
                  for k, v in batch.items()}
-        version = collector.weights_version
-        if self.live_policy:
-            sampled = _done(self._sample_on_main(batch, launch_ctx))
-        else:
-            sampled = self.worker.submit(lambda: self._sample(batch, launch_ctx, version))
-        item = InFlight(self.launched, batch, version, sampled)
-        if self.score_in_background:
-            item.scored = self.worker.submit(lambda: self._score(sampled.result(), launch_ctx))
+        item = InFlight(self.launched, batch, self.collector.weights_version, done_future(None),
+                        ctx=dataclasses.replace(ctx, step=self.launched))
+        self._submit(item)
         self.inflight.append(item)
         self.launched += 1
+
+    def _submit(self, item: InFlight) -> None:
+        """Queue ``item``'s sampling (or sample now, live-policy engines) and scoring with the current weights."""
+        assert item.ctx is not None
+        version, ctx = self.collector.weights_version, item.ctx
+        if self.live_policy:
+            sampled = done_future(self._sample_on_main(item.batch, ctx))
+        else:
+            sampled = self.worker.submit(lambda: self._sample(item.batch, ctx, version))
+        item.version, item.sampled = version, sampled
+        item.scored = self.worker.submit(lambda: self._score(sampled.result(), ctx)) if self.score_in_background \
+            else None
+
+    def recover_failed(self) -> None:
+        """Sample again, once, each in-flight batch whose background sampling raised :class:`EngineRecoveryNeeded`
+        (a launched server died), after the engine repaired it on this, the main, thread."""
+        failed = [item for item in self.inflight if not item.resampled and item.sampled.done()
+                  and not item.sampled.cancelled() and isinstance(item.sampled.exception(), EngineRecoveryNeeded)]
+        if not failed:
+            return
+        self.wait()  # nothing else uses the engine in the background while it recovers
+        self.collector.engine.recover()
+        for item in failed:
+            rank_zero_warn(f"asynchronous rollouts: {item.sampled.exception()}; loader batch {item.launch} is sampled "
+                           f"again with weight version {self.collector.weights_version}")
+            item.resampled = True
+            self._submit(item)
 
     def _sample(self, batch: dict[str, Any], ctx: StepContext, version: int) -> Sampled:
         t0 = time.perf_counter()
@@ -235,6 +198,8 @@ class AsyncRollouts:
         """The trained half of an in-flight batch: wait for it, run the trainer's passes (engines with their own
         weights), score it unless the background did, refill it under dynamic sampling."""
         t0 = time.perf_counter()
+        wait_done(item.sampled)
+        self.recover_failed()
         sampled = self._result(item.sampled, "sampling", item)
         waited = time.perf_counter() - t0
         metrics = dict(sampled.metrics)
@@ -299,10 +264,7 @@ class AsyncRollouts:
         """Wait until no batch is being sampled in the background; the seconds waited."""
         t0 = time.perf_counter()
         for item in list(self.inflight):
-            try:
-                item.sampled.exception()
-            except BaseException:  # noqa: BLE001 - a cancelled job: nothing runs
-                pass
+            wait_done(item.sampled)
         return time.perf_counter() - t0
 
     def wait(self) -> float:
@@ -311,10 +273,7 @@ class AsyncRollouts:
         self.wait_sampling()
         for item in list(self.inflight):
             if item.scored is not None:
-                try:
-                    item.scored.exception()
-                except BaseException:  # noqa: BLE001
-                    pass
+                wait_done(item.scored)
         return time.perf_counter() - t0
 
     def sync_engine(self) -> None:
@@ -336,6 +295,8 @@ class AsyncRollouts:
             AsyncRolloutError: a background job failed.
         """
         self.wait()
+        self.recover_failed()
+        self.wait()
         self.raise_failed()
         pending = []
         for item in self.inflight:
@@ -354,7 +315,7 @@ class AsyncRollouts:
             rollout = _rollout_from_state(entry["rollout"], shift)
             sampled = Sampled(rollout, entry["sampler_logprobs"], dict(entry["metrics"]))
             self.inflight.append(InFlight(int(entry["launch"]), entry["batch"], int(entry["version"]) + shift,
-                                          _done(sampled)))
+                                          done_future(sampled)))
 
 
 def pipeline_for(collector: RolloutCollector, cfg: AsyncRolloutConfig, needs: RunNeeds,

@@ -31,6 +31,12 @@ class StaleWeightsError(RuntimeError):
     """The engine's weights are older than the policy's (a :meth:`RolloutEngine.sync_weights` call was missed)."""
 
 
+class EngineRecoveryNeeded(RuntimeError):
+    """Raised by an engine sampling on a background thread for a failure only the main thread can repair (a
+    launched inference server died: servers are started from the main thread). The asynchronous pipeline calls
+    :meth:`RolloutEngine.recover` on the main thread and samples that batch again, once."""
+
+
 @dataclass(frozen=True)
 class EngineCapabilities:
     """What a rollout engine provides; the module decides from it which extra passes it needs.
@@ -208,6 +214,9 @@ class RolloutEngine(ABC):
 
     def teardown(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources at the end of the run."""
+
+    def recover(self) -> None:  # noqa: B027 - optional hook
+        """Repair, on the main thread, what an :class:`EngineRecoveryNeeded` raised in the background reported."""
 
     def generate(self, request: SampleRequest) -> RolloutResult:
         """Sample ``request.num_generations`` completions of every prompt (call on every rank, even with no prompts).
