@@ -151,16 +151,22 @@ class AsyncRollouts:
         item.scored = self.worker.submit(lambda: self._score(sampled.result(), ctx)) if self.score_in_background \
             else None
 
-    def recover_failed(self) -> None:
-        """Sample again, once, each in-flight batch whose background sampling raised :class:`EngineRecoveryNeeded`
-        (a launched server died), after the engine repaired it on this, the main, thread."""
-        failed = [item for item in self.inflight if not item.resampled and item.sampled.done()
-                  and not item.sampled.cancelled() and isinstance(item.sampled.exception(), EngineRecoveryNeeded)]
-        if not failed:
+    def recover_failed(self, taken: InFlight | None = None) -> None:
+        """Sample again, once, each in-flight batch (and ``taken``, the batch being trained) whose background
+        sampling raised :class:`EngineRecoveryNeeded` (a launched server died), after the engine repaired it on
+        this, the main, thread."""
+        items = [*([taken] if taken is not None else []), *self.inflight]
+
+        def failed() -> list[InFlight]:
+            return [item for item in items if not item.resampled and item.sampled.done() and not
+                    item.sampled.cancelled() and isinstance(item.sampled.exception(), EngineRecoveryNeeded)]
+
+        if not failed():
             return
-        self.wait()  # nothing else uses the engine in the background while it recovers
+        self.wait()  # nothing else uses the engine in the background while it recovers, and every request that
+        to_resample = failed()  # met the dead server has failed by now: one recovery for them all
         self.collector.engine.recover()
-        for item in failed:
+        for item in to_resample:
             rank_zero_warn(f"asynchronous rollouts: {item.sampled.exception()}; loader batch {item.launch} is sampled "
                            f"again with weight version {self.collector.weights_version}")
             item.resampled = True
@@ -199,7 +205,7 @@ class AsyncRollouts:
         weights), score it unless the background did, refill it under dynamic sampling."""
         t0 = time.perf_counter()
         wait_done(item.sampled)
-        self.recover_failed()
+        self.recover_failed(item)
         sampled = self._result(item.sampled, "sampling", item)
         waited = time.perf_counter() - t0
         metrics = dict(sampled.metrics)
