@@ -75,9 +75,9 @@ def chain_length_lines(tasks: dict[str, tuple[list[dict], tuple[float, ...]]], h
     return lines
 
 
-def _tail_mean(curve: list[tuple[int, float]], horizon: int, last: int) -> float | None:
-    """Mean of a train curve over its steps in ``(horizon − last, horizon]`` (None if it has none)."""
-    xs = [v for s, v in curve if s > horizon - last]
+def _window_mean(curve: list[tuple[int, float]], lo: int, hi: int) -> float | None:
+    """Mean of a train curve over its steps in ``[lo, hi]`` (None if it has none)."""
+    xs = [v for s, v in curve if lo <= s <= hi]
     return sum(xs) / len(xs) if xs else None
 
 
@@ -99,8 +99,8 @@ def learned_prm_lines(results: list[dict], lrs: tuple[float, ...], horizon: int,
         lines.append(f"| {learned} | {exact} | {cells[0]} | {cells[1]} | {_diff_cells(d)} |")
     methods = [baseline, *dict.fromkeys(m for pair in pairs.items() for m in reversed(pair))]
     lines += ["", f"**Hypothesis 1's symptoms** at each method's chosen lr (held-out accuracy: mean over seeds at step 0, "
-              f"the lowest of each seed's evaluations, and at step {horizon}; train columns: mean over the last {last} "
-              "steps and the seeds):", "", *symptom_lines(results, lrs, methods, horizon, baseline, last)]
+              f"the lowest of each seed's evaluations, and at step {horizon}; train columns: mean over the first {last} "
+              f"steps → over the last {last}, and the seeds):", "", *symptom_lines(results, lrs, methods, horizon, baseline, last)]
     hot = max(lrs)
     if any(runs_by_config(results).get(m, {}).get(hot) for m in methods):
         lines += ["", f"The same at lr {hot:g} for every method (the largest lr searched; process-only over the exact "
@@ -113,8 +113,8 @@ def symptom_lines(results: list[dict], lrs: tuple[float, ...], methods: list[str
                   last: int, lr: float | None = None) -> list[str]:
     """A table of Hypothesis 1's symptoms of ``methods``, each at its chosen lr (``lr=None``) or all at ``lr``: the
     held-out accuracy at the start, its lowest point and its end, the final difference from ``baseline`` (paired by
-    seed; the baseline at its own chosen lr, or at ``lr``) and the means of :data:`SYMPTOMS` over the last ``last``
-    steps."""
+    seed; the baseline at its own chosen lr, or at ``lr``) and the means of :data:`SYMPTOMS` over the first ``last``
+    steps → over the last ``last`` steps."""
     by_config = runs_by_config(results)
 
     def runs_of(m: str) -> tuple[float | None, dict[int, dict]]:
@@ -135,9 +135,12 @@ def symptom_lines(results: list[dict], lrs: tuple[float, ...], methods: list[str
              for s in sorted(runs) if s in base_runs]
         vs = "—" if m == baseline or not d else f"{sum(d) / len(d) * 100:+.1f} pts"
         tails = []
-        for key in SYMPTOMS:
-            vals = [t for c in curves if (t := _tail_mean(c.get(key, []), horizon, last)) is not None]
-            tails.append(f"{sum(vals) / len(vals):.2f}" if vals else "—")
+        for key in SYMPTOMS:  # first `last` steps → last `last` steps
+            ends = []
+            for lo, hi in ((0, last), (horizon - last + 1, horizon)):
+                vals = [t for c in curves if (t := _window_mean(c.get(key, []), lo, hi)) is not None]
+                ends.append(f"{sum(vals) / len(vals):.2f}" if vals else "—")
+            tails.append(" → ".join(ends))
         lines.append(f"| {m} | {m_lr:g} | {len(runs)} | {start:.1%} → {low:.1%} → {end:.1%} | {vs} | "
                      + " | ".join(tails) + " |")
     return lines

@@ -323,8 +323,8 @@ def test_welch_p_hand_values():
 def _run(grid: str, method: str, lr: float, seed: int, val: float, held: list[float], **train) -> dict:
     run = _bab(method, lr, seed, val, held)
     run["method"] = f"{grid}_{method}_lr{lr:g}"
-    for key, values in train.items():  # train curves logged at steps 50 and 60
-        run["curves"][f"train/completion/{key}" if key != "prm" else "train/prm/score_mean"] = list(zip((50, 60), values))
+    for key, values in train.items():  # train curves logged at steps 1, 10, 50 and 60
+        run["curves"][f"train/completion/{key}" if key != "prm" else "train/prm/score_mean"] = list(zip((1, 10, 50, 60), values))
     return run
 
 
@@ -357,21 +357,25 @@ def test_chain_length_table_pairs_each_task_at_its_chosen_lrs_and_compares_the_g
 def test_learned_prm_table_pairs_learned_with_exact_and_lists_the_collapse_symptoms():
     results = []
     for seed in range(2):
-        results += [_run("bab", "grpo", 1e-4, seed, 0.5, [0.42, 0.45, 0.48], no_boxed_frac=[0.0, 0.02], length_mean=[36, 38]),
-                    _run("bab", "process_only", 3e-5, seed, 0.5, [0.42, 0.44, 0.46], prm=[0.6, 0.8]),
+        results += [_run("bab", "grpo", 1e-4, seed, 0.5, [0.42, 0.45, 0.48], no_boxed_frac=[0.0, 0.0, 0.0, 0.02],
+                         length_mean=[36, 36, 38, 38]),
+                    _run("bab", "process_only", 3e-5, seed, 0.5, [0.42, 0.44, 0.46], prm=[0.6, 0.6, 0.8, 0.8]),
                     _run("bab", "process_only_learned_prm", 3e-5, seed, 0.5, [0.42, 0.20, 0.30 + 0.02 * seed],
-                         no_boxed_frac=[0.2, 0.4], length_mean=[20, 10], prm=[0.7, 0.9])]
+                         no_boxed_frac=[0.0, 0.1, 0.2, 0.4], length_mean=[40, 30, 20, 10], prm=[0.5, 0.6, 0.7, 0.9])]
     # seed 0 also at lr 1e-4, where validation is worse (3e-5 stays chosen): it shows up in the largest-lr table only
-    results.append(_run("bab", "process_only_learned_prm", 1e-4, 0, 0.1, [0.42, 0.10, 0.05], no_boxed_frac=[0.5, 0.7]))
+    results.append(_run("bab", "process_only_learned_prm", 1e-4, 0, 0.1, [0.42, 0.10, 0.05],
+                        no_boxed_frac=[0.1, 0.3, 0.5, 0.7]))
     lines = replicate_compare.learned_prm_lines(results, (3e-5, 1e-4), 60,
                                                 {"process_only_learned_prm": "process_only"})
     text = "\n".join(lines)
     # learned - exact per seed: 0.30 - 0.46 = -0.16 and 0.32 - 0.46 = -0.14: mean -0.15
     assert "| process_only_learned_prm | process_only | 3e-05: 46.0% (2 seeds) | 3e-05: 31.0% (2 seeds) | -15.0 ± " in text
-    # symptoms: start 42%, lowest of each seed 0.20, final mean 0.31; vs GRPO's 0.48: -17 pts; tails over steps > 50
-    assert "| process_only_learned_prm | 3e-05 | 2 | 42.0% → 20.0% → 31.0% | -17.0 pts | 0.40 | 10.00 | 0.90 |" in text
-    assert "| grpo | 0.0001 | 2 | 42.0% → 42.0% → 48.0% | — | 0.02 | 38.00 | — |" in text
+    # symptoms: start 42%, lowest of each seed 0.20, final mean 0.31; vs GRPO's 0.48: -17 pts; train columns: the
+    # mean over steps 1 and 10 (steps 0-10) → over step 60 (steps 51-60)
+    assert ("| process_only_learned_prm | 3e-05 | 2 | 42.0% → 20.0% → 31.0% | -17.0 pts | 0.05 → 0.40 | 35.00 → 10.00 "
+            "| 0.55 → 0.90 |") in text
+    assert "| grpo | 0.0001 | 2 | 42.0% → 42.0% → 48.0% | — | 0.00 → 0.02 | 36.00 → 38.00 | — → — |" in text
     hot = text.split("The same at lr 0.0001")[1]  # every method at the largest lr, paired with GRPO at that lr
-    assert "| process_only_learned_prm | 0.0001 | 1 | 42.0% → 5.0% → 5.0% | -43.0 pts | 0.70 | — | — |" in hot  # tail: step 60 only
+    assert "| process_only_learned_prm | 0.0001 | 1 | 42.0% → 5.0% → 5.0% | -43.0 pts | 0.20 → 0.70 | — → — | — → — |" in hot
     assert "| process_only |" not in hot  # no run at 1e-4
 
