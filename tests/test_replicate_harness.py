@@ -379,3 +379,15 @@ def test_learned_prm_table_pairs_learned_with_exact_and_lists_the_collapse_sympt
     assert "| process_only_learned_prm | 0.0001 | 1 | 42.0% → 5.0% → 5.0% | -43.0 pts | 0.20 → 0.70 | — → — | — → — |" in hot
     assert "| process_only |" not in hot  # no run at 1e-4
 
+
+
+def test_learned_prm_hacking_counts_true_equations_and_operators_by_hand():
+    import learned_prm_hacking
+
+    stats = learned_prm_hacking.equation_stats(["1 + 2 = 3\n3 * 2 = 7\n\\boxed{7}", "no equation here",
+                                                "8 - 2 - 1 = 5\n10 / 0 = 1"])
+    # 4 equations over 3 completions; true: 1 + 2 = 3 and 8 - 2 - 1 = 5 (10 / 0 is undefined: false);
+    # operators on the left sides: +, *, -, -, / (5 in all)
+    assert stats["equations_per_completion"] == pytest.approx(4 / 3)
+    assert stats["true_frac"] == pytest.approx(0.5)
+    assert (stats["op_add"], stats["op_sub"], stats["op_mul"], stats["op_div"]) == pytest.approx((0.2, 0.4, 0.2, 0.2))
