@@ -381,10 +381,10 @@ def test_learned_prm_table_pairs_learned_with_exact_and_lists_the_collapse_sympt
 
 
 
-def test_learned_prm_hacking_counts_true_equations_and_operators_by_hand():
-    import learned_prm_hacking
+def test_completion_equations_counts_true_equations_and_operators_by_hand():
+    import completion_equations
 
-    stats = learned_prm_hacking.equation_stats(["1 + 2 = 3\n3 * 2 = 7\n\\boxed{7}", "no equation here",
+    stats = completion_equations.equation_stats(["1 + 2 = 3\n3 * 2 = 7\n\\boxed{7}", "no equation here",
                                                 "8 - 2 - 1 = 5\n10 / 0 = 1"])
     # 4 equations over 3 completions; true: 1 + 2 = 3 and 8 - 2 - 1 = 5 (10 / 0 is undefined: false);
     # operators on the left sides: +, *, -, -, / (5 in all)

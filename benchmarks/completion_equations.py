@@ -1,15 +1,16 @@
-"""What the policy learns from the learned demo PRM: the equations it writes on the held-out problems.
+"""The equations a policy writes on the held-out problems, before and after RL, for the best-against-best grids.
 
-For each method of the learned-PRM grid (``replicate.py --grid learned``) at each lr, this reads the greedy
-held-out completions that the runs' evaluation saved at step 0 and at step 60
-(``runs/replicate/<run>/seed<k>/logs/version_0/eval/fit-step0000NN/completions.jsonl``) and reports, averaged over
-seeds: held-out accuracy, the share of stated equations that are true (``EquationCheckPRM``'s own checker), and
-the share of each operator among them. A policy that games a PRM writes what the PRM scores high rather than what
-is true, and these shares show what that is.
+For each method at each lr, this reads the greedy held-out completions that the runs' evaluation saved at step 0
+and at step 60 (``runs/replicate/<grid>_<method>_lr<lr>/seed<k>/logs/version_0/eval/fit-step0000NN/
+completions.jsonl``) and reports, averaged over seeds: held-out accuracy, equations written per completion, the
+share of them that are true (``EquationCheckPRM``'s own checker) and the share of each operator. A policy that
+games a PRM writes what the PRM scores high rather than what is true (the ``learned`` grid); a policy that learns
+longer chains writes more equations (the ``long`` grid).
 
 Usage::
 
-    .venv/bin/python benchmarks/learned_prm_hacking.py   # after the learned grid; writes results/learned_prm_hacking.json
+    .venv/bin/python benchmarks/completion_equations.py --grid learned   # results/completion_equations-learned.json
+    .venv/bin/python benchmarks/completion_equations.py --grid long      # results/completion_equations-long.json
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from components.equation_check import check_equation, find_equations  # noqa: E402
 
-METHODS = ("grpo", "prpo_rule_prm", "process_only", "prpo_learned_prm", "process_only_learned_prm")
+#: grid → (run-name prefix, methods).
+GRIDS = {"learned": ("bab", ("grpo", "prpo_rule_prm", "process_only", "prpo_learned_prm", "process_only_learned_prm")),
+         "long": ("long", ("grpo", "prpo_rule_prm"))}
 LRS = (1e-5, 3e-5, 1e-4, 3e-4)
 OPERATORS = {"add": "+", "sub": "−", "mul": "×", "div": "÷"}
 STEPS = (0, 60)
@@ -60,22 +63,24 @@ def run_stats(run_dir: Path, step: int) -> dict[str, float] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", choices=list(GRIDS), default="learned")
     ap.add_argument("--runs", type=Path, default=REPO / "runs" / "replicate", help="replicate.py's --out folder")
-    root = ap.parse_args().runs
+    args = ap.parse_args()
+    root, (prefix, methods) = args.runs, GRIDS[args.grid]
     out: dict[str, dict] = {}
-    for method in METHODS:
+    for method in methods:
         for lr in LRS:
             per_step = {}
             for step in STEPS:
-                seeds = [s for k in range(5) if (s := run_stats(root / f"bab_{method}_lr{lr:g}" / f"seed{k}", step))]
+                seeds = [s for k in range(5) if (s := run_stats(root / f"{prefix}_{method}_lr{lr:g}" / f"seed{k}", step))]
                 if seeds:
                     per_step[step] = {key: sum(s[key] for s in seeds) / len(seeds) for key in seeds[0]} | {
                         "seeds": len(seeds)}
             if per_step:
                 out[f"{method}_lr{lr:g}"] = per_step
     if not out:
-        sys.exit(f"no evaluation outputs under {root}: run `benchmarks/replicate.py --grid learned` first")
-    dest = REPO / "benchmarks" / "results" / "learned_prm_hacking.json"
+        sys.exit(f"no evaluation outputs under {root}: run `benchmarks/replicate.py --grid {args.grid}` first")
+    dest = REPO / "benchmarks" / "results" / f"completion_equations-{args.grid}.json"
     dest.write_text(json.dumps(out, indent=1))
     print("| run | seeds | accuracy | equations per completion | true equations | " + " | ".join(
         f"{sym} share" for sym in OPERATORS.values()) + " |")
