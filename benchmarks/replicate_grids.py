@@ -161,10 +161,6 @@ def spro_cap() -> dict[str, list[str]]:
 #: Best against best (issue 28): these methods at every lr of BAB_LRS, 60 steps, lr chosen on the validation split.
 BAB_METHODS = ("grpo", "prpo_rule_prm", "prpo_reference", "process_only", "pure", "prm_avg")
 BAB_LRS = (1e-5, 3e-5, 1e-4, 3e-4)
-#: The lrs searched by the learned-PRM and harder-chains grids: the two that any method chose in the complete ``bab``
-#: grid (1e-4: GRPO, both PRPOs, PURE and PRM-Avg; 3e-5: process-only). 1e-5 and 3e-4 were never chosen there, and
-#: leaving them out halves these grids' cost (docs/replication.md says so where it reports them).
-NARROW_LRS = (3e-5, 1e-4)
 #: The harder-chains grid asks whether PRPO's gain over GRPO grows with chain length: those two methods.
 LONG_METHODS = ("grpo", "prpo_rule_prm")
 #: The harder-chains task (``prpo_lightning.demo.arithmetic.LONG_SPEC``: 5–8 operations) needs longer completions.
@@ -202,10 +198,9 @@ GRID_SETTINGS: dict[str, dict] = {
     "bab": {"max_steps": 60, "eval_every": 10, "validation": 200, "task": "default", "threshold": 0.45,
             "lrs": BAB_LRS},
     "long": {"max_steps": 60, "eval_every": 10, "validation": 200, "task": "long", "threshold": 0.1,
-             "lrs": NARROW_LRS},
+             "lrs": BAB_LRS},
 }
-# the same runs: bab_grpo_lr3e-05 etc. are shared with ``bab``
-GRID_SETTINGS["learned"] = GRID_SETTINGS["bab"] | {"lrs": NARROW_LRS}
+GRID_SETTINGS["learned"] = GRID_SETTINGS["bab"]  # the same runs: bab_grpo_lr3e-05 etc. are shared with ``bab``
 #: The best-against-best grids' tasks, as the chain-length table names them.
 TASK_LABELS = {"bab": "default (2–4 ops)", "long": "long (5–8 ops)"}
 BAB_PREFIXES = ("bab_", "long_")  # run-name prefixes of the best-against-best grids
@@ -229,7 +224,7 @@ GRIDS: dict[str, tuple[dict[str, list[str]], str]] = {
     "spro-cap": (spro_cap(), "replication-spro-cap"),
     "h1-hot": (hypothesis1_hot(), "replication-h1-hot"),
     "bab": (best_vs_best("bab"), "replication-bab"),
-    "long": (best_vs_best("long", LONG_TASK, LONG_METHODS, NARROW_LRS), "replication-long"),
-    "learned": (best_vs_best("bab", methods=LEARNED_METHODS, lrs=NARROW_LRS), "replication-learned"),
+    "long": (best_vs_best("long", LONG_TASK, LONG_METHODS), "replication-long"),
+    "learned": (best_vs_best("bab", methods=LEARNED_METHODS), "replication-learned"),
     "async": (ASYNC, "replication-async"),
 }

@@ -247,10 +247,10 @@ def test_bab_grids_name_every_method_at_every_lr_and_pair_with_their_own_grpo():
     assert bab["bab_prpo_rule_prm_lr3e-05"] == [*replicate.METHODS["prpo_rule_prm"], "--model.optim.lr=3e-05"]
     assert long["long_prpo_rule_prm_lr3e-05"] == [*replicate.METHODS["prpo_rule_prm"], *replicate_grids.LONG_TASK,
                                                   "--model.optim.lr=3e-05"]
-    long_grid = replicate_grids.GRIDS["long"][0]  # GRPO and PRPO at the two lrs any bab method chose
-    assert sorted(long_grid) == sorted(f"long_{m}_lr{lr:g}" for m in ("grpo", "prpo_rule_prm") for lr in (3e-5, 1e-4))
-    assert replicate_grids.GRID_SETTINGS["long"]["lrs"] == (3e-5, 1e-4) == replicate_grids.GRID_SETTINGS["learned"]["lrs"]
-    assert replicate_grids.GRID_SETTINGS["bab"]["lrs"] == replicate_grids.BAB_LRS
+    long_grid = replicate_grids.GRIDS["long"][0]  # GRPO and PRPO at every lr
+    assert sorted(long_grid) == sorted(f"long_{m}_lr{lr:g}" for m in ("grpo", "prpo_rule_prm")
+                                       for lr in replicate_grids.BAB_LRS)
+    assert all(replicate_grids.GRID_SETTINGS[g]["lrs"] == replicate_grids.BAB_LRS for g in ("bab", "long", "learned"))
     assert replicate_grids.baseline_of("bab_pure_lr0.0001") == "bab_grpo_lr0.0001"  # not the 20-step main table's
     assert replicate_grids.baseline_of("long_prm_avg_lr1e-05") == "long_grpo_lr1e-05"
     assert replicate_grids.GRID_SETTINGS["bab"]["max_steps"] == 60
@@ -281,7 +281,7 @@ def test_a_committed_copy_resumes_a_run_and_a_stale_copy_or_other_eval_sets_are_
 def test_learned_prm_grid_shares_the_bab_runs_and_swaps_only_the_prm():
     learned = replicate_grids.GRIDS["learned"][0]
     assert learned["bab_grpo_lr3e-05"] == replicate.METHODS["bab_grpo_lr3e-05"]  # trained once for both grids
-    assert len(learned) == 5 * 2
+    assert len(learned) == 5 * 4
     exact, ours = learned["bab_process_only_lr0.0001"], learned["bab_process_only_learned_prm_lr0.0001"]
     assert [a for a in exact if a not in ours] == [f"--model.prm={replicate_grids.EQ_PRM}"]
     assert [a for a in ours if a not in exact] == ["--model.prm=components.prms.LearnedArithPRM"]
