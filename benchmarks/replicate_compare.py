@@ -40,6 +40,13 @@ def _p(p: float) -> str:
     return "n/a" if math.isnan(p) else f"{p:.3f}"
 
 
+def _chosen_cell(results: list[dict], lrs: tuple[float, ...], method: str) -> str:
+    """``"<chosen lr>: <mean final held-out accuracy> (<n> seeds)"`` of ``method`` (— without a chosen lr)."""
+    lr, runs = chosen_runs(results, lrs, method)
+    accs = [final(r["curves"][HELDOUT_KEY]) for r in runs.values()]
+    return "—" if lr is None else f"{lr:g}: {sum(accs) / len(accs):.1%} ({len(accs)} seeds)"
+
+
 def _diff_cells(d: list[float]) -> str:
     """``Δ ± CI (n seeds) | t p | sign-flip p`` of per-seed differences ``d``."""
     if len(d) < 2:
@@ -56,11 +63,7 @@ def chain_length_lines(tasks: dict[str, tuple[list[dict], tuple[float, ...]]], h
              "sign-flip p | Δ AUC ± 95% CI | paired t p | sign-flip p |", "|---|---|---|---|---|---|---|---|---|---|"]
     per_task = {}
     for label, (results, lrs) in tasks.items():
-        cells = []
-        for m in (baseline, method):
-            lr, runs = chosen_runs(results, lrs, m)
-            accs = [final(r["curves"][HELDOUT_KEY]) for r in runs.values()]
-            cells.append("—" if lr is None else f"{lr:g}: {sum(accs) / len(accs):.1%} ({len(accs)} seeds)")
+        cells = [_chosen_cell(results, lrs, m) for m in (baseline, method)]
         d_final = list(gains(results, lrs, method, baseline, horizon).values())
         d_auc = list(gains(results, lrs, method, baseline, horizon, "auc").values())
         per_task[label] = (d_final, d_auc)
@@ -90,11 +93,7 @@ def learned_prm_lines(results: list[dict], lrs: tuple[float, ...], horizon: int,
     lines = ["| learned-PRM method | exact-PRM method | exact lr: final | learned lr: final | Δ learned − exact ± 95% CI "
              "| paired t p | sign-flip p |", "|---|---|---|---|---|---|---|"]
     for learned, exact in pairs.items():
-        cells = []
-        for m in (exact, learned):
-            lr, runs = chosen_runs(results, lrs, m)
-            accs = [final(r["curves"][HELDOUT_KEY]) for r in runs.values()]
-            cells.append("—" if lr is None else f"{lr:g}: {sum(accs) / len(accs):.1%} ({len(accs)} seeds)")
+        cells = [_chosen_cell(results, lrs, m) for m in (exact, learned)]
         d = list(gains(results, lrs, learned, exact, horizon).values())
         lines.append(f"| {learned} | {exact} | {cells[0]} | {cells[1]} | {_diff_cells(d)} |")
     methods = [baseline, *dict.fromkeys(m for pair in pairs.items() for m in reversed(pair))]
