@@ -21,15 +21,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
 from components.equation_check import check_equation, find_equations  # noqa: E402
+from replicate_grids import BAB_LRS, GRID_SETTINGS, LEARNED_METHODS, LONG_METHODS  # noqa: E402
 
 #: grid → (run-name prefix, methods).
-GRIDS = {"learned": ("bab", ("grpo", "prpo_rule_prm", "process_only", "prpo_learned_prm", "process_only_learned_prm")),
-         "long": ("long", ("grpo", "prpo_rule_prm"))}
-LRS = (1e-5, 3e-5, 1e-4, 3e-4)
+GRIDS = {"learned": ("bab", LEARNED_METHODS), "long": ("long", LONG_METHODS)}
 OPERATORS = {"add": "+", "sub": "−", "mul": "×", "div": "÷"}
-STEPS = (0, 60)
+#: The evaluations compared: the start and the grids' last step.
+STEPS = (0, GRID_SETTINGS["bab"]["max_steps"])
 
 
 def equation_stats(completions: list[str]) -> dict[str, float]:
@@ -69,7 +69,7 @@ def main() -> None:
     root, (prefix, methods) = args.runs, GRIDS[args.grid]
     out: dict[str, dict] = {}
     for method in methods:
-        for lr in LRS:
+        for lr in BAB_LRS:
             per_step = {}
             for step in STEPS:
                 seeds = [s for k in range(5) if (s := run_stats(root / f"{prefix}_{method}_lr{lr:g}" / f"seed{k}", step))]
